@@ -1,0 +1,41 @@
+"""Datasets and example builders (offline demo scenes)."""
+
+from ofa_ufo.data.demo_scenes import (
+    BACKGROUNDS,
+    COLORS,
+    SHAPES,
+    TASKS,
+    DemoScenes,
+    Scene,
+    SceneObject,
+    caption_example,
+    class_names,
+    classification_example,
+    detection_example,
+    detection_labels,
+    generate_scene,
+    grounding_example,
+    make_examples,
+    referring_expression,
+    vqa_example,
+)
+
+__all__ = [
+    "BACKGROUNDS",
+    "COLORS",
+    "SHAPES",
+    "TASKS",
+    "DemoScenes",
+    "Scene",
+    "SceneObject",
+    "caption_example",
+    "class_names",
+    "classification_example",
+    "detection_example",
+    "detection_labels",
+    "generate_scene",
+    "grounding_example",
+    "make_examples",
+    "referring_expression",
+    "vqa_example",
+]

@@ -1,0 +1,41 @@
+"""OFA-UFO: one encoder-decoder for captioning, VQA, grounding, detection and more, as prompted generation.
+
+`import ofa_ufo` registers the config, models, tokenizer, processors and the `ofa-ufo` pipeline
+with transformers' Auto classes.
+"""
+
+from ofa_ufo.boxes import BoxCodec
+from ofa_ufo.configuration import OFAUFOConfig, OFAUFOVisionConfig
+from ofa_ufo.image_processing import ImageLoadError, OFAUFOImageProcessor, load_image
+from ofa_ufo.modeling import OFAUFOForConditionalGeneration, OFAUFOModel
+from ofa_ufo.pipeline import OFAUFOPipeline
+from ofa_ufo.presets import create_config, create_model, create_processor, list_models
+from ofa_ufo.processing import OFAUFOProcessor
+from ofa_ufo.registration import register as _register
+from ofa_ufo.tasks import get_task, list_tasks
+from ofa_ufo.tokenization import OFAUFOTokenizer, build_tokenizer
+
+_register()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BoxCodec",
+    "ImageLoadError",
+    "OFAUFOConfig",
+    "OFAUFOForConditionalGeneration",
+    "OFAUFOImageProcessor",
+    "OFAUFOModel",
+    "OFAUFOPipeline",
+    "OFAUFOProcessor",
+    "OFAUFOTokenizer",
+    "OFAUFOVisionConfig",
+    "build_tokenizer",
+    "create_config",
+    "create_model",
+    "create_processor",
+    "get_task",
+    "list_models",
+    "list_tasks",
+    "load_image",
+]

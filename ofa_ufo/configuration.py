@@ -1,0 +1,147 @@
+"""Configuration of the OFA-UFO encoder-decoder.
+
+Field names follow the OFA Hugging Face port (BART-like names plus OFA's extras) so that a
+converted OFA `config.json` maps onto this class by a short rename table. The vision section
+(`vision_config`) holds the ResNet stem and the UFO supernet; zero supernet blocks is exactly OFA.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+RESNET_LAYERS = {
+    "resnet50": (3, 4, 6),
+    "resnet101": (3, 4, 23),
+    "resnet152": (3, 8, 36),
+}
+
+# Keys that PreTrainedConfig itself consumes or writes; anything else unknown is a user error.
+_BASE_KEYS = {
+    "torch_dtype", "name_or_path", "_commit_hash", "output_attentions", "attn_implementation",
+    "experts_implementation", "per_layer_config", "transformers_version", "model_type",
+    "_attn_implementation_internal", "_experts_implementation_internal", "num_labels",
+}
+
+
+def _reject_unknown(config: PreTrainedConfig, kwargs: dict) -> None:
+    """Raise on fields the config does not define, instead of silently storing them."""
+    unknown = sorted(set(kwargs) - _BASE_KEYS)
+    if unknown:
+        fields = sorted(set(config.__dataclass_fields__) - set(PreTrainedConfig.__dataclass_fields__))
+        raise ValueError(
+            f"{type(config).__name__} got unknown field(s) {unknown}. Valid fields: {fields}"
+        )
+
+
+@strict(accept_kwargs=True)
+class OFAUFOVisionConfig(PreTrainedConfig):
+    """Vision section: ResNet stages 1-3 (stride 16) and the UFO supernet blocks after it."""
+
+    model_type = "ofa-ufo-vision"
+
+    resnet_type: str = "resnet101"
+    resnet_drop_path_rate: float = 0.0
+    supernet_layers: int = 0
+    supernet_heads: int = 12
+    supernet_mlp_ratio: float = 4.0
+
+    def __post_init__(self, **kwargs):
+        if self.resnet_type not in RESNET_LAYERS:
+            raise ValueError(
+                f"Unknown resnet_type {self.resnet_type!r}; expected one of {sorted(RESNET_LAYERS)}"
+            )
+        if self.supernet_layers < 0:
+            raise ValueError(f"supernet_layers must be >= 0, got {self.supernet_layers}")
+        _reject_unknown(self, kwargs)
+        super().__post_init__(**kwargs)
+
+    @property
+    def resnet_layers(self) -> tuple[int, int, int]:
+        return RESNET_LAYERS[self.resnet_type]
+
+
+@strict(accept_kwargs=True)
+class OFAUFOConfig(PreTrainedConfig):
+    """Architecture of an OFA-UFO model; saved as `config.json` beside the weights.
+
+    Defaults are the OFA-Base shape. The unified vocabulary is text ids, then `num_codes` VQGAN
+    code tokens starting at `code_offset`, then `num_bins` location bins at `bin_offset`.
+    """
+
+    model_type = "ofa-ufo"
+    sub_configs_defaults = {"vision_config": OFAUFOVisionConfig}
+    attribute_map = {
+        "num_attention_heads": "encoder_attention_heads",
+        "hidden_size": "d_model",
+        "num_hidden_layers": "decoder_layers",
+    }
+
+    vocab_size: int = 59457
+    d_model: int = 768
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    encoder_attention_heads: int = 12
+    decoder_attention_heads: int = 12
+    encoder_ffn_dim: int = 3072
+    decoder_ffn_dim: int = 3072
+    activation_function: str = "gelu"
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    encoder_drop_path_rate: float = 0.0
+    decoder_drop_path_rate: float = 0.0
+    init_std: float = 0.02
+    max_position_embeddings: int = 1024
+    token_bucket_size: int = 256
+    image_bucket_size: int = 42
+    attn_scale_factor: float = 2.0
+    normformer: bool = True
+    scale_heads: bool = True
+    image_size: int = 384
+    code_image_size: int = 128
+    num_codes: int = 8192
+    num_bins: int = 1000
+    code_offset: int = 50265
+    bin_offset: int = 58457
+    label_smoothing: float = 0.0
+    box_mode: str = "normalized"
+    max_image_size: int = 512
+    vision_config: dict | PreTrainedConfig | None = None
+    use_cache: bool = True
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 2
+    decoder_start_token_id: int | None = 0
+    is_encoder_decoder: bool = True
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        _reject_unknown(self, kwargs)
+        super().__post_init__(**kwargs)
+        self._check()
+
+    def _check(self) -> None:
+        """Catch shapes that would only fail deep inside torch."""
+        for side in ("encoder", "decoder"):
+            heads = getattr(self, f"{side}_attention_heads")
+            if self.d_model % heads:
+                raise ValueError(f"d_model={self.d_model} is not divisible by {side}_attention_heads={heads}")
+        if self.bin_offset + self.num_bins > self.vocab_size:
+            raise ValueError(
+                f"bins [{self.bin_offset}, {self.bin_offset + self.num_bins}) exceed vocab_size={self.vocab_size}"
+            )
+        if self.code_offset + self.num_codes > self.bin_offset:
+            raise ValueError(f"codes [{self.code_offset}, +{self.num_codes}) overlap bins at {self.bin_offset}")
+        if self.box_mode not in ("normalized", "ofa"):
+            raise ValueError(f"box_mode must be 'normalized' or 'ofa', got {self.box_mode!r}")
+        grid = self.image_size // 16
+        if grid > self.image_bucket_size:
+            raise ValueError(
+                f"image_size={self.image_size} gives a {grid}x{grid} grid; the 2-D relative bias "
+                f"supports at most {self.image_bucket_size} (image_size <= {16 * self.image_bucket_size})"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.encoder_attention_heads

@@ -1,0 +1,387 @@
+"""Procedurally generated shape scenes: the offline demo data.
+
+A tiny model must learn captioning, VQA, grounding, detection and classification from
+these within minutes of CPU training, and tests must never download anything. So scenes
+are a handful of flat-coloured shapes on a lightly textured background, generated from
+a seed, with every fact about them (shape, colour, box) known exactly.
+
+Task examples are plain dicts of fields; turning them into prompts is the task layer's job.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+RGB = tuple[int, int, int]
+Box = tuple[float, float, float, float]
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
+
+COLORS: dict[str, RGB] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (35, 75, 225),
+    "yellow": (245, 220, 35),
+    "purple": (145, 50, 185),
+    "orange": (250, 135, 20),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
+}
+
+# Neutral tones far from every object colour, so no object ever blends into the background.
+BACKGROUNDS: dict[str, RGB] = {
+    "gray": (128, 128, 128),
+    "beige": (210, 195, 160),
+    "slate": (70, 85, 100),
+    "sage": (150, 172, 140),
+}
+
+NUMBER_WORDS: tuple[str, ...] = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+)
+
+# Words that tell apart 2 or 3 identical objects, left to right (duplicates are capped at 3).
+POSITION_WORDS: dict[int, tuple[str, ...]] = {
+    2: ("left", "right"),
+    3: ("left", "middle", "right"),
+}
+
+VQA_TEMPLATES: dict[str, str] = {
+    "color": "what color is the {shape}?",
+    "shape": "what shape is the {color} object?",
+    "count": "how many objects are there?",
+    "exists": "is there {article} {color} {shape}?",
+}
+
+TASKS: tuple[str, ...] = ("caption", "vqa", "grounding", "detection", "classification")
+
+MIN_SIDE, MAX_SIDE = 0.15, 0.45  # object side as a fraction of the image side
+GAP = 4  # minimum free pixels between two objects
+MAX_NOISE = 6  # per-pixel background noise amplitude (grey levels)
+MAX_GRADIENT = 20  # background brightness ramp amplitude (grey levels)
+PLACEMENT_TRIES = 40  # random placements tried per requested object
+
+
+def _star(points: int = 5, inner: float = 0.45) -> list[tuple[float, float]]:
+    """Vertices of a point-up star, alternating outer and inner radius."""
+    angles = [-math.pi / 2 + k * math.pi / points for k in range(2 * points)]
+    radii = [1.0 if k % 2 == 0 else inner for k in range(2 * points)]
+    return [(r * math.cos(a), r * math.sin(a)) for r, a in zip(radii, angles)]
+
+
+def _to_unit_box(points: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+    """Stretch a polygon so its bounding box is exactly [0, 1]^2 (the shape fills its box)."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    w, h = max(xs) - min(xs), max(ys) - min(ys)
+    return tuple(((x - min(xs)) / w, (y - min(ys)) / h) for x, y in points)
+
+
+_T = 1 / 3  # cross arm thickness
+_POLYGONS: dict[str, tuple[tuple[float, float], ...]] = {
+    "square": _to_unit_box([(0, 0), (1, 0), (1, 1), (0, 1)]),
+    "triangle": _to_unit_box([(0.5, 0), (1, 1), (0, 1)]),
+    "diamond": _to_unit_box([(0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)]),
+    "star": _to_unit_box(_star()),
+    "cross": _to_unit_box([
+        (_T, 0), (1 - _T, 0), (1 - _T, _T), (1, _T), (1, 1 - _T), (1 - _T, 1 - _T),
+        (1 - _T, 1), (_T, 1), (_T, 1 - _T), (0, 1 - _T), (0, _T), (_T, _T),
+    ]),
+}
+
+
+@dataclass
+class SceneObject:
+    """One drawn shape; `box` is (x0, y0, x1, y1) in pixels and tightly encloses it."""
+
+    shape: str
+    color: str
+    box: Box
+
+    @property
+    def name(self) -> str:
+        """Detection label, e.g. "red circle"."""
+        return f"{self.color} {self.shape}"
+
+    @property
+    def area(self) -> float:
+        """Box area in pixels, used to pick the classification label."""
+        x0, y0, x1, y1 = self.box
+        return (x1 - x0) * (y1 - y0)
+
+
+@dataclass
+class Scene:
+    """A generated image and the ground truth about it; `objects` run left to right."""
+
+    image: Image.Image
+    objects: list[SceneObject]
+    background: str
+
+
+def _background(rng: np.random.Generator, size: int) -> tuple[str, Image.Image]:
+    """A neutral colour with a soft brightness ramp and light grey noise."""
+    names = list(BACKGROUNDS)
+    name = names[rng.integers(len(names))]
+    ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32) * rng.uniform(0, MAX_GRADIENT)
+    ramp = ramp[:, None, None] if rng.random() < 0.5 else ramp[None, :, None]  # (H|1, W|1, 1)
+    noise = rng.integers(-MAX_NOISE, MAX_NOISE + 1, size=(size, size, 1), dtype=np.int16)
+    pixels = np.asarray(BACKGROUNDS[name], np.float32) + ramp + noise  # (H, W, 3)
+    return name, Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
+
+
+def _random_object(rng: np.random.Generator, size: int) -> SceneObject:
+    """A random shape and colour in a random square box inside the image."""
+    side = int(rng.integers(round(MIN_SIDE * size), round(MAX_SIDE * size) + 1))
+    x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    color = list(COLORS)[rng.integers(len(COLORS))]
+    return SceneObject(shape, color, (float(x0), float(y0), float(x0 + side), float(y0 + side)))
+
+
+def _apart(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether two 1-D intervals are at least GAP pixels apart."""
+    return a[1] + GAP <= b[0] or b[1] + GAP <= a[0]
+
+
+def _conflicts(a: SceneObject, b: SceneObject) -> bool:
+    """Overlapping (within GAP), or identical objects not side by side (so "left"/"right" work)."""
+    apart_x = _apart((a.box[0], a.box[2]), (b.box[0], b.box[2]))
+    apart_y = _apart((a.box[1], a.box[3]), (b.box[1], b.box[3]))
+    return not apart_x if a.name == b.name else not (apart_x or apart_y)
+
+
+def _fits(candidate: SceneObject, objects: list[SceneObject]) -> bool:
+    twins = sum(o.name == candidate.name for o in objects)
+    return twins < max(POSITION_WORDS) and not any(_conflicts(candidate, o) for o in objects)
+
+
+def _left_to_right(obj: SceneObject) -> tuple[float, float]:
+    x0, y0, x1, y1 = obj.box
+    return (x0 + x1, y0 + y1)
+
+
+def _place_objects(rng: np.random.Generator, size: int, count: int) -> list[SceneObject]:
+    """Rejection-sample up to `count` non-overlapping objects (the first always fits)."""
+    objects: list[SceneObject] = []
+    for _ in range(count * PLACEMENT_TRIES):
+        candidate = _random_object(rng, size)
+        if _fits(candidate, objects):
+            objects.append(candidate)
+            if len(objects) == count:
+                break
+    return sorted(objects, key=_left_to_right)
+
+
+def _draw(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
+    """Fill the shape so its pixels span exactly [x0, x1) x [y0, y1)."""
+    x0, y0, x1, y1 = obj.box
+    w, h = x1 - 1 - x0, y1 - 1 - y0  # PIL coordinates are inclusive pixel centres
+    fill = COLORS[obj.color]
+    if obj.shape == "circle":
+        draw.ellipse([x0, y0, x0 + w, y0 + h], fill=fill)
+    else:
+        draw.polygon([(x0 + u * w, y0 + v * h) for u, v in _POLYGONS[obj.shape]], fill=fill)
+
+
+def generate_scene(rng: np.random.Generator, size: int = 256, max_objects: int = 3) -> Scene:
+    """Draw 1..max_objects separated shapes (no antialiasing, so colours stay exact)."""
+    if not 1 <= max_objects < len(NUMBER_WORDS):
+        raise ValueError(f"max_objects must be in [1, {len(NUMBER_WORDS) - 1}], got {max_objects}")
+    if size < 16:
+        raise ValueError(f"size must be at least 16 pixels, got {size}")
+    background, image = _background(rng, size)
+    objects = _place_objects(rng, size, int(rng.integers(1, max_objects + 1)))
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        _draw(draw, obj)
+    return Scene(image, objects, background)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _with_article(obj: SceneObject) -> str:
+    return f"{_article(obj.color)} {obj.name}"
+
+
+def caption_example(scene: Scene, rng: np.random.Generator | None = None) -> dict[str, Any]:
+    """The canonical caption: objects left to right, "a x, a y and a z".
+
+    `rng` is accepted only so every rng-taking builder shares one signature; captions are
+    deterministic so a tiny model sees one target per image.
+    """
+    phrases = [_with_article(o) for o in scene.objects]
+    text = phrases[0] if len(phrases) == 1 else f"{', '.join(phrases[:-1])} and {phrases[-1]}"
+    return {"task": "caption", "image": scene.image, "target": text}
+
+
+def _unique(values: list[str]) -> list[str]:
+    counts = Counter(values)
+    return [v for v in values if counts[v] == 1]
+
+
+def _pick(rng: np.random.Generator, items: Sequence[Any]) -> Any:
+    return items[int(rng.integers(len(items)))]
+
+
+def _color_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    shape = _pick(rng, _unique([o.shape for o in scene.objects]))
+    color = next(o.color for o in scene.objects if o.shape == shape)
+    return VQA_TEMPLATES["color"].format(shape=shape), color
+
+
+def _shape_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    color = _pick(rng, _unique([o.color for o in scene.objects]))
+    shape = next(o.shape for o in scene.objects if o.color == color)
+    return VQA_TEMPLATES["shape"].format(color=color), shape
+
+
+def _count_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    return VQA_TEMPLATES["count"], NUMBER_WORDS[len(scene.objects)]
+
+
+def _exists_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """Half the time ask about a present object, else about an absent colour-shape pair."""
+    present = {(o.color, o.shape) for o in scene.objects}
+    if rng.random() < 0.5:
+        color, shape = _pick(rng, sorted(present))
+        answer = "yes"
+    else:
+        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+        color, shape = _pick(rng, absent)
+        answer = "no"
+    question = VQA_TEMPLATES["exists"].format(article=_article(color), color=color, shape=shape)
+    return question, answer
+
+
+_QUESTIONS: dict[str, Callable[[Scene, np.random.Generator], tuple[str, str]]] = {
+    "color": _color_question,
+    "shape": _shape_question,
+    "count": _count_question,
+    "exists": _exists_question,
+}
+
+
+def _question_kinds(scene: Scene) -> list[str]:
+    """Templates answerable without ambiguity in this scene."""
+    kinds = ["count", "exists"]
+    if _unique([o.shape for o in scene.objects]):
+        kinds.append("color")
+    if _unique([o.color for o in scene.objects]):
+        kinds.append("shape")
+    return kinds
+
+
+def vqa_example(scene: Scene, rng: np.random.Generator) -> dict[str, Any]:
+    """A random answerable question with a one-word answer."""
+    question, answer = _QUESTIONS[_pick(rng, _question_kinds(scene))](scene, rng)
+    return {"task": "vqa", "image": scene.image, "question": question, "answer": answer}
+
+
+def referring_expression(scene: Scene, index: int) -> str:
+    """ "the red circle", or "the left red circle" when identical objects share the scene."""
+    obj = scene.objects[index]
+    twins = [i for i, o in enumerate(scene.objects) if o.name == obj.name]
+    if len(twins) == 1:
+        return f"the {obj.name}"
+    return f"the {POSITION_WORDS[len(twins)][twins.index(index)]} {obj.name}"
+
+
+def grounding_example(scene: Scene, rng: np.random.Generator) -> dict[str, Any]:
+    """A random object and the expression that singles it out."""
+    index = int(rng.integers(len(scene.objects)))
+    text, box = referring_expression(scene, index), scene.objects[index].box
+    return {"task": "grounding", "image": scene.image, "text": text, "box": box}
+
+
+def detection_example(scene: Scene) -> dict[str, Any]:
+    """All objects, left to right, labelled "colour shape"."""
+    return {
+        "task": "detection",
+        "image": scene.image,
+        "boxes": [o.box for o in scene.objects],
+        "labels": [o.name for o in scene.objects],
+    }
+
+
+def classification_example(scene: Scene) -> dict[str, Any]:
+    """The image's class is the shape of its largest object (leftmost wins a tie)."""
+    largest = max(scene.objects, key=lambda o: o.area)
+    return {"task": "classification", "image": scene.image, "label": largest.shape}
+
+
+_BUILDERS: dict[str, Callable[[Scene, np.random.Generator], dict[str, Any]]] = {
+    "caption": caption_example,
+    "vqa": vqa_example,
+    "grounding": grounding_example,
+    "detection": lambda scene, rng: detection_example(scene),
+    "classification": lambda scene, rng: classification_example(scene),
+}
+
+
+def make_examples(
+    scene: Scene, rng: np.random.Generator, tasks: Sequence[str] = TASKS
+) -> list[dict[str, Any]]:
+    """One example per requested task, in the order given."""
+    unknown = [t for t in tasks if t not in _BUILDERS]
+    if unknown:
+        raise KeyError(f"unknown demo tasks {unknown}; known: {list(_BUILDERS)}")
+    return [_BUILDERS[t](scene, rng) for t in tasks]
+
+
+def class_names() -> list[str]:
+    """Classification labels (shape names), sorted."""
+    return sorted(SHAPES)
+
+
+def detection_labels() -> list[str]:
+    """Every "colour shape" detection label, colour-major in table order."""
+    return [f"{c} {s}" for c in COLORS for s in SHAPES]
+
+
+class DemoScenes(Dataset):
+    """A deterministic, lazily generated split of demo scenes.
+
+    Scene i of a split comes from its own seed (seed, split, i), so any item regenerates
+    alone, in any order or worker, and splits never share scenes.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        num_scenes: int = 1000,
+        size: int = 256,
+        seed: int = 0,
+        max_objects: int = 3,
+    ) -> None:
+        if num_scenes < 0 or seed < 0:
+            raise ValueError("num_scenes and seed must be non-negative")
+        self.split, self.num_scenes, self.size = split, num_scenes, size
+        self.seed, self.max_objects = seed, max_objects
+
+    def __len__(self) -> int:
+        return self.num_scenes
+
+    def __getitem__(self, index: int) -> Scene:
+        return generate_scene(self._rng(index, stream=0), self.size, self.max_objects)
+
+    def example_rng(self, index: int, epoch: int = 0) -> np.random.Generator:
+        """A generator for building scene `index`'s task examples: fixed per epoch, so a
+        validation set is stable while training sees new questions each epoch."""
+        return self._rng(index, stream=1 + epoch)
+
+    def _rng(self, index: int, stream: int) -> np.random.Generator:
+        if not -self.num_scenes <= index < self.num_scenes:
+            raise IndexError(f"scene {index} out of range for {self.num_scenes} scenes")
+        key = (self.seed, zlib.crc32(self.split.encode()), index % self.num_scenes, stream)
+        return np.random.default_rng(np.random.SeedSequence(key))

@@ -1,0 +1,170 @@
+"""Image loading and OFA's image transform, with PIL + numpy + torch only (no torchvision).
+
+OFA feeds the encoder a square, aspect-ratio-ignoring BICUBIC resize of the whole image,
+scaled to [0, 1] and normalised with mean = std = 0.5 (so pixels lie in [-1, 1]). Boxes are
+kept in original-image pixels elsewhere, so the processor also returns each original size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_utils import PILImageResampling
+
+__all__ = ["ImageInput", "ImageLoadError", "OFAUFOImageProcessor", "load_image"]
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+OFA_MEAN = (0.5, 0.5, 0.5)
+OFA_STD = (0.5, 0.5, 0.5)
+_ALPHA_MODES = {"LA", "PA", "RGBA", "RGBa", "La"}
+
+
+class ImageLoadError(ValueError):
+    """An input could not be turned into an RGB image; the message names the input and why."""
+
+
+def _open_file(path: Path) -> Image.Image:
+    """Open and fully decode an image file, so truncated files fail here and not later."""
+    if not path.exists():
+        raise ImageLoadError(f"image file not found: {path}")
+    if not path.is_file():
+        raise ImageLoadError(f"image path is not a file: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes everything; PIL raises on truncated data (LOAD_TRUNCATED_IMAGES stays False)
+            return image
+    except UnidentifiedImageError as err:
+        raise ImageLoadError(f"{path}: not an image file that PIL can read") from err
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+        raise ImageLoadError(f"{path}: cannot decode image (truncated or corrupt file?): {err}") from err
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    """Wrap an HxW, HxWx1, HxWx3 or HxWx4 uint8 array as a PIL image."""
+    where = f"numpy array of shape {array.shape} and dtype {array.dtype}"
+    if array.dtype != np.uint8:
+        raise ImageLoadError(f"{where}: expected dtype uint8 (values 0..255)")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ImageLoadError(f"{where}: expected shape HxW, HxWx1, HxWx3 (RGB) or HxWx4 (RGBA)")
+    if array.size == 0:
+        raise ImageLoadError(f"{where}: image has no pixels")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _deep_gray_to_rgb(image: Image.Image) -> Image.Image:
+    """Scale a 16-bit, 32-bit integer or float single-channel image to 8-bit gray, as RGB.
+
+    * ``I;16*``: 0..65535 maps linearly to 0..255 (not clipped at 255 as PIL's convert does).
+    * ``I``: read as 16-bit data (divided by 65535) when all values lie in 0..65535, the usual
+      case (16-bit PNG/TIFF); otherwise min..max of the image maps to 0..255.
+    * ``F``: assumed to be in [0, 1] when the maximum is <= 1, otherwise divided by the maximum;
+      negative values and NaN become 0.
+    """
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if image.mode == "I":
+        low, high = values.min(), values.max()
+        if low < 0 or high > 65535:
+            values, scale = values - low, max(high - low, 1.0)
+        else:
+            scale = 65535.0
+    elif image.mode == "F":
+        scale = max(values.max(), 1.0)
+    else:
+        scale = 65535.0
+    gray = np.clip(np.rint(values / scale * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
+
+
+def _to_rgb(image: Image.Image, where: str) -> Image.Image:
+    """Convert any PIL mode to RGB; transparency is composited onto white."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        return _deep_gray_to_rgb(image)
+    try:
+        if image.mode in _ALPHA_MODES or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as err:
+        raise ImageLoadError(f"{where}: cannot convert PIL mode {image.mode!r} to RGB ({err})") from err
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """Turn a path, PIL image or uint8 array into an upright RGB PIL image.
+
+    EXIF orientation is applied. Every PIL mode is converted (see ``_deep_gray_to_rgb`` for
+    16-bit, 32-bit and float images); alpha and palette transparency are composited onto
+    white, so transparent regions look like a white page rather than black. Raises
+    :class:`ImageLoadError` naming the input on anything that is not a readable,
+    non-empty image.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        pil, where = _open_file(Path(image)), str(image)
+    elif isinstance(image, Image.Image):
+        pil, where = image, f"PIL image (mode {image.mode}, size {image.size})"
+    elif isinstance(image, np.ndarray):
+        pil, where = _from_array(image), f"numpy array of shape {image.shape}"
+    else:
+        raise ImageLoadError(
+            f"unsupported image input of type {type(image).__name__}: "
+            "expected a file path, a PIL image or an HxWxC uint8 numpy array"
+        )
+    if pil.width == 0 or pil.height == 0:
+        raise ImageLoadError(f"{where}: image has no pixels (width x height = {pil.width} x {pil.height})")
+    return _to_rgb(ImageOps.exif_transpose(pil), where)
+
+
+class OFAUFOImageProcessor(BaseImageProcessor):
+    """OFA's image transform: square BICUBIC resize to ``size``, [0, 1], normalise by mean/std.
+
+    Returns ``pixel_values`` (B, 3, size, size) float32 and ``original_sizes`` (B, 2) int64
+    as (width, height), which the box codec needs to map bins back to original pixels.
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        size: int = 384,
+        resample: int = PILImageResampling.BICUBIC,
+        image_mean: Sequence[float] = OFA_MEAN,
+        image_std: Sequence[float] = OFA_STD,
+        **kwargs,
+    ) -> None:
+        kwargs.pop("image_processor_type", None)  # written by to_dict, not a setting
+        super().__init__(**kwargs)
+        if int(size) < 1:
+            raise ValueError(f"size must be a positive number of pixels, got {size}")
+        if len(image_mean) != 3 or len(image_std) != 3 or min(image_std) <= 0:
+            raise ValueError(f"need 3 means and 3 positive stds, got {image_mean} and {image_std}")
+        self.size = int(size)
+        self.resample = int(resample)
+        self.image_mean = tuple(float(v) for v in image_mean)
+        self.image_std = tuple(float(v) for v in image_std)
+
+    def _transform(self, image: Image.Image) -> np.ndarray:
+        """(3, size, size) float32 normalised pixels of one RGB image."""
+        resized = image.resize((self.size, self.size), resample=self.resample)
+        pixels = np.asarray(resized, dtype=np.float32) / 255.0  # (S, S, 3)
+        pixels = (pixels - np.array(self.image_mean, np.float32)) / np.array(self.image_std, np.float32)
+        return pixels.transpose(2, 0, 1)  # (3, S, S)
+
+    def preprocess(self, images: ImageInput | Sequence[ImageInput], return_tensors: str | None = "pt") -> BatchFeature:
+        """Load and transform one image or a list of images (paths, PIL images, uint8 arrays)."""
+        batch = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not batch:
+            raise ValueError("no images given")
+        loaded = [load_image(image) for image in batch]
+        data = {
+            "pixel_values": np.stack([self._transform(image) for image in loaded]),  # (B, 3, S, S)
+            "original_sizes": np.array([image.size for image in loaded], dtype=np.int64),  # (B, 2) as (w, h)
+        }
+        return BatchFeature(data=data, tensor_type=return_tensors)

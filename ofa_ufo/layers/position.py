@@ -1,0 +1,77 @@
+"""OFA's position scheme: index tables for the relative biases and the decoupled absolute bias.
+
+Positions never enter the token embeddings; they reach attention only as additive biases.
+Index tables are pure functions of their sizes, cached per process rather than stored as
+buffers, so checkpoints do not carry them (OFA's port persisted ~66 MB of them).
+"""
+
+from functools import lru_cache
+import math
+
+import torch
+from torch import nn
+
+
+@lru_cache(maxsize=8)
+def text_relative_buckets(bucket_size: int, max_position: int) -> torch.Tensor:
+    """(max_position, max_position) bucket index of i - j: exact within bucket_size/2, log-spaced beyond.
+
+    Indices lie in [0, 2 * bucket_size - 2] (the table has 2 * bucket_size - 1 rows).
+    """
+    rel = torch.arange(max_position)[:, None] - torch.arange(max_position)[None, :]
+    mid = bucket_size // 2
+    dist = rel.abs()
+    safe = dist.clamp(min=mid)  # log() only needed beyond mid; avoid log(0)
+    log_bucket = torch.ceil(torch.log(safe / mid) / math.log((max_position - 1) / mid) * (mid - 1)) + mid
+    bucket = torch.where(dist <= mid, rel, log_bucket.long() * rel.sign())
+    return bucket + bucket_size - 1
+
+
+@lru_cache(maxsize=8)
+def image_relative_buckets(bucket_size: int) -> torch.Tensor:
+    """(n + 1, n + 1) index of the 2-D offset between grid cells, n = bucket_size ** 2 (BEiT style).
+
+    Row/column 0 is the special position id 0; the last three table entries serve it.
+    """
+    ys, xs = torch.meshgrid(torch.arange(bucket_size), torch.arange(bucket_size), indexing="ij")
+    coords = torch.stack([ys.flatten(), xs.flatten()])  # (2, n)
+    rel = coords[:, :, None] - coords[:, None, :] + bucket_size - 1  # (2, n, n)
+    span = 2 * bucket_size - 1
+    num_entries = span * span + 3
+    n = bucket_size * bucket_size
+    index = torch.zeros(n + 1, n + 1, dtype=torch.long)
+    index[1:, 1:] = rel[0] * span + rel[1]
+    index[0, :] = num_entries - 3
+    index[:, 0] = num_entries - 2
+    index[0, 0] = num_entries - 1
+    return index
+
+
+def image_position_ids(height: int, width: int, bucket_size: int, device: torch.device) -> torch.Tensor:
+    """(height * width,) row-major ids `row * bucket_size + col + 1` of a feature grid."""
+    rows = torch.arange(height, device=device)[:, None] * bucket_size
+    cols = torch.arange(width, device=device)[None, :]
+    return (rows + cols + 1).flatten()
+
+
+def relative_bias(table: nn.Embedding, index: torch.Tensor) -> torch.Tensor:
+    """Look up a per-head bias table: index (Lq, Lk) -> bias (1, H, Lq, Lk)."""
+    return table(index).permute(2, 0, 1).unsqueeze(0)
+
+
+def absolute_bias(
+    q_linear: nn.Linear, k_linear: nn.Linear, q_pos: torch.Tensor, k_pos: torch.Tensor, num_heads: int, scaling: float
+) -> torch.Tensor:
+    """Decoupled (TUPE) position bias <Wq p_i, Wk p_j> per head.
+
+    q_pos (Bq, Lq, D), k_pos (Bk, Lk, D) with Bq, Bk in {1, B} -> (max(Bq, Bk), H, Lq, Lk).
+    """
+    q = split_heads(q_linear(q_pos), num_heads) * scaling
+    k = split_heads(k_linear(k_pos), num_heads)
+    return q @ k.transpose(-1, -2)
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, L, D) -> (B, H, L, D / H)."""
+    batch, length, dim = x.shape
+    return x.view(batch, length, num_heads, dim // num_heads).transpose(1, 2)

@@ -1,0 +1,179 @@
+"""Hugging Face face of the model: `OFAUFOModel` and `OFAUFOForConditionalGeneration`.
+
+Parameter names follow the OFA Hugging Face port (`encoder.*`, `decoder.*`) under the usual
+`model.` prefix, so official checkpoints convert with a rename table.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import Seq2SeqLMOutput, Seq2SeqModelOutput
+
+from ofa_ufo.configuration import OFAUFOConfig
+from ofa_ufo.layers.attention import OFAAttention
+from ofa_ufo.models.ofa import OFADecoder, OFAEncoder, OFAUFOEncoderOutput
+
+
+def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, start_token_id: int) -> torch.Tensor:
+    """Teacher-forcing decoder input: <s> + labels[:-1], with ignored (-100) positions as padding."""
+    shifted = labels.new_full(labels.shape, pad_token_id)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = start_token_id
+    return shifted.masked_fill(shifted.eq(-100), pad_token_id)
+
+
+class OFAUFOPreTrainedModel(PreTrainedModel):
+    config_class = OFAUFOConfig
+    config: OFAUFOConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    _no_split_modules = ["EncoderLayer", "DecoderLayer", "ResNetStem"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT-style normal(0, init_std) for linears and embeddings (as OFA); He init for the ResNet convs."""
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, OFAAttention) and module.c_attn is not None:
+            init.ones_(module.c_attn)
+        else:
+            super()._init_weights(module)
+
+
+class OFAUFOModel(OFAUFOPreTrainedModel):
+    """Encoder-decoder without the output projection; returns decoder states."""
+
+    _tied_weights_keys = {
+        "encoder.embed_tokens.weight": "shared.weight",
+        "decoder.embed_tokens.weight": "shared.weight",
+    }
+
+    def __init__(self, config: OFAUFOConfig):
+        super().__init__(config)
+        self.shared = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
+        self.encoder = OFAEncoder(config, self.shared)
+        self.decoder = OFADecoder(config, self.shared)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.shared
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.shared = value
+        self.encoder.embed_tokens = value
+        self.decoder.embed_tokens = value
+
+    def get_encoder(self, modality: str | None = None) -> OFAEncoder:
+        return self.encoder
+
+    def get_decoder(self) -> OFADecoder:
+        return self.decoder
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        encoder_outputs: OFAUFOEncoderOutput | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> Seq2SeqModelOutput:
+        """Run the encoder unless `encoder_outputs` are given, then the decoder on `decoder_input_ids`."""
+        if encoder_outputs is None:
+            if input_ids is None:
+                raise ValueError("Pass input_ids (the prompt) or precomputed encoder_outputs")
+            encoder_outputs = self.encoder(
+                input_ids, attention_mask, pixel_values, image_mask, output_hidden_states=output_hidden_states
+            )
+        if decoder_input_ids is None:
+            raise ValueError("Pass decoder_input_ids or labels")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None and not self.training:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        elif not use_cache:
+            cache = None
+        states = self.decoder(decoder_input_ids, encoder_outputs, cache)
+        return Seq2SeqModelOutput(
+            last_hidden_state=states,
+            cache=cache,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+        )
+
+
+class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
+    """Prompted generation over the unified vocabulary; `labels` give the (label-smoothed) loss."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.shared.weight"}
+
+    def __init__(self, config: OFAUFOConfig):
+        super().__init__(config)
+        self.model = OFAUFOModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_encoder(self, modality: str | None = None) -> OFAEncoder:
+        return self.model.encoder
+
+    def get_decoder(self) -> OFADecoder:
+        return self.model.decoder
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.shared
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        encoder_outputs: OFAUFOEncoderOutput | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        label_smoothing: float | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> Seq2SeqLMOutput:
+        """labels (B, T) with -100 at ignored positions; label_smoothing defaults to config.label_smoothing."""
+        if labels is not None:
+            use_cache = False
+            if decoder_input_ids is None:
+                decoder_input_ids = shift_tokens_right(
+                    labels, self.config.pad_token_id, self.config.decoder_start_token_id
+                )
+        outputs = self.model(
+            input_ids, attention_mask, pixel_values, image_mask, decoder_input_ids, encoder_outputs,
+            cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            smoothing = self.config.label_smoothing if label_smoothing is None else label_smoothing
+            loss = F.cross_entropy(
+                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, label_smoothing=smoothing
+            )
+        return Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+        )
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)

@@ -1,0 +1,255 @@
+"""OFA encoder and decoder assembled from the shared layers.
+
+Encoder input is [image tokens ; text tokens]; positions enter only as attention biases
+(decoupled absolute bias shared by all layers + per-layer 1-D text / 2-D image relative bias).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
+
+from ofa_ufo.configuration import OFAUFOConfig
+from ofa_ufo.layers.drop_path import linear_rates
+from ofa_ufo.layers.normformer import DecoderLayer, EncoderLayer
+from ofa_ufo.layers.position import (
+    absolute_bias,
+    image_position_ids,
+    image_relative_buckets,
+    relative_bias,
+    split_heads,
+    text_relative_buckets,
+)
+from ofa_ufo.models.resnet import OUT_CHANNELS, ResNetStem
+
+
+@dataclass
+class OFAUFOEncoderOutput(ModelOutput):
+    """Encoder states plus what the decoder needs to attend to them.
+
+    padding_mask (B, S) is True at padded or image-less positions; position_embeddings (B, S, D)
+    are the encoder's normalised position embeddings, the key side of the cross-attention bias.
+    cross_position_keys memoises the decoder's projection of them during cached generation.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    padding_mask: torch.Tensor | None = None
+    position_embeddings: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    cross_position_keys: torch.Tensor | None = None
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean 'blocked' mask -> additive float mask (0 where allowed, dtype min where blocked)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, torch.finfo(dtype).min)
+
+
+def _rel_tables(count: int, entries: int, heads: int) -> nn.ModuleList:
+    return nn.ModuleList(nn.Embedding(entries, heads) for _ in range(count))
+
+
+def _layer_kwargs(config: OFAUFOConfig) -> dict:
+    return dict(
+        dropout=config.dropout, attention_dropout=config.attention_dropout,
+        activation_dropout=config.activation_dropout, activation=config.activation_function,
+        normformer=config.normformer, scale_heads=config.scale_heads, scale_factor=config.attn_scale_factor,
+    )
+
+
+class _PositionTables(nn.Module):
+    """Absolute position tables and their norms, shared layout of encoder and decoder."""
+
+    def __init__(self, config: OFAUFOConfig):
+        super().__init__()
+        dim = config.d_model
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + 2, dim)
+        self.embed_image_positions = nn.Embedding(config.image_bucket_size**2 + 1, dim)
+        self.pos_ln = nn.LayerNorm(dim)
+        self.image_pos_ln = nn.LayerNorm(dim)
+        self.pos_scaling = (dim / config.encoder_attention_heads * config.attn_scale_factor) ** -0.5
+
+    def text_positions(self, length: int, device: torch.device, start: int = 0) -> torch.Tensor:
+        """(1, length, D) normalised embeddings of text positions start..start+length-1."""
+        if start + length > self.embed_positions.num_embeddings - 2:
+            raise ValueError(
+                f"sequence of {start + length} tokens exceeds max_position_embeddings="
+                f"{self.embed_positions.num_embeddings - 2}"
+            )
+        return self.pos_ln(self.embed_positions(torch.arange(start, start + length, device=device)))[None]
+
+
+class OFAEncoder(_PositionTables):
+    def __init__(self, config: OFAUFOConfig, embed_tokens: nn.Embedding):
+        super().__init__(config)
+        dim, heads = config.d_model, config.encoder_attention_heads
+        self.config = config
+        self.num_heads = heads
+        self.embed_tokens = embed_tokens
+        self.layernorm_embedding = nn.LayerNorm(dim)
+        self.type_embedding = nn.Embedding(2, dim)
+        vision = config.vision_config
+        self.embed_images = ResNetStem(vision.resnet_layers, vision.resnet_drop_path_rate)
+        self.image_proj = nn.Linear(OUT_CHANNELS, dim)
+        self.patch_layernorm_embedding = nn.LayerNorm(dim)
+        self.pos_q_linear = nn.Linear(dim, dim)
+        self.pos_k_linear = nn.Linear(dim, dim)
+        rates = linear_rates(config.encoder_drop_path_rate, config.encoder_layers)
+        self.layers = nn.ModuleList(
+            EncoderLayer(dim, heads, config.encoder_ffn_dim, drop_path=rates[i], layer_idx=i, **_layer_kwargs(config))
+            for i in range(config.encoder_layers)
+        )
+        self.layer_norm = nn.LayerNorm(dim)
+        self.token_rel_pos_table_list = _rel_tables(config.encoder_layers, 2 * config.token_bucket_size - 1, heads)
+        image_entries = (2 * config.image_bucket_size - 1) ** 2 + 3
+        self.image_rel_pos_table_list = _rel_tables(config.encoder_layers, image_entries, heads)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D): token embedding + type 0, normalised."""
+        x = self.embed_tokens(input_ids) + self.type_embedding.weight[0]
+        return self.dropout(self.layernorm_embedding(x))
+
+    def embed_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> image tokens (B, h*w, D) and their grid position ids (h*w,)."""
+        grid = self.embed_images(pixel_values)  # (B, C, h, w)
+        height, width = grid.shape[-2:]
+        if max(height, width) > self.config.image_bucket_size:
+            raise ValueError(
+                f"image of {tuple(pixel_values.shape[-2:])} px gives a {height}x{width} grid; the 2-D "
+                f"relative bias supports at most {self.config.image_bucket_size} per side"
+            )
+        tokens = grid.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        x = self.image_proj(tokens) + self.type_embedding.weight[1]
+        ids = image_position_ids(height, width, self.config.image_bucket_size, pixel_values.device)
+        return self.dropout(self.patch_layernorm_embedding(x)), ids
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        output_attentions: bool = False,
+    ) -> OFAUFOEncoderOutput:
+        """input_ids (B, T); pixel_values (B, 3, H, W) or None; image_mask (B,) False = no image."""
+        if output_attentions:
+            raise NotImplementedError("OFA-UFO attention runs through SDPA and does not return attention maps")
+        x = self.embed_text(input_ids)
+        pad = input_ids.eq(self.config.pad_token_id) if attention_mask is None else ~attention_mask.bool()
+        positions = self.text_positions(input_ids.shape[1], input_ids.device)  # (1, T, D)
+        image_ids = None
+        if pixel_values is not None:
+            image_x, image_ids = self.embed_image(pixel_values)
+            image_pad = torch.zeros(image_x.shape[:2], dtype=torch.bool, device=x.device)
+            if image_mask is not None:
+                image_pad = image_pad | ~image_mask.bool()[:, None]
+            x, pad = torch.cat([image_x, x], 1), torch.cat([image_pad, pad], 1)
+            image_pos = self.image_pos_ln(self.embed_image_positions(image_ids))[None]  # (1, N, D)
+            positions = torch.cat([image_pos, positions], 1)
+        x = x * (~pad)[..., None].to(x.dtype)
+        states = self._run_layers(x, pad, positions, image_ids, output_hidden_states)
+        hidden_states = states if output_hidden_states else None
+        return OFAUFOEncoderOutput(
+            last_hidden_state=self.layer_norm(states[-1]),
+            padding_mask=pad,
+            position_embeddings=positions.expand(x.shape[0], -1, -1),
+            hidden_states=hidden_states,
+        )
+
+    def _run_layers(
+        self, x: torch.Tensor, pad: torch.Tensor, positions: torch.Tensor, image_ids: torch.Tensor | None,
+        keep_all: bool,
+    ) -> tuple[torch.Tensor, ...]:
+        abs_bias = absolute_bias(
+            self.pos_q_linear, self.pos_k_linear, positions, positions, self.num_heads, self.pos_scaling
+        )  # (1, H, S, S)
+        pad_bias = additive_mask(pad[:, None, None, :], abs_bias.dtype) if pad.any() else 0.0  # (B, 1, 1, S)
+        n_image = 0 if image_ids is None else image_ids.numel()
+        text_index = text_relative_buckets(self.config.token_bucket_size, self.config.max_position_embeddings)
+        text_len = x.shape[1] - n_image
+        text_index = text_index[:text_len, :text_len].to(x.device)
+        image_index = None
+        if image_ids is not None:
+            image_index = image_relative_buckets(self.config.image_bucket_size).to(x.device)
+            image_index = image_index[image_ids[:, None], image_ids[None, :]]  # (N, N)
+        states = [x]
+        for idx, layer in enumerate(self.layers):
+            rel = torch.zeros_like(abs_bias)
+            rel[:, :, n_image:, n_image:] = relative_bias(self.token_rel_pos_table_list[idx], text_index)
+            if image_index is not None:
+                rel[:, :, :n_image, :n_image] = relative_bias(self.image_rel_pos_table_list[idx], image_index)
+            x = layer(x, abs_bias + rel + pad_bias)
+            if keep_all:
+                states.append(x)
+        return tuple(states) if keep_all else (x,)
+
+
+class OFADecoder(_PositionTables):
+    def __init__(self, config: OFAUFOConfig, embed_tokens: nn.Embedding):
+        super().__init__(config)
+        dim, heads = config.d_model, config.decoder_attention_heads
+        self.config = config
+        self.num_heads = heads
+        self.embed_tokens = embed_tokens
+        self.layernorm_embedding = nn.LayerNorm(dim)
+        # Used when the target is a VQGAN code sequence (image generation); kept for OFA's key layout.
+        self.code_layernorm_embedding = nn.LayerNorm(dim)
+        self.self_pos_q_linear = nn.Linear(dim, dim)
+        self.self_pos_k_linear = nn.Linear(dim, dim)
+        self.cross_pos_q_linear = nn.Linear(dim, dim)
+        self.cross_pos_k_linear = nn.Linear(dim, dim)
+        rates = linear_rates(config.decoder_drop_path_rate, config.decoder_layers)
+        self.layers = nn.ModuleList(
+            DecoderLayer(dim, heads, config.decoder_ffn_dim, drop_path=rates[i], layer_idx=i, **_layer_kwargs(config))
+            for i in range(config.decoder_layers)
+        )
+        self.layer_norm = nn.LayerNorm(dim)
+        self.token_rel_pos_table_list = _rel_tables(config.decoder_layers, 2 * config.token_bucket_size - 1, heads)
+        image_entries = (2 * config.image_bucket_size - 1) ** 2 + 3
+        self.image_rel_pos_table_list = _rel_tables(config.decoder_layers, image_entries, heads)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, input_ids: torch.Tensor, encoder_outputs: OFAUFOEncoderOutput, cache: Cache | None = None
+    ) -> torch.Tensor:
+        """input_ids (B, T) new target tokens (after `cache` holds the earlier ones) -> states (B, T, D)."""
+        past = cache.get_seq_length() if cache is not None else 0
+        length = input_ids.shape[1]
+        positions = self.text_positions(past + length, input_ids.device)  # (1, past+T, D)
+        new_positions = positions[:, past:]
+        self_bias = absolute_bias(
+            self.self_pos_q_linear, self.self_pos_k_linear, new_positions, positions, self.num_heads, self.pos_scaling
+        )  # (1, H, T, past+T)
+        cross_bias = self._cross_bias(new_positions, encoder_outputs, cached=cache is not None)  # (B, H, T, S)
+        causal = torch.ones(length, past + length, dtype=torch.bool, device=input_ids.device).triu(past + 1)
+        self_bias = self_bias + additive_mask(causal, self_bias.dtype)
+        index = text_relative_buckets(self.config.token_bucket_size, self.config.max_position_embeddings)
+        index = index[past : past + length, : past + length].to(input_ids.device)
+        x = self.dropout(self.layernorm_embedding(self.embed_tokens(input_ids)))
+        memory = encoder_outputs.last_hidden_state
+        for idx, layer in enumerate(self.layers):
+            bias = self_bias + relative_bias(self.token_rel_pos_table_list[idx], index)
+            x = layer(x, bias, memory, cross_bias, cache)
+        return self.layer_norm(x)
+
+    def _cross_bias(
+        self, new_positions: torch.Tensor, encoder_outputs: OFAUFOEncoderOutput, cached: bool
+    ) -> torch.Tensor:
+        """Absolute bias from decoder to encoder positions plus the encoder padding mask: (B, H, T, S)."""
+        keys = encoder_outputs.cross_position_keys if cached else None
+        if keys is None:
+            keys = split_heads(self.cross_pos_k_linear(encoder_outputs.position_embeddings), self.num_heads)
+            if cached:
+                encoder_outputs["cross_position_keys"] = keys
+        queries = split_heads(self.cross_pos_q_linear(new_positions), self.num_heads) * self.pos_scaling
+        bias = queries @ keys.transpose(-1, -2)  # (B, H, T, S)
+        pad = encoder_outputs.padding_mask
+        if pad is not None and pad.any():
+            bias = bias + additive_mask(pad[:, None, None, :], bias.dtype)
+        return bias

@@ -1,0 +1,68 @@
+"""ResNet stem, stages 1-3 (output stride 16, 1024 channels): OFA's image embedder.
+
+Bottlenecks are v1.5 (stride on the 3x3 conv). Names match torchvision/OFA (`conv1`, `bn1`,
+`layer1.0.downsample.0`, ...) so ImageNet or OFA weights load unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ofa_ufo.layers.drop_path import DropPath
+
+OUT_CHANNELS = 1024
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, drop_path: float = 0.0):
+        super().__init__()
+        out_channels = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(identity + self.drop_path(out))
+
+
+class ResNetStem(nn.Module):
+    """Image (B, 3, H, W) -> feature grid (B, 1024, H/16, W/16)."""
+
+    def __init__(self, layers: tuple[int, int, int], drop_path_rate: float = 0.0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.layer1 = self._stage(64, 64, layers[0], 1, drop_path_rate)
+        self.layer2 = self._stage(256, 128, layers[1], 2, drop_path_rate)
+        self.layer3 = self._stage(512, 256, layers[2], 2, drop_path_rate)
+
+    @staticmethod
+    def _stage(in_channels: int, planes: int, blocks: int, stride: int, drop_path_rate: float) -> nn.Sequential:
+        """Drop-path rate rises linearly within the stage; its first block never drops (as in OFA)."""
+        rates = [drop_path_rate * i / max(blocks - 1, 1) for i in range(blocks)]
+        modules = [Bottleneck(in_channels, planes, stride)]
+        modules += [Bottleneck(planes * Bottleneck.expansion, planes, 1, rates[i]) for i in range(1, blocks)]
+        return nn.Sequential(*modules)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(pixel_values))))
+        return self.layer3(self.layer2(self.layer1(x)))

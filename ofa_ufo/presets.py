@@ -1,0 +1,86 @@
+"""Named architectures (`ofa_ufo_tiny` ... `ofa_ufo_huge`): OFA's five sizes as config data.
+
+`create_model` builds a randomly initialised model offline; the vocabulary layout (text ids,
+codes, bins) is read from the tokenizer the model will be used with, by default the one that
+ships with the package.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from ofa_ufo.configuration import OFAUFOConfig
+
+# Sizes from OFA's `register_model_architecture` presets (reference/ofa.md, section 2.1).
+PRESETS: dict[str, dict[str, Any]] = {
+    "ofa_ufo_tiny": dict(d_model=256, layers=(4, 4), heads=4, resnet="resnet50"),
+    "ofa_ufo_medium": dict(d_model=512, layers=(4, 4), heads=8, resnet="resnet101"),
+    "ofa_ufo_base": dict(d_model=768, layers=(6, 6), heads=12, resnet="resnet101"),
+    "ofa_ufo_large": dict(d_model=1024, layers=(12, 12), heads=16, resnet="resnet152"),
+    "ofa_ufo_huge": dict(d_model=1280, layers=(24, 12), heads=16, resnet="resnet152"),
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by `create_model`, smallest first."""
+    return list(PRESETS)
+
+
+def _preset(name: str) -> dict[str, Any]:
+    base = name.split(".", 1)[0]  # "ofa_ufo_base.pretrain_demo" -> architecture "ofa_ufo_base"
+    if base not in PRESETS:
+        raise ValueError(f"Unknown model {name!r}. Available: {', '.join(PRESETS)}")
+    return PRESETS[base]
+
+
+@lru_cache(maxsize=1)
+def _default_tokenizer():
+    from ofa_ufo.tokenization import build_tokenizer
+
+    return build_tokenizer()
+
+
+def vocab_fields(tokenizer=None) -> dict[str, int]:
+    """Config fields that describe a tokenizer's unified vocabulary layout."""
+    tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
+    return dict(
+        vocab_size=len(tokenizer), code_offset=tokenizer.code_offset, num_codes=tokenizer.num_codes,
+        bin_offset=tokenizer.bin_offset, num_bins=tokenizer.num_bins,
+    )
+
+
+def create_config(name: str, tokenizer=None, **overrides: Any) -> OFAUFOConfig:
+    """Config of preset `name`; keyword overrides win (unknown fields raise)."""
+    preset = _preset(name)
+    dim, heads = preset["d_model"], preset["heads"]
+    fields: dict[str, Any] = dict(
+        d_model=dim, encoder_layers=preset["layers"][0], decoder_layers=preset["layers"][1],
+        encoder_attention_heads=heads, decoder_attention_heads=heads,
+        encoder_ffn_dim=4 * dim, decoder_ffn_dim=4 * dim,
+        vision_config={"resnet_type": preset["resnet"]},
+    )
+    fields.update(vocab_fields(tokenizer))
+    vision_overrides = overrides.pop("vision_config", None) or {}
+    fields["vision_config"].update(vision_overrides)
+    fields.update(overrides)
+    return OFAUFOConfig(**fields)
+
+
+def create_model(name: str, tokenizer=None, **overrides: Any):
+    """Randomly initialised `OFAUFOForConditionalGeneration` of preset `name` (no download)."""
+    from ofa_ufo.modeling import OFAUFOForConditionalGeneration
+
+    return OFAUFOForConditionalGeneration(create_config(name, tokenizer, **overrides))
+
+
+def create_processor(name: str = "ofa_ufo_base", **overrides: Any):
+    """Processor (default tokenizer + image processor) matching preset `name`; offline."""
+    from ofa_ufo.image_processing import OFAUFOImageProcessor
+    from ofa_ufo.processing import OFAUFOProcessor
+
+    config = create_config(name, **{k: v for k, v in overrides.items() if k in ("image_size",)})
+    image_processor = OFAUFOImageProcessor(size=config.image_size)
+    return OFAUFOProcessor(
+        image_processor=image_processor, tokenizer=_default_tokenizer(), box_mode=config.box_mode
+    )

@@ -1,0 +1,39 @@
+"""Register OFA-UFO with the transformers Auto classes and the `ofa-ufo` pipeline task.
+
+Registration is per process, so `import ofa_ufo` does it; no remote code is involved.
+"""
+
+from __future__ import annotations
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForSeq2SeqLM,
+    AutoProcessor,
+    AutoTokenizer,
+)
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from ofa_ufo.configuration import OFAUFOConfig, OFAUFOVisionConfig
+from ofa_ufo.image_processing import OFAUFOImageProcessor
+from ofa_ufo.modeling import OFAUFOForConditionalGeneration, OFAUFOModel
+from ofa_ufo.pipeline import OFAUFOPipeline
+from ofa_ufo.processing import OFAUFOProcessor
+from ofa_ufo.tokenization import OFAUFOTokenizer
+
+PIPELINE_TASK = "ofa-ufo"
+
+
+def register() -> None:
+    """Idempotent: safe to call again (e.g. after a test re-imports the package)."""
+    AutoConfig.register(OFAUFOConfig.model_type, OFAUFOConfig, exist_ok=True)
+    AutoConfig.register(OFAUFOVisionConfig.model_type, OFAUFOVisionConfig, exist_ok=True)
+    AutoModel.register(OFAUFOConfig, OFAUFOModel, exist_ok=True)
+    AutoModelForSeq2SeqLM.register(OFAUFOConfig, OFAUFOForConditionalGeneration, exist_ok=True)
+    AutoTokenizer.register(OFAUFOConfig, fast_tokenizer_class=OFAUFOTokenizer, exist_ok=True)
+    AutoImageProcessor.register(OFAUFOConfig, slow_image_processor_class=OFAUFOImageProcessor, exist_ok=True)
+    AutoProcessor.register(OFAUFOConfig, OFAUFOProcessor, exist_ok=True)
+    PIPELINE_REGISTRY.register_pipeline(
+        PIPELINE_TASK, pipeline_class=OFAUFOPipeline, pt_model=AutoModelForSeq2SeqLM, type="multimodal"
+    )

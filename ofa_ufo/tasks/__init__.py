@@ -1,0 +1,38 @@
+"""Task registry: name -> task object. The one place that knows which tasks exist."""
+
+from __future__ import annotations
+
+from ofa_ufo.tasks.base import Decoded, Task
+from ofa_ufo.tasks.grounding import GroundingTask
+from ofa_ufo.tasks.text import FreePromptTask, VQATask
+
+_REGISTRY: dict[str, Task] = {}
+
+FREE_PROMPT = "prompt"
+
+
+def register_task(task: Task) -> Task:
+    """Add a task to the registry (names are unique)."""
+    if task.name in _REGISTRY:
+        raise ValueError(f"task {task.name!r} is already registered")
+    _REGISTRY[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown task {name!r}. Available: {', '.join(list_tasks())}")
+    return _REGISTRY[name]
+
+
+def list_tasks() -> list[str]:
+    """Registered task names (the free-prompt pseudo-task excluded)."""
+    return [name for name in _REGISTRY if name != FREE_PROMPT]
+
+
+register_task(Task("caption", generation=dict(num_beams=5, max_new_tokens=16, no_repeat_ngram_size=3)))
+register_task(VQATask("vqa", generation=dict(num_beams=5, max_new_tokens=8, length_penalty=0.0)))
+register_task(GroundingTask("grounding", generation=dict(num_beams=5)))
+register_task(FreePromptTask(FREE_PROMPT, generation=dict(num_beams=5, max_new_tokens=32, no_repeat_ngram_size=3)))
+
+__all__ = ["Decoded", "Task", "get_task", "list_tasks", "register_task"]

@@ -1,0 +1,47 @@
+"""Install `ofa_ufo`; the top-level `prompts/` and `tasks/` tables ship inside the package."""
+
+from setuptools import find_packages, setup
+
+RESOURCE_PACKAGES = {
+    "ofa_ufo.resources.prompts": "prompts",
+    "ofa_ufo.resources.task_specs": "tasks",
+}
+
+setup(
+    name="ofa-ufo",
+    version="0.1.0",
+    description="Unified vision-language encoder-decoder (OFA) with a UFO task-MoE vision supernet, native to transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["ofa_ufo", "ofa_ufo.*"]) + list(RESOURCE_PACKAGES),
+    package_dir=RESOURCE_PACKAGES,
+    package_data={
+        "ofa_ufo": ["assets/*/*"],
+        "ofa_ufo.resources.prompts": ["*.json"],
+        "ofa_ufo.resources.task_specs": ["*.yaml"],
+    },
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.22",
+        "safetensors>=0.4",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "huggingface-hub>=1.0",
+        "pillow>=10.0",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "hypothesis>=6.100"],
+        "oracle": [
+            "modelscope==1.40.2",
+            "addict",
+            "einops",
+            "sentencepiece>=0.2",
+        ],
+        "timm": ["timm>=1.0"],
+    },
+)

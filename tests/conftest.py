@@ -1,0 +1,37 @@
+"""Shared tiny fixtures: a d_model-32 model over the real default tokenizer layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ofa_ufo
+
+TINY = dict(
+    d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+    encoder_ffn_dim=64, decoder_ffn_dim=64, image_size=64, dropout=0.0,
+)
+
+
+def tiny_model(seed: int = 0, **overrides) -> ofa_ufo.OFAUFOForConditionalGeneration:
+    torch.manual_seed(seed)
+    return ofa_ufo.create_model("ofa_ufo_tiny", **{**TINY, **overrides}).eval()
+
+
+@pytest.fixture(scope="session")
+def processor():
+    return ofa_ufo.create_processor("ofa_ufo_tiny", image_size=TINY["image_size"])
+
+
+@pytest.fixture(scope="session")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, model, processor):
+    """A saved tiny model + processor directory, as pipeline('ofa-ufo', model=dir) expects."""
+    path = tmp_path_factory.mktemp("tiny_ckpt")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

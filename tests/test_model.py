@@ -1,0 +1,186 @@
+"""Model behaviour on tiny random weights: shapes, loss, caching, batching, checkpoints, key layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM
+
+import ofa_ufo
+from ofa_ufo.generation import TokenRangeLogitsProcessor, Trie, TrieLogitsProcessor
+
+from conftest import tiny_model
+
+PROMPTS = [" what does the image describe?", " what color is the large square on the left side?", " is it?"]
+
+
+def encode(processor, prompts, images=None):
+    batch = processor(images=images, text=prompts, return_tensors="pt")
+    keys = ["input_ids", "attention_mask"] + (["pixel_values", "image_mask"] if images is not None else [])
+    return {k: batch[k] for k in keys}
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(1)
+    return [(torch.rand(64 + 16 * i, 48 + 8 * i, 3) * 255).to(torch.uint8).numpy() for i in range(3)]
+
+
+def test_forward_shapes_and_loss(model, processor, images):
+    inputs = encode(processor, PROMPTS, images)
+    labels = processor(text=PROMPTS, text_target=[" a", " b c", " d e f"], return_tensors="pt")["labels"]
+    out = model(**inputs, labels=labels)
+    assert out.logits.shape == (3, labels.shape[1], model.config.vocab_size)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    smoothed = model(**inputs, labels=labels, label_smoothing=0.1).loss
+    assert not torch.isclose(smoothed, out.loss)
+    out.loss.backward()
+    assert model.model.shared.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+
+
+def test_tied_embeddings(model):
+    assert model.lm_head.weight is model.model.shared.weight
+    assert model.model.encoder.embed_tokens is model.model.shared
+    assert model.model.decoder.embed_tokens is model.model.shared
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_cached_generation_equals_uncached(model, processor, images, num_beams):
+    inputs = encode(processor, PROMPTS, images)
+    kwargs = dict(max_new_tokens=12, num_beams=num_beams, do_sample=False)
+    cached = model.generate(**inputs, use_cache=True, **kwargs)
+    uncached = model.generate(**inputs, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_equals_one_by_one(model, processor, images, num_beams):
+    kwargs = dict(max_new_tokens=10, num_beams=num_beams, do_sample=False)
+    batched = model.generate(**encode(processor, PROMPTS, images), **kwargs)
+    for i, prompt in enumerate(PROMPTS):
+        alone = model.generate(**encode(processor, [prompt], [images[i]]), **kwargs)[0]
+        row = batched[i][: alone.shape[0]]
+        assert torch.equal(row, alone), (i, row, alone)
+        assert (batched[i][alone.shape[0] :] == model.config.pad_token_id).all()
+
+
+def test_sample_without_image_matches_text_only(model, processor, images):
+    text_only = encode(processor, PROMPTS[:1])
+    masked = encode(processor, PROMPTS[:1], images[:1])
+    masked["image_mask"] = torch.zeros(1, dtype=torch.bool)
+    a = model.generate(**text_only, max_new_tokens=8)
+    b = model.generate(**masked, max_new_tokens=8)
+    assert torch.equal(a, b)
+    enc_a = model.get_encoder()(**text_only).last_hidden_state
+    enc_b = model.get_encoder()(**masked).last_hidden_state
+    torch.testing.assert_close(enc_b[:, -enc_a.shape[1] :], enc_a, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_modes(model, processor, images):
+    inputs = encode(processor, PROMPTS[:2], images[:2])
+    out = model.generate(
+        **inputs, num_beams=3, num_return_sequences=2, max_new_tokens=6, output_scores=True, return_dict_in_generate=True
+    )
+    assert out.sequences.shape[0] == 4 and out.sequences_scores.shape == (4,)
+    torch.manual_seed(0)
+    sampled = model.generate(**inputs, do_sample=True, top_k=50, max_new_tokens=6)
+    assert sampled.shape[0] == 2 and (sampled[:, 0] == model.config.decoder_start_token_id).all()
+
+
+def test_bin_range_constraint(model, processor, images):
+    cfg = model.config
+    bins = TokenRangeLogitsProcessor(cfg.bin_offset, cfg.bin_offset + cfg.num_bins)
+    out = model.generate(**encode(processor, PROMPTS, images), logits_processor=[bins], min_new_tokens=4, max_new_tokens=4, num_beams=2)
+    new = out[:, 1:]
+    assert new.shape[1] == 4
+    assert ((new >= cfg.bin_offset) & (new < cfg.bin_offset + cfg.num_bins)).all()
+
+
+def test_trie_constraint(model, processor, images):
+    answers = [" red", " blue square", " dark green circle"]
+    trie = Trie.from_strings(processor.tokenizer, answers)
+    processor_fn = TrieLogitsProcessor(trie, processor.tokenizer.eos_token_id)
+    out = model.generate(**encode(processor, PROMPTS, images), logits_processor=[processor_fn], max_new_tokens=10, num_beams=3)
+    texts = processor.tokenizer.batch_decode(out, skip_special_tokens=True)
+    assert all(text in answers for text in texts), texts
+
+
+def test_trie_next_tokens():
+    trie = Trie([[5, 6, 2], [5, 7, 2], [8, 2]])
+    assert sorted(trie.next_tokens([])) == [5, 8]
+    assert sorted(trie.next_tokens([5])) == [6, 7]
+    assert trie.next_tokens([9]) == [] and trie.next_tokens([5, 6, 2]) == []
+
+
+def test_save_and_reload_bit_for_bit(model, processor, images, tmp_path):
+    model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert "model.safetensors" in files and "config.json" in files and "generation_config.json" in files
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is ofa_ufo.OFAUFOForConditionalGeneration
+    inputs = encode(processor, PROMPTS, images)
+    labels = processor(text=PROMPTS, text_target=[" a b"] * 3, return_tensors="pt")["labels"]
+    assert torch.equal(model(**inputs, labels=labels).logits, reloaded(**inputs, labels=labels).logits)
+    assert torch.equal(model.generate(**inputs, num_beams=2, max_new_tokens=6), reloaded.generate(**inputs, num_beams=2, max_new_tokens=6))
+
+
+def test_state_dict_follows_ofa_port_layout(model):
+    keys = set(model.state_dict())
+    expected = [
+        "model.encoder.embed_images.conv1.weight",
+        "model.encoder.embed_images.layer1.0.downsample.0.weight",
+        "model.encoder.embed_images.layer3.0.bn3.running_var",
+        "model.encoder.image_proj.weight",
+        "model.encoder.patch_layernorm_embedding.weight",
+        "model.encoder.type_embedding.weight",
+        "model.encoder.embed_positions.weight",
+        "model.encoder.embed_image_positions.weight",
+        "model.encoder.pos_q_linear.weight",
+        "model.encoder.layers.0.self_attn.c_attn",
+        "model.encoder.layers.0.self_attn_mid_layer_norm.weight",
+        "model.encoder.layers.0.ffn_layer_norm.weight",
+        "model.encoder.token_rel_pos_table_list.1.weight",
+        "model.encoder.image_rel_pos_table_list.1.weight",
+        "model.decoder.self_pos_q_linear.weight",
+        "model.decoder.cross_pos_k_linear.bias",
+        "model.decoder.layers.1.cross_attn.k_proj.weight",
+        "model.decoder.layers.1.cross_attn_mid_layer_norm.weight",
+        "model.decoder.code_layernorm_embedding.weight",
+    ]
+    assert not [k for k in expected if k not in keys]
+    assert not [k for k in keys if "rp_bucket" in k or "position_idx" in k], "index tables must not be persisted"
+    cfg = model.config
+    tables = model.model.encoder.image_rel_pos_table_list[0].weight.shape
+    assert tables == ((2 * cfg.image_bucket_size - 1) ** 2 + 3, cfg.encoder_attention_heads)
+
+
+@pytest.mark.parametrize(
+    "name, reference_millions",
+    [("ofa_ufo_tiny", 33.5), ("ofa_ufo_medium", 92.9), ("ofa_ufo_base", 182.2), ("ofa_ufo_large", 473.0), ("ofa_ufo_huge", 929.5)],
+)
+def test_preset_sizes_match_ofa(name, reference_millions):
+    """With OFA's 59,457-token vocabulary the presets have OFA's instantiated parameter counts."""
+    ofa_vocab = dict(vocab_size=59457, code_offset=50265, bin_offset=58457)
+    with torch.device("meta"):
+        model = ofa_ufo.create_model(name, **ofa_vocab)
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(count - reference_millions) < 0.15, count
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="Unknown model 'ofa_ufo_giant'.*ofa_ufo_tiny"):
+        ofa_ufo.create_model("ofa_ufo_giant")
+    with pytest.raises(ValueError, match="unknown field"):
+        ofa_ufo.OFAUFOConfig(hidden_dim=3)
+    with pytest.raises(ValueError, match="not divisible"):
+        ofa_ufo.OFAUFOConfig(d_model=30, encoder_attention_heads=4)
+    with pytest.raises(ValueError, match="grid"):
+        ofa_ufo.OFAUFOConfig(image_size=800)
+
+
+def test_too_long_sequence_is_rejected_by_model():
+    model = tiny_model(max_position_embeddings=16)
+    ids = torch.full((1, 20), 5)
+    with pytest.raises(ValueError, match="max_position_embeddings=16"):
+        model(input_ids=ids, decoder_input_ids=ids[:, :2])
