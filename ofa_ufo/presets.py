@@ -7,6 +7,7 @@ ships with the package.
 
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 from typing import Any
 
@@ -79,8 +80,31 @@ def create_processor(name: str = "ofa_ufo_base", **overrides: Any):
     from ofa_ufo.image_processing import OFAUFOImageProcessor
     from ofa_ufo.processing import OFAUFOProcessor
 
-    config = create_config(name, **{k: v for k, v in overrides.items() if k in ("image_size",)})
+    config = create_config(name, **overrides)
+    tokenizer = copy.deepcopy(_default_tokenizer())  # callers may change settings on their copy
+    tokenizer.model_max_length = config.max_position_embeddings
     image_processor = OFAUFOImageProcessor(size=config.image_size)
     return OFAUFOProcessor(
-        image_processor=image_processor, tokenizer=_default_tokenizer(), box_mode=config.box_mode
+        image_processor=image_processor, tokenizer=tokenizer,
+        box_mode=config.box_mode, max_image_size=config.max_image_size,
     )
+
+
+def preset_table() -> str:
+    """Markdown table of every preset with its parameter count, computed on the meta device."""
+    import torch
+
+    ofa_vocab = dict(vocab_size=59457, code_offset=50265, bin_offset=58457)
+    rows = [
+        "| preset | d_model | layers (enc/dec) | heads | ResNet | params (default vocab) | params (OFA vocab 59,457) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, preset in PRESETS.items():
+        with torch.device("meta"):
+            counts = [sum(p.numel() for p in create_model(name, **vocab).parameters()) for vocab in ({}, ofa_vocab)]
+        enc, dec = preset["layers"]
+        rows.append(
+            f"| `{name}` | {preset['d_model']} | {enc}/{dec} | {preset['heads']} | {preset['resnet']} "
+            f"| {counts[0] / 1e6:.1f}M | {counts[1] / 1e6:.1f}M |"
+        )
+    return "\n".join(rows)
