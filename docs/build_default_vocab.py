@@ -77,33 +77,36 @@ def stdlib_docstrings() -> Iterator[str]:
                     yield doc
 
 
-def _thing(rng: random.Random) -> str:
-    return f"{rng.choice(COLORS)} {rng.choice(SHAPES + OBJECTS)}"
-
-
 def demo_sentences(n: int = 6000, seed: int = 0) -> Iterator[str]:
     """Yield ``n`` prompt/caption/answer lines over the demo vocabulary, deterministically."""
     rng = random.Random(seed)
+    pick, number = rng.choice, rng.randint
+
+    def thing() -> str:
+        return f"{pick(COLORS)} {pick(SHAPES + OBJECTS)}"
+
     templates = [
-        lambda: f" a {_thing(rng)} in the {rng.choice(POSITIONS)} of the image",
-        lambda: f" {rng.choice(NUMBER_WORDS)} {_thing(rng)}s {rng.choice(RELATIONS)} a {_thing(rng)}",
-        lambda: f" which region does the text \" {_thing(rng)} \" describe?",
-        lambda: f" which region does the text \" the {_thing(rng)} {rng.choice(RELATIONS)} the {_thing(rng)} \" describe?",
-        lambda: f" what color is the {rng.choice(SHAPES + OBJECTS)}?",
-        lambda: f" how many {rng.choice(SHAPES + OBJECTS)}s are there?",
-        lambda: f" is there a {_thing(rng)}?",
-        lambda: f" is the {_thing(rng)} {rng.choice(RELATIONS)} the {_thing(rng)}?",
-        lambda: f" does the image describe \" a {_thing(rng)} \"?",
-        lambda: f" can image and text1 \" a {_thing(rng)} \" imply text2 \" a {rng.choice(SHAPES)} \"?",
-        lambda: f" what is the complete image? caption: a {_thing(rng)} on a {rng.choice(COLORS)} background",
-        lambda: f" what is the complete text of \" a {rng.choice(COLORS)} {rng.choice(SHAPES)} in the {rng.choice(POSITIONS)} \"?",
-        lambda: f" what is the answer to question \" what color is the {rng.choice(SHAPES)}? \". is \" {rng.choice(COLORS)} \"?",
-        lambda: f" there are {rng.randint(0, 100)} {rng.choice(SHAPES)}s and {rng.choice(NUMBER_WORDS)} {rng.choice(OBJECTS)}s",
-        lambda: rng.choice([" yes", " no", " maybe", f" {rng.choice(COLORS)}", f" {rng.choice(NUMBER_WORDS)}",
-                            f" {rng.randint(0, 100)}", f" {rng.choice(SHAPES)}"]),
+        lambda: f" a {thing()} in the {pick(POSITIONS)} of the image",
+        lambda: f" {pick(NUMBER_WORDS)} {thing()}s {pick(RELATIONS)} a {thing()}",
+        lambda: f' which region does the text " {thing()} " describe?',
+        lambda: f' which region does the text " the {thing()} {pick(RELATIONS)} the {thing()} " describe?',
+        lambda: f" what color is the {pick(SHAPES + OBJECTS)}?",
+        lambda: f" how many {pick(SHAPES + OBJECTS)}s are there?",
+        lambda: f" is there a {thing()}?",
+        lambda: f" is the {thing()} {pick(RELATIONS)} the {thing()}?",
+        lambda: f' does the image describe " a {thing()} "?',
+        lambda: f' can image and text1 " a {thing()} " imply text2 " a {pick(SHAPES)} "?',
+        lambda: f" what is the complete image? caption: a {thing()} on a {pick(COLORS)} background",
+        lambda: f' what is the complete text of " a {pick(COLORS)} {pick(SHAPES)} in the {pick(POSITIONS)} "?',
+        lambda: f' what is the answer to question " what color is the {pick(SHAPES)}? ". is " {pick(COLORS)} "?',
+        lambda: f" there are {number(0, 100)} {pick(SHAPES)}s and {pick(NUMBER_WORDS)} {pick(OBJECTS)}s",
+        lambda: pick([
+            " yes", " no", " maybe",
+            f" {pick(COLORS)}", f" {pick(NUMBER_WORDS)}", f" {number(0, 100)}", f" {pick(SHAPES)}",
+        ]),
     ]
     for i in range(n):
-        yield FIXED_PROMPTS[i % len(FIXED_PROMPTS)] if i % 10 == 0 else rng.choice(templates)()
+        yield FIXED_PROMPTS[i % len(FIXED_PROMPTS)] if i % 10 == 0 else pick(templates)()
 
 
 def train(out_dir: Path) -> None:

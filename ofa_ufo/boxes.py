@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["BoxCodec"]
+__all__ = ["BoxCodec", "BoxMode"]
 
 BoxMode = Literal["normalized", "ofa"]
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import PILImageResampling
 
-__all__ = ["ImageInput", "ImageLoadError", "OFAUFOImageProcessor", "load_image"]
+__all__ = ["ImageLike", "ImageLoadError", "OFAUFOImageProcessor", "load_image"]
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
 OFA_MEAN = (0.5, 0.5, 0.5)
 OFA_STD = (0.5, 0.5, 0.5)
 _ALPHA_MODES = {"LA", "PA", "RGBA", "RGBa", "La"}
@@ -60,14 +59,7 @@ def _from_array(array: np.ndarray) -> Image.Image:
 
 
 def _deep_gray_to_rgb(image: Image.Image) -> Image.Image:
-    """Scale a 16-bit, 32-bit integer or float single-channel image to 8-bit gray, as RGB.
-
-    * ``I;16*``: 0..65535 maps linearly to 0..255 (not clipped at 255 as PIL's convert does).
-    * ``I``: read as 16-bit data (divided by 65535) when all values lie in 0..65535, the usual
-      case (16-bit PNG/TIFF); otherwise min..max of the image maps to 0..255.
-    * ``F``: assumed to be in [0, 1] when the maximum is <= 1, otherwise divided by the maximum;
-      negative values and NaN become 0.
-    """
+    """Scale a 16-bit, 32-bit integer or float gray image to 8 bits, as RGB (rules in ``load_image``)."""
     values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     if image.mode == "I":
         low, high = values.min(), values.max()
@@ -97,13 +89,20 @@ def _to_rgb(image: Image.Image, where: str) -> Image.Image:
         raise ImageLoadError(f"{where}: cannot convert PIL mode {image.mode!r} to RGB ({err})") from err
 
 
-def load_image(image: ImageInput) -> Image.Image:
+def load_image(image: ImageLike) -> Image.Image:
     """Turn a path, PIL image or uint8 array into an upright RGB PIL image.
 
-    EXIF orientation is applied. Every PIL mode is converted (see ``_deep_gray_to_rgb`` for
-    16-bit, 32-bit and float images); alpha and palette transparency are composited onto
-    white, so transparent regions look like a white page rather than black. Raises
-    :class:`ImageLoadError` naming the input on anything that is not a readable,
+    EXIF orientation is applied and every PIL mode is converted:
+
+    * alpha and palette transparency are composited onto white (a transparent region reads
+      as a white page, not as black);
+    * 16-bit ``I;16*``: 0..65535 maps linearly to 0..255 (PIL's own convert clips at 255);
+    * 32-bit ``I``: read as 16-bit data when all values lie in 0..65535 (16-bit PNG/TIFF),
+      otherwise the image's min..max maps to 0..255;
+    * float ``F``: taken as [0, 1] when its maximum is <= 1, else divided by the maximum;
+      negative values and NaN become 0.
+
+    Raises :class:`ImageLoadError` naming the input on anything that is not a readable,
     non-empty image.
     """
     if isinstance(image, (str, os.PathLike)):
@@ -157,7 +156,7 @@ class OFAUFOImageProcessor(BaseImageProcessor):
         pixels = (pixels - np.array(self.image_mean, np.float32)) / np.array(self.image_std, np.float32)
         return pixels.transpose(2, 0, 1)  # (3, S, S)
 
-    def preprocess(self, images: ImageInput | Sequence[ImageInput], return_tensors: str | None = "pt") -> BatchFeature:
+    def preprocess(self, images: ImageLike | Sequence[ImageLike], return_tensors: str | None = "pt") -> BatchFeature:
         """Load and transform one image or a list of images (paths, PIL images, uint8 arrays)."""
         batch = list(images) if isinstance(images, (list, tuple)) else [images]
         if not batch:

@@ -15,7 +15,7 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from ofa_ufo.boxes import BoxCodec, BoxMode
-from ofa_ufo.image_processing import ImageInput, OFAUFOImageProcessor
+from ofa_ufo.image_processing import ImageLike, OFAUFOImageProcessor
 from ofa_ufo.tokenization import OFAUFOTokenizer
 
 __all__ = ["OFAUFOProcessor"]
@@ -58,11 +58,12 @@ class OFAUFOProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
+        """What the model's forward takes; ``original_sizes`` only serves box post-processing."""
         return ["input_ids", "attention_mask", "pixel_values", "image_mask"]
 
     def __call__(
         self,
-        images: ImageInput | Sequence[ImageInput | None] | None = None,
+        images: ImageLike | Sequence[ImageLike | None] | None = None,
         text: str | Sequence[str] | None = None,
         text_target: str | Sequence[str] | None = None,
         return_tensors: str | None = "pt",
