@@ -60,17 +60,18 @@ def _layer_kwargs(config: OFAUFOConfig) -> dict:
     )
 
 
-class _PositionTables(nn.Module):
-    """Absolute position tables and their norms, shared layout of encoder and decoder."""
+class _Stack(nn.Module):
+    """What encoder and decoder share: position tables and norms, the layer stack with its
+    per-layer relative-bias tables, the final LayerNorm."""
 
     def __init__(self, config: OFAUFOConfig):
         super().__init__()
         dim = config.d_model
+        self.config = config
         self.embed_positions = nn.Embedding(config.max_position_embeddings + 2, dim)
         self.embed_image_positions = nn.Embedding(config.image_bucket_size**2 + 1, dim)
         self.pos_ln = nn.LayerNorm(dim)
         self.image_pos_ln = nn.LayerNorm(dim)
-        self.pos_scaling = (dim / config.encoder_attention_heads * config.attn_scale_factor) ** -0.5
 
     def text_positions(self, length: int, device: torch.device, start: int = 0) -> torch.Tensor:
         """(1, length, D) normalised embeddings of text positions start..start+length-1."""
@@ -81,13 +82,28 @@ class _PositionTables(nn.Module):
             )
         return self.pos_ln(self.embed_positions(torch.arange(start, start + length, device=device)))[None]
 
+    def _build_stack(self, config: OFAUFOConfig, layer_class: type[EncoderLayer], side: str) -> None:
+        """Layers (drop path rising linearly), final LN and relative-bias tables of one side."""
+        depth, heads = getattr(config, f"{side}_layers"), getattr(config, f"{side}_attention_heads")
+        ffn_dim = getattr(config, f"{side}_ffn_dim")
+        rates = linear_rates(getattr(config, f"{side}_drop_path_rate"), depth)
+        self.num_heads = heads
+        self.pos_scaling = (config.d_model / heads * config.attn_scale_factor) ** -0.5
+        self.layers = nn.ModuleList(
+            layer_class(config.d_model, heads, ffn_dim, drop_path=rates[i], layer_idx=i, **_layer_kwargs(config))
+            for i in range(depth)
+        )
+        self.layer_norm = nn.LayerNorm(config.d_model)
+        self.token_rel_pos_table_list = _rel_tables(depth, 2 * config.token_bucket_size - 1, heads)
+        image_entries = (2 * config.image_bucket_size - 1) ** 2 + 3
+        self.image_rel_pos_table_list = _rel_tables(depth, image_entries, heads)
+        self.dropout = nn.Dropout(config.dropout)
 
-class OFAEncoder(_PositionTables):
+
+class OFAEncoder(_Stack):
     def __init__(self, config: OFAUFOConfig, embed_tokens: nn.Embedding):
         super().__init__(config)
-        dim, heads = config.d_model, config.encoder_attention_heads
-        self.config = config
-        self.num_heads = heads
+        dim = config.d_model
         self.embed_tokens = embed_tokens
         self.layernorm_embedding = nn.LayerNorm(dim)
         self.type_embedding = nn.Embedding(2, dim)
@@ -97,16 +113,7 @@ class OFAEncoder(_PositionTables):
         self.patch_layernorm_embedding = nn.LayerNorm(dim)
         self.pos_q_linear = nn.Linear(dim, dim)
         self.pos_k_linear = nn.Linear(dim, dim)
-        rates = linear_rates(config.encoder_drop_path_rate, config.encoder_layers)
-        self.layers = nn.ModuleList(
-            EncoderLayer(dim, heads, config.encoder_ffn_dim, drop_path=rates[i], layer_idx=i, **_layer_kwargs(config))
-            for i in range(config.encoder_layers)
-        )
-        self.layer_norm = nn.LayerNorm(dim)
-        self.token_rel_pos_table_list = _rel_tables(config.encoder_layers, 2 * config.token_bucket_size - 1, heads)
-        image_entries = (2 * config.image_bucket_size - 1) ** 2 + 3
-        self.image_rel_pos_table_list = _rel_tables(config.encoder_layers, image_entries, heads)
-        self.dropout = nn.Dropout(config.dropout)
+        self._build_stack(config, EncoderLayer, "encoder")
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, D): token embedding + type 0, normalised."""
@@ -190,12 +197,10 @@ class OFAEncoder(_PositionTables):
         return tuple(states) if keep_all else (x,)
 
 
-class OFADecoder(_PositionTables):
+class OFADecoder(_Stack):
     def __init__(self, config: OFAUFOConfig, embed_tokens: nn.Embedding):
         super().__init__(config)
-        dim, heads = config.d_model, config.decoder_attention_heads
-        self.config = config
-        self.num_heads = heads
+        dim = config.d_model
         self.embed_tokens = embed_tokens
         self.layernorm_embedding = nn.LayerNorm(dim)
         # Used when the target is a VQGAN code sequence (image generation); kept for OFA's key layout.
@@ -204,16 +209,7 @@ class OFADecoder(_PositionTables):
         self.self_pos_k_linear = nn.Linear(dim, dim)
         self.cross_pos_q_linear = nn.Linear(dim, dim)
         self.cross_pos_k_linear = nn.Linear(dim, dim)
-        rates = linear_rates(config.decoder_drop_path_rate, config.decoder_layers)
-        self.layers = nn.ModuleList(
-            DecoderLayer(dim, heads, config.decoder_ffn_dim, drop_path=rates[i], layer_idx=i, **_layer_kwargs(config))
-            for i in range(config.decoder_layers)
-        )
-        self.layer_norm = nn.LayerNorm(dim)
-        self.token_rel_pos_table_list = _rel_tables(config.decoder_layers, 2 * config.token_bucket_size - 1, heads)
-        image_entries = (2 * config.image_bucket_size - 1) ** 2 + 3
-        self.image_rel_pos_table_list = _rel_tables(config.decoder_layers, image_entries, heads)
-        self.dropout = nn.Dropout(config.dropout)
+        self._build_stack(config, DecoderLayer, "decoder")
 
     def forward(
         self, input_ids: torch.Tensor, encoder_outputs: OFAUFOEncoderOutput, cache: Cache | None = None
