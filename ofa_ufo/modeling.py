@@ -27,6 +27,19 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, start_token_id: 
     return shifted.masked_fill(shifted.eq(-100), pad_token_id)
 
 
+class OFAUFOCache(EncoderDecoderCache):
+    """Encoder-decoder KV cache whose beam reordering leaves the cross-attention K/V alone.
+
+    Cross-attention keys/values depend only on the encoder output, which is the same for all
+    beams of one input, and beam search only reorders rows within an input's beams; copying
+    them every step (as the generic cache does) costs batch x beams x source length x d per
+    layer and step for nothing.
+    """
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.self_attention_cache.reorder_cache(beam_idx)
+
+
 class OFAUFOPreTrainedModel(PreTrainedModel):
     config_class = OFAUFOConfig
     config: OFAUFOConfig
@@ -99,7 +112,7 @@ class OFAUFOModel(OFAUFOPreTrainedModel):
             raise ValueError("Pass decoder_input_ids or labels")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None and not self.training:
-            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            cache = OFAUFOCache(DynamicCache(), DynamicCache())
         elif not use_cache:
             cache = None
         states = self.decoder(decoder_input_ids, encoder_outputs, cache)
@@ -174,6 +187,13 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states,
         )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """Let `generate` build its usual cache, then switch it to `OFAUFOCache` (see there)."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("cache")
+        if type(cache) is EncoderDecoderCache:
+            model_kwargs["cache"] = OFAUFOCache(cache.self_attention_cache, cache.cross_attention_cache)
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)

@@ -184,3 +184,19 @@ def test_too_long_sequence_is_rejected_by_model():
     ids = torch.full((1, 20), 5)
     with pytest.raises(ValueError, match="max_position_embeddings=16"):
         model(input_ids=ids, decoder_input_ids=ids[:, :2])
+
+
+def test_generate_uses_beam_shared_cross_cache(model, processor, images):
+    seen = []
+    original = ofa_ufo.modeling.OFAUFOCache.reorder_cache
+
+    def spy(self, beam_idx):
+        seen.append(type(self))
+        return original(self, beam_idx)
+
+    ofa_ufo.modeling.OFAUFOCache.reorder_cache = spy
+    try:
+        model.generate(**encode(processor, PROMPTS, images), num_beams=3, max_new_tokens=4)
+    finally:
+        ofa_ufo.modeling.OFAUFOCache.reorder_cache = original
+    assert seen and all(t is ofa_ufo.modeling.OFAUFOCache for t in seen)
