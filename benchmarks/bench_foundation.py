@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Foundation benchmark of OFA-UFO on the machine at hand (CPU or whatever torch uses by default).
+"""Foundation benchmark of OFA-UFO on this machine's CPU.
 
 Measures, side by side in one process, for each model preset:
 
@@ -8,15 +8,17 @@ Measures, side by side in one process, for each model preset:
    FLOPs counted once with `torch.utils.flop_counter.FlopCounterMode`, the median wall time after
    warmup, the achieved GFLOP/s, and that rate as a share of an fp32 matmul measured just before;
 3. greedy and beam-5 `generate` of exactly --new-tokens tokens for one image with and without the
-   KV cache: new tokens per second and the cached/uncached speed-up (also with the encoder
-   excluded, "decode only", by passing precomputed `encoder_outputs`);
+   KV cache: new tokens per second and the cached/uncached speed-up (also with the encoder left
+   out, "decode only", by passing precomputed `encoder_outputs`);
 4. `pipeline("ofa-ufo")` captioning throughput: --batch images in one batched call against the
    same images one call each.
 
 Prints progress lines as measurements complete, then ONE table with the goals next to the ratios.
+On a shared machine, timed runs during which other processes used the CPU are detected (Linux
+/proc/stat) and repeated after a short wait; see benchmarks/README.md.
 
-    python benchmarks/bench_foundation.py            # tiny and base, 384 px, batch 8 (~10 min on 2 cores)
-    python benchmarks/bench_foundation.py --quick    # smoke run: tiny, 128 px, small sizes (~1 min)
+    python benchmarks/bench_foundation.py            # tiny and base, 384 px, batch 8 (~5-10 min on 2 cores)
+    python benchmarks/bench_foundation.py --quick    # smoke run: tiny, 128 px, small sizes (< 1 min)
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ CACHE_SPEEDUP_GOAL = 5.0  # cached over uncached new tokens/s, end-to-end genera
 PIPELINE_SPEEDUP_GOAL = 4.0  # batched over one-call-per-image images/s
 
 FULL = dict(models=["ofa_ufo_tiny", "ofa_ufo_base"], image_size=384, batch=8, new_tokens=32, repeats=3,
-            pipeline_new_tokens=16, matmul_size=2048, slow_seconds=15.0)
+            pipeline_new_tokens=16, matmul_size=2048)
 QUICK = dict(models=["ofa_ufo_tiny"], image_size=128, batch=2, new_tokens=8, repeats=1,
-             pipeline_new_tokens=4, matmul_size=512, slow_seconds=15.0)
+             pipeline_new_tokens=4, matmul_size=512)
 
 START = time.perf_counter()
 
@@ -64,16 +66,76 @@ def log(message: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# timing and counting helpers
+# other processes on the CPU
+
+
+class CpuMonitor:
+    """How many cores' worth of CPU other processes use: /proc/stat busy time minus our own.
+
+    On a machine without /proc/stat (not Linux) it reports 0 and never waits.
+    """
+
+    def __init__(self, threshold: float, wait_budget: float):
+        self.threshold = threshold  # cores used by others above which a timed run counts as disturbed
+        self.wait_budget = wait_budget  # seconds this run may still spend waiting for a quiet CPU
+        self.waited = 0.0
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.available = os.path.exists("/proc/stat")
+
+    def sample(self) -> tuple[float, float, float] | None:
+        """(system busy CPU seconds, this process's CPU seconds, wall clock)."""
+        if not self.available:
+            return None
+        with open("/proc/stat", encoding="ascii") as stat:
+            user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in stat.readline().split()[1:9])
+        busy = (user + nice + system + irq + softirq + steal) / self.tick
+        own = os.times()
+        return busy, own.user + own.system, time.perf_counter()
+
+    def others(self, since: tuple[float, float, float] | None) -> float:
+        """Average cores used by other processes since `since` (a `sample()`)."""
+        now = self.sample()
+        if since is None or now is None:
+            return 0.0
+        wall = max(now[2] - since[2], 1e-6)
+        return max(0.0, (now[0] - since[0]) - (now[1] - since[1])) / wall
+
+    def wait_quiet(self, window: float = 1.0) -> float:
+        """Sleep in `window`-second steps until others use < threshold cores; bounded by the budget."""
+        waited = 0.0
+        while self.available and self.wait_budget > 0:
+            since = self.sample()
+            time.sleep(window)
+            busy = self.others(since)
+            waited += window
+            self.wait_budget -= window
+            if busy < self.threshold:
+                break
+        self.waited += waited
+        return waited
+
+    def settle(self) -> None:
+        """Before a measurement: a quick look (0.25 s) and, if the CPU is busy, wait for quiet."""
+        since = self.sample()
+        time.sleep(0.25)
+        if self.others(since) >= self.threshold:
+            waited = self.wait_quiet()
+            if waited:
+                log(f"  (waited {waited:.0f}s for other processes to leave the CPU)")
+
+
+# --------------------------------------------------------------------------------------------
+# timing and counting
 
 
 @dataclass
 class Timing:
-    """Wall times of the timed runs (warmup excluded) and a note when fewer runs were made."""
+    """Wall times of the kept timed runs (warmup excluded) and what happened on the way."""
 
     times: list[float]
-    warmup: list[float] = field(default_factory=list)
-    note: str = ""
+    disturbed: list[float] = field(default_factory=list)  # runs dropped because others used the CPU
+    slow: bool = False  # timed once: the first run exceeded --slow-seconds
+    contaminated: bool = False  # no undisturbed run could be had: `times` are disturbed runs
 
     @property
     def median(self) -> float:
@@ -84,32 +146,61 @@ class Timing:
         return len(self.times)
 
 
-def measure(label: str, fn: Callable[[], Any], repeats: int, warmup: int, slow_seconds: float) -> Timing:
-    """Run `fn` `warmup` times untimed-for-the-result, then `repeats` timed runs.
+class Bench:
+    """Settings plus the CPU monitor; `measure` is the one timing loop every measurement uses."""
 
-    A configuration whose warmup run took longer than `slow_seconds` is timed once only (the
-    table shows the run count, and the note says why), to keep the whole run bounded.
-    """
-    warm = []
-    for _ in range(warmup):
-        start = time.perf_counter()
-        fn()
-        warm.append(time.perf_counter() - start)
-    runs, note = repeats, ""
-    if warm and max(warm) > slow_seconds and repeats > 1:
-        runs = 1
-        note = f"{label}: warmup took {max(warm):.1f}s > {slow_seconds:g}s, so timed once instead of {repeats}x"
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    timing = Timing(times, warm, note)
-    shown = ", ".join(f"{t:.3f}" for t in times)
-    log(f"  {label}: median {timing.median:.3f}s over {runs} run(s) [{shown}]"
-        + (f"; warmup {', '.join(f'{t:.3f}' for t in warm)}s" if warm else "")
-        + (" (SLOW: timed once)" if note else ""))
-    return timing
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.monitor = CpuMonitor(args.busy_cores, args.max_wait)
+        self.notes: list[str] = []  # slow or contaminated measurements, printed under the table
+
+    def measure(self, label: str, fn: Callable[[], Any], repeats: int | None = None, quiet: bool = False) -> Timing:
+        """`--warmup` untimed runs, then timed runs until `repeats` undisturbed ones are kept.
+
+        A run during which other processes used >= --busy-cores cores is dropped, and the loop
+        waits for a quiet CPU before the next (at most --retries extra runs). A configuration
+        whose first kept run takes longer than --slow-seconds is timed once.
+        """
+        args, monitor = self.args, self.monitor
+        repeats = repeats or args.repeats
+        monitor.settle()
+        for _ in range(args.warmup):
+            fn()
+        timing = Timing(times=[])
+        attempts = 0
+        while len(timing.times) < repeats and attempts < repeats + args.retries:
+            attempts += 1
+            since = monitor.sample()
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            others = monitor.others(since)
+            if others >= monitor.threshold:
+                timing.disturbed.append(elapsed)
+                if not quiet:
+                    log(f"  {label}: run of {elapsed:.3f}s disturbed (other processes used {others:.1f} cores); "
+                        "dropped, waiting for a quiet CPU")
+                if elapsed > args.slow_seconds and len(timing.disturbed) >= 2:
+                    break  # slow and repeatedly disturbed: stop spending time on it
+                monitor.wait_quiet()
+                continue
+            timing.times.append(elapsed)
+            if elapsed > args.slow_seconds and len(timing.times) < repeats:
+                timing.slow = True
+                break
+        if not timing.times:
+            timing.times, timing.contaminated = list(timing.disturbed), True
+        if timing.slow:
+            self.notes.append(f"{label}: one run took {timing.times[0]:.1f}s > --slow-seconds "
+                              f"{args.slow_seconds:g}, so it was timed once instead of {repeats}x")
+        if timing.contaminated:
+            self.notes.append(f"{label}: every timed run was disturbed by other processes; figure is unreliable (*)")
+        if not quiet:
+            shown = ", ".join(f"{t:.3f}" for t in timing.times)
+            flags = " SLOW: timed once" if timing.slow else ""
+            flags += " DISTURBED" if timing.contaminated else ""
+            log(f"  {label}: median {timing.median:.3f}s over {timing.runs} run(s) [{shown}]{flags}")
+        return timing
 
 
 def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -136,20 +227,25 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     return counter.get_total_flops(), per_module
 
 
-def matmul_reference(size: int, repeats: int) -> float:
-    """Median GFLOP/s of an fp32 (size x size) @ (size x size) matmul, after two warmup runs."""
+def matmul_reference(bench: Bench) -> tuple[float, Timing]:
+    """Median GFLOP/s of fp32 (n x n) @ (n x n), each timed run doing enough products to last ~0.3 s."""
+    size = bench.args.matmul_size
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=generator)
     b = torch.randn(size, size, generator=generator)
     out = torch.empty(size, size)
     for _ in range(2):
         torch.mm(a, b, out=out)
-    times = []
-    for _ in range(max(repeats, 7)):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times) / 1e9
+    start = time.perf_counter()
+    torch.mm(a, b, out=out)
+    count = max(1, round(0.3 / max(time.perf_counter() - start, 1e-6)))
+
+    def products():
+        for _ in range(count):
+            torch.mm(a, b, out=out)
+
+    timing = bench.measure(f"matmul {size}^3", products, repeats=max(bench.args.repeats, 5), quiet=True)
+    return 2 * size**3 * count / timing.median / 1e9, timing
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,8 +263,7 @@ def make_images(count: int, seed: int) -> list[Image.Image]:
         x, y = x / width, y / height
         low, high = rng.uniform(0, 120, 3), rng.uniform(135, 255, 3)
         mix = np.stack([x, y, 0.5 * (x + 1 - y)], -1)  # (H, W, 3) in [0, 1]
-        array = low + (high - low) * mix
-        image = Image.fromarray(array.astype(np.uint8))
+        image = Image.fromarray((low + (high - low) * mix).astype(np.uint8))
         draw = ImageDraw.Draw(image)
         for _ in range(int(rng.integers(3, 9))):
             x0, y0 = rng.uniform(0, width), rng.uniform(0, height)
@@ -206,43 +301,50 @@ def seed_everything(seed: int) -> None:
 # the measurements
 
 
-def bench_encoder(name: str, model, batch, args, result: dict) -> None:
+def bench_encoder(bench: Bench, model, batch) -> dict[str, Any]:
+    args = bench.args
     encoder = model.get_encoder()
     inputs = model_inputs(batch)
     with torch.inference_mode():
         flops, per_module = count_flops(lambda: encoder(**inputs))
-        stem_key = f"{type(encoder).__name__}.embed_images"
-        stem_flops = per_module.get(stem_key, 0)
+        stem_flops = per_module.get(f"{type(encoder).__name__}.embed_images", 0)
         log(f"  encoder FLOPs: {flops / 1e9:.1f} GFLOP per forward of {args.batch} images "
             f"(ResNet stem {stem_flops / 1e9:.1f}, {100 * stem_flops / flops:.0f}%)")
-        reference = matmul_reference(args.matmul_size, args.repeats)
+        reference, reference_timing = matmul_reference(bench)
         log(f"  fp32 matmul reference ({args.matmul_size}^3): {reference:.1f} GFLOP/s")
 
-        stem_times: list[float] = []  # filled by hooks during the timed encoder runs
         marks: dict[str, float] = {}
-        pre = encoder.embed_images.register_forward_pre_hook(lambda *_: marks.__setitem__("t", time.perf_counter()))
+        shares: list[float] = []  # ResNet stem time / encoder time, per call (hooks time the stem)
+        pre = encoder.embed_images.register_forward_pre_hook(lambda *_: marks.__setitem__("stem", time.perf_counter()))
         post = encoder.embed_images.register_forward_hook(
-            lambda *_: stem_times.append(time.perf_counter() - marks["t"])
+            lambda *_: marks.__setitem__("stem", time.perf_counter() - marks["stem"])
         )
+
+        def forward():
+            start = time.perf_counter()
+            encoder(**inputs)
+            shares.append(marks["stem"] / (time.perf_counter() - start))
+
         try:
-            timing = measure("encoder forward", lambda: encoder(**inputs), args.repeats, args.warmup, args.slow_seconds)
+            timing = bench.measure("encoder forward", forward)
         finally:
             pre.remove()
             post.remove()
-    stem_time = statistics.median(stem_times[args.warmup :] or stem_times)
+    stem_time = statistics.median(shares[args.warmup :] or shares) * timing.median
     achieved = flops / timing.median / 1e9
     rest_flops, rest_time = flops - stem_flops, max(timing.median - stem_time, 1e-9)
     log(f"  encoder: {achieved:.1f} GFLOP/s = {100 * achieved / reference:.0f}% of matmul; "
-        f"stem {stem_flops / stem_time / 1e9:.1f} GFLOP/s ({stem_time:.3f}s), "
+        f"ResNet stem {stem_flops / max(stem_time, 1e-9) / 1e9:.1f} GFLOP/s ({stem_time:.3f}s), "
         f"transformer part {rest_flops / rest_time / 1e9:.1f} GFLOP/s ({rest_time:.3f}s)")
-    result["encoder"] = dict(
+    return dict(
         gflop=flops / 1e9, stem_gflop=stem_flops / 1e9, seconds=timing.median, runs=timing.runs,
         stem_seconds=stem_time, gflops=achieved, matmul_gflops=reference, efficiency=achieved / reference,
-        note=timing.note,
+        contaminated=timing.contaminated or reference_timing.contaminated,
     )
 
 
-def bench_generation(name: str, model, batch, args, result: dict) -> None:
+def bench_generation(bench: Bench, model, batch) -> dict[str, Any]:
+    args = bench.args
     inputs = model_inputs(batch, rows=1)
     with torch.inference_mode():
         encoded = model.get_encoder()(**inputs)
@@ -254,30 +356,30 @@ def bench_generation(name: str, model, batch, args, result: dict) -> None:
             for scope in ("end-to-end", "decode-only"):
                 label = f"{kind} {'cached' if use_cache else 'uncached'} {scope}"
 
-                def run(beams=beams, use_cache=use_cache, scope=scope):
+                def run(beams=beams, use_cache=use_cache, scope=scope, label=label):
                     feed = inputs if scope == "end-to-end" else dict(encoder_outputs=fresh_encoder_outputs(encoded))
                     with torch.inference_mode():
                         sequences = model.generate(**feed, **settings, num_beams=beams, use_cache=use_cache)
                     new = sequences.shape[1] - 1  # the decoder start token is not new
                     if new != args.new_tokens:
                         raise RuntimeError(f"{label}: generated {new} new tokens, expected {args.new_tokens}")
-                    return sequences
 
-                timing = measure(label, run, args.repeats, args.warmup, args.slow_seconds)
+                timing = bench.measure(label, run)
                 out[label] = dict(seconds=timing.median, runs=timing.runs, tokens_per_s=args.new_tokens / timing.median,
-                                  note=timing.note)
+                                  contaminated=timing.contaminated)
         for scope in ("end-to-end", "decode-only"):
             cached, uncached = out[f"{kind} cached {scope}"], out[f"{kind} uncached {scope}"]
             out[f"{kind} speedup {scope}"] = cached["tokens_per_s"] / uncached["tokens_per_s"]
         log(f"  {kind}: {out[f'{kind} cached end-to-end']['tokens_per_s']:.1f} tok/s cached, "
             f"{out[f'{kind} uncached end-to-end']['tokens_per_s']:.1f} uncached -> "
             f"{out[f'{kind} speedup end-to-end']:.2f}x (decode only {out[f'{kind} speedup decode-only']:.2f}x)")
-    result["generation"] = out
+    return out
 
 
-def bench_pipeline(name: str, model, processor, images: list[Image.Image], args, result: dict) -> None:
+def bench_pipeline(bench: Bench, model, processor, images: list[Image.Image]) -> dict[str, Any]:
     from transformers import pipeline
 
+    args = bench.args
     settings = dict(task="caption", max_new_tokens=args.pipeline_new_tokens,
                     min_new_tokens=args.pipeline_new_tokens, num_beams=5)
     with tempfile.TemporaryDirectory(prefix="bench_ofa_ufo_") as directory:
@@ -297,19 +399,21 @@ def bench_pipeline(name: str, model, processor, images: list[Image.Image], args,
             if "error" in answer:
                 raise RuntimeError(f"pipeline failed on an image: {answer}")
 
-    batched_t = measure(f"pipeline batch_size={len(images)}", batched, args.repeats, args.warmup, args.slow_seconds)
-    single_t = measure(f"pipeline {len(images)} single calls", single, args.repeats, args.warmup, args.slow_seconds)
+    batched_t = bench.measure(f"pipeline batch_size={len(images)}", batched)
+    single_t = bench.measure(f"pipeline {len(images)} single calls", single)
     del pipe
     rate_batched, rate_single = len(images) / batched_t.median, len(images) / single_t.median
     log(f"  pipeline: {rate_batched:.2f} img/s batched, {rate_single:.2f} img/s single -> "
         f"{rate_batched / rate_single:.2f}x")
-    result["pipeline"] = dict(
+    return dict(
         batched_images_per_s=rate_batched, single_images_per_s=rate_single, speedup=rate_batched / rate_single,
-        batched_runs=batched_t.runs, single_runs=single_t.runs, notes=[t.note for t in (batched_t, single_t) if t.note],
+        batched_runs=batched_t.runs, single_runs=single_t.runs,
+        batched_contaminated=batched_t.contaminated, single_contaminated=single_t.contaminated,
     )
 
 
-def bench_model(name: str, images: list[Image.Image], args) -> dict:
+def bench_model(bench: Bench, name: str, images: list[Image.Image]) -> dict[str, Any]:
+    args = bench.args
     log(f"== {name} ==")
     seed_everything(args.seed)
     model = ofa_ufo.create_model(name, image_size=args.image_size).eval()
@@ -319,9 +423,11 @@ def bench_model(name: str, images: list[Image.Image], args) -> dict:
     log(f"  {params / 1e6:.1f}M parameters (ResNet stem {stem / 1e6:.1f}M)")
     batch = processor(images=images, text=[CAPTION_PROMPT] * len(images), return_tensors="pt")
     result: dict[str, Any] = dict(params_m=params / 1e6)
-    bench_encoder(name, model, batch, args, result)
-    bench_generation(name, model, batch, args, result)
-    bench_pipeline(name, model, processor, images, args, result)
+    notes_before = len(bench.notes)
+    result["encoder"] = bench_encoder(bench, model, batch)
+    result["generation"] = bench_generation(bench, model, batch)
+    result["pipeline"] = bench_pipeline(bench, model, processor, images)
+    bench.notes[notes_before:] = [f"{name}: {note}" for note in bench.notes[notes_before:]]
     del model
     gc.collect()
     return result
@@ -331,15 +437,7 @@ def bench_model(name: str, images: list[Image.Image], args) -> dict:
 # report
 
 
-def verdict(value: float, goal: float) -> str:
-    return "PASS" if value >= goal else "MISS"
-
-
-def runs_suffix(runs: int, wanted: int) -> str:
-    return f" (n={runs})" if runs != wanted else ""
-
-
-def build_table(results: dict[str, dict], args) -> tuple[str, list[str]]:
+def build_table(results: dict[str, dict], args: argparse.Namespace) -> tuple[str, list[str]]:
     """One table: a row per metric, a column per model, then the goal. Returns it and the misses."""
     names = list(results)
     rows: list[tuple[str, list[str], str]] = []
@@ -351,20 +449,24 @@ def build_table(results: dict[str, dict], args) -> tuple[str, list[str]]:
     def judged(name: str, what: str, value: float, goal: float, text: str, applies: bool = True) -> str:
         if not applies:
             return f"{text} (info)"
-        status = verdict(value, goal)
+        status = "PASS" if value >= goal else "MISS"
         if status == "MISS":
-            misses.append(f"{name}: {what} {text} < goal {goal:g}")
+            misses.append(f"{name} {what} {text} < {goal:g}")
         return f"{text} {status}"
+
+    def mark(runs: int, contaminated: bool) -> str:
+        """' (n=1)' when fewer timed runs than --repeats were kept, '*' when all were disturbed."""
+        return (f" (n={runs})" if runs != args.repeats else "") + ("*" if contaminated else "")
 
     b, px, tok = args.batch, args.image_size, args.new_tokens
     add("parameters (M)", lambda n, r: f"{r['params_m']:.1f}")
     add(f"encoder GFLOP / forward (b={b}, {px}px)", lambda n, r: f"{r['encoder']['gflop']:.1f}")
     add("  of which ResNet stem", lambda n, r: f"{100 * r['encoder']['stem_gflop'] / r['encoder']['gflop']:.0f}%")
     add("encoder time, median (s)",
-        lambda n, r: f"{r['encoder']['seconds']:.3f}" + runs_suffix(r["encoder"]["runs"], args.repeats))
+        lambda n, r: f"{r['encoder']['seconds']:.3f}" + mark(r["encoder"]["runs"], r["encoder"]["contaminated"]))
     add("  of which ResNet stem", lambda n, r: f"{100 * r['encoder']['stem_seconds'] / r['encoder']['seconds']:.0f}%")
     add("encoder achieved GFLOP/s", lambda n, r: f"{r['encoder']['gflops']:.1f}")
-    add(f"fp32 matmul {args.matmul_size}^3 GFLOP/s (ref)", lambda n, r: f"{r['encoder']['matmul_gflops']:.1f}")
+    add(f"fp32 matmul {args.matmul_size}^3 GFLOP/s (reference)", lambda n, r: f"{r['encoder']['matmul_gflops']:.1f}")
     add("encoder / matmul",
         lambda n, r: judged(n, "encoder/matmul", r["encoder"]["efficiency"], ENCODER_EFFICIENCY_GOAL,
                             f"{100 * r['encoder']['efficiency']:.0f}%", applies=n in ENCODER_GOAL_MODELS),
@@ -376,19 +478,23 @@ def build_table(results: dict[str, dict], args) -> tuple[str, list[str]]:
                 key = f"{kind} {cache} {scope}"
                 add(f"{kind} {cache} tok/s (b=1, {tok} new{suffix})",
                     lambda n, r, key=key: f"{r['generation'][key]['tokens_per_s']:.1f}"
-                    + runs_suffix(r["generation"][key]["runs"], args.repeats))
+                    + mark(r["generation"][key]["runs"], r["generation"][key]["contaminated"]))
             if scope == "end-to-end":
                 add(f"{kind} cached / uncached",
-                    lambda n, r, kind=kind: judged(n, f"{kind} cache speed-up", r["generation"][f"{kind} speedup end-to-end"],
-                                                   CACHE_SPEEDUP_GOAL, f"{r['generation'][f'{kind} speedup end-to-end']:.2f}x"),
+                    lambda n, r, kind=kind: judged(
+                        n, f"{kind} cache speed-up", r["generation"][f"{kind} speedup end-to-end"],
+                        CACHE_SPEEDUP_GOAL, f"{r['generation'][f'{kind} speedup end-to-end']:.2f}x"),
                     f">= {CACHE_SPEEDUP_GOAL:g}x")
             else:
                 add(f"{kind} cached / uncached, decode only",
                     lambda n, r, kind=kind: f"{r['generation'][f'{kind} speedup decode-only']:.2f}x (info)")
-    add(f"pipeline batch_size={b} img/s (beam 5, {args.pipeline_new_tokens} tok)",
-        lambda n, r: f"{r['pipeline']['batched_images_per_s']:.2f}" + runs_suffix(r["pipeline"]["batched_runs"], args.repeats))
-    add(f"pipeline {b} single calls img/s",
-        lambda n, r: f"{r['pipeline']['single_images_per_s']:.2f}" + runs_suffix(r["pipeline"]["single_runs"], args.repeats))
+    p = args.pipeline_new_tokens
+    add(f"pipeline batch_size={b} img/s (beam 5, {p} tok)",
+        lambda n, r: f"{r['pipeline']['batched_images_per_s']:.2f}"
+        + mark(r["pipeline"]["batched_runs"], r["pipeline"]["batched_contaminated"]))
+    add(f"pipeline {b} single calls img/s (beam 5, {p} tok)",
+        lambda n, r: f"{r['pipeline']['single_images_per_s']:.2f}"
+        + mark(r["pipeline"]["single_runs"], r["pipeline"]["single_contaminated"]))
     add("pipeline batched / single",
         lambda n, r: judged(n, "pipeline speed-up", r["pipeline"]["speedup"], PIPELINE_SPEEDUP_GOAL,
                             f"{r['pipeline']['speedup']:.2f}x"),
@@ -419,37 +525,34 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def load_average() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--models", nargs="+", default=None, choices=ofa_ufo.list_models(),
-                        help=f"presets to compare (default {' '.join(FULL['models'])}; --quick: tiny)")
-    parser.add_argument("--image-size", type=int, default=None, help="input resolution, px (default 384; --quick 128)")
+                        help=f"presets to compare (default: {' '.join(FULL['models'])}; --quick: ofa_ufo_tiny)")
+    parser.add_argument("--image-size", type=int, default=None, help="input resolution in px (default 384; --quick 128)")
     parser.add_argument("--batch", type=int, default=None,
                         help="images per encoder forward and per batched pipeline call (default 8; --quick 2)")
     parser.add_argument("--new-tokens", type=int, default=None,
-                        help="exact new tokens per generate() (min = max; default 32; --quick 8)")
+                        help="exact new tokens per generate(), min = max (default 32; --quick 8)")
     parser.add_argument("--pipeline-new-tokens", type=int, default=None,
                         help="exact new tokens per pipeline caption (default 16; --quick 4)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 3; --quick 1)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
-    parser.add_argument("--slow-seconds", type=float, default=None,
-                        help="a configuration whose warmup run is slower than this is timed once (default 15)")
+    parser.add_argument("--slow-seconds", type=float, default=15.0,
+                        help="a configuration whose first timed run takes longer than this is timed once")
     parser.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 fp32 matmul reference (default 2048)")
+    parser.add_argument("--busy-cores", type=float, default=0.3,
+                        help="a timed run during which other processes used this many cores or more is dropped")
+    parser.add_argument("--retries", type=int, default=3, help="extra timed runs allowed per measurement for dropped ones")
+    parser.add_argument("--max-wait", type=float, default=300.0,
+                        help="total seconds the run may spend waiting for other processes to leave the CPU")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--quick", action="store_true", help="fast smoke run with small sizes (~1 minute)")
+    parser.add_argument("--quick", action="store_true", help="fast smoke run with small sizes (< 1 minute)")
     args = parser.parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    for key, value in preset.items():
+    for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
@@ -463,45 +566,34 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # save/load bars would interleave with the progress lines
+    bench = Bench(args)
 
-    print(f"OFA-UFO foundation benchmark: {' '.join(sys.argv)}")
+    print(f"OFA-UFO foundation benchmark: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, ofa_ufo {ofa_ufo.__version__}, "
           f"python {platform.python_version()}")
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}; "
-          f"load average at start {load_average()}")
-    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load1 > 0.5:
-        print(f"NOTE: the 1-minute load average is {load1:.2f} before starting: other processes use the CPU, "
-              "so timings may be slow and noisy.")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
     print(f"settings: models {', '.join(args.models)}; {args.image_size}px; batch {args.batch}; "
           f"{args.new_tokens} new tokens (generate), {args.pipeline_new_tokens} (pipeline); "
-          f"{args.warmup} warmup + {args.repeats} timed run(s), once when a warmup exceeds {args.slow_seconds:g}s; "
-          f"seed {args.seed}", flush=True)
+          f"{args.warmup} warmup + {args.repeats} timed run(s); seed {args.seed}", flush=True)
 
     images = make_images(args.batch, args.seed)
-    results = {name: bench_model(name, images, args) for name in args.models}
+    results = {name: bench_model(bench, name, images) for name in args.models}
     table, misses = build_table(results, args)
     total = time.perf_counter() - START
 
     print()
-    print(f"Results ({args.image_size}px, batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"medians of {args.repeats} timed run(s) after {args.warmup} warmup unless n= says otherwise):")
+    print(f"Results ({args.image_size}px, batch {args.batch}, {torch.get_num_threads()} threads; median of "
+          f"{args.repeats} timed run(s) after {args.warmup} warmup unless (n=) says otherwise):")
     print(table)
-    fewer = [
-        f"{name}: {note}"
-        for name, result in results.items()
-        for note in [result["encoder"]["note"], *result["pipeline"]["notes"],
-                     *(g["note"] for g in result["generation"].values() if isinstance(g, dict))]
-        if note
-    ]
-    if fewer:
-        print("Timed once instead of --repeats times (slow configurations):")
-        print("\n".join(f"  {note}" for note in fewer))
+    for note in bench.notes:
+        print(f"note: {note}")
     print("Goals: " + ("all met." if not misses else "MISSED: " + "; ".join(misses)))
-    print(f"Total runtime {total:.0f}s ({total / 60:.1f} min); load average at end {load_average()}")
+    print(f"Total runtime {total:.0f}s ({total / 60:.1f} min), of which {bench.monitor.waited:.0f}s "
+          "waiting for other processes to leave the CPU")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(dict(args=vars(args), results=results, misses=misses, total_seconds=total), handle, indent=2)
+            json.dump(dict(args=vars(args), results=results, misses=misses, notes=bench.notes,
+                           total_seconds=total), handle, indent=2)
         print(f"wrote {args.json}")
     return 0
 

@@ -177,6 +177,10 @@ def test_errors_name_the_problem():
         ofa_ufo.OFAUFOConfig(d_model=30, encoder_attention_heads=4)
     with pytest.raises(ValueError, match="grid"):
         ofa_ufo.OFAUFOConfig(image_size=800)
+    with pytest.raises(ValueError, match="resnet_type"):
+        ofa_ufo.OFAUFOConfig(vision_config={"resnet_type": "resnet34"})
+    with pytest.raises(NotImplementedError, match="supernet_layers=2"):
+        tiny_model(vision_config={"supernet_layers": 2})
 
 
 def test_too_long_sequence_is_rejected_by_model():

@@ -108,6 +108,11 @@ class OFAEncoder(_Stack):
         self.layernorm_embedding = nn.LayerNorm(dim)
         self.type_embedding = nn.Embedding(2, dim)
         vision = config.vision_config
+        if vision.supernet_layers:
+            raise NotImplementedError(
+                f"vision_config.supernet_layers={vision.supernet_layers}: UFO supernet blocks are not built yet; "
+                "use 0 (exact OFA)"
+            )
         self.embed_images = ResNetStem(vision.resnet_layers, vision.resnet_drop_path_rate)
         self.image_proj = nn.Linear(OUT_CHANNELS, dim)
         self.patch_layernorm_embedding = nn.LayerNorm(dim)
