@@ -160,9 +160,13 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         label_smoothing: float | None = None,
         output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
         **kwargs,
     ) -> Seq2SeqLMOutput:
-        """labels (B, T) with -100 at ignored positions; label_smoothing defaults to config.label_smoothing."""
+        """labels (B, T) with -100 at ignored positions; label_smoothing defaults to config.label_smoothing.
+
+        `logits_to_keep` > 0 computes logits for the last that many positions only (generate uses 1).
+        """
         if labels is not None:
             use_cache = False
             if decoder_input_ids is None:
@@ -173,7 +177,10 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
             input_ids, attention_mask, pixel_values, image_mask, decoder_input_ids, encoder_outputs,
             cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
         )
-        logits = self.lm_head(outputs.last_hidden_state)  # (B, T, V)
+        states = outputs.last_hidden_state
+        if logits_to_keep and labels is None:
+            states = states[:, -logits_to_keep:]
+        logits = self.lm_head(states)  # (B, T, V)
         loss = None
         if labels is not None:
             smoothing = self.config.label_smoothing if label_smoothing is None else label_smoothing
@@ -187,6 +194,23 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states,
         )
+
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids: torch.LongTensor | None = None,
+        **model_kwargs,
+    ) -> tuple[torch.LongTensor | None, dict]:
+        """Expand decoder inputs per beam/sample but keep one encoder row per input.
+
+        The decoder's cross-attention serves the k beams of an input from that single row
+        (see `OFAAttention`), so the encoder states are never copied k times.
+        """
+        encoder_outputs = model_kwargs.pop("encoder_outputs", None)
+        if encoder_outputs is not None:  # the encoder already ran: its image inputs are not needed again
+            model_kwargs.pop("pixel_values", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, False, input_ids, **model_kwargs)
+        if encoder_outputs is not None:
+            model_kwargs["encoder_outputs"] = encoder_outputs
+        return input_ids, model_kwargs
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """Let `generate` build its usual cache, then switch it to `OFAUFOCache` (see there)."""

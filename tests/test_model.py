@@ -204,3 +204,29 @@ def test_generate_uses_beam_shared_cross_cache(model, processor, images):
     finally:
         ofa_ufo.modeling.OFAUFOCache.reorder_cache = original
     assert seen and all(t is ofa_ufo.modeling.OFAUFOCache for t in seen)
+
+
+def test_cross_attention_shares_source_rows_across_beams():
+    """k query rows per source row give the same result as copying the source k times."""
+    from ofa_ufo.layers.attention import OFAAttention
+
+    torch.manual_seed(0)
+    attn = OFAAttention(32, 4).eval()
+    queries, memory = torch.randn(6, 3, 32), torch.randn(2, 7, 32)  # 2 inputs x 3 beams
+    bias = torch.randn(2, 4, 3, 7)
+    shared = attn(queries, bias, key_value_states=memory)
+    copied = attn(queries, bias.repeat_interleave(3, 0), key_value_states=memory.repeat_interleave(3, 0))
+    torch.testing.assert_close(shared, copied, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="cannot share"):
+        attn(torch.randn(5, 3, 32), None, key_value_states=memory)
+
+
+def test_generate_keeps_one_encoder_row_per_input(model, processor, images):
+    rows = []
+    decoder = model.get_decoder()
+    hook = decoder.register_forward_hook(lambda mod, args, out: rows.append(args[1].last_hidden_state.shape[0]))
+    try:
+        model.generate(**encode(processor, PROMPTS, images), num_beams=4, max_new_tokens=3)
+    finally:
+        hook.remove()
+    assert rows and set(rows) == {len(PROMPTS)}

@@ -45,19 +45,33 @@ class OFAAttention(nn.Module):
         key_value_states: torch.Tensor | None = None,
         cache: Cache | None = None,
     ) -> torch.Tensor:
-        """hidden_states (B, Lq, D); attn_bias broadcastable to (B, H, Lq, Lk); returns (B, Lq, D)."""
-        batch, length, dim = hidden_states.shape
-        query = split_heads(self.q_proj(hidden_states), self.num_heads)  # (B, H, Lq, hd)
+        """hidden_states (R, Lq, D); attn_bias broadcastable to (B, H, Lq, Lk); returns (R, Lq, D).
+
+        For cross-attention the source may have fewer rows than the queries (B rows for R = B * k
+        beams or samples, each group of k consecutive rows sharing one source row): the k query
+        rows are then folded into the query length, so keys and values are projected, cached and
+        attended once per source row instead of once per beam.
+        """
+        rows, length, dim = hidden_states.shape
+        query = split_heads(self.q_proj(hidden_states), self.num_heads)  # (R, H, Lq, hd)
         key, value = self._key_value(hidden_states, key_value_states, cache)  # (B, H, Lk, hd)
+        group = rows // key.shape[0]
+        if group * key.shape[0] != rows:
+            raise ValueError(f"{rows} query rows cannot share {key.shape[0]} key/value rows")
+        if group > 1:
+            query = _fold(query, group)  # (B, H, k * Lq, hd)
+            attn_bias = None if attn_bias is None else attn_bias.repeat(1, 1, group, 1)
         if attn_bias is not None:
             attn_bias = attn_bias.to(query.dtype)
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_bias,
             dropout_p=self.dropout if self.training else 0.0, scale=self.scaling,
-        )  # (B, H, Lq, hd)
+        )  # (B, H, k * Lq, hd)
+        if group > 1:
+            out = _unfold(out, group)  # (R, H, Lq, hd)
         if self.c_attn is not None:
             out = out * self.c_attn.view(1, -1, 1, 1)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
+        return self.out_proj(out.transpose(1, 2).reshape(rows, length, dim))
 
     def _key_value(
         self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None, cache: Cache | None
@@ -78,3 +92,15 @@ class OFAAttention(nn.Module):
             if is_cross and isinstance(cache, EncoderDecoderCache):
                 cache.is_updated[self.layer_idx] = True
         return key, value
+
+
+def _fold(x: torch.Tensor, group: int) -> torch.Tensor:
+    """(B * k, H, L, d) -> (B, H, k * L, d): consecutive rows of a group become one longer row."""
+    rows, heads, length, dim = x.shape
+    return x.view(rows // group, group, heads, length, dim).transpose(1, 2).reshape(rows // group, heads, group * length, dim)
+
+
+def _unfold(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Inverse of `_fold`: (B, H, k * L, d) -> (B * k, H, L, d)."""
+    batch, heads, total, dim = x.shape
+    return x.view(batch, heads, group, total // group, dim).transpose(1, 2).reshape(batch * group, heads, total // group, dim)
