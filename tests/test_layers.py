@@ -1,0 +1,44 @@
+"""OFA's position scheme and attention pinned to hand-computed values and a naive reference."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ofa_ufo.layers.attention import OFAAttention
+from ofa_ufo.layers.position import image_position_ids, image_relative_buckets, text_relative_buckets
+
+
+def test_text_buckets_match_ofa_formula():
+    table = text_relative_buckets(256, 1024)
+    assert table.shape == (1024, 1024) and table.min() == 0 and table.max() == 510
+    assert table[0, 0] == 255 and table[5, 0] == 260 and table[0, 5] == 250
+    assert table[128, 0] == 255 + 128  # |r| <= 128 is exact
+    expected = math.ceil(math.log(200 / 128) / math.log(1023 / 128) * 127) + 128  # log bucket for r = 200
+    assert table[200, 0] == 255 + expected and table[0, 200] == 255 - expected
+
+
+def test_image_buckets_match_beit_layout():
+    index = image_relative_buckets(42)
+    span = 83
+    assert index.shape == (1765, 1765) and index.max() == span * span + 2
+    assert index[1, 2] == (0 + 41) * span + (-1 + 41)  # cell (0,0) -> (0,1): dy 0, dx -1
+    assert index[1 + 42, 1] == (1 + 41) * span + 41  # one row down
+    assert index[0, 5] == span * span and index[5, 0] == span * span + 1 and index[0, 0] == span * span + 2
+    assert image_position_ids(2, 3, 42, torch.device("cpu")).tolist() == [1, 2, 3, 43, 44, 45]
+
+
+def test_attention_equals_naive_ofa_formula():
+    torch.manual_seed(0)
+    attn = OFAAttention(32, 4, scale_factor=2.0).eval()
+    with torch.no_grad():
+        attn.c_attn.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0]))
+    x, bias = torch.randn(2, 5, 32), torch.randn(2, 4, 5, 5)
+    q = attn.q_proj(x).view(2, 5, 4, 8).transpose(1, 2) / math.sqrt(2 * 8)
+    k = attn.k_proj(x).view(2, 5, 4, 8).transpose(1, 2)
+    v = attn.v_proj(x).view(2, 5, 4, 8).transpose(1, 2)
+    probs = torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1)
+    heads = (probs @ v) * attn.c_attn.view(1, 4, 1, 1)
+    expected = attn.out_proj(heads.transpose(1, 2).reshape(2, 5, 32))
+    torch.testing.assert_close(attn(x, bias), expected, atol=1e-6, rtol=1e-5)
