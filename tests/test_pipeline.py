@@ -90,3 +90,8 @@ def test_bad_arguments(pipe, photos):
 
 def test_list_tasks_covers_pipeline_tasks():
     assert {"caption", "vqa", "grounding"} <= set(ofa_ufo.list_tasks())
+
+
+def test_vqa_answer_is_never_empty(pipe, photos):
+    """Unnormalised beam scores favour stopping at once; an answer needs at least one token."""
+    assert pipe(photos[2], task="vqa", text="is there a red circle?")["text"].strip()

@@ -31,7 +31,7 @@ def list_tasks() -> list[str]:
 
 
 register_task(Task("caption", generation=dict(num_beams=5, max_new_tokens=16, no_repeat_ngram_size=3)))
-register_task(VQATask("vqa", generation=dict(num_beams=5, max_new_tokens=8, length_penalty=0.0)))
+register_task(VQATask("vqa", generation=dict(num_beams=5, min_new_tokens=2, max_new_tokens=8, length_penalty=0.0)))
 register_task(GroundingTask("grounding", generation=dict(num_beams=5)))
 register_task(FreePromptTask(FREE_PROMPT, generation=dict(num_beams=5, max_new_tokens=32, no_repeat_ngram_size=3)))
 
