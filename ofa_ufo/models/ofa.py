@@ -64,10 +64,12 @@ class _Stack(nn.Module):
     """What encoder and decoder share: position tables and norms, the layer stack with its
     per-layer relative-bias tables, the final LayerNorm."""
 
-    def __init__(self, config: OFAUFOConfig):
+    def __init__(self, config: OFAUFOConfig, embed_tokens: nn.Embedding):
         super().__init__()
         dim = config.d_model
         self.config = config
+        self.embed_tokens = embed_tokens  # shared by encoder, decoder and the output projection
+        self.layernorm_embedding = nn.LayerNorm(dim)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + 2, dim)
         self.embed_image_positions = nn.Embedding(config.image_bucket_size**2 + 1, dim)
         self.pos_ln = nn.LayerNorm(dim)
@@ -102,10 +104,8 @@ class _Stack(nn.Module):
 
 class OFAEncoder(_Stack):
     def __init__(self, config: OFAUFOConfig, embed_tokens: nn.Embedding):
-        super().__init__(config)
+        super().__init__(config, embed_tokens)
         dim = config.d_model
-        self.embed_tokens = embed_tokens
-        self.layernorm_embedding = nn.LayerNorm(dim)
         self.type_embedding = nn.Embedding(2, dim)
         vision = config.vision_config
         if vision.supernet_layers:
@@ -204,10 +204,8 @@ class OFAEncoder(_Stack):
 
 class OFADecoder(_Stack):
     def __init__(self, config: OFAUFOConfig, embed_tokens: nn.Embedding):
-        super().__init__(config)
+        super().__init__(config, embed_tokens)
         dim = config.d_model
-        self.embed_tokens = embed_tokens
-        self.layernorm_embedding = nn.LayerNorm(dim)
         # Used when the target is a VQGAN code sequence (image generation); kept for OFA's key layout.
         self.code_layernorm_embedding = nn.LayerNorm(dim)
         self.self_pos_q_linear = nn.Linear(dim, dim)
