@@ -14,7 +14,7 @@ from transformers import Pipeline
 
 from ofa_ufo.image_processing import ImageLoadError, load_image
 from ofa_ufo.prompts import DEFAULT_STYLE
-from ofa_ufo.tasks import FREE_PROMPT, Decoded, Task, get_task
+from ofa_ufo.tasks import FREE_PROMPT, Task, get_task
 
 
 class OFAUFOPipeline(Pipeline):
@@ -42,23 +42,26 @@ class OFAUFOPipeline(Pipeline):
         prompt: str | list[str] | None = None,
         style: str = DEFAULT_STYLE,
         batch_size: int = 1,
-        **generate_kwargs: Any,
+        **kwargs: Any,
     ) -> dict[str, Any] | list[dict[str, Any]]:
         single = not isinstance(inputs, (list, tuple))
         images = [inputs] if single else list(inputs)
         task_obj = self._resolve_task(task, prompt)
+        options = {name: kwargs.pop(name) for name in task_obj.options if name in kwargs}
+        task_obj.check_options(options)
         texts = self._per_item(prompt if task is None else text, len(images), "prompt" if task is None else "text")
         results: list[dict[str, Any] | None] = [None] * len(images)
         ready = []
         for i, (image, item_text) in enumerate(zip(images, texts)):
             try:
                 loaded = None if image is None else load_image(image)
-                ready.append((i, loaded, item_text, task_obj.prompt(item_text, style)))
+                meta = self._meta(loaded, item_text, options)
+                ready.append((i, loaded, meta, task_obj.request_prompt(meta, style)))
             except (ImageLoadError, ValueError) as error:
                 results[i] = {"error": str(error)}
         for start in range(0, len(ready), max(batch_size, 1)):
             chunk = ready[start : start + batch_size]
-            for (i, *_), result in zip(chunk, self._run_chunk(task_obj, chunk, generate_kwargs)):
+            for (i, *_), result in zip(chunk, self._run_chunk(task_obj, chunk, options, kwargs)):
                 results[i] = result
         return results[0] if single else results
 
@@ -78,53 +81,28 @@ class OFAUFOPipeline(Pipeline):
             raise ValueError(f"got {len(value)} values for {name} but {count} inputs")
         return list(value)
 
-    def _run_chunk(self, task: Task, chunk: list[tuple], generate_kwargs: dict) -> list[dict[str, Any]]:
-        model_inputs, metas = self.preprocess(chunk)
-        outputs = self._forward(model_inputs, task=task, generate_kwargs=generate_kwargs)
-        return self.postprocess(outputs, task=task, metas=metas)
-
-    def preprocess(self, chunk: list[tuple]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-        """Items (index, image or None, text, prompt) -> padded model inputs and per-item metadata."""
-        images = [image for _, image, _, _ in chunk]
-        has_image = any(image is not None for image in images)
-        batch = self.processor(
-            images=images if has_image else None, text=[p for *_, p in chunk], return_tensors="pt"
-        )
+    def _meta(self, image, text: str | None, options: dict[str, Any]) -> dict[str, Any]:
+        """What a task needs to build the prompt and read the answer for one item."""
         size = self.processor.image_processor.size
         input_size = (size, size) if isinstance(size, int) else (size["width"], size["height"])
-        metas = [
-            dict(text=text, original_size=tuple(batch["original_sizes"][j].tolist()) if has_image else None,
-                 input_size=input_size, box_codec=self.processor.box_codec)
-            for j, (_, _, text, _) in enumerate(chunk)
-        ]
+        return dict(text=text, original_size=None if image is None else image.size, input_size=input_size,
+                    box_codec=self.processor.box_codec, options=options)
+
+    def _run_chunk(self, task: Task, chunk: list[tuple], options: dict, generate_kwargs: dict) -> list[dict[str, Any]]:
+        model_inputs = self.preprocess(chunk)
+        raw = self._forward(model_inputs, task=task, options=options, generate_kwargs=generate_kwargs)
+        return self.postprocess(raw, task=task, metas=[meta for _, _, meta, _ in chunk])
+
+    def preprocess(self, chunk: list[tuple]) -> dict[str, torch.Tensor]:
+        """Items (index, image or None, meta, prompt) -> padded model inputs."""
+        images = [image for _, image, _, _ in chunk]
+        has_image = any(image is not None for image in images)
+        batch = self.processor(images=images if has_image else None, text=[p for *_, p in chunk], return_tensors="pt")
         keys = ["input_ids", "attention_mask"] + (["pixel_values", "image_mask"] if has_image else [])
-        return {k: batch[k].to(self.device) for k in keys}, metas
+        return {k: batch[k].to(self.device) for k in keys}
 
-    def _forward(self, model_inputs: dict[str, torch.Tensor], task: Task, generate_kwargs: dict) -> dict[str, Any]:
-        kwargs = {**task.generate_kwargs(self.model.config, self.tokenizer), **generate_kwargs}
-        kwargs.update(output_scores=True, return_dict_in_generate=True)
-        with torch.inference_mode():
-            out = self.model.generate(**model_inputs, **kwargs)
-        beams = kwargs.get("num_beams", 1) > 1
-        scores = self.model.compute_transition_scores(
-            out.sequences, out.scores, out.beam_indices if beams else None, normalize_logits=not beams
-        )  # (rows, new_tokens)
-        return {"sequences": out.sequences, "transition_scores": scores, "per_input": kwargs.get("num_return_sequences", 1)}
+    def _forward(self, model_inputs: dict[str, torch.Tensor], task: Task, options: dict, generate_kwargs: dict) -> list:
+        return task.run(self.model, model_inputs, self.tokenizer, options, generate_kwargs)
 
-    def postprocess(self, outputs: dict[str, Any], task: Task, metas: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        decoded = [self._decoded(row, scores) for row, scores in zip(outputs["sequences"], outputs["transition_scores"])]
-        per_input = outputs["per_input"]
-        results = []
-        for j, meta in enumerate(metas):
-            answers = [task.postprocess(d, self.tokenizer, meta) for d in decoded[j * per_input : (j + 1) * per_input]]
-            results.append(answers[0] if per_input == 1 else {"candidates": answers})
-        return results
-
-    def _decoded(self, sequence: torch.Tensor, scores: torch.Tensor) -> Decoded:
-        """Strip the start token, cut after </s>, and sum the log-probabilities of the kept tokens."""
-        tokens = sequence[1:].tolist()
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        length = tokens.index(eos) + 1 if eos in tokens else len(tokens)
-        logprob = float(scores[:length].sum())
-        kept = [t for t in tokens[:length] if t not in (eos, pad)]
-        return Decoded(tokens=kept, logprob=logprob)
+    def postprocess(self, raw: list, task: Task, metas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [task.postprocess(item, self.tokenizer, meta) for item, meta in zip(raw, metas)]

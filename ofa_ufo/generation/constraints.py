@@ -76,3 +76,85 @@ class TokenRangeLogitsProcessor(LogitsProcessor):
         allowed[self.start : self.end] = True
         allowed[self.extra_ids] = True
         return scores.masked_fill(~allowed, float("-inf"))
+
+
+class BoxSequenceLogitsProcessor(LogitsProcessor):
+    """Zero to `max_boxes` boxes of four bin tokens, or one "no object" token, then </s>.
+
+    Inside a box only bins are allowed; after each complete box, another box or </s>; at the
+    start, a box or `none_token_id` (when given), which must be followed by </s>.
+    """
+
+    def __init__(self, bin_start: int, bin_end: int, eos_token_id: int, max_boxes: int = 1,
+                 none_token_id: int | None = None, prefix_length: int = 1):
+        if max_boxes < 1:
+            raise ValueError(f"max_boxes must be >= 1, got {max_boxes}")
+        self.bins = (bin_start, bin_end)
+        self.eos, self.none, self.max_boxes, self.prefix_length = eos_token_id, none_token_id, max_boxes, prefix_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        allowed = torch.zeros_like(scores, dtype=torch.bool)  # (rows, V)
+        for row, ids in enumerate(input_ids[:, self.prefix_length :].tolist()):
+            done = len(ids)
+            if done and ids[0] == self.none:
+                allowed[row, self.eos] = True
+                continue
+            if done % 4 or done // 4 < self.max_boxes:
+                allowed[row, self.bins[0] : self.bins[1]] = True
+            if done and done % 4 == 0:
+                allowed[row, self.eos] = True
+            if done == 0 and self.none is not None:
+                allowed[row, self.none] = True
+        return scores.masked_fill(~allowed, float("-inf"))
+
+
+class DetectionLogitsProcessor(LogitsProcessor):
+    """Pix2Seq-style object sequences: `<bin> x4 label <bin> x4 label ... </s>`.
+
+    Four bins open an object; its label follows (from `label_trie` when given, else any non-bin
+    text token) and is complete before the next object or </s> may start.
+    """
+
+    def __init__(self, bin_start: int, bin_end: int, eos_token_id: int, text_end: int, special_ids: Sequence[int],
+                 label_trie: Trie | None = None, prefix_length: int = 1):
+        self.bin_start, self.bin_end, self.eos, self.text_end = bin_start, bin_end, eos_token_id, text_end
+        self.special_ids = list(special_ids)
+        self.trie, self.prefix_length = label_trie, prefix_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        allowed = torch.zeros_like(scores, dtype=torch.bool)  # (rows, V)
+        for row, ids in enumerate(input_ids[:, self.prefix_length :].tolist()):
+            self._allow(allowed[row], *self._state(ids))
+        return scores.masked_fill(~allowed, float("-inf"))
+
+    def _state(self, ids: list[int]) -> tuple[int, list[int]]:
+        """(bins in the open box, label tokens after the last complete box)."""
+        bins, label = 0, []
+        for token in ids:
+            if self.bin_start <= token < self.bin_end:
+                bins, label = (bins % 4) + 1 if not label else 1, []
+            else:
+                label.append(token)
+        return bins, label
+
+    def _allow(self, allowed: torch.Tensor, bins: int, label: list[int]) -> None:
+        if bins == 0 or (bins == 4 and label and self._label_complete(label)):
+            allowed[self.bin_start : self.bin_end] = True  # a new box
+            allowed[self.eos] = True
+        if 0 < bins < 4:
+            allowed[self.bin_start : self.bin_end] = True
+        elif bins == 4:
+            self._allow_label(allowed, label)
+
+    def _label_complete(self, label: list[int]) -> bool:
+        return self.trie is None or self.eos in self.trie.next_tokens(label)
+
+    def _allow_label(self, allowed: torch.Tensor, label: list[int]) -> None:
+        if self.trie is not None:
+            allowed[[t for t in self.trie.next_tokens(label) if t != self.eos]] = True
+            return
+        allowed[: self.text_end] = True  # free text labels: text tokens, no specials
+        allowed[self.special_ids] = False
+        if label:
+            allowed[self.bin_start : self.bin_end] = True
+            allowed[self.eos] = True

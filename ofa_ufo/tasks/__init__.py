@@ -1,10 +1,15 @@
-"""Task registry: name -> task object. The one place that knows which tasks exist."""
+"""Task registry: name -> task object. The one place that knows which tasks exist.
+
+Adding a task is a class (or an instance of an existing one) registered here plus its prompt
+in the `prompts/` tables.
+"""
 
 from __future__ import annotations
 
 from ofa_ufo.tasks.base import Decoded, Task
-from ofa_ufo.tasks.grounding import GroundingTask
-from ofa_ufo.tasks.text import FreePromptTask, VQATask
+from ofa_ufo.tasks.boxes import DetectionTask, GroundedCaptionTask, GroundingTask
+from ofa_ufo.tasks.choice import ClassificationTask, EntailmentTask, ITMTask, VQATask
+from ofa_ufo.tasks.text import FreePromptTask
 
 _REGISTRY: dict[str, Task] = {}
 
@@ -30,9 +35,16 @@ def list_tasks() -> list[str]:
     return [name for name in _REGISTRY if name != FREE_PROMPT]
 
 
-register_task(Task("caption", generation=dict(num_beams=5, max_new_tokens=16, no_repeat_ngram_size=3)))
+_TEXT = dict(num_beams=5, max_new_tokens=16, no_repeat_ngram_size=3)
+register_task(Task("caption", generation=_TEXT))
 register_task(VQATask("vqa", generation=dict(num_beams=5, min_new_tokens=2, max_new_tokens=8, length_penalty=0.0)))
 register_task(GroundingTask("grounding", generation=dict(num_beams=5)))
+register_task(GroundedCaptionTask("grounded_caption", generation=_TEXT))
+register_task(ITMTask("itm", classes={"yes": "yes", "no": "no"}))
+register_task(EntailmentTask("entailment", classes={"entailment": "yes", "contradiction": "no", "neutral": "maybe"}))
+register_task(ClassificationTask("classification", generation=dict(num_beams=5)))
+register_task(DetectionTask("detection", generation=dict(num_beams=1, max_new_tokens=64)))
+register_task(Task("text_infill", generation=dict(num_beams=5, max_new_tokens=32, no_repeat_ngram_size=3)))
 register_task(FreePromptTask(FREE_PROMPT, generation=dict(num_beams=5, max_new_tokens=32, no_repeat_ngram_size=3)))
 
 __all__ = ["Decoded", "Task", "get_task", "list_tasks", "register_task"]

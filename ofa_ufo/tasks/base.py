@@ -1,35 +1,44 @@
-"""The task interface: one object per task owns its prompt, decoding settings and output parsing."""
+"""The task interface: one object per task owns its prompt, decoding, output parsing and example building.
+
+The pipeline only calls these methods; what differs between tasks lives in the subclasses.
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ofa_ufo.generation.scoring import Decoded, generate_decoded
 from ofa_ufo.prompts import DEFAULT_STYLE, format_prompt
 
-
-@dataclass
-class Decoded:
-    """One generated answer: token ids after the start token (no padding) and its total log-probability."""
-
-    tokens: list[int]
-    logprob: float
-
-    @property
-    def probability(self) -> float:
-        return math.exp(self.logprob)
+__all__ = ["Decoded", "Task"]
 
 
 @dataclass
 class Task:
-    """Base task: text in, text out. Subclasses override what differs."""
+    """Base task: text in, text out (`{"text", "score"}`). Subclasses override what differs.
+
+    `options` names the extra keyword arguments the pipeline hands to this task (e.g. `labels`)
+    instead of to `generate`.
+    """
 
     name: str
     generation: dict[str, Any] = field(default_factory=dict)
+    options: tuple[str, ...] = ()
+    required: dict[str, str] = field(default_factory=dict)  # option -> example value, for the error
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Fail once per call, before any work, when a required option is missing."""
+        missing = [f"{name}={example}" for name, example in self.required.items() if options.get(name) is None]
+        if missing:
+            raise ValueError(f"task {self.name!r} needs {', '.join(missing)}")
 
     def prompt(self, text: str | None = None, style: str = DEFAULT_STYLE) -> str:
         return format_prompt(self.name, style, text=self.normalize(text) if text is not None else None)
+
+    def request_prompt(self, meta: dict[str, Any], style: str = DEFAULT_STYLE) -> str:
+        """Prompt for one pipeline item (`meta` holds text, image and input sizes, box codec, options)."""
+        return self.prompt(meta["text"], style)
 
     @staticmethod
     def normalize(text: str) -> str:
@@ -40,10 +49,20 @@ class Task:
         """Training pair (prompt, target) from an example dict; targets start with a space (OFA)."""
         return self.prompt(example.get("text"), style), " " + self.normalize(example["target"])
 
-    def generate_kwargs(self, config, tokenizer) -> dict[str, Any]:
+    def generate_kwargs(self, config, tokenizer, options: dict[str, Any]) -> dict[str, Any]:
         """Decoding settings for `model.generate` (callers may override any of them)."""
         return dict(self.generation)
 
-    def postprocess(self, decoded: Decoded, tokenizer, meta: dict[str, Any]) -> dict[str, Any]:
+    def run(self, model, inputs: dict, tokenizer, options: dict[str, Any], generate_kwargs: dict[str, Any]) -> list:
+        """Model outputs for a batch, one entry per input (here: its list of scored answers)."""
+        kwargs = {**self.generate_kwargs(model.config, tokenizer, options), **generate_kwargs}
+        return generate_decoded(model, inputs, tokenizer.eos_token_id, tokenizer.pad_token_id, **kwargs)
+
+    def postprocess(self, raw: list[Decoded], tokenizer, meta: dict[str, Any]) -> dict[str, Any]:
+        """One input's answers -> its JSON-ready result (several sequences -> `candidates`)."""
+        results = [self.answer(decoded, tokenizer, meta) for decoded in raw]
+        return results[0] if len(results) == 1 else {"candidates": results}
+
+    def answer(self, decoded: Decoded, tokenizer, meta: dict[str, Any]) -> dict[str, Any]:
         text = tokenizer.decode(decoded.tokens, skip_special_tokens=True).strip()
         return {"text": text, "score": decoded.probability}

@@ -1,0 +1,154 @@
+"""Tasks whose inputs or outputs are boxes: grounding (zero, one or several boxes), grounded
+captioning (a region in the prompt) and detection (boxes, labels and per-box scores)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ofa_ufo.generation import Trie
+from ofa_ufo.generation.constraints import BoxSequenceLogitsProcessor, DetectionLogitsProcessor
+from ofa_ufo.generation.scoring import Decoded
+from ofa_ufo.prompts import DEFAULT_STYLE, format_prompt
+from ofa_ufo.tasks.base import Task
+
+NO_OBJECT = " none"  # grounding target when the phrase matches nothing
+
+
+def _box_text(codec, boxes, meta: dict[str, Any]) -> str:
+    bins = codec.encode(boxes, meta["original_size"], meta["input_size"])
+    return " ".join(codec.to_text(bins[i]) for i in range(len(bins)))
+
+
+def _decode_boxes(tokens: list[int], tokenizer, meta: dict[str, Any]) -> list[list[float]]:
+    codec = meta["box_codec"]
+    bins = codec.from_token_ids(np.asarray(tokens, dtype=np.int64).reshape(-1, 4), tokenizer.bin_offset)
+    return [[round(float(v), 2) for v in box] for box in codec.decode(bins, meta["original_size"], meta["input_size"])]
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+@dataclass
+class GroundingTask(Task):
+    """Referring expression -> boxes. The target is one or more 4-bin groups, or " none".
+
+    Options: `max_boxes` (default 1, as OFA's RefCOCO), `allow_none` (default True; False gives
+    OFA's always-a-box behaviour for converted checkpoints). Each box is scored by the
+    probability of its four bin tokens.
+    """
+
+    options: tuple[str, ...] = ("max_boxes", "allow_none")
+
+    def prompt(self, text: str | None = None, style: str = DEFAULT_STYLE) -> str:
+        if not text or not text.strip():
+            raise ValueError("task 'grounding' needs the phrase to find: pass text='...'")
+        return super().prompt(text, style)
+
+    def build_example(self, example: dict[str, Any], meta: dict[str, Any], style: str = DEFAULT_STYLE) -> tuple[str, str]:
+        """Target: the bins of every matching box (`box` or `boxes`), or " none" when there is none."""
+        boxes = example.get("boxes", [example["box"]] if example.get("box") is not None else [])
+        target = _box_text(meta["box_codec"], boxes, meta) if len(boxes) else NO_OBJECT
+        return self.prompt(example["text"], style), target
+
+    def generate_kwargs(self, config, tokenizer, options: dict[str, Any]) -> dict[str, Any]:
+        max_boxes = int(options.get("max_boxes") or 1)
+        none_ids = tokenizer(NO_OBJECT, add_special_tokens=False)["input_ids"]
+        none_id = none_ids[0] if options.get("allow_none", True) and len(none_ids) == 1 else None
+        constraint = BoxSequenceLogitsProcessor(
+            config.bin_offset, config.bin_offset + config.num_bins, tokenizer.eos_token_id, max_boxes, none_id
+        )
+        return {**self.generation, "max_new_tokens": 4 * max_boxes + 1, "logits_processor": [constraint]}
+
+    def answer(self, decoded: Decoded, tokenizer, meta: dict[str, Any]) -> dict[str, Any]:
+        count = len(decoded.tokens) // 4 * 4
+        bins = [t for t in decoded.tokens[:count] if tokenizer.bin_offset <= t < tokenizer.bin_offset + tokenizer.num_bins]
+        if len(bins) != count:  # " none" (or nothing usable): no object
+            return {"boxes": [], "labels": [], "scores": []}
+        boxes = _decode_boxes(bins, tokenizer, meta)
+        scores = [float(np.exp(sum(decoded.token_logprobs[i : i + 4]))) for i in range(0, count, 4)]
+        return {"boxes": boxes, "labels": [meta["text"]] * len(boxes), "scores": scores}
+
+
+@dataclass
+class GroundedCaptionTask(Task):
+    """Describe a region given as `box=[x0, y0, x1, y1]` (original pixels), written into the prompt as bins."""
+
+    options: tuple[str, ...] = ("box",)
+    required: dict[str, str] = field(default_factory=lambda: {"box": "[10, 20, 110, 90]"})
+
+    def request_prompt(self, meta: dict[str, Any], style: str = DEFAULT_STYLE) -> str:
+        self.check_options(meta["options"])
+        box = meta["options"]["box"]
+        if meta["original_size"] is None:
+            raise ValueError("task 'grounded_caption' needs an image")
+        return format_prompt(self.name, style, region=_box_text(meta["box_codec"], [box], meta))
+
+    def build_example(self, example: dict[str, Any], meta: dict[str, Any], style: str = DEFAULT_STYLE) -> tuple[str, str]:
+        prompt = self.request_prompt({**meta, "options": {"box": example["box"]}}, style)
+        return prompt, " " + self.normalize(example["target"])
+
+
+@dataclass
+class DetectionTask(Task):
+    """Detection as generation (Pix2Seq / OFA): `<bin>x4 label ...`; each box is scored by the
+    probability of its label tokens, duplicates (same label, IoU > `dedupe_iou`) removed.
+
+    Options: `labels` (restrict labels to a class list via a trie), `max_new_tokens` via generate.
+    """
+
+    options: tuple[str, ...] = ("labels",)
+    dedupe_iou: float = 0.7
+
+    def build_example(self, example: dict[str, Any], meta: dict[str, Any], style: str = DEFAULT_STYLE) -> tuple[str, str]:
+        parts = [f"{_box_text(meta['box_codec'], [box], meta)} {self.normalize(label)}"
+                 for box, label in zip(example["boxes"], example["labels"])]
+        return self.prompt(None, style), " ".join(parts)
+
+    def generate_kwargs(self, config, tokenizer, options: dict[str, Any]) -> dict[str, Any]:
+        labels = options.get("labels")
+        trie = None if labels is None else Trie.from_strings(tokenizer, [" " + self.normalize(l) for l in labels])
+        specials = [tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                    tokenizer.unk_token_id, tokenizer.mask_token_id]
+        constraint = DetectionLogitsProcessor(config.bin_offset, config.bin_offset + config.num_bins,
+                                              tokenizer.eos_token_id, config.code_offset, specials, trie)
+        return {**self.generation, "logits_processor": [constraint]}
+
+    def answer(self, decoded: Decoded, tokenizer, meta: dict[str, Any]) -> dict[str, Any]:
+        found = []
+        for box_tokens, label_tokens, label_logprobs in self._objects(decoded, tokenizer):
+            label = tokenizer.decode(label_tokens, skip_special_tokens=True).strip()
+            found.append((_decode_boxes(box_tokens, tokenizer, meta)[0], label, float(np.exp(sum(label_logprobs)))))
+        kept = self._dedupe(sorted(found, key=lambda f: -f[2]))
+        return {"boxes": [f[0] for f in kept], "labels": [f[1] for f in kept], "scores": [f[2] for f in kept]}
+
+    @staticmethod
+    def _objects(decoded: Decoded, tokenizer):
+        """Split a token sequence into (4 bin tokens, label tokens, label log-probs); incomplete objects dropped."""
+        low, high = tokenizer.bin_offset, tokenizer.bin_offset + tokenizer.num_bins
+        objects, box, label, logprobs = [], [], [], []
+        for token, logprob in zip(decoded.tokens, decoded.token_logprobs):
+            if low <= token < high:
+                if len(box) == 4 and label:
+                    objects.append((box, label, logprobs))
+                    box, label, logprobs = [], [], []
+                box.append(token)
+            elif len(box) == 4:
+                label.append(token)
+                logprobs.append(logprob)
+        if len(box) == 4 and label:
+            objects.append((box, label, logprobs))
+        return objects
+
+    def _dedupe(self, found: list[tuple]) -> list[tuple]:
+        kept: list[tuple] = []
+        for item in found:
+            if not any(k[1] == item[1] and _iou(k[0], item[0]) > self.dedupe_iou for k in kept):
+                kept.append(item)
+        return kept

@@ -1,0 +1,133 @@
+"""Every registered task end to end through the pipeline on a tiny random model, plus the
+constraint processors and output parsers on hand-made token sequences."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import pipeline
+
+import ofa_ufo
+from ofa_ufo.generation.constraints import BoxSequenceLogitsProcessor, DetectionLogitsProcessor
+from ofa_ufo.generation.scoring import Decoded
+from ofa_ufo.tasks import get_task
+
+# How to call each task and the keys its result must have. A new task needs a row here.
+CALLS = {
+    "caption": (dict(), {"text", "score"}),
+    "vqa": (dict(text="what color is it"), {"text", "score"}),
+    "grounding": (dict(text="the red circle", max_boxes=3), {"boxes", "labels", "scores"}),
+    "grounded_caption": (dict(box=[5, 5, 40, 30]), {"text", "score"}),
+    "itm": (dict(text="a red circle"), {"label", "score", "scores"}),
+    "entailment": (dict(text="there is a circle", premise="a red circle on gray"), {"label", "score", "scores"}),
+    "classification": (dict(labels=["circle", "square", "red star"], top_k=2), {"label", "score", "top_k"}),
+    "detection": (dict(max_new_tokens=20), {"boxes", "labels", "scores"}),
+    "text_infill": (dict(text="a red <mask> on a gray background", max_new_tokens=6), {"text", "score"}),
+}
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    return pipeline("ofa-ufo", model=str(tiny_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return Image.fromarray(np.random.default_rng(3).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+
+
+def test_every_task_has_a_call():
+    assert set(ofa_ufo.list_tasks()) == set(CALLS)
+
+
+@pytest.mark.parametrize("task", sorted(CALLS))
+def test_task_end_to_end(pipe, photo, task):
+    kwargs, keys = CALLS[task]
+    image = None if task == "text_infill" else photo
+    result = pipe(image, task=task, **kwargs)
+    assert set(result) == keys, result
+    json.dumps(result)
+    if "boxes" in result:
+        assert len(result["boxes"]) == len(result["labels"]) == len(result["scores"])
+        for x0, y0, x1, y1 in result["boxes"]:
+            assert 0 <= x0 <= x1 <= photo.width and 0 <= y0 <= y1 <= photo.height
+    if "scores" in result and isinstance(result["scores"], dict):
+        assert abs(sum(result["scores"].values()) - 1.0) < 1e-5
+    if "top_k" in result:
+        assert [r["label"] for r in result["top_k"]][0] == result["label"]
+        assert {r["label"] for r in result["top_k"]} <= {"circle", "square", "red star"}
+
+
+def test_closed_set_vqa_returns_top_k(pipe, photo):
+    result = pipe(photo, task="vqa", text="what shape is it?", candidates=["circle", "square", "star"], top_k=3)
+    assert len(result["top_k"]) == 3 and {r["text"] for r in result["top_k"]} == {"circle", "square", "star"}
+    scores = [r["score"] for r in result["top_k"]]
+    assert scores == sorted(scores, reverse=True) and sum(scores) <= 1.0 + 1e-5
+
+
+def test_missing_task_options_fail_the_call(pipe, photo):
+    with pytest.raises(ValueError, match="'classification' needs labels="):
+        pipe(photo, task="classification")
+    with pytest.raises(ValueError, match="'grounded_caption' needs box="):
+        pipe([photo, photo], task="grounded_caption")
+
+
+def _allowed(processor, ids):
+    scores = torch.zeros(1, 40)
+    return torch.isfinite(processor(torch.tensor([[0] + ids]), scores))[0].nonzero().flatten().tolist()
+
+
+def test_box_sequence_constraint():
+    bins = list(range(20, 30))
+    proc = BoxSequenceLogitsProcessor(20, 30, eos_token_id=2, max_boxes=2, none_token_id=7)
+    assert _allowed(proc, []) == [7] + bins
+    assert _allowed(proc, [7]) == [2]
+    assert _allowed(proc, [21, 22]) == bins
+    assert _allowed(proc, [21, 22, 23, 24]) == [2] + bins
+    assert _allowed(proc, [21, 22, 23, 24, 25, 26, 27, 28]) == [2]
+
+
+def test_detection_constraint_with_label_trie():
+    trie = ofa_ufo.generation.Trie([[10, 11, 2], [12, 2]])
+    proc = DetectionLogitsProcessor(20, 30, eos_token_id=2, text_end=15, special_ids=[0, 1, 2, 3], label_trie=trie)
+    bins = list(range(20, 30))
+    assert _allowed(proc, []) == [2] + bins
+    assert _allowed(proc, [21, 22, 23]) == bins
+    assert _allowed(proc, [21, 22, 23, 24]) == [10, 12]
+    assert _allowed(proc, [21, 22, 23, 24, 10]) == [11]
+    assert _allowed(proc, [21, 22, 23, 24, 10, 11]) == [2] + bins
+    free = DetectionLogitsProcessor(20, 30, eos_token_id=2, text_end=15, special_ids=[0, 1, 2, 3])
+    assert _allowed(free, [21, 22, 23, 24]) == list(range(4, 15))
+    assert _allowed(free, [21, 22, 23, 24, 9]) == [2] + list(range(4, 15)) + bins
+
+
+def test_detection_parsing_scores_and_dedupe(processor):
+    tok = processor.tokenizer
+    b = tok.bin_offset
+    red = tok(" red circle", add_special_tokens=False)["input_ids"]
+    meta = dict(original_size=(1000, 1000), input_size=(64, 64), box_codec=processor.box_codec, options={}, text=None)
+    box = [b + 0, b + 0, b + 499, b + 499]
+    near = [b + 1, b + 1, b + 499, b + 499]
+    far = [b + 600, b + 600, b + 999, b + 999]
+    tokens = box + red + near + red + far + red
+    logprobs = [0.0] * 4 + [np.log(0.9)] + [0.0] * (len(red) - 1) + [0.0] * 4 + [np.log(0.5)] + [0.0] * (len(red) - 1) \
+        + [0.0] * 4 + [np.log(0.7)] + [0.0] * (len(red) - 1)
+    result = get_task("detection").answer(Decoded(tokens, logprobs), tok, meta)
+    assert result["labels"] == ["red circle", "red circle"]
+    np.testing.assert_allclose(result["scores"], [0.9, 0.7])
+    assert result["boxes"][0] == [0.0, 0.0, 499.5, 499.5]
+
+
+def test_grounding_training_targets(processor):
+    task = get_task("grounding")
+    meta = dict(original_size=(100, 50), input_size=(64, 64), box_codec=processor.box_codec)
+    _, one = task.build_example({"text": "the cat", "box": [0, 0, 100, 50]}, meta)
+    _, two = task.build_example({"text": "cats", "boxes": [[0, 0, 10, 10], [50, 0, 100, 50]]}, meta)
+    _, none = task.build_example({"text": "a dog", "boxes": []}, meta)
+    assert one == "<bin_0> <bin_0> <bin_999> <bin_999>" and two.count("<bin_") == 8 and none == " none"
+    ids = processor.tokenizer(none, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1, "the no-object target must be one token"
