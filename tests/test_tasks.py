@@ -131,3 +131,10 @@ def test_grounding_training_targets(processor):
     assert one == "<bin_0> <bin_0> <bin_999> <bin_999>" and two.count("<bin_") == 8 and none == " none"
     ids = processor.tokenizer(none, add_special_tokens=False)["input_ids"]
     assert len(ids) == 1, "the no-object target must be one token"
+
+
+def test_every_task_is_documented():
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "tasks.md").read_text(encoding="utf-8")
+    assert all(f"| `{task}` |" in page for task in ofa_ufo.list_tasks())
