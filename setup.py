@@ -33,6 +33,8 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "pyyaml>=6.0",
+        "pycocotools>=2.0.11",
+        "pycocoevalcap>=1.2",
     ],
     extras_require={
         "test": ["pytest>=8.0", "hypothesis>=6.100"],

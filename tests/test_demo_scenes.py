@@ -162,9 +162,9 @@ def test_vqa_answers_are_correct_and_balanced(scenes: list[Scene]) -> None:
     kinds, yes_no = set(), []
     for scene, _ in itertools.product(scenes, range(10)):
         ex = vqa_example(scene, rng)
-        _check_answer(scene, ex["question"], ex["answer"])
-        kinds.add(" ".join(ex["question"].split()[:2]))
-        yes_no += [ex["answer"]] if ex["answer"] in ("yes", "no") else []
+        _check_answer(scene, ex["text"], ex["target"])
+        kinds.add(" ".join(ex["text"].split()[:2]))
+        yes_no += [ex["target"]] if ex["target"] in ("yes", "no") else []
     assert kinds == {"how many", "is there", "what color", "what shape"}
     assert 0.4 < yes_no.count("yes") / len(yes_no) < 0.6
 
@@ -191,7 +191,7 @@ def test_detection_and_classification_examples(scenes: list[Scene]) -> None:
         assert det["boxes"] == [o.box for o in scene.objects]
         assert set(det["labels"]) <= set(detection_labels())
         largest = max(o.box[2] - o.box[0] for o in scene.objects)
-        label = classification_example(scene)["label"]
+        label = classification_example(scene)["target"]
         assert label in {o.shape for o in scene.objects if o.box[2] - o.box[0] == largest}
 
 

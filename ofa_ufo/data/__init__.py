@@ -39,3 +39,35 @@ __all__ = [
     "referring_expression",
     "vqa_example",
 ]
+
+from ofa_ufo.data.canonical import CANONICAL_TASKS, FIELDS, DataError, new_example, validate_example  # noqa: E402
+from ofa_ufo.data.loaders import (  # noqa: E402
+    LoadReport,
+    load_coco_captions,
+    load_coco_instances,
+    load_hf_dataset,
+    load_image_folder,
+    load_jsonl,
+    load_ofa_tsv,
+    load_refcoco,
+    load_snli_ve,
+    load_vqa_v2,
+)
+
+__all__ += [
+    "CANONICAL_TASKS",
+    "FIELDS",
+    "DataError",
+    "LoadReport",
+    "load_coco_captions",
+    "load_coco_instances",
+    "load_hf_dataset",
+    "load_image_folder",
+    "load_jsonl",
+    "load_ofa_tsv",
+    "load_refcoco",
+    "load_snli_ve",
+    "load_vqa_v2",
+    "new_example",
+    "validate_example",
+]

@@ -285,7 +285,7 @@ def _question_kinds(scene: Scene) -> list[str]:
 def vqa_example(scene: Scene, rng: np.random.Generator) -> dict[str, Any]:
     """A random answerable question with a one-word answer."""
     question, answer = _QUESTIONS[_pick(rng, _question_kinds(scene))](scene, rng)
-    return {"task": "vqa", "image": scene.image, "question": question, "answer": answer}
+    return {"task": "vqa", "image": scene.image, "text": question, "target": answer}
 
 
 def referring_expression(scene: Scene, index: int) -> str:
@@ -317,7 +317,7 @@ def detection_example(scene: Scene) -> dict[str, Any]:
 def classification_example(scene: Scene) -> dict[str, Any]:
     """The image's class is the shape of its largest object (leftmost wins a tie)."""
     largest = max(scene.objects, key=lambda o: o.area)
-    return {"task": "classification", "image": scene.image, "label": largest.shape}
+    return {"task": "classification", "image": scene.image, "target": largest.shape}
 
 
 _BUILDERS: dict[str, Callable[[Scene, np.random.Generator], dict[str, Any]]] = {

@@ -46,7 +46,7 @@ class ClassificationTask(Task):
         return _trie_kwargs(self, tokenizer, list(options["labels"]), options.get("top_k") or 5)
 
     def build_example(self, example: dict[str, Any], meta: dict[str, Any], style: str = DEFAULT_STYLE) -> tuple[str, str]:
-        return self.prompt(None, style), " " + self.normalize(example["label"])
+        return self.prompt(None, style), " " + self.normalize(example["target"])
 
     def postprocess(self, raw: list[Decoded], tokenizer, meta: dict[str, Any]) -> dict[str, Any]:
         return _ranked(raw, tokenizer, "label")
@@ -67,7 +67,7 @@ class VQATask(Task):
         return super().prompt(question if question.endswith("?") else question + "?", style)
 
     def build_example(self, example: dict[str, Any], meta: dict[str, Any], style: str = DEFAULT_STYLE) -> tuple[str, str]:
-        return self.prompt(example["question"], style), " " + self.normalize(example["answer"])
+        return self.prompt(example["text"], style), " " + self.normalize(example["target"])
 
     def generate_kwargs(self, config, tokenizer, options: dict[str, Any]) -> dict[str, Any]:
         if options.get("candidates") is None:
@@ -98,9 +98,9 @@ class ChoiceTask(Task):
         return {"label": best, "score": scores[best], "scores": scores}
 
     def build_example(self, example: dict[str, Any], meta: dict[str, Any], style: str = DEFAULT_STYLE) -> tuple[str, str]:
-        label = example["label"]
+        label = example["target"]
         if label not in self.classes:
-            raise ValueError(f"task {self.name!r}: label {label!r} is not one of {list(self.classes)}")
+            raise ValueError(f"task {self.name!r}: target {label!r} is not one of {list(self.classes)}")
         return self.request_prompt({"text": example["text"], "options": example}, style), " " + self.classes[label]
 
 

@@ -79,7 +79,7 @@ def show_predictions(output_dir: Path, scenes: DemoScenes, count: int) -> None:
         caption, vqa, grounding = demo_examples(scenes, index, 0)
         print(f"scene {index}: objects = {[o.name for o in scenes[index].objects]}")
         print("  caption  :", pipe(caption["image"], task="caption"), "| truth:", caption["target"])
-        print("  vqa      :", pipe(vqa["image"], task="vqa", text=vqa["question"]), "| truth:", vqa["answer"])
+        print("  vqa      :", pipe(vqa["image"], task="vqa", text=vqa["text"]), "| truth:", vqa["target"])
         found = pipe(grounding["image"], task="grounding", text=grounding["text"])
         print("  grounding:", found, "| truth:", [round(v, 1) for v in grounding["box"]])
 

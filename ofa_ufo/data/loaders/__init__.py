@@ -1,0 +1,33 @@
+"""Loaders: each source format -> a stream of canonical examples (see :mod:`ofa_ufo.data.canonical`).
+
+Every loader is a generator function's result: rows are read lazily (JSONL/TSV line by line;
+COCO/VQA JSON documents are read whole, that is inherent). ``on_error="raise"`` (default)
+stops at the first bad row with a :class:`DataError` naming file, row and field;
+``on_error="skip"`` drops bad rows, counts them in ``report`` (a :class:`LoadReport`, if
+passed) and logs one warning with the first few reasons when the load ends.
+"""
+
+from ofa_ufo.data.loaders._common import LoadReport, OnError
+from ofa_ufo.data.loaders.coco import load_coco_captions, load_coco_instances, load_refcoco
+from ofa_ufo.data.loaders.folder import IMAGE_EXTENSIONS, load_image_folder
+from ofa_ufo.data.loaders.hf import load_hf_dataset
+from ofa_ufo.data.loaders.jsonl import load_jsonl
+from ofa_ufo.data.loaders.snli_ve import load_snli_ve
+from ofa_ufo.data.loaders.tsv import TSV_LAYOUTS, load_ofa_tsv
+from ofa_ufo.data.loaders.vqa import load_vqa_v2
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "TSV_LAYOUTS",
+    "LoadReport",
+    "OnError",
+    "load_coco_captions",
+    "load_coco_instances",
+    "load_hf_dataset",
+    "load_image_folder",
+    "load_jsonl",
+    "load_ofa_tsv",
+    "load_refcoco",
+    "load_snli_ve",
+    "load_vqa_v2",
+]

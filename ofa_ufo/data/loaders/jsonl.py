@@ -1,0 +1,39 @@
+"""The canonical format on disk: JSON Lines, one canonical example per line."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ofa_ufo.data.canonical import FIELDS, DataError, new_example
+from ofa_ufo.data.loaders._common import LoadReport, OnError, Size, check_on_error, drive, image_path, iter_lines
+from ofa_ufo.data.loaders.snli_ve import parse_json_line
+
+__all__ = ["load_jsonl"]
+
+
+def load_jsonl(
+    path: str | os.PathLike, on_error: OnError = "raise", report: LoadReport | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Stream canonical examples from a ``.jsonl`` file written by :mod:`ofa_ufo.data.convert`
+    (or by hand). Absent keys read as ``None``; unknown keys are an error (catches typos);
+    relative ``image`` paths resolve against the file's folder. Rows are 1-based lines.
+    """
+    check_on_error(on_error)
+    source, folder = str(path), Path(path).absolute().parent
+
+    def build(line: str, row: int) -> tuple[dict[str, Any], Size | None]:
+        record = parse_json_line(line, source, row)
+        if not isinstance(record, dict):
+            raise DataError(source, row, "<line>", f"expected a JSON object, got {type(record).__name__}")
+        unknown = sorted(set(record) - set(FIELDS))
+        if unknown:
+            raise DataError(source, row, unknown[0], f"unknown field; canonical fields are {list(FIELDS)}")
+        example = new_example(**record)
+        if isinstance(example["image"], str) and example["image"].strip():
+            example["image"] = image_path(folder, example["image"])
+        return example, None
+
+    return drive(iter_lines(path), build, source, on_error, report)

@@ -1,0 +1,74 @@
+"""Evaluation metrics computed with the standard reference code, behind a name registry.
+
+``get_metric(name)`` returns a callable ``metric(predictions, references) -> dict[str, float]``;
+task specs name their metric (``metric: cider``) and the evaluation loop looks it up here.
+
+=================  ======================================  ======================================
+name               predictions / references                returned keys
+=================  ======================================  ======================================
+``caption``        ``list[str]`` / ``list[list[str]]``     ``bleu4 meteor rouge_l cider``
+``bleu4`` ...      same (one caption metric each)          its own name
+``vqa_accuracy``   ``list[str]`` / ``list[list[str]]``     ``vqa_accuracy`` (10 human answers)
+``acc@0.5``        ``list[[x0,y0,x1,y1] | [] | None]`` /   ``acc@0.5``
+                   ``list[[x0,y0,x1,y1]]``
+``top1``/``top5``  ranked labels ``list[list[label]]`` /   ``top1`` / ``top5``
+                   gold ``list[label]``
+``coco_map``       ``[{"boxes","labels","scores"}]`` /     ``map`` (mAP@[.5:.95]), ``map50``
+                   ``[{"boxes","labels"}]`` per image
+=================  ======================================  ======================================
+
+All values are fractions in [0, 1] except CIDEr (0-10 scale). SPICE is not offered (it needs a
+model download); see ``captioning`` for the Java cost of METEOR and the tokeniser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+from ofa_ufo.metrics.captioning import CAPTION_METRICS, caption_scores
+from ofa_ufo.metrics.classification import topk_accuracy
+from ofa_ufo.metrics.detection import coco_map
+from ofa_ufo.metrics.grounding import box_iou, grounding_accuracy
+from ofa_ufo.metrics.vqa import normalize_vqa_answer, vqa_accuracy, vqa_score
+
+__all__ = [
+    "CAPTION_METRICS",
+    "Metric",
+    "box_iou",
+    "caption_scores",
+    "coco_map",
+    "get_metric",
+    "grounding_accuracy",
+    "list_metrics",
+    "normalize_vqa_answer",
+    "topk_accuracy",
+    "vqa_accuracy",
+    "vqa_score",
+]
+
+Metric = Callable[[Sequence[Any], Sequence[Any]], dict[str, float]]
+
+_METRICS: dict[str, Metric] = {
+    "caption": caption_scores,
+    **{name: partial(caption_scores, metrics=(name,)) for name in CAPTION_METRICS},
+    "vqa_accuracy": vqa_accuracy,
+    "acc@0.5": partial(grounding_accuracy, threshold=0.5),
+    "top1": partial(topk_accuracy, k=1),
+    "top5": partial(topk_accuracy, k=5),
+    "coco_map": coco_map,
+}
+
+
+def list_metrics() -> list[str]:
+    """Registered metric names, sorted, for CLIs and error messages."""
+    return sorted(_METRICS)
+
+
+def get_metric(name: str) -> Metric:
+    """The metric registered as ``name``; unknown names fail loudly with the valid ones listed."""
+    try:
+        return _METRICS[name]
+    except KeyError:
+        raise ValueError(f"unknown metric {name!r}; valid metrics: {', '.join(list_metrics())}") from None
