@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from ofa_ufo.metrics import list_metrics
 from ofa_ufo.prompts import DEFAULT_STYLE, list_styles
 from ofa_ufo.resources import resource_dir
 from ofa_ufo.tasks import get_task
@@ -62,4 +63,17 @@ def _validate(raw: dict[str, Any], path: Path) -> TaskSpec:
         raise ValueError(f"{path}: field 'task': {error}") from None
     if raw.get("prompt_style", DEFAULT_STYLE) not in list_styles():
         raise ValueError(f"{path}: field 'prompt_style' must be one of {list_styles()}, got {raw['prompt_style']!r}")
+    if raw["metric"] not in list_metrics():
+        raise ValueError(f"{path}: field 'metric' must be one of {list_metrics()}, got {raw['metric']!r}")
+    _check_data(raw["data"], path)
     return TaskSpec(**raw)
+
+
+def _check_data(data: Any, path: Path) -> None:
+    """`data` names generated demo scenes or one of the loader formats of `ofa_ufo.data.convert`."""
+    from ofa_ufo.data.convert import FORMATS
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: field 'data' must be a mapping, got {type(data).__name__}")
+    if data.get("source") != "demo_scenes" and data.get("format") not in FORMATS:
+        raise ValueError(f"{path}: field 'data' needs source: demo_scenes or format: one of {sorted(FORMATS)}")

@@ -42,3 +42,12 @@ def test_attention_equals_naive_ofa_formula():
     heads = (probs @ v) * attn.c_attn.view(1, 4, 1, 1)
     expected = attn.out_proj(heads.transpose(1, 2).reshape(2, 5, 32))
     torch.testing.assert_close(attn(x, bias), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_cached_index_tables_built_in_inference_mode_still_train():
+    text_relative_buckets.cache_clear()
+    image_relative_buckets.cache_clear()
+    with torch.inference_mode():
+        text_relative_buckets(8, 32)
+        image_relative_buckets(4)
+    assert not text_relative_buckets(8, 32).is_inference() and not image_relative_buckets(4).is_inference()

@@ -32,11 +32,20 @@ def test_shipped_specs_load(name):
 
 def test_spec_validation_names_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\ntask: caption\ndata: {}\nmetric: cider\nbatchsize: 3\n")
+    bad.write_text("name: x\ntask: caption\ndata: {source: demo_scenes}\nmetric: cider\nbatchsize: 3\n")
     with pytest.raises(ValueError, match="bad.yaml: unknown key\\(s\\) \\['batchsize'\\]"):
         load_spec(bad)
     bad.write_text("name: x\ntask: segmentation\ndata: {}\nmetric: miou\n")
     with pytest.raises(ValueError, match="field 'task': Unknown task 'segmentation'"):
+        load_spec(bad)
+    bad.write_text("name: x\ntask: caption\ndata: {source: demo_scenes}\nmetric: spice\n")
+    with pytest.raises(ValueError, match="field 'metric' must be one of .*'cider'"):
+        load_spec(bad)
+    bad.write_text("name: x\ntask: caption\ndata: {format: parquet}\nmetric: cider\n")
+    with pytest.raises(ValueError, match="field 'data' needs .*coco_captions"):
+        load_spec(bad)
+    bad.write_text("name: x\ntask: caption\ndata: {source: demo_scenes}\nmetric: cider\nprompt_style: poetic\n")
+    with pytest.raises(ValueError, match="field 'prompt_style' must be one of"):
         load_spec(bad)
     with pytest.raises(ValueError, match="Unknown task spec 'nope'"):
         load_spec("nope")

@@ -13,6 +13,7 @@ from torch import nn
 
 
 @lru_cache(maxsize=8)
+@torch.inference_mode(False)  # cached for the process: must stay usable by autograd later
 def text_relative_buckets(bucket_size: int, max_position: int) -> torch.Tensor:
     """(max_position, max_position) bucket index of i - j: exact within bucket_size/2, log-spaced beyond.
 
@@ -28,6 +29,7 @@ def text_relative_buckets(bucket_size: int, max_position: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=8)
+@torch.inference_mode(False)
 def image_relative_buckets(bucket_size: int) -> torch.Tensor:
     """(n + 1, n + 1) index of the 2-D offset between grid cells, n = bucket_size ** 2 (BEiT style).
 

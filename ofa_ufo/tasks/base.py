@@ -49,6 +49,14 @@ class Task:
         """Training pair (prompt, target) from an example dict; targets start with a space (OFA)."""
         return self.prompt(example.get("text"), style), " " + self.normalize(example["target"])
 
+    def pipeline_call(self, example: dict[str, Any], labels: list[str] | None = None) -> dict[str, Any]:
+        """Pipeline keyword arguments (besides the image) that ask this task about a canonical example."""
+        return {"text": example["text"]} if example.get("text") else {}
+
+    def metric_pair(self, result: dict[str, Any], example: dict[str, Any]) -> tuple[Any, Any]:
+        """(prediction, reference) in the form the task's metric takes (see `ofa_ufo.metrics`)."""
+        return result.get("text", ""), example.get("references") or [example["target"]]
+
     def generate_kwargs(self, config, tokenizer, options: dict[str, Any]) -> dict[str, Any]:
         """Decoding settings for `model.generate` (callers may override any of them)."""
         return dict(self.generation)

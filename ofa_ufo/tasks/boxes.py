@@ -66,6 +66,11 @@ class GroundingTask(Task):
         )
         return {**self.generation, "max_new_tokens": 4 * max_boxes + 1, "logits_processor": [constraint]}
 
+    def metric_pair(self, result: dict[str, Any], example: dict[str, Any]) -> tuple[Any, Any]:
+        """acc@0.5 judges the best box against the (single) annotated box."""
+        boxes = result.get("boxes") or []
+        return (boxes[0] if boxes else []), example["box"]
+
     def answer(self, decoded: Decoded, tokenizer, meta: dict[str, Any]) -> dict[str, Any]:
         count = len(decoded.tokens) // 4 * 4
         bins = [t for t in decoded.tokens[:count] if tokenizer.bin_offset <= t < tokenizer.bin_offset + tokenizer.num_bins]
@@ -90,6 +95,9 @@ class GroundedCaptionTask(Task):
             raise ValueError("task 'grounded_caption' needs an image")
         return format_prompt(self.name, style, region=_box_text(meta["box_codec"], [box], meta))
 
+    def pipeline_call(self, example: dict[str, Any], labels: list[str] | None = None) -> dict[str, Any]:
+        return {"box": example["box"]}
+
     def build_example(self, example: dict[str, Any], meta: dict[str, Any], style: str = DEFAULT_STYLE) -> tuple[str, str]:
         prompt = self.request_prompt({**meta, "options": {"box": example["box"]}}, style)
         return prompt, " " + self.normalize(example["target"])
@@ -110,6 +118,13 @@ class DetectionTask(Task):
         parts = [f"{_box_text(meta['box_codec'], [box], meta)} {self.normalize(label)}"
                  for box, label in zip(example["boxes"], example["labels"])]
         return self.prompt(None, style), " ".join(parts)
+
+    def pipeline_call(self, example: dict[str, Any], labels: list[str] | None = None) -> dict[str, Any]:
+        return {"labels": labels} if labels else {}
+
+    def metric_pair(self, result: dict[str, Any], example: dict[str, Any]) -> tuple[Any, Any]:
+        prediction = {k: result.get(k, []) for k in ("boxes", "labels", "scores")}
+        return prediction, {"boxes": example["boxes"], "labels": example["labels"]}
 
     def generate_kwargs(self, config, tokenizer, options: dict[str, Any]) -> dict[str, Any]:
         labels = options.get("labels")

@@ -51,6 +51,12 @@ class ClassificationTask(Task):
     def postprocess(self, raw: list[Decoded], tokenizer, meta: dict[str, Any]) -> dict[str, Any]:
         return _ranked(raw, tokenizer, "label")
 
+    def pipeline_call(self, example: dict[str, Any], labels: list[str] | None = None) -> dict[str, Any]:
+        return {"labels": labels}
+
+    def metric_pair(self, result: dict[str, Any], example: dict[str, Any]) -> tuple[Any, Any]:
+        return [r["label"] for r in result.get("top_k", [])], example["target"]
+
 
 @dataclass
 class VQATask(Task):
@@ -91,6 +97,12 @@ class ChoiceTask(Task):
         candidates = [ids + [tokenizer.eos_token_id] for ids in tokenizer(words, add_special_tokens=False)["input_ids"]]
         logprobs = score_candidates(model, inputs, candidates, tokenizer.pad_token_id)  # (B, C)
         return list(logprobs.softmax(-1))
+
+    def pipeline_call(self, example: dict[str, Any], labels: list[str] | None = None) -> dict[str, Any]:
+        return {name: example[name] for name in ("text", *self.options) if example.get(name)}
+
+    def metric_pair(self, result: dict[str, Any], example: dict[str, Any]) -> tuple[Any, Any]:
+        return [result["label"]] if "label" in result else [], example["target"]
 
     def postprocess(self, raw, tokenizer, meta: dict[str, Any]) -> dict[str, Any]:
         scores = {label: float(p) for label, p in zip(self.classes, raw.tolist())}
