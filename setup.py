@@ -37,7 +37,8 @@ setup(
         "pycocoevalcap>=1.2",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "hypothesis>=6.100"],
+        "test": ["pytest>=8.0", "hypothesis>=6.100", "scikit-image>=0.22"],
+        "demo": ["scikit-image>=0.22"],
         "oracle": [
             "modelscope==1.40.2",
             "addict",

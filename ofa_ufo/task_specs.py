@@ -24,7 +24,7 @@ class TaskSpec:
     name: str
     task: str
     data: dict[str, Any]
-    metric: str
+    metric: str = ""  # default: the task's own metric
     prompt_style: str = DEFAULT_STYLE
     generation: dict[str, Any] = field(default_factory=dict)
     hyperparameters: dict[str, Any] = field(default_factory=dict)
@@ -54,13 +54,14 @@ def _validate(raw: dict[str, Any], path: Path) -> TaskSpec:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
-    missing = sorted(f.name for f in fields(TaskSpec) if f.name in ("name", "task", "data", "metric") and f.name not in raw)
+    missing = sorted(f.name for f in fields(TaskSpec) if f.name in ("name", "task", "data") and f.name not in raw)
     if missing:
         raise ValueError(f"{path}: missing required key(s) {missing}")
     try:
-        get_task(raw["task"])
+        task = get_task(raw["task"])
     except ValueError as error:
         raise ValueError(f"{path}: field 'task': {error}") from None
+    raw = {**raw, "metric": raw.get("metric") or task.metric}
     if raw.get("prompt_style", DEFAULT_STYLE) not in list_styles():
         raise ValueError(f"{path}: field 'prompt_style' must be one of {list_styles()}, got {raw['prompt_style']!r}")
     if raw["metric"] not in list_metrics():

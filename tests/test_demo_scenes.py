@@ -10,10 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from ofa_ufo.data.canonical import new_example, validate_example
 from ofa_ufo.data.demo_scenes import (
     BACKGROUNDS,
     COLORS,
     GAP,
+    UNKNOWABLE,
     MAX_SIDE,
     MIN_SIDE,
     NUMBER_WORDS,
@@ -28,8 +30,12 @@ from ofa_ufo.data.demo_scenes import (
     classification_example,
     detection_example,
     detection_labels,
+    entailment_example,
     generate_scene,
+    grounded_caption_example,
     grounding_example,
+    hidden_fraction,
+    itm_example,
     make_examples,
     referring_expression,
     vqa_example,
@@ -199,7 +205,138 @@ def test_make_examples_covers_every_task(scenes: list[Scene]) -> None:
     ds = DemoScenes("train", 2, size=SIZE)
     examples = make_examples(ds[0], ds.example_rng(0))
     assert [e["task"] for e in examples] == list(TASKS)
+    assert set(TASKS) == {"caption", "vqa", "grounding", "detection", "classification",
+                          "entailment", "itm", "grounded_caption"}
+    for example in examples:
+        _validate(example)
     assert all(e["image"] is examples[0]["image"] for e in examples)
     assert make_examples(ds[0], ds.example_rng(0)) == make_examples(ds[0], ds.example_rng(0))
     with pytest.raises(KeyError):
         make_examples(scenes[0], np.random.default_rng(0), tasks=("caption", "nope"))
+
+
+def _validate(example: dict) -> None:
+    """The builder's fields form a valid canonical record."""
+    validate_example(new_example(id="demo", **example), "demo", 0)
+
+
+def _group_members(scene: Scene, text: str) -> list[SceneObject]:
+    """Objects a plural expression ("the shapes", "the red shapes", "the red circles") denotes."""
+    words = text.split()[1:]
+    colors = [w for w in words if w in COLORS]
+    shape = words[-1].removesuffix("es" if words[-1] == "crosses" else "s")
+    return [o for o in scene.objects
+            if (not colors or o.color == colors[0]) and (shape == "shape" or o.shape == shape)]
+
+
+def test_grounding_with_several_or_no_objects(scenes: list[Scene]) -> None:
+    rng = np.random.default_rng(0)
+    kinds = []
+    for scene, _ in itertools.product(scenes, range(5)):
+        ex = grounding_example(scene, rng, multi_prob=0.4, none_prob=0.3)
+        _validate(ex)
+        present = {o.name for o in scene.objects}
+        if "box" in ex:
+            kinds.append("one")
+            assert [o.box for o in _resolve(scene, ex["text"])] == [ex["box"]]
+        elif not ex["boxes"]:
+            kinds.append("none")
+            assert ex["text"].removeprefix("the ") not in present
+        else:
+            kinds.append("several")
+            members = _group_members(scene, ex["text"])
+            assert len(members) > 1 and ex["boxes"] == [o.box for o in members]
+    assert {"one", "none", "several"} == set(kinds)
+    assert 0.2 < kinds.count("none") / len(kinds) < 0.4
+
+
+def test_grounding_rejects_bad_probabilities(scenes: list[Scene]) -> None:
+    with pytest.raises(ValueError):
+        grounding_example(scenes[0], np.random.default_rng(0), multi_prob=0.7, none_prob=0.5)
+
+
+def _hypothesis_label(scene: Scene, text: str) -> str:
+    """The label a reader of the scene gives the hypothesis."""
+    words = text.split()
+    if words[-1] in ("shape", "shapes"):
+        return "entailment" if NUMBER_WORDS.index(words[2]) == len(scene.objects) else "contradiction"
+    if words[0] == "there":
+        present = " ".join(words[-2:]) in {o.name for o in scene.objects}
+        return "entailment" if present else "contradiction"
+    assert any(text.endswith(f" is {p}") for p in UNKNOWABLE)
+    subject = text[: text.index(" is ")]
+    assert subject in {referring_expression(scene, i) for i in range(len(scene.objects))}
+    return "neutral"
+
+
+def test_entailment_labels_match_the_scene(scenes: list[Scene]) -> None:
+    rng = np.random.default_rng(0)
+    labels = []
+    for scene, _ in itertools.product(scenes, range(5)):
+        ex = entailment_example(scene, rng)
+        _validate(ex)
+        assert ex["target"] == _hypothesis_label(scene, ex["text"])
+        assert ex["premise"] == caption_example(scene)["target"]
+        labels.append(ex["target"])
+    assert all(0.25 < labels.count(label) / len(labels) < 0.42 for label in set(labels))
+    assert "premise" not in entailment_example(scenes[0], rng, with_premise=False)
+
+
+def test_itm_matches_only_the_true_caption(scenes: list[Scene]) -> None:
+    rng = np.random.default_rng(0)
+    targets = []
+    for scene, _ in itertools.product(scenes, range(5)):
+        ex = itm_example(scene, rng)
+        _validate(ex)
+        caption = caption_example(scene)["target"]
+        assert ex["target"] == ("yes" if ex["text"] == caption else "no")
+        targets.append(ex["target"])
+    assert 0.4 < targets.count("yes") / len(targets) < 0.6
+
+
+def test_grounded_caption_describes_its_box(scenes: list[Scene]) -> None:
+    rng = np.random.default_rng(0)
+    for scene in scenes:
+        ex = grounded_caption_example(scene, rng)
+        _validate(ex)
+        names = {o.name for o in scene.objects if o.box == ex["box"]}
+        assert ex["target"].split(" ", 1)[1] in names
+
+
+def test_occlusion_is_bounded_and_deterministic() -> None:
+    ds = DemoScenes("train", 60, size=96, seed=3, max_objects=4, occlusion=0.3)
+    overlaps = 0
+    for scene in (ds[i] for i in range(len(ds))):
+        for a, b in itertools.combinations(scene.objects, 2):
+            ix = min(a.box[2], b.box[2]) - max(a.box[0], b.box[0])
+            iy = min(a.box[3], b.box[3]) - max(a.box[1], b.box[1])
+            shared = max(ix, 0) * max(iy, 0)
+            overlaps += shared > 0
+            assert shared <= 0.3 * min(a.area, b.area)
+        assert all(hidden_fraction(o, scene.objects) <= 0.3 for o in scene.objects)
+        assert sorted(o.layer for o in scene.objects) == list(range(len(scene.objects)))
+    assert overlaps > 0
+    again = DemoScenes("train", 60, size=96, seed=3, max_objects=4, occlusion=0.3)
+    assert _same(ds[7], again[7])
+    with pytest.raises(ValueError):
+        generate_scene(np.random.default_rng(0), occlusion=0.9)
+
+
+def test_occluding_shape_is_drawn_on_top() -> None:
+    ds = DemoScenes("val", 60, size=96, seed=3, max_objects=4, occlusion=0.3)
+    checked = 0
+    for scene in (ds[i] for i in range(len(ds))):
+        pixels = np.asarray(scene.image)
+        top = max(scene.objects, key=lambda o: o.layer)
+        x0, y0, x1, y1 = (int(v) for v in top.box)
+        centre = pixels[(y0 + y1) // 2, (x0 + x1) // 2]
+        if top.shape in ("circle", "square", "diamond", "cross"):  # shapes filled at the centre
+            assert tuple(centre) == COLORS[top.color]
+            checked += 1
+    assert checked > 0
+
+
+def test_make_examples_passes_grounding_mix(scenes: list[Scene]) -> None:
+    rng = np.random.default_rng(0)
+    found = [make_examples(s, rng, ("grounding",), none_prob=1.0)[0] for s in scenes[:5]]
+    assert all(ex["boxes"] == [] for ex in found)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import ofa_ufo
+from ofa_ufo.metrics import get_metric
 from ofa_ufo.prompts import format_prompt, list_styles
 from ofa_ufo.task_specs import list_specs, load_spec
 
@@ -49,3 +50,10 @@ def test_spec_validation_names_file_and_key(tmp_path):
         load_spec(bad)
     with pytest.raises(ValueError, match="Unknown task spec 'nope'"):
         load_spec("nope")
+
+
+def test_spec_metric_defaults_to_the_task_metric(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\ntask: vqa\ndata: {source: demo_scenes}\n")
+    assert load_spec(spec).metric == ofa_ufo.get_task("vqa").metric == "vqa_accuracy"
+    assert all(get_metric(ofa_ufo.get_task(t).metric) for t in ofa_ufo.list_tasks())

@@ -138,3 +138,19 @@ def test_every_task_is_documented():
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "tasks.md").read_text(encoding="utf-8")
     assert all(f"| `{task}` |" in page for task in ofa_ufo.list_tasks())
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa", "grounding", "detection", "classification"])
+def test_real_photos_smoke_every_task(pipe, task):
+    """The hand-labelled real photos go through each of their tasks with the documented schema."""
+    pytest.importorskip("skimage")
+    from ofa_ufo.data.real_photos import real_photo_examples
+
+    examples = real_photo_examples(task)[:2]
+    labels = sorted({e["target"] for e in real_photo_examples("classification")})
+    spec = get_task(task)
+    for example in examples:
+        result = pipe(example["image"], task=task, max_new_tokens=12, **spec.pipeline_call(example, labels))
+        assert set(result) == CALLS[task][1], result
+        prediction, reference = spec.metric_pair(result, example)
+        assert reference is not None

@@ -38,21 +38,27 @@ from PIL import Image
 __all__ = ["CANONICAL_TASKS", "ENTAILMENT_LABELS", "FIELDS", "DataError", "new_example", "validate_example"]
 
 CANONICAL_TASKS: tuple[str, ...] = (
-    "caption", "vqa", "grounding", "detection", "classification", "entailment",
+    "caption", "vqa", "grounding", "grounded_caption", "detection", "classification", "entailment", "itm",
+    "text_infill",
 )
 ENTAILMENT_LABELS: tuple[str, ...] = ("entailment", "neutral", "contradiction")
 FIELDS: tuple[str, ...] = (
     "id", "task", "image", "text", "target", "references", "box", "boxes", "labels", "premise", "meta",
 )
-# Fields each task cannot do without (beyond id/task).
-_REQUIRED: dict[str, tuple[str, ...]] = {
+# Fields each task cannot do without (beyond id/task); a tuple means "one of these".
+_REQUIRED: dict[str, tuple[str | tuple[str, ...], ...]] = {
     "caption": ("target",),
     "vqa": ("text", "target"),
-    "grounding": ("text", "box"),
+    "grounding": ("text", ("box", "boxes")),  # `boxes` may be empty: the phrase matches nothing
+    "grounded_caption": ("box", "target"),
     "detection": ("boxes", "labels"),
     "classification": ("target",),
     "entailment": ("text", "target"),
+    "itm": ("text", "target"),
+    "text_infill": ("text", "target"),
 }
+# Tasks whose target is one of a fixed set of class names.
+_TARGET_CHOICES: dict[str, tuple[str, ...]] = {"entailment": ENTAILMENT_LABELS, "itm": ("yes", "no")}
 _STRING_FIELDS = ("id", "task", "text", "target", "premise")
 _Fail = Callable[[str, str], NoReturn]
 
@@ -140,11 +146,13 @@ def _check_task(example: Mapping[str, Any], fail: _Fail) -> None:
     task = example["task"]
     if task not in CANONICAL_TASKS:
         fail("task", f"unknown task {task!r}; expected one of {list(CANONICAL_TASKS)}")
-    for name in _REQUIRED[task]:
-        if example[name] is None:
-            fail(name, f"is required for task {task!r}")
-    if task == "entailment" and example["target"] not in ENTAILMENT_LABELS:
-        fail("target", f"entailment label {example['target']!r} not in {list(ENTAILMENT_LABELS)}")
+    for need in _REQUIRED[task]:
+        names = need if isinstance(need, tuple) else (need,)
+        if all(example[name] is None for name in names):
+            fail(names[0], f"is required for task {task!r}" + (f" (or {names[1:]})" if len(names) > 1 else ""))
+    choices = _TARGET_CHOICES.get(task)
+    if choices and example["target"] not in choices:
+        fail("target", f"{task} label {example['target']!r} not in {list(choices)}")
 
 
 def validate_example(

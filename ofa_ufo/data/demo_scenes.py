@@ -1,11 +1,15 @@
 """Procedurally generated shape scenes: the offline demo data.
 
-A tiny model must learn captioning, VQA, grounding, detection and classification from
+A tiny model must learn captioning, VQA, grounding (one, several or no objects),
+detection, classification, entailment, image-text matching and grounded captioning from
 these within minutes of CPU training, and tests must never download anything. So scenes
-are a handful of flat-coloured shapes on a lightly textured background, generated from
-a seed, with every fact about them (shape, colour, box) known exactly.
+are a handful of flat-coloured shapes (optionally partly occluding each other) on a lightly
+textured background, generated from a seed, with every fact about them (shape, colour,
+amodal box) known exactly.
 
-Task examples are plain dicts of fields; turning them into prompts is the task layer's job.
+Task examples are plain dicts holding only the canonical fields they need (see
+`ofa_ufo.data.canonical`; `new_example(id=..., **example)` fills in the rest); turning them
+into prompts is the task layer's job.
 """
 
 from __future__ import annotations
@@ -62,13 +66,17 @@ VQA_TEMPLATES: dict[str, str] = {
     "exists": "is there {article} {color} {shape}?",
 }
 
-TASKS: tuple[str, ...] = ("caption", "vqa", "grounding", "detection", "classification")
+TASKS: tuple[str, ...] = (
+    "caption", "vqa", "grounding", "detection", "classification", "entailment", "itm",
+    "grounded_caption",
+)
 
 MIN_SIDE, MAX_SIDE = 0.15, 0.45  # object side as a fraction of the image side
 GAP = 4  # minimum free pixels between two objects
 MAX_NOISE = 6  # per-pixel background noise amplitude (grey levels)
 MAX_GRADIENT = 20  # background brightness ramp amplitude (grey levels)
 PLACEMENT_TRIES = 40  # random placements tried per requested object
+MAX_OCCLUSION = 0.5  # beyond this an occluded shape may no longer be recognisable
 
 
 def _star(points: int = 5, inner: float = 0.45) -> list[tuple[float, float]]:
@@ -100,11 +108,16 @@ _POLYGONS: dict[str, tuple[tuple[float, float], ...]] = {
 
 @dataclass
 class SceneObject:
-    """One drawn shape; `box` is (x0, y0, x1, y1) in pixels and tightly encloses it."""
+    """One drawn shape; `box` is (x0, y0, x1, y1) in pixels and tightly encloses it.
+
+    Boxes are amodal: they cover the shape's full extent even where a later (higher
+    `layer`) object partly hides it, as in COCO-style annotation of occluded objects.
+    """
 
     shape: str
     color: str
     box: Box
+    layer: int = 0  # drawing order: higher layers are drawn on top
 
     @property
     def name(self) -> str:
@@ -152,16 +165,40 @@ def _apart(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[1] + GAP <= b[0] or b[1] + GAP <= a[0]
 
 
-def _conflicts(a: SceneObject, b: SceneObject) -> bool:
-    """Overlapping (within GAP), or identical objects not side by side (so "left"/"right" work)."""
+def _intersection(a: Box, b: Box) -> float:
+    """Area shared by two boxes (0 when disjoint)."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    return max(width, 0.0) * max(height, 0.0)
+
+
+def _conflicts(a: SceneObject, b: SceneObject, occlusion: float) -> bool:
+    """Too much overlap, or identical objects not side by side (so "left"/"right" work).
+
+    With `occlusion` 0 objects keep GAP pixels apart; otherwise they may share up to that
+    fraction of the smaller box.
+    """
     apart_x = _apart((a.box[0], a.box[2]), (b.box[0], b.box[2]))
-    apart_y = _apart((a.box[1], a.box[3]), (b.box[1], b.box[3]))
-    return not apart_x if a.name == b.name else not (apart_x or apart_y)
+    if a.name == b.name:
+        return not apart_x
+    if occlusion == 0:
+        return not (apart_x or _apart((a.box[1], a.box[3]), (b.box[1], b.box[3])))
+    return _intersection(a.box, b.box) > occlusion * min(a.area, b.area)
 
 
-def _fits(candidate: SceneObject, objects: list[SceneObject]) -> bool:
+def hidden_fraction(obj: SceneObject, objects: Sequence[SceneObject]) -> float:
+    """Upper bound on the share of `obj`'s box covered by objects drawn above it."""
+    covered = sum(_intersection(obj.box, o.box) for o in objects if o.layer > obj.layer)
+    return covered / obj.area
+
+
+def _fits(candidate: SceneObject, objects: list[SceneObject], occlusion: float) -> bool:
+    """No conflicts, at most 3 twins, and no object hidden beyond `occlusion` in total."""
     twins = sum(o.name == candidate.name for o in objects)
-    return twins < max(POSITION_WORDS) and not any(_conflicts(candidate, o) for o in objects)
+    if twins >= max(POSITION_WORDS) or any(_conflicts(candidate, o, occlusion) for o in objects):
+        return False
+    stack = [*objects, candidate]
+    return all(hidden_fraction(o, stack) <= occlusion for o in objects)
 
 
 def _left_to_right(obj: SceneObject) -> tuple[float, float]:
@@ -169,16 +206,19 @@ def _left_to_right(obj: SceneObject) -> tuple[float, float]:
     return (x0 + x1, y0 + y1)
 
 
-def _place_objects(rng: np.random.Generator, size: int, count: int) -> list[SceneObject]:
-    """Rejection-sample up to `count` non-overlapping objects (the first always fits)."""
+def _place_objects(
+    rng: np.random.Generator, size: int, count: int, occlusion: float
+) -> list[SceneObject]:
+    """Rejection-sample up to `count` objects (the first always fits), in drawing order."""
     objects: list[SceneObject] = []
     for _ in range(count * PLACEMENT_TRIES):
         candidate = _random_object(rng, size)
-        if _fits(candidate, objects):
+        candidate.layer = len(objects)
+        if _fits(candidate, objects, occlusion):
             objects.append(candidate)
             if len(objects) == count:
                 break
-    return sorted(objects, key=_left_to_right)
+    return objects
 
 
 def _draw(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
@@ -192,18 +232,26 @@ def _draw(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
         draw.polygon([(x0 + u * w, y0 + v * h) for u, v in _POLYGONS[obj.shape]], fill=fill)
 
 
-def generate_scene(rng: np.random.Generator, size: int = 256, max_objects: int = 3) -> Scene:
-    """Draw 1..max_objects separated shapes (no antialiasing, so colours stay exact)."""
+def generate_scene(
+    rng: np.random.Generator, size: int = 256, max_objects: int = 3, occlusion: float = 0.0
+) -> Scene:
+    """Draw 1..max_objects shapes (no antialiasing, so colours stay exact).
+
+    `occlusion` > 0 lets a later shape cover up to that fraction of an earlier one (and of
+    the smaller of the two boxes); 0 keeps shapes apart. Boxes stay amodal (full extent).
+    """
     if not 1 <= max_objects < len(NUMBER_WORDS):
         raise ValueError(f"max_objects must be in [1, {len(NUMBER_WORDS) - 1}], got {max_objects}")
     if size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {size}")
+    if not 0.0 <= occlusion <= MAX_OCCLUSION:
+        raise ValueError(f"occlusion must be in [0, {MAX_OCCLUSION}], got {occlusion}")
     background, image = _background(rng, size)
-    objects = _place_objects(rng, size, int(rng.integers(1, max_objects + 1)))
+    objects = _place_objects(rng, size, int(rng.integers(1, max_objects + 1)), occlusion)
     draw = ImageDraw.Draw(image)
     for obj in objects:
         _draw(draw, obj)
-    return Scene(image, objects, background)
+    return Scene(image, sorted(objects, key=_left_to_right), background)
 
 
 def _article(word: str) -> str:
@@ -220,9 +268,13 @@ def caption_example(scene: Scene, rng: np.random.Generator | None = None) -> dic
     `rng` is accepted only so every rng-taking builder shares one signature; captions are
     deterministic so a tiny model sees one target per image.
     """
-    phrases = [_with_article(o) for o in scene.objects]
-    text = phrases[0] if len(phrases) == 1 else f"{', '.join(phrases[:-1])} and {phrases[-1]}"
-    return {"task": "caption", "image": scene.image, "target": text}
+    return {"task": "caption", "image": scene.image, "target": _describe(scene.objects)}
+
+
+def _describe(objects: Sequence[SceneObject]) -> str:
+    """ "a x, a y and a z" for the objects in the order given."""
+    phrases = [_with_article(o) for o in objects]
+    return phrases[0] if len(phrases) == 1 else f"{', '.join(phrases[:-1])} and {phrases[-1]}"
 
 
 def _unique(values: list[str]) -> list[str]:
@@ -257,8 +309,7 @@ def _exists_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
         color, shape = _pick(rng, sorted(present))
         answer = "yes"
     else:
-        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
-        color, shape = _pick(rng, absent)
+        color, shape = _pick(rng, _absent_pairs(scene))
         answer = "no"
     question = VQA_TEMPLATES["exists"].format(article=_article(color), color=color, shape=shape)
     return question, answer
@@ -297,11 +348,55 @@ def referring_expression(scene: Scene, index: int) -> str:
     return f"the {POSITION_WORDS[len(twins)][twins.index(index)]} {obj.name}"
 
 
-def grounding_example(scene: Scene, rng: np.random.Generator) -> dict[str, Any]:
-    """A random object and the expression that singles it out."""
-    index = int(rng.integers(len(scene.objects)))
-    text, box = referring_expression(scene, index), scene.objects[index].box
-    return {"task": "grounding", "image": scene.image, "text": text, "box": box}
+def grounding_example(
+    scene: Scene, rng: np.random.Generator, multi_prob: float = 0.0, none_prob: float = 0.0
+) -> dict[str, Any]:
+    """A referring expression and every box it denotes, left to right.
+
+    With probability `none_prob` it names an absent colour-shape pair (`boxes` = []), with
+    `multi_prob` a group of 2+ objects ("the red shapes", "the circles"; `boxes` = all of
+    them), else one object (`box`). The defaults (0, 0) keep the single-object examples and
+    draw nothing extra from `rng`; a scene without a group falls back to one object.
+    """
+    if not (0 <= multi_prob and 0 <= none_prob and multi_prob + none_prob <= 1):
+        raise ValueError(f"need probabilities summing to <= 1, got {multi_prob}, {none_prob}")
+    draw = rng.random() if multi_prob or none_prob else 1.0
+    groups = _groups(scene)
+    if draw < none_prob:
+        text, boxes = _absent_expression(scene, rng), []
+    elif draw < none_prob + multi_prob and groups:
+        text, members = _pick(rng, groups)
+        boxes = [o.box for o in members]
+    else:
+        index = int(rng.integers(len(scene.objects)))
+        text, box = referring_expression(scene, index), scene.objects[index].box
+        return {"task": "grounding", "image": scene.image, "text": text, "box": box}
+    return {"task": "grounding", "image": scene.image, "text": text, "boxes": boxes}
+
+
+def _plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+def _groups(scene: Scene) -> list[tuple[str, list[SceneObject]]]:
+    """Plural expressions that denote 2+ objects of the scene, with their objects."""
+    candidates = [("the shapes", lambda o: True)]
+    candidates += [(f"the {c} shapes", lambda o, c=c: o.color == c) for c in COLORS]
+    candidates += [(f"the {_plural(s)}", lambda o, s=s: o.shape == s) for s in SHAPES]
+    candidates += [(f"the {c} {_plural(s)}", lambda o, c=c, s=s: o.name == f"{c} {s}")
+                   for c in COLORS for s in SHAPES]
+    groups = [(text, [o for o in scene.objects if match(o)]) for text, match in candidates]
+    return [(text, members) for text, members in groups if len(members) > 1]
+
+
+def _absent_pairs(scene: Scene) -> list[tuple[str, str]]:
+    present = {(o.color, o.shape) for o in scene.objects}
+    return [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+
+
+def _absent_expression(scene: Scene, rng: np.random.Generator) -> str:
+    color, shape = _pick(rng, _absent_pairs(scene))
+    return f"the {color} {shape}"
 
 
 def detection_example(scene: Scene) -> dict[str, Any]:
@@ -320,23 +415,118 @@ def classification_example(scene: Scene) -> dict[str, Any]:
     return {"task": "classification", "image": scene.image, "target": largest.shape}
 
 
-_BUILDERS: dict[str, Callable[[Scene, np.random.Generator], dict[str, Any]]] = {
+# Properties a flat drawing cannot show, so hypotheses about them are neutral.
+UNKNOWABLE: tuple[str, ...] = (
+    "heavy", "light", "made of wood", "made of metal", "hot", "cold", "expensive", "soft",
+)
+
+
+def _count_statement(count: int) -> str:
+    noun = "shape" if count == 1 else "shapes"
+    verb = "is" if count == 1 else "are"
+    return f"there {verb} {NUMBER_WORDS[count]} {noun}"
+
+
+def _entailed(scene: Scene, rng: np.random.Generator) -> str:
+    """A statement the image shows to be true."""
+    if rng.random() < 0.5:
+        return _count_statement(len(scene.objects))
+    return f"there is {_with_article(_pick(rng, scene.objects))}"
+
+
+def _contradicted(scene: Scene, rng: np.random.Generator) -> str:
+    """A statement the image shows to be false."""
+    if rng.random() < 0.5:
+        wrong = [n for n in range(1, len(NUMBER_WORDS)) if n != len(scene.objects)]
+        return _count_statement(_pick(rng, wrong))
+    color, shape = _pick(rng, _absent_pairs(scene))
+    return f"there is {_article(color)} {color} {shape}"
+
+
+def _unknowable(scene: Scene, rng: np.random.Generator) -> str:
+    """A statement about a visible object that no image could settle."""
+    subject = referring_expression(scene, int(rng.integers(len(scene.objects))))
+    return f"{subject} is {_pick(rng, UNKNOWABLE)}"
+
+
+_HYPOTHESES: dict[str, Callable[[Scene, np.random.Generator], str]] = {
+    "entailment": _entailed,
+    "contradiction": _contradicted,
+    "neutral": _unknowable,
+}
+
+
+def entailment_example(
+    scene: Scene, rng: np.random.Generator, with_premise: bool = True
+) -> dict[str, Any]:
+    """A hypothesis and its label, the three labels equally likely (SNLI-VE style).
+
+    Entailment: a true count or a present object; contradiction: a wrong count or an
+    absent colour-shape pair; neutral: a visible object with a property pictures cannot
+    show ("the red circle is heavy"). The premise, when given, is the caption.
+    """
+    label = _pick(rng, list(_HYPOTHESES))
+    example = {"task": "entailment", "image": scene.image, "text": _HYPOTHESES[label](scene, rng),
+               "target": label}
+    if with_premise:
+        example["premise"] = caption_example(scene)["target"]
+    return example
+
+
+def _corrupted(obj: SceneObject, rng: np.random.Generator) -> SceneObject:
+    """The object with its colour or its shape swapped for a different one."""
+    if rng.random() < 0.5:
+        return SceneObject(obj.shape, _pick(rng, [c for c in COLORS if c != obj.color]), obj.box)
+    return SceneObject(_pick(rng, [s for s in SHAPES if s != obj.shape]), obj.color, obj.box)
+
+
+def itm_example(scene: Scene, rng: np.random.Generator) -> dict[str, Any]:
+    """The true caption ("yes") or, equally often, one with a single object altered ("no").
+
+    Altering one object changes the multiset of objects named, so a "no" caption is
+    always false of the scene.
+    """
+    objects = list(scene.objects)
+    if rng.random() < 0.5:
+        return {"task": "itm", "image": scene.image, "text": _describe(objects), "target": "yes"}
+    index = int(rng.integers(len(objects)))
+    objects[index] = _corrupted(objects[index], rng)
+    return {"task": "itm", "image": scene.image, "text": _describe(objects), "target": "no"}
+
+
+def grounded_caption_example(scene: Scene, rng: np.random.Generator) -> dict[str, Any]:
+    """One object's box and its description, e.g. "a red circle"."""
+    obj = _pick(rng, scene.objects)
+    return {"task": "grounded_caption", "image": scene.image, "box": obj.box,
+            "target": _with_article(obj)}
+
+
+_BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {
     "caption": caption_example,
     "vqa": vqa_example,
     "grounding": grounding_example,
     "detection": lambda scene, rng: detection_example(scene),
     "classification": lambda scene, rng: classification_example(scene),
+    "entailment": entailment_example,
+    "itm": itm_example,
+    "grounded_caption": grounded_caption_example,
 }
 
 
 def make_examples(
-    scene: Scene, rng: np.random.Generator, tasks: Sequence[str] = TASKS
+    scene: Scene,
+    rng: np.random.Generator,
+    tasks: Sequence[str] = TASKS,
+    multi_prob: float = 0.0,
+    none_prob: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """One example per requested task, in the order given."""
+    """One example per requested task, in the order given; the probabilities go to
+    :func:`grounding_example` (several / no matching objects)."""
     unknown = [t for t in tasks if t not in _BUILDERS]
     if unknown:
         raise KeyError(f"unknown demo tasks {unknown}; known: {list(_BUILDERS)}")
-    return [_BUILDERS[t](scene, rng) for t in tasks]
+    grounding = dict(multi_prob=multi_prob, none_prob=none_prob)
+    return [_BUILDERS[t](scene, rng, **(grounding if t == "grounding" else {})) for t in tasks]
 
 
 def class_names() -> list[str]:
@@ -363,17 +553,19 @@ class DemoScenes(Dataset):
         size: int = 256,
         seed: int = 0,
         max_objects: int = 3,
+        occlusion: float = 0.0,
     ) -> None:
         if num_scenes < 0 or seed < 0:
             raise ValueError("num_scenes and seed must be non-negative")
         self.split, self.num_scenes, self.size = split, num_scenes, size
-        self.seed, self.max_objects = seed, max_objects
+        self.seed, self.max_objects, self.occlusion = seed, max_objects, occlusion
 
     def __len__(self) -> int:
         return self.num_scenes
 
     def __getitem__(self, index: int) -> Scene:
-        return generate_scene(self._rng(index, stream=0), self.size, self.max_objects)
+        rng = self._rng(index, stream=0)
+        return generate_scene(rng, self.size, self.max_objects, self.occlusion)
 
     def example_rng(self, index: int, epoch: int = 0) -> np.random.Generator:
         """A generator for building scene `index`'s task examples: fixed per epoch, so a

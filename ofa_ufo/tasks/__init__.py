@@ -37,13 +37,14 @@ def list_tasks() -> list[str]:
 
 _TEXT = dict(num_beams=5, max_new_tokens=16, no_repeat_ngram_size=3)
 register_task(Task("caption", generation=_TEXT))
-register_task(VQATask("vqa", generation=dict(num_beams=5, min_new_tokens=2, max_new_tokens=8, length_penalty=0.0)))
-register_task(GroundingTask("grounding", generation=dict(num_beams=5)))
+register_task(VQATask("vqa", generation=dict(num_beams=5, min_new_tokens=2, max_new_tokens=8, length_penalty=0.0),
+                       metric="vqa_accuracy"))
+register_task(GroundingTask("grounding", generation=dict(num_beams=5), metric="acc@0.5"))
 register_task(GroundedCaptionTask("grounded_caption", generation=_TEXT))
-register_task(ITMTask("itm", classes={"yes": "yes", "no": "no"}))
-register_task(EntailmentTask("entailment", classes={"entailment": "yes", "contradiction": "no", "neutral": "maybe"}))
-register_task(ClassificationTask("classification", generation=dict(num_beams=5)))
-register_task(DetectionTask("detection", generation=dict(num_beams=1, max_new_tokens=64)))
+register_task(ITMTask("itm", metric="top1", classes={"yes": "yes", "no": "no"}))
+register_task(EntailmentTask("entailment", metric="top1", classes={"entailment": "yes", "contradiction": "no", "neutral": "maybe"}))
+register_task(ClassificationTask("classification", generation=dict(num_beams=5), metric="top1"))
+register_task(DetectionTask("detection", generation=dict(num_beams=1, max_new_tokens=64), metric="coco_map"))
 register_task(Task("text_infill", generation=dict(num_beams=5, max_new_tokens=32, no_repeat_ngram_size=3)))
 register_task(FreePromptTask(FREE_PROMPT, generation=dict(num_beams=5, max_new_tokens=32, no_repeat_ngram_size=3)))
 

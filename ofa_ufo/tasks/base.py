@@ -24,6 +24,7 @@ class Task:
 
     name: str
     generation: dict[str, Any] = field(default_factory=dict)
+    metric: str = "caption"  # default metric (a name from ofa_ufo.metrics); specs may choose another
     options: tuple[str, ...] = ()
     required: dict[str, str] = field(default_factory=dict)  # option -> example value, for the error
 

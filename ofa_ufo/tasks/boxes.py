@@ -53,7 +53,9 @@ class GroundingTask(Task):
 
     def build_example(self, example: dict[str, Any], meta: dict[str, Any], style: str = DEFAULT_STYLE) -> tuple[str, str]:
         """Target: the bins of every matching box (`box` or `boxes`), or " none" when there is none."""
-        boxes = example.get("boxes", [example["box"]] if example.get("box") is not None else [])
+        boxes = example.get("boxes")
+        if boxes is None:
+            boxes = [example["box"]] if example.get("box") is not None else []
         target = _box_text(meta["box_codec"], boxes, meta) if len(boxes) else NO_OBJECT
         return self.prompt(example["text"], style), target
 
@@ -69,7 +71,8 @@ class GroundingTask(Task):
     def metric_pair(self, result: dict[str, Any], example: dict[str, Any]) -> tuple[Any, Any]:
         """acc@0.5 judges the best box against the (single) annotated box."""
         boxes = result.get("boxes") or []
-        return (boxes[0] if boxes else []), example["box"]
+        reference = example["box"] if example.get("box") is not None else (example.get("boxes") or [None])[0]
+        return (boxes[0] if boxes else []), reference
 
     def answer(self, decoded: Decoded, tokenizer, meta: dict[str, Any]) -> dict[str, Any]:
         count = len(decoded.tokens) // 4 * 4
