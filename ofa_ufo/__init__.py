@@ -12,6 +12,7 @@ from ofa_ufo.pipeline import OFAUFOPipeline
 from ofa_ufo.presets import create_config, create_model, create_processor, list_models
 from ofa_ufo.processing import OFAUFOProcessor
 from ofa_ufo.registration import register as _register
+from ofa_ufo.supernet import SupernetArch, extract_subnet, sample_arch, set_arch
 from ofa_ufo.tasks import get_task, list_tasks
 from ofa_ufo.tokenization import OFAUFOTokenizer, build_tokenizer
 
@@ -21,6 +22,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BoxCodec",
+    "SupernetArch",
+    "extract_subnet",
+    "sample_arch",
+    "set_arch",
     "ImageLoadError",
     "OFAUFOConfig",
     "OFAUFOForConditionalGeneration",

@@ -43,8 +43,20 @@ class OFAUFOVisionConfig(PreTrainedConfig):
     resnet_type: str = "resnet101"
     resnet_drop_path_rate: float = 0.0
     supernet_layers: int = 0
-    supernet_heads: int = 12
+    supernet_dim: int = 1024
+    supernet_heads: int = 16
+    supernet_head_dim: int = 64
     supernet_mlp_ratio: float = 4.0
+    supernet_num_tasks: int = 0  # 0: one per registered task
+    supernet_routed: bool = True  # False: an extracted dense subnet (no routers, one FFN per block)
+    supernet_task: str | None = None  # the task an extracted subnet serves
+    supernet_layer_heads: list[int] | None = None  # per-block sizes of an extracted subnet
+    supernet_layer_hidden: list[int] | None = None
+    supernet_elastic_heads: list[int] | None = None  # choices sampled per block in training
+    supernet_elastic_mlp_ratios: list[float] | None = None
+    supernet_elastic_depths: list[int] | None = None
+    supernet_sample_arch: bool = False  # sample an elastic arch every training step
+    supernet_sandwich: bool = False  # also train the largest and smallest arch each step
 
     def __post_init__(self, **kwargs):
         if self.resnet_type not in RESNET_LAYERS:
@@ -53,8 +65,43 @@ class OFAUFOVisionConfig(PreTrainedConfig):
             )
         if self.supernet_layers < 0:
             raise ValueError(f"supernet_layers must be >= 0, got {self.supernet_layers}")
+        if self.supernet_layers and not self.supernet_num_tasks:
+            from ofa_ufo.tasks import list_tasks
+
+            self.supernet_num_tasks = len(list_tasks()) if self.supernet_routed else 1
         _reject_unknown(self, kwargs)
         super().__post_init__(**kwargs)
+        self._check_supernet()
+
+    def _check_supernet(self) -> None:
+        """Per-block sizes and elastic choices must fit the stored (largest) weights."""
+        for name, values, limit in (
+            ("supernet_layer_heads", self.supernet_layer_heads, self.supernet_heads),
+            ("supernet_elastic_heads", self.supernet_elastic_heads, self.supernet_heads),
+            ("supernet_elastic_depths", self.supernet_elastic_depths, self.supernet_layers),
+        ):
+            if values is not None and not all(1 <= v <= limit for v in values):
+                raise ValueError(f"{name}={values}: every value must lie in [1, {limit}]")
+        if self.supernet_elastic_mlp_ratios is not None and not all(
+            0 < r <= self.supernet_mlp_ratio for r in self.supernet_elastic_mlp_ratios
+        ):
+            raise ValueError(
+                f"supernet_elastic_mlp_ratios={self.supernet_elastic_mlp_ratios}: every ratio must lie in "
+                f"(0, {self.supernet_mlp_ratio}]"
+            )
+        for name in ("supernet_layer_heads", "supernet_layer_hidden"):
+            values = getattr(self, name)
+            if values is not None and len(values) != self.supernet_layers:
+                raise ValueError(f"{name} has {len(values)} entries for {self.supernet_layers} supernet layers")
+
+    @property
+    def layer_heads(self) -> list[int]:
+        return list(self.supernet_layer_heads or [self.supernet_heads] * self.supernet_layers)
+
+    @property
+    def layer_hidden(self) -> list[int]:
+        full = int(self.supernet_dim * self.supernet_mlp_ratio)
+        return list(self.supernet_layer_hidden or [full] * self.supernet_layers)
 
     @property
     def resnet_layers(self) -> tuple[int, int, int]:

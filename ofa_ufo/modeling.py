@@ -16,6 +16,7 @@ from transformers.modeling_outputs import Seq2SeqLMOutput, Seq2SeqModelOutput
 
 from ofa_ufo.configuration import OFAUFOConfig
 from ofa_ufo.layers.attention import OFAAttention
+from ofa_ufo.layers.moe import TaskMoEFFN
 from ofa_ufo.models.ofa import OFADecoder, OFAEncoder, OFAUFOEncoderOutput
 
 
@@ -55,6 +56,11 @@ class OFAUFOPreTrainedModel(PreTrainedModel):
             init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(module, OFAAttention) and module.c_attn is not None:
             init.ones_(module.c_attn)
+        elif isinstance(module, TaskMoEFFN):
+            for linear in (module.shared.fc1, module.shared.fc2):
+                super()._init_weights(linear)
+            module.experts.init_from(module.shared, init.copy_)
+            init.zeros_(module.router)
         else:
             super()._init_weights(module)
 
@@ -94,6 +100,7 @@ class OFAUFOModel(OFAUFOPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
+        task_ids: torch.LongTensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
         encoder_outputs: OFAUFOEncoderOutput | None = None,
         cache: Cache | None = None,
@@ -106,7 +113,7 @@ class OFAUFOModel(OFAUFOPreTrainedModel):
             if input_ids is None:
                 raise ValueError("Pass input_ids (the prompt) or precomputed encoder_outputs")
             encoder_outputs = self.encoder(
-                input_ids, attention_mask, pixel_values, image_mask, output_hidden_states=output_hidden_states
+                input_ids, attention_mask, pixel_values, image_mask, task_ids, output_hidden_states=output_hidden_states
             )
         if decoder_input_ids is None:
             raise ValueError("Pass decoder_input_ids or labels")
@@ -153,6 +160,7 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
+        task_ids: torch.LongTensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
         encoder_outputs: OFAUFOEncoderOutput | None = None,
         cache: Cache | None = None,
@@ -174,7 +182,7 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
                     labels, self.config.pad_token_id, self.config.decoder_start_token_id
                 )
         outputs = self.model(
-            input_ids, attention_mask, pixel_values, image_mask, decoder_input_ids, encoder_outputs,
+            input_ids, attention_mask, pixel_values, image_mask, task_ids, decoder_input_ids, encoder_outputs,
             cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
         )
         states = outputs.last_hidden_state

@@ -14,7 +14,7 @@ from transformers import Pipeline
 
 from ofa_ufo.image_processing import ImageLoadError, load_image
 from ofa_ufo.prompts import DEFAULT_STYLE
-from ofa_ufo.tasks import FREE_PROMPT, Task, get_task
+from ofa_ufo.tasks import FREE_PROMPT, Task, get_task, task_id
 
 
 class OFAUFOPipeline(Pipeline):
@@ -90,6 +90,9 @@ class OFAUFOPipeline(Pipeline):
 
     def _run_chunk(self, task: Task, chunk: list[tuple], options: dict, generate_kwargs: dict) -> list[dict[str, Any]]:
         model_inputs = self.preprocess(chunk)
+        if "pixel_values" in model_inputs and self.model.config.vision_config.supernet_layers:
+            ids = torch.full((len(chunk),), task_id(task.name), dtype=torch.long, device=self.device)
+            model_inputs["task_ids"] = ids  # the supernet routes on the task
         raw = self._forward(model_inputs, task=task, options=options, generate_kwargs=generate_kwargs)
         return self.postprocess(raw, task=task, metas=[meta for _, _, meta, _ in chunk])
 

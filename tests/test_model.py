@@ -179,8 +179,8 @@ def test_errors_name_the_problem():
         ofa_ufo.OFAUFOConfig(image_size=800)
     with pytest.raises(ValueError, match="resnet_type"):
         ofa_ufo.OFAUFOConfig(vision_config={"resnet_type": "resnet34"})
-    with pytest.raises(NotImplementedError, match="supernet_layers=2"):
-        tiny_model(vision_config={"supernet_layers": 2})
+    with pytest.raises(ValueError, match=r"supernet_elastic_heads=\[9\]: every value must lie in \[1, 4\]"):
+        ofa_ufo.OFAUFOConfig(vision_config={"supernet_layers": 2, "supernet_heads": 4, "supernet_elastic_heads": [9]})
 
 
 def test_too_long_sequence_is_rejected_by_model():

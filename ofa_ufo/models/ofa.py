@@ -25,6 +25,7 @@ from ofa_ufo.layers.position import (
     text_relative_buckets,
 )
 from ofa_ufo.models.resnet import OUT_CHANNELS, ResNetStem
+from ofa_ufo.models.supernet import UFOSupernet
 
 
 @dataclass
@@ -108,13 +109,11 @@ class OFAEncoder(_Stack):
         dim = config.d_model
         self.type_embedding = nn.Embedding(2, dim)
         vision = config.vision_config
-        if vision.supernet_layers:
-            raise NotImplementedError(
-                f"vision_config.supernet_layers={vision.supernet_layers}: UFO supernet blocks are not built yet; "
-                "use 0 (exact OFA)"
-            )
         self.embed_images = ResNetStem(vision.resnet_layers, vision.resnet_drop_path_rate)
-        self.image_proj = nn.Linear(OUT_CHANNELS, dim)
+        self.supernet = None
+        if vision.supernet_layers:
+            self.supernet = UFOSupernet(vision, OUT_CHANNELS, config.image_bucket_size)
+        self.image_proj = nn.Linear(vision.supernet_dim if self.supernet is not None else OUT_CHANNELS, dim)
         self.patch_layernorm_embedding = nn.LayerNorm(dim)
         self.pos_q_linear = nn.Linear(dim, dim)
         self.pos_k_linear = nn.Linear(dim, dim)
@@ -125,7 +124,9 @@ class OFAEncoder(_Stack):
         x = self.embed_tokens(input_ids) + self.type_embedding.weight[0]
         return self.dropout(self.layernorm_embedding(x))
 
-    def embed_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_image(
+        self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> image tokens (B, h*w, D) and their grid position ids (h*w,)."""
         grid = self.embed_images(pixel_values)  # (B, C, h, w)
         height, width = grid.shape[-2:]
@@ -135,8 +136,10 @@ class OFAEncoder(_Stack):
                 f"relative bias supports at most {self.config.image_bucket_size} per side"
             )
         tokens = grid.flatten(2).transpose(1, 2)  # (B, h*w, C)
-        x = self.image_proj(tokens) + self.type_embedding.weight[1]
         ids = image_position_ids(height, width, self.config.image_bucket_size, pixel_values.device)
+        if self.supernet is not None:
+            tokens = self.supernet(tokens, ids, task_ids)  # (B, h*w, supernet_dim)
+        x = self.image_proj(tokens) + self.type_embedding.weight[1]
         return self.dropout(self.patch_layernorm_embedding(x)), ids
 
     def forward(
@@ -145,6 +148,7 @@ class OFAEncoder(_Stack):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         return_dict: bool = True,
         output_attentions: bool = False,
@@ -157,7 +161,7 @@ class OFAEncoder(_Stack):
         positions = self.text_positions(input_ids.shape[1], input_ids.device)  # (1, T, D)
         image_ids = None
         if pixel_values is not None:
-            image_x, image_ids = self.embed_image(pixel_values)
+            image_x, image_ids = self.embed_image(pixel_values, task_ids)
             image_pad = torch.zeros(image_x.shape[:2], dtype=torch.bool, device=x.device)
             if image_mask is not None:
                 image_pad = image_pad | ~image_mask.bool()[:, None]

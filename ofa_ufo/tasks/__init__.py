@@ -35,6 +35,17 @@ def list_tasks() -> list[str]:
     return [name for name in _REGISTRY if name != FREE_PROMPT]
 
 
+def task_id(name: str) -> int:
+    """The id the UFO supernet routes `name` on: its position in the registry (free prompts route as
+    captioning). Registration order is therefore part of a routed checkpoint's meaning: append only."""
+    names = list_tasks()
+    if name == FREE_PROMPT:
+        name = "caption"
+    if name not in names:
+        raise ValueError(f"Unknown task {name!r}. Available: {', '.join(names)}")
+    return names.index(name)
+
+
 _TEXT = dict(num_beams=5, max_new_tokens=16, no_repeat_ngram_size=3)
 register_task(Task("caption", generation=_TEXT))
 register_task(VQATask("vqa", generation=dict(num_beams=5, min_new_tokens=2, max_new_tokens=8, length_penalty=0.0),
@@ -48,4 +59,4 @@ register_task(DetectionTask("detection", generation=dict(num_beams=1, max_new_to
 register_task(Task("text_infill", generation=dict(num_beams=5, max_new_tokens=32, no_repeat_ngram_size=3)))
 register_task(FreePromptTask(FREE_PROMPT, generation=dict(num_beams=5, max_new_tokens=32, no_repeat_ngram_size=3)))
 
-__all__ = ["Decoded", "Task", "get_task", "list_tasks", "register_task"]
+__all__ = ["Decoded", "Task", "get_task", "list_tasks", "register_task", "task_id"]

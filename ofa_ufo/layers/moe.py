@@ -1,0 +1,104 @@
+"""UFO's task mixture-of-experts pieces: per-task routers and an FFN with a shared expert plus
+one expert per task, both with elastic (leading-slice) hidden width.
+
+Routing is per task, not per token or image: each task has two router logits per layer
+[shared, own]. Training draws a straight-through hard Gumbel-softmax gate per sample
+(temperature 5, logits start at zero); evaluation takes the argmax deterministically, a tie
+(the untrained state) going to the task's own expert as in the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GUMBEL_TAU = 5.0
+
+
+def route(logits: torch.Tensor, task_ids: torch.Tensor, training: bool, tau: float = GUMBEL_TAU) -> torch.Tensor:
+    """Gates (B, 2) = [shared, own] for each sample's task; one-hot, straight-through in training."""
+    rows = logits[task_ids]  # (B, 2)
+    if not training:
+        own = rows[:, 1] >= rows[:, 0]
+        return torch.stack([~own, own], dim=1).to(rows.dtype)
+    uniform = torch.empty_like(rows).uniform_(1e-5, 0.9999)
+    soft = F.softmax((rows - torch.log(-torch.log(uniform))) / tau, dim=-1)
+    hard = F.one_hot(soft.argmax(-1), 2).to(soft.dtype)
+    return hard + soft - soft.detach()
+
+
+class ElasticMLP(nn.Module):
+    """fc1 -> GELU -> fc2 whose hidden width can be cut to its first `hidden` units."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, hidden: int | None = None) -> torch.Tensor:
+        hidden = hidden or self.fc1.out_features
+        h = F.gelu(F.linear(x, self.fc1.weight[:hidden], self.fc1.bias[:hidden]))
+        return F.linear(h, self.fc2.weight[:, :hidden], self.fc2.bias)
+
+
+class TaskExperts(nn.Module):
+    """One `ElasticMLP` per task, stored as stacked tensors so a task's expert is an index."""
+
+    def __init__(self, num_tasks: int, dim: int, hidden: int):
+        super().__init__()
+        self.fc1_weight = nn.Parameter(torch.empty(num_tasks, hidden, dim))
+        self.fc1_bias = nn.Parameter(torch.zeros(num_tasks, hidden))
+        self.fc2_weight = nn.Parameter(torch.empty(num_tasks, dim, hidden))
+        self.fc2_bias = nn.Parameter(torch.zeros(num_tasks, dim))
+
+    def forward(self, x: torch.Tensor, task: int, hidden: int | None = None) -> torch.Tensor:
+        """x (n, L, D) of one task -> (n, L, D)."""
+        hidden = hidden or self.fc1_weight.shape[1]
+        h = F.gelu(F.linear(x, self.fc1_weight[task, :hidden], self.fc1_bias[task, :hidden]))
+        return F.linear(h, self.fc2_weight[task, :, :hidden], self.fc2_bias[task])
+
+    def init_from(self, mlp: ElasticMLP, copy) -> None:
+        """Start every task expert as a copy of the shared one (the reference duplicates the MLP).
+
+        `copy(dst, src)` is the caller's initialiser (transformers' skips tensors already loaded).
+        """
+        for name, source in (("fc1_weight", mlp.fc1.weight), ("fc1_bias", mlp.fc1.bias),
+                             ("fc2_weight", mlp.fc2.weight), ("fc2_bias", mlp.fc2.bias)):
+            target = getattr(self, name)
+            copy(target, source.detach().expand_as(target))
+
+
+class TaskMoEFFN(nn.Module):
+    """Shared expert + per-task experts behind a per-task router (one [shared, own] logit pair each).
+
+    Samples are grouped by task (a loop over the tasks present, never over samples); in
+    evaluation only the chosen expert of each task runs.
+    """
+
+    def __init__(self, num_tasks: int, dim: int, hidden: int, tau: float = GUMBEL_TAU):
+        super().__init__()
+        self.shared = ElasticMLP(dim, hidden)
+        self.experts = TaskExperts(num_tasks, dim, hidden)
+        self.router = nn.Parameter(torch.zeros(num_tasks, 2))
+        self.tau = tau
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor, hidden: int | None = None) -> torch.Tensor:
+        """x (B, L, D), task_ids (B,) -> (B, L, D)."""
+        gates = route(self.router, task_ids, self.training, self.tau)  # (B, 2)
+        out = torch.zeros_like(x)
+        for task in task_ids.unique().tolist():
+            rows = (task_ids == task).nonzero().flatten()
+            out[rows] = self._expert_mix(x[rows], task, gates[rows], hidden)
+        return out
+
+    def _expert_mix(self, x: torch.Tensor, task: int, gates: torch.Tensor, hidden: int | None) -> torch.Tensor:
+        if not self.training:  # deterministic route: run only the chosen expert
+            use_own = bool(gates[0, 1])
+            return self.experts(x, task, hidden) if use_own else self.shared(x, hidden)
+        shared, own = self.shared(x, hidden), self.experts(x, task, hidden)
+        return gates[:, 0, None, None] * shared + gates[:, 1, None, None] * own
+
+    def uses_own_expert(self, task: int) -> bool:
+        """The evaluation-time route of `task` (tie -> own expert)."""
+        return bool(self.router[task, 1] >= self.router[task, 0])

@@ -1,0 +1,134 @@
+"""UFO supernet: routing, mixed-task batches, elastic archs and dense subnet extraction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import pipeline
+
+import ofa_ufo
+from ofa_ufo.supernet import largest_arch, smallest_arch
+from ofa_ufo.tasks import task_id
+
+from conftest import TINY, tiny_model
+
+SUPERNET = dict(
+    supernet_layers=2, supernet_dim=32, supernet_heads=4, supernet_head_dim=8, supernet_mlp_ratio=2.0,
+    supernet_elastic_heads=[2, 3, 4], supernet_elastic_mlp_ratios=[1.0, 1.5, 2.0], supernet_elastic_depths=[1, 2],
+)
+
+
+def supernet_model(seed: int = 0) -> ofa_ufo.OFAUFOForConditionalGeneration:
+    """A tiny routed supernet whose routers and task experts differ per task (as after training)."""
+    model = tiny_model(seed, vision_config=SUPERNET)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for block in model.get_encoder().supernet.blocks:
+            block.ffn.router.copy_(torch.randn(block.ffn.router.shape, generator=generator))
+            for p in block.ffn.experts.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def supernet():
+    return supernet_model()
+
+
+@pytest.fixture(scope="module")
+def inputs(processor):
+    torch.manual_seed(0)
+    images = [(torch.rand(48, 64, 3) * 255).to(torch.uint8).numpy() for _ in range(3)]
+    batch = processor(images=images, text=[" what does the image describe?", " a b c", " what?"], return_tensors="pt")
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_mask")}
+
+
+def _logits(model, inputs, task_ids=None):
+    decoder = torch.zeros(inputs["input_ids"].shape[0], 3, dtype=torch.long)
+    with torch.no_grad():
+        return model(**inputs, task_ids=task_ids, decoder_input_ids=decoder).logits
+
+
+def test_zero_blocks_is_exactly_the_foundation_model(inputs):
+    plain, explicit = tiny_model(), tiny_model(vision_config={"supernet_layers": 0})
+    assert plain.get_encoder().supernet is None and set(plain.state_dict()) == set(explicit.state_dict())
+    assert torch.equal(_logits(plain, inputs), _logits(explicit, inputs))
+
+
+def test_routed_supernet_needs_task_ids(supernet, inputs):
+    with pytest.raises(ValueError, match="pass task_ids"):
+        _logits(supernet, inputs)
+
+
+def test_mixed_task_batch_equals_each_sample_alone(supernet, inputs):
+    tasks = torch.tensor([task_id("caption"), task_id("grounding"), task_id("vqa")])
+    mixed = _logits(supernet, inputs, tasks)
+    for i in range(3):
+        alone = _logits(supernet, {k: v[i : i + 1] for k, v in inputs.items()}, tasks[i : i + 1])
+        torch.testing.assert_close(mixed[i : i + 1, :, :], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_routers_get_gradients_through_the_straight_through_gate(inputs):
+    model = supernet_model().train()
+    labels = torch.full((3, 2), 5)
+    model(**inputs, task_ids=torch.tensor([0, 1, 1]), labels=labels).loss.backward()
+    grads = [block.ffn.router.grad for block in model.get_encoder().supernet.blocks]
+    assert all(g is not None and g[:2].abs().sum() > 0 and g[2:].abs().sum() == 0 for g in grads)
+
+
+@pytest.mark.parametrize("task", ofa_ufo.list_tasks())
+def test_extracted_subnet_matches_routed_supernet(supernet, inputs, task):
+    dense = ofa_ufo.extract_subnet(supernet, task)
+    assert dense.get_encoder().supernet.routed is False
+    assert not any("router" in k or "experts" in k for k in dense.state_dict())
+    ids = torch.full((3,), task_id(task))
+    diff = (_logits(supernet, inputs, ids) - _logits(dense, inputs)).abs().max()
+    assert diff < 1e-5, diff
+
+
+@pytest.mark.parametrize("step", [3, 11])
+def test_extracted_elastic_subnet_matches(supernet, inputs, step):
+    arch = ofa_ufo.sample_arch(supernet.config, step)
+    assert arch == ofa_ufo.sample_arch(supernet.config, step)  # reproducible per step
+    ofa_ufo.set_arch(supernet, arch)
+    try:
+        routed = _logits(supernet, inputs, torch.full((3,), task_id("vqa")))
+    finally:
+        ofa_ufo.set_arch(supernet, None)
+    chip = ofa_ufo.extract_subnet(supernet, "vqa", arch=arch)
+    assert (_logits(chip, inputs) - routed).abs().max() < 1e-5
+    full = sum(p.numel() for p in ofa_ufo.extract_subnet(supernet, "vqa").get_encoder().supernet.parameters())
+    if arch != largest_arch(supernet.config):
+        assert sum(p.numel() for p in chip.get_encoder().supernet.parameters()) < full
+
+
+def test_subnet_saves_loads_and_serves(supernet, processor, tmp_path):
+    dense = ofa_ufo.extract_subnet(supernet, "caption", arch=smallest_arch(supernet.config))
+    dense.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = ofa_ufo.OFAUFOForConditionalGeneration.from_pretrained(tmp_path)
+    assert reloaded.config.vision_config.supernet_task == "caption"
+    image = (torch.rand(40, 40, 3) * 255).to(torch.uint8).numpy()
+    assert "text" in pipeline("ofa-ufo", model=str(tmp_path))(image, task="caption", max_new_tokens=4)
+
+
+def test_routed_supernet_serves_every_task_through_the_pipeline(supernet, processor, tmp_path):
+    supernet.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    pipe = pipeline("ofa-ufo", model=str(tmp_path))
+    image = (torch.rand(40, 40, 3) * 255).to(torch.uint8).numpy()
+    assert "boxes" in pipe(image, task="grounding", text="the dot")
+    assert "label" in pipe(image, task="itm", text="a dot")
+
+
+def test_bad_arch_and_task(supernet):
+    with pytest.raises(ValueError, match=r"heads\[0\]=9 outside \[1, 4\]"):
+        ofa_ufo.set_arch(supernet, ofa_ufo.SupernetArch(1, (9,), (32,)))
+    with pytest.raises(ValueError, match="Unknown task 'segmentation'.*caption"):
+        ofa_ufo.extract_subnet(supernet, "segmentation")
+    untrained = tiny_model(vision_config=SUPERNET)
+    with pytest.warns(UserWarning, match="never trained"):
+        ofa_ufo.extract_subnet(untrained, "vqa")
+    dense = ofa_ufo.extract_subnet(supernet, "vqa")
+    with pytest.raises(ValueError, match="already an extracted subnet"):
+        ofa_ufo.extract_subnet(dense, "vqa")
