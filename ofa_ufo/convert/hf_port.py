@@ -210,31 +210,37 @@ def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
 
 def convert_hf_port_checkpoint(input_dir: str | Path, output_dir: str | Path, image_size: int = 384):
     """Convert a checkpoint directory; returns the loaded model and processor after saving them."""
+    input_dir = Path(input_dir)
+    config = config_from_hf_port(json.loads((input_dir / "config.json").read_text()), image_size=image_size)
+    converted = convert_hf_port_state_dict(_read_state_dict(input_dir), config)
+    return save_converted(config, converted, input_dir / "vocab.json", input_dir / "merges.txt", output_dir)
+
+
+def save_converted(config: OFAUFOConfig, converted: Mapping[str, torch.Tensor], vocab_file: str | Path,
+                   merges_file: str | Path, output_dir: str | Path):
+    """Load converted weights into a model, build OFA's tokenizer, check they agree, save both."""
     from ofa_ufo.image_processing import OFAUFOImageProcessor
     from ofa_ufo.modeling import OFAUFOForConditionalGeneration
     from ofa_ufo.processing import OFAUFOProcessor
     from ofa_ufo.tokenization import build_tokenizer
 
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    config = config_from_hf_port(json.loads((input_dir / "config.json").read_text()), image_size=image_size)
-    converted = convert_hf_port_state_dict(_read_state_dict(input_dir), config)
-    tokenizer = build_tokenizer(
-        input_dir / "vocab.json", input_dir / "merges.txt", num_codes=OFA_NUM_CODES, num_bins=OFA_NUM_BINS
-    )
+    tokenizer = build_tokenizer(vocab_file, merges_file, num_codes=OFA_NUM_CODES, num_bins=OFA_NUM_BINS)
     layout = (len(tokenizer), tokenizer.code_offset, tokenizer.bin_offset)
     if layout != (config.vocab_size, config.code_offset, config.bin_offset):
         raise ValueError(
-            f"tokenizer layout (size, code_offset, bin_offset) = {layout} does not match the checkpoint's "
-            f"{(config.vocab_size, config.code_offset, config.bin_offset)}"
+            f"tokenizer layout (size, code_offset, bin_offset) = {layout} from {vocab_file} does not match the "
+            f"checkpoint's {(config.vocab_size, config.code_offset, config.bin_offset)} (vocabulary of "
+            f"{len(tokenizer)} tokens vs {config.vocab_size} embedding rows)"
         )
     tokenizer.model_max_length = config.max_position_embeddings
     model = OFAUFOForConditionalGeneration(config)
     load_converted_state_dict(model, converted)
     model.eval()
     processor = OFAUFOProcessor(
-        image_processor=OFAUFOImageProcessor(size=image_size), tokenizer=tokenizer, box_mode="ofa",
+        image_processor=OFAUFOImageProcessor(size=config.image_size), tokenizer=tokenizer, box_mode="ofa",
         max_image_size=config.max_image_size,
     )
+    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
