@@ -6,6 +6,9 @@ Parameter names follow the OFA Hugging Face port (`encoder.*`, `decoder.*`) unde
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +29,20 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, start_token_id: 
     shifted[:, 1:] = labels[:, :-1]
     shifted[:, 0] = start_token_id
     return shifted.masked_fill(shifted.eq(-100), pad_token_id)
+
+
+def _check_supernet_kind(path, config: OFAUFOConfig) -> None:
+    saved_file = Path(str(path)) / "config.json"
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text()).get("vision_config") or {}
+    wanted = config.vision_config
+    if saved.get("supernet_layers", 0) and wanted.supernet_layers and saved.get("supernet_routed", True) != wanted.supernet_routed:
+        kinds = {True: "a routed supernet", False: f"an extracted subnet (task {saved.get('supernet_task')!r})"}
+        raise ValueError(
+            f"{path} holds {kinds[saved.get('supernet_routed', True)]} but the given config describes "
+            f"{kinds[wanted.supernet_routed]}; load it with its own config.json"
+        )
 
 
 class OFAUFOCache(EncoderDecoderCache):
@@ -49,6 +66,14 @@ class OFAUFOPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     _no_split_modules = ["EncoderLayer", "DecoderLayer", "ResNetStem"]
     _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+        """As transformers', plus a clear error when a dense extracted subnet is loaded into a routed
+        supernet config (or the reverse), instead of silently re-initialising routers and experts."""
+        if isinstance(config, OFAUFOConfig):
+            _check_supernet_kind(pretrained_model_name_or_path, config)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         """BERT-style normal(0, init_std) for linears and embeddings (as OFA); He init for the ResNet convs."""

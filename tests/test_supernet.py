@@ -132,3 +132,9 @@ def test_bad_arch_and_task(supernet):
     dense = ofa_ufo.extract_subnet(supernet, "vqa")
     with pytest.raises(ValueError, match="already an extracted subnet"):
         ofa_ufo.extract_subnet(dense, "vqa")
+
+
+def test_subnet_checkpoint_into_supernet_config_is_a_clear_error(supernet, tmp_path):
+    ofa_ufo.extract_subnet(supernet, "vqa").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="extracted subnet \\(task 'vqa'\\).*routed supernet"):
+        ofa_ufo.OFAUFOForConditionalGeneration.from_pretrained(tmp_path, config=supernet.config)
