@@ -138,3 +138,13 @@ def test_subnet_checkpoint_into_supernet_config_is_a_clear_error(supernet, tmp_p
     ofa_ufo.extract_subnet(supernet, "vqa").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="extracted subnet \\(task 'vqa'\\).*routed supernet"):
         ofa_ufo.OFAUFOForConditionalGeneration.from_pretrained(tmp_path, config=supernet.config)
+
+
+def test_subnet_report_command(supernet, tmp_path, capsys):
+    from ofa_ufo.subnet_report import main
+
+    supernet.save_pretrained(tmp_path)
+    main(["--model", str(tmp_path), "--repeats", "1"])
+    table = capsys.readouterr().out
+    assert "| supernet (routed, caption) |" in table and "| chip subnet caption (smallest arch) |" in table
+    assert all(f"| subnet {task} |" in table for task in ofa_ufo.list_tasks())
