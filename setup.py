@@ -35,6 +35,7 @@ setup(
         "pyyaml>=6.0",
         "pycocotools>=2.0.11",
         "pycocoevalcap>=1.2",
+        "tensorboard>=2.15",
     ],
     extras_require={
         "test": ["pytest>=8.0", "hypothesis>=6.100", "scikit-image>=0.22"],

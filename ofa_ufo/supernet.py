@@ -16,9 +16,12 @@ import torch
 
 from ofa_ufo.configuration import OFAUFOConfig
 from ofa_ufo.models.supernet import SupernetArch, UFOSupernet
-from ofa_ufo.tasks import task_id
+from ofa_ufo.tasks import list_tasks, task_id
 
-__all__ = ["SupernetArch", "extract_subnet", "largest_arch", "sample_arch", "set_arch", "smallest_arch"]
+__all__ = [
+    "SupernetArch", "extract_subnet", "largest_arch", "log_router_probabilities", "router_probabilities",
+    "sample_arch", "set_arch", "smallest_arch",
+]
 
 
 def _supernet(model) -> UFOSupernet:
@@ -150,3 +153,18 @@ def _routed_expert(ffn, task: int, hidden: int) -> dict[str, torch.Tensor]:
         weights = (s.fc1.weight, s.fc1.bias, s.fc2.weight, s.fc2.bias)
     fc1_w, fc1_b, fc2_w, fc2_b = weights
     return {"fc1.weight": fc1_w[:hidden], "fc1.bias": fc1_b[:hidden], "fc2.weight": fc2_w[:, :hidden], "fc2.bias": fc2_b}
+
+
+def router_probabilities(model) -> dict[str, list[float]]:
+    """Per task, the probability of routing to its own expert in each block (softmax of the logits)."""
+    blocks = _supernet(model).blocks
+    names = list_tasks()[: blocks[0].ffn.router.shape[0]] if blocks else []
+    with torch.no_grad():
+        return {name: [float(b.ffn.router[i].softmax(-1)[1]) for b in blocks] for i, name in enumerate(names)}
+
+
+def log_router_probabilities(writer, model, step: int) -> None:
+    """Write `router/<task>/block<i>` scalars to a TensorBoard `SummaryWriter`."""
+    for task, probabilities in router_probabilities(model).items():
+        for i, probability in enumerate(probabilities):
+            writer.add_scalar(f"router/{task}/block{i}", probability, step)

@@ -148,3 +148,43 @@ def test_subnet_report_command(supernet, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| supernet (routed, caption) |" in table and "| chip subnet caption (smallest arch) |" in table
     assert all(f"| subnet {task} |" in table for task in ofa_ufo.list_tasks())
+
+
+def test_routers_learn_which_task_conflicts(tmp_path):
+    """Four tasks on the same inputs; three share one target function, the fourth wants its negation.
+    Only the FFN experts can tell tasks apart (task embeddings frozen at zero). The conflicting
+    task's routers move to its own expert, the agreeing tasks' routers to the shared one."""
+    SummaryWriter = pytest.importorskip("torch.utils.tensorboard").SummaryWriter
+    from ofa_ufo.layers.moe import TaskMoEFFN
+    from ofa_ufo.models.supernet import UFOSupernet
+    from ofa_ufo.supernet import log_router_probabilities, router_probabilities
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    tasks, dim = 4, 16
+    vision = SimpleNamespace(supernet_dim=dim, supernet_routed=True, supernet_num_tasks=tasks, supernet_head_dim=4,
+                             layer_heads=[2], layer_hidden=[32], supernet_layers=1)
+    net, head, target_map = UFOSupernet(vision, dim, 4), torch.nn.Linear(dim, 4), torch.randn(dim, 4)
+    ffn: TaskMoEFFN = net.blocks[0].ffn
+    with torch.no_grad():
+        ffn.experts.init_from(ffn.shared, lambda dst, src: dst.copy_(src))
+        net.task_embed.weight.zero_()
+    net.task_embed.weight.requires_grad_(False)
+    others = [p for p in list(net.parameters()) + list(head.parameters()) if p.requires_grad and p is not ffn.router]
+    optimizer = torch.optim.Adam([{"params": others, "lr": 3e-3}, {"params": [ffn.router], "lr": 3e-2}])
+    holder = SimpleNamespace(get_encoder=lambda: SimpleNamespace(supernet=net))
+    writer = SummaryWriter(tmp_path)
+    for step in range(200):
+        x, task_ids = torch.randn(8 * tasks, 4, dim), torch.arange(8 * tasks) % tasks
+        sign = torch.where(task_ids == tasks - 1, -1.0, 1.0)[:, None]
+        loss = ((head(net(x, torch.arange(1, 5), task_ids).mean(1)) - sign * (x.mean(1) @ target_map)) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0:
+            log_router_probabilities(writer, holder, step)
+    writer.close()
+    own = [p[0] for p in router_probabilities(holder).values()]
+    assert own[tasks - 1] > 0.9, own  # the conflicting task uses its own expert
+    assert all(p < 0.1 for p in own[: tasks - 1]), own  # the agreeing tasks share
+    assert any(tmp_path.iterdir())  # TensorBoard event file written
