@@ -23,6 +23,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _ufo(base: str, blocks: int, dim: int) -> dict[str, Any]:
+    """An OFA size with a UFO task-MoE supernet of `blocks` ViT blocks (head dim 64, MLP ratio 4) and
+    UFO's chip-level elastic ranges (heads -2..0, MLP ratio 3..4, depth -2..0)."""
+    heads = dim // 64
+    supernet = dict(
+        supernet_layers=blocks, supernet_dim=dim, supernet_heads=heads, supernet_head_dim=64, supernet_mlp_ratio=4.0,
+        supernet_elastic_heads=[heads - 2, heads - 1, heads], supernet_elastic_mlp_ratios=[3.0, 3.5, 4.0],
+        supernet_elastic_depths=[blocks - 2, blocks - 1, blocks],
+    )
+    return {**PRESETS[base], "supernet": supernet}
+
+
+PRESETS.update({
+    "ofa_ufo_tiny_ufo": _ufo("ofa_ufo_tiny", 4, 256),
+    "ofa_ufo_base_ufo": _ufo("ofa_ufo_base", 6, 768),
+})
+
+
 def list_models() -> list[str]:
     """Names accepted by `create_model`, smallest first."""
     return list(PRESETS)
@@ -59,7 +77,7 @@ def create_config(name: str, tokenizer=None, **overrides: Any) -> OFAUFOConfig:
         d_model=dim, encoder_layers=preset["layers"][0], decoder_layers=preset["layers"][1],
         encoder_attention_heads=heads, decoder_attention_heads=heads,
         encoder_ffn_dim=4 * dim, decoder_ffn_dim=4 * dim,
-        vision_config={"resnet_type": preset["resnet"]},
+        vision_config={"resnet_type": preset["resnet"], **preset.get("supernet", {})},
     )
     fields.update(vocab_fields(tokenizer))
     vision_overrides = overrides.pop("vision_config", None) or {}
@@ -96,15 +114,17 @@ def preset_table() -> str:
 
     ofa_vocab = dict(vocab_size=59457, code_offset=50265, bin_offset=58457)
     rows = [
-        "| preset | d_model | layers (enc/dec) | heads | ResNet | params (default vocab) | params (OFA vocab 59,457) |",
-        "|---|---|---|---|---|---|---|",
+        "| preset | d_model | layers (enc/dec) | heads | ResNet | UFO supernet | params (default vocab) | params (OFA vocab 59,457) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, preset in PRESETS.items():
         with torch.device("meta"):
             counts = [sum(p.numel() for p in create_model(name, **vocab).parameters()) for vocab in ({}, ofa_vocab)]
         enc, dec = preset["layers"]
+        ufo = preset.get("supernet")
+        supernet = f"{ufo['supernet_layers']} x d{ufo['supernet_dim']}" if ufo else "-"
         rows.append(
-            f"| `{name}` | {preset['d_model']} | {enc}/{dec} | {preset['heads']} | {preset['resnet']} "
+            f"| `{name}` | {preset['d_model']} | {enc}/{dec} | {preset['heads']} | {preset['resnet']} | {supernet} "
             f"| {counts[0] / 1e6:.1f}M | {counts[1] / 1e6:.1f}M |"
         )
     return "\n".join(rows)
