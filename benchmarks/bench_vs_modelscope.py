@@ -1,0 +1,334 @@
+"""OFA-UFO against ModelScope's OFA on this CPU: beam-5 caption generation and one training step.
+
+Run with the oracle environment (bash run_scripts/install_oracles.sh):
+
+    .venv-oracle/bin/python benchmarks/bench_vs_modelscope.py
+
+Both implementations get the same (seeded, perturbed) weights and the same inputs: the ModelScope
+`OFAModel` and our converted copy come from the parity test's `pair` fixture
+(tests/test_parity_modelscope.py), and generation uses that test's `_fairseq_generate` (ModelScope's
+fairseq-style SequenceGenerator) and `_our_generate` (our `model.generate` with `FairseqMaxLenEOS`),
+so the decoding settings are exactly the ones the parity test proves equivalent. The test's
+MAX_LEN is set to 15 here: at most 15 tokens + EOS, i.e. 16 new tokens on both sides.
+
+Training steps run in one subprocess per implementation (`--train-worker ms|ours`) so that their
+memory peaks do not mix; the peak is the process's resident-set high-water mark (VmHWM) after it
+was reset to the current RSS (`echo 5 > /proc/self/clear_refs`) just before the first step, minus
+the RSS at that moment. If the kernel refuses the reset, a 1 ms RSS-sampling thread is used instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import logging  # noqa: E402
+
+logging.disable(logging.WARNING)  # fairseq's import-time INFO/WARNING chatter
+
+import torch  # noqa: E402
+
+import ofa_ufo  # noqa: E402
+import test_parity_modelscope as parity  # noqa: E402  (reuses the parity test's builders and decoders)
+from ofa_ufo.modeling import shift_tokens_right  # noqa: E402
+
+PROMPT = " what does the image describe?"
+NEW_TOKENS = 16
+CAPTIONS = [
+    " a woman in an orange space suit holding a helmet next to a flag",
+    " an astronaut smiling in front of the american flag",
+]
+T0 = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f}s] {message}", flush=True)
+
+
+def build_pair(name: str):
+    """(ModelScope OFAModel, our model), eval mode, same weights: the parity test's fixture body.
+
+    The fixture's EOS boost (which makes random-weight generations stop early) is turned off, so
+    that both sides decode the full 16 tokens."""
+    parity.EOS_BOOST = {"tiny": 0.0, "base": 0.0}
+    return parity.pair._get_wrapped_function()(SimpleNamespace(param=name))[1:]
+
+
+def caption_inputs(size: int):
+    tokenizer = ofa_ufo.build_tokenizer()
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    return ids, torch.ones_like(ids), parity._images(size, 1), torch.ones(1, dtype=torch.bool)
+
+
+def timed(fn, repeats: int, warmup: int = 1):
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times, result
+
+
+def profile(fn, label: str, rows: int = 12) -> str:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48)
+    return f"--- torch.profiler, {label} (top {rows} ops by self CPU time) ---\n{table}"
+
+
+# ----------------------------------------------------------------------------------------------
+# generation
+
+
+@torch.no_grad()
+def bench_generation(name: str, repeats: int, profile_on_miss: bool) -> dict:
+    parity.MAX_LEN = NEW_TOKENS - 1  # read by _fairseq_generate (max_len_b) and _our_generate (max_new_tokens)
+    torch.manual_seed(0)
+    reference, ours = build_pair(name)
+    ids, mask, pixels, image_mask = caption_inputs(parity.IMAGE_SIZE[name])
+    log(f"{name}: models built ({sum(p.numel() for p in ours.parameters()) / 1e6:.1f} M params), "
+        f"{parity.IMAGE_SIZE[name]} px, prompt {ids.shape[1]} tokens")
+
+    def run_ms():
+        return parity._fairseq_generate(reference, ids, pixels, image_mask, 5)
+
+    def run_ours():
+        return parity._our_generate(ours, ids, mask, pixels, image_mask, 5)
+
+    # The helper builds a SequenceGenerator per call; measure that part so the reader can discount it.
+    SequenceGenerator = parity.oracle_shims.modelscope_sequence_generator()
+    setup = timed(lambda: SequenceGenerator(tokenizer=parity._Vocab(), beam_size=5, max_len_a=0,
+                                            max_len_b=parity.MAX_LEN, min_len=0, len_penalty=1.0,
+                                            no_repeat_ngram_size=3), 3, 0)[0]
+    ms_median, ms_times, ms_out = timed(run_ms, repeats)
+    log(f"{name}: ModelScope beam-5 median {ms_median:.3f} s  runs {[round(t, 3) for t in ms_times]}")
+    our_median, our_times, our_out = timed(run_ours, repeats)
+    log(f"{name}: ofa_ufo    beam-5 median {our_median:.3f} s  runs {[round(t, 3) for t in our_times]}")
+    tokens = len(our_out[0])
+    result = dict(
+        name=name, ms=ms_median, ours=our_median, tokens=tokens, ms_tokens=len(ms_out[0]),
+        identical=ms_out == our_out, ms_out=ms_out[0], our_out=our_out[0], setup=setup,
+    )
+    log(f"{name}: identical tokens: {result['identical']} ({tokens} tokens incl. EOS); "
+        f"SequenceGenerator construction {setup * 1e3:.1f} ms (inside ModelScope's latency)")
+    if not result["identical"]:
+        log(f"  modelscope {ms_out[0]}\n  ofa_ufo    {our_out[0]}")
+    if profile_on_miss and ms_median / our_median < 4.0:
+        result["profile"] = profile(run_ours, f"ofa_ufo generate, {name}")
+        result["profile_ms"] = profile(run_ms, f"ModelScope SequenceGenerator, {name}")
+    del reference, ours
+    gc.collect()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# training (one subprocess per implementation)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return hwm_bytes() <= rss_bytes() + (1 << 20)
+    except OSError:
+        return False
+
+
+class Sampler(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.stop = rss_bytes(), threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.001)
+
+
+def train_batch(size: int):
+    tokenizer = ofa_ufo.build_tokenizer()
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]] * 2)
+    mask = torch.ones_like(ids)
+    rows = [tokenizer(c)["input_ids"][1:] for c in CAPTIONS]  # drop <s>, keep </s>
+    length = max(map(len, rows))
+    labels = torch.full((2, length), -100, dtype=torch.long)
+    for k, row in enumerate(rows):
+        labels[k, : len(row)] = torch.tensor(row)
+    return ids, mask, parity._images(size, 2), torch.ones(2, dtype=torch.bool), labels
+
+
+def train_worker(impl: str, repeats: int, do_profile: bool) -> None:
+    torch.manual_seed(0)
+    reference, ours = build_pair("base")
+    model = reference if impl == "ms" else ours
+    del reference, ours
+    gc.collect()
+    ids, mask, pixels, image_mask, labels = train_batch(384)
+    dropouts = {k: v for k, v in model.config.to_dict().items() if "dropout" in k or "drop_path" in k}
+    assert not any(v for v in dropouts.values() if isinstance(v, (int, float))), dropouts
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    decoder_input_ids = shift_tokens_right(labels, parity.PAD, 0)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        if impl == "ms":
+            logits = model(input_ids=ids, patch_images=pixels, patch_masks=image_mask,
+                           decoder_input_ids=decoder_input_ids).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        else:
+            loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask,
+                         labels=labels, label_smoothing=0.0).loss
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    gc.collect()
+    base = rss_bytes()
+    method = "VmHWM reset via /proc/self/clear_refs" if reset_hwm() else "1 ms RSS sampling thread"
+    sampler = None if method.startswith("VmHWM") else Sampler()
+    if sampler:
+        sampler.start()
+    losses, times = [], []
+    for _ in range(1 + repeats):  # the first (untimed) step also allocates AdamW's state
+        start = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - start)
+    if sampler:
+        sampler.stop.set()
+        sampler.join()
+        peak = sampler.peak
+    else:
+        peak = hwm_bytes()
+    out = dict(impl=impl, median=statistics.median(times[1:] or times), times=times, first_loss=losses[0],
+               peak_growth=peak - base, base_rss=base, peak_rss=peak, method=method,
+               target_tokens=int(labels.ne(-100).sum()), prompt_shape=list(ids.shape), dropouts=dropouts)
+    if do_profile:
+        out["profile"] = profile(step, f"train step, {'ModelScope' if impl == 'ms' else 'ofa_ufo'}")
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_train_worker(impl: str, repeats: int, do_profile: bool) -> dict:
+    cmd = [sys.executable, __file__, "--train-worker", impl, "--train-repeats", str(repeats)]
+    if do_profile:
+        cmd.append("--profile")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"worker {impl} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gen-repeats", type=int, default=3)
+    parser.add_argument("--train-repeats", type=int, default=3)
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "base"], choices=["tiny", "base"])
+    parser.add_argument("--no-profile", action="store_true", help="skip profiling when a goal is missed")
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--train-worker", choices=["ms", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.train_worker:
+        train_worker(args.train_worker, args.train_repeats, args.profile)
+        return
+
+    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    gens = [bench_generation(n, args.gen_repeats, not args.no_profile) for n in args.sizes]
+    train = {}
+    if not args.skip_train:
+        for impl in ("ms", "ours"):
+            log(f"training worker '{impl}' (base, 384 px, batch 2) ...")
+            train[impl] = run_train_worker(impl, args.train_repeats, False)
+            t = train[impl]
+            log(f"  {impl}: median step {t['median']:.3f} s, runs {[round(x, 3) for x in t['times']]}, "
+                f"peak RSS growth {t['peak_growth'] / 2**20:.0f} MiB, first loss {t['first_loss']:.5f}")
+        speed = train["ms"]["median"] / train["ours"]["median"]
+        memory = train["ours"]["peak_growth"] / train["ms"]["peak_growth"]
+        if not args.no_profile and (speed < 1.3 or memory > 0.9):
+            log("training goal missed: profiling one step of each implementation ...")
+            for impl in ("ours", "ms"):
+                train[impl]["profile"] = run_train_worker(impl, 0, True)["profile"]
+
+    print()
+    print(f"OFA-UFO vs ModelScope OFA  (CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"same weights and inputs; medians of {args.gen_repeats} / {args.train_repeats} runs after 1 warmup)")
+    rows = [("measurement", "ModelScope", "ofa_ufo", "ours vs MS", "goal")]
+    for g in gens:
+        label = f"{g['name']} ({parity.IMAGE_SIZE[g['name']]} px)"
+        goal = ">= 4x" if g["name"] == "base" else ""
+        rows.append((f"caption beam-5 latency, {label} (s)", f"{g['ms']:.3f}", f"{g['ours']:.3f}",
+                     f"{g['ms'] / g['ours']:.2f}x faster", goal))
+        rows.append((f"  tokens/s ({g['tokens']} new tokens incl. EOS)", f"{g['ms_tokens'] / g['ms']:.1f}",
+                     f"{g['tokens'] / g['ours']:.1f}", "", ""))
+        rows.append(("  identical output tokens", "", "", "yes" if g["identical"] else "NO", ""))
+    if train:
+        ms, us = train["ms"], train["ours"]
+        rows.append(("train step base 384 px, batch 2 (s)", f"{ms['median']:.3f}", f"{us['median']:.3f}",
+                     f"{ms['median'] / us['median']:.2f}x faster", ">= 1.3x"))
+        rows.append(("  peak RSS growth during steps (MiB)", f"{ms['peak_growth'] / 2**20:.0f}",
+                     f"{us['peak_growth'] / 2**20:.0f}", f"{us['peak_growth'] / ms['peak_growth']:.2f}x memory",
+                     "<= 0.9x"))
+        rows.append(("  peak RSS absolute (MiB)", f"{ms['peak_rss'] / 2**20:.0f}", f"{us['peak_rss'] / 2**20:.0f}",
+                      f"{us['peak_rss'] / ms['peak_rss']:.2f}x", ""))
+        rows.append(("  loss at step 1 (same weights/batch)", f"{ms['first_loss']:.5f}", f"{us['first_loss']:.5f}",
+                     "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for k, r in enumerate(rows):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+    if train:
+        print(f"\nmemory method: {train['ours']['method']}; peak growth = high-water RSS during 1 + "
+              f"{args.train_repeats} steps (the first also allocates grads and AdamW state) minus RSS after "
+              f"model + optimizer construction, one subprocess per implementation. Target: "
+              f"{train['ours']['target_tokens']} label tokens over 2 captions "
+              f"({train['ours']['target_tokens'] / 2:.0f} per caption incl. EOS); prompts {train['ours']['prompt_shape']}.")
+    for g in gens:
+        if g["setup"] / g["ms"] > 0.01:
+            print(f"note: {g['name']}: SequenceGenerator construction is {g['setup'] * 1e3:.0f} ms of ModelScope's latency")
+    for g in gens:
+        for key in ("profile", "profile_ms"):
+            if key in g:
+                print("\n" + g[key])
+    for impl in ("ours", "ms"):
+        if impl in train and "profile" in train[impl]:
+            print("\n" + train[impl]["profile"])
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
