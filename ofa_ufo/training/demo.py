@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from ofa_ufo.data import DemoScenes, make_examples
 from ofa_ufo.presets import create_model, create_processor
-from ofa_ufo.tasks import get_task
+from ofa_ufo.supernet import largest_arch, sample_arch, set_arch, smallest_arch
+from ofa_ufo.tasks import get_task, task_id
 
 DEMO_TASKS = ("caption", "vqa", "grounding")
 
@@ -37,7 +38,35 @@ def build_batch(processor, examples: list[dict[str, Any]]) -> dict[str, torch.Te
         prompts.append(prompt)
         targets.append(target)
     batch = processor(images=[e["image"] for e in examples], text=prompts, text_target=targets, return_tensors="pt")
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_mask", "labels")}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_mask", "labels")}
+    inputs["task_ids"] = torch.tensor([task_id(e["task"]) for e in examples])  # routes a UFO supernet
+    return inputs
+
+
+def step_archs(config, step: int) -> list:
+    """The supernet archs one training step trains: [None] (the model as is) unless the config
+    asks for elastic sampling (`supernet_sample_arch`: `sample_arch(config, step)`, plus the
+    largest and smallest arch with `supernet_sandwich`)."""
+    vision = config.vision_config
+    if not (vision.supernet_layers and vision.supernet_routed and vision.supernet_sample_arch):
+        return [None]
+    archs = [sample_arch(config, step)]
+    return archs + ([largest_arch(config), smallest_arch(config)] if vision.supernet_sandwich else [])
+
+
+def backward_step(model, batch: dict[str, torch.Tensor], step: int) -> float:
+    """Forward and backward of one step over its archs (gradients accumulate); returns the mean loss."""
+    archs = step_archs(model.config, step)
+    total = 0.0
+    for arch in archs:
+        if arch is not None:
+            set_arch(model, arch)
+        loss = model(**batch).loss / len(archs)
+        loss.backward()
+        total += loss.item()
+    if archs != [None]:
+        set_arch(model, None)
+    return total
 
 
 def demo_examples(scenes: DemoScenes, index: int, step: int) -> list[dict[str, Any]]:
@@ -58,13 +87,12 @@ def train(model, processor, scenes: DemoScenes, steps: int, batch_size: int, lr:
     for step in (bar := tqdm(range(steps), desc="train", unit="step")):
         indices = rng.integers(0, len(scenes), size=max(1, batch_size // len(DEMO_TASKS)))
         examples = [e for i in indices for e in demo_examples(scenes, int(i), step)][:batch_size]
-        loss = model(**build_batch(processor, examples)).loss
-        loss.backward()
+        loss = backward_step(model, build_batch(processor, examples), step)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(loss)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
