@@ -13,7 +13,6 @@ import torch
 import ofa_ufo
 from ofa_ufo.convert.hf_port import (
     config_from_hf_port,
-    convert_hf_port_checkpoint,
     convert_hf_port_state_dict,
     load_converted_state_dict,
 )

@@ -10,7 +10,7 @@ import ofa_ufo
 from ofa_ufo.supernet import largest_arch, smallest_arch
 from ofa_ufo.tasks import task_id
 
-from conftest import TINY, tiny_model
+from conftest import tiny_model
 
 SUPERNET = dict(
     supernet_layers=2, supernet_dim=32, supernet_heads=4, supernet_head_dim=8, supernet_mlp_ratio=2.0,
