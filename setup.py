@@ -17,7 +17,7 @@ setup(
     packages=find_packages(include=["ofa_ufo", "ofa_ufo.*"]) + list(RESOURCE_PACKAGES),
     package_dir=RESOURCE_PACKAGES,
     package_data={
-        "ofa_ufo": ["assets/*/*"],
+        "ofa_ufo": ["assets/*/*", "training/configs/*.yaml", "training/configs/*/*.yaml"],
         "ofa_ufo.resources.prompts": ["*.json"],
         "ofa_ufo.resources.task_specs": ["*.yaml"],
     },
@@ -36,6 +36,7 @@ setup(
         "pycocotools>=2.0.11",
         "pycocoevalcap>=1.2",
         "tensorboard>=2.15",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": ["pytest>=8.0", "hypothesis>=6.100", "scikit-image>=0.22"],

@@ -34,7 +34,7 @@ _CONVERT_OPTIONS = ("input", "images", "annotations", "layout", "selected_cols",
                     "task", "columns", "id_column", "on_error")
 
 
-def _expand(value: Any) -> Any:
+def expand_env(value: Any) -> Any:
     """Substitute environment variables in a spec path; an unset one is named in the error."""
     if not isinstance(value, str):
         return value
@@ -50,14 +50,20 @@ def open_examples(spec: TaskSpec, split: str = "val") -> Iterator[dict[str, Any]
     data = spec.data
     if data.get("source") == "demo_scenes":
         settings = {**_DEMO_DEFAULTS, **data}
-        scenes = DemoScenes(split, settings["val_scenes"], size=settings["size"], seed=settings["seed"])
+        scenes = DemoScenes(split, settings["val_scenes"], size=settings["size"], seed=settings["seed"],
+                            max_objects=settings.get("max_objects", 3))
         for index in range(len(scenes)):
             (example,) = make_examples(scenes[index], scenes.example_rng(index), (spec.task,))
             yield {**example, "id": f"{split}-{index}"}
         return
     if data.get("format") not in FORMATS:
         raise ValueError(f"spec {spec.name!r}: data.format must be one of {sorted(FORMATS)} or source: demo_scenes")
-    options = {key: _expand(data.get(key)) for key in _CONVERT_OPTIONS}
+    if split == "train":
+        if not isinstance(data.get("train"), dict):
+            raise ValueError(f"spec {spec.name!r} names no training data: add data.train with the training split's "
+                             f"locations (the keys of data: {sorted(_CONVERT_OPTIONS)})")
+        data = {**data, **data["train"]}
+    options = {key: expand_env(data.get(key)) for key in _CONVERT_OPTIONS}
     options["on_error"] = options["on_error"] or "skip"
     yield from FORMATS[data["format"]](argparse.Namespace(**options), LoadReport())
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Main job. With no data configured it runs the embedded default: OFA-Base architecture trained
-# for a few steps on generated demo scenes (caption, VQA, grounding), saved with save_pretrained,
-# reloaded through pipeline("ofa-ufo") and shown predicting. Arguments are passed through,
-# e.g. `bash run_scripts/pretrain_ofa_base.sh --steps 100 --image-size 256`.
+# OFA-Base pretraining. With $OFA_PRETRAIN_DATA set (a folder of canonical JSON Lines per task, see
+# docs/training.md) it runs OFA's recipe (config pretrain_ofa_base); with no data it runs the embedded
+# default on generated demo scenes (config pretrain_demo_base). Arguments are passed to the trainer: config
+# overrides as key=value (max_steps=100 model_overrides={image_size: 128}) or --resume never.
 source "$(dirname "$0")/_env.sh"
-exec python -m ofa_ufo.training.demo --model ofa_ufo_base --output-dir checkpoints/ofa_ufo_base.pretrain_demo "$@"
+if [ -n "${OFA_PRETRAIN_DATA:-}" ]; then
+  exec python -m ofa_ufo.training --config pretrain_ofa_base "$@"
+fi
+exec python -m ofa_ufo.training --config pretrain_demo_base "$@"

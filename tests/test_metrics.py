@@ -176,3 +176,10 @@ def test_coco_map_loose_box() -> None:
 def test_coco_map_needs_ground_truth() -> None:
     with pytest.raises(ValueError, match="ground-truth"):
         get_metric("coco_map")([_det()], [_gt()])
+
+
+def test_vqa_accuracy_with_fewer_than_four_answers_is_exact_match():
+    from ofa_ufo.metrics import get_metric
+
+    scores = get_metric("vqa_accuracy")(["red", "two", "blue"], [["red"], ["2", "3"], ["green"]])
+    assert scores["vqa_accuracy"] == pytest.approx(2 / 3)

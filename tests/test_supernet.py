@@ -190,17 +190,19 @@ def test_routers_learn_which_task_conflicts(tmp_path):
     assert any(tmp_path.iterdir())  # TensorBoard event file written
 
 
-def test_training_samples_archs_per_step_with_sandwich(processor):
-    """The demo loop trains sample_arch(step) (+ largest and smallest with the sandwich rule)."""
-    from ofa_ufo.data import DemoScenes
-    from ofa_ufo.training.demo import step_archs, train
+def test_training_samples_archs_per_step_with_sandwich(processor, tmp_path):
+    """The trainer trains sample_arch(step) (+ largest and smallest with the sandwich rule)."""
+    from ofa_ufo.training import TrainConfig, Trainer
+    from ofa_ufo.training.trainer import step_archs
 
     model = tiny_model(vision_config={**SUPERNET, "supernet_sample_arch": True, "supernet_sandwich": True})
     archs = step_archs(model.config, 5)
     assert archs[0] == ofa_ufo.sample_arch(model.config, 5) and len(archs) == 3
     assert step_archs(tiny_model(vision_config=SUPERNET).config, 5) == [None]  # off by default
     before = {k: v.clone() for k, v in model.state_dict().items() if "router" in k}
-    losses = train(model, processor, DemoScenes("train", 8, size=64), steps=2, batch_size=3, lr=1e-3, seed=0)
-    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+    config = TrainConfig(tasks={"caption": 1.0, "vqa": 1.0, "grounding": 1.0}, batch_size=3, max_steps=2, lr=1e-3,
+                         demo_train_scenes=8, eval_examples=0, output_dir=str(tmp_path))
+    result = Trainer(config, resume="never", model=model, processor=processor).fit()
+    assert len(result.losses) == 2 and all(loss > 0 for loss in result.losses)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
     assert model.get_encoder().supernet.arch is None  # restored after each step

@@ -95,7 +95,12 @@ def normalize_vqa_answer(answer: str) -> str:
 
 
 def vqa_score(prediction: str, answers: Sequence[str]) -> float:
-    """Official soft accuracy of one prediction against its human answers (normally ten)."""
+    """Official soft accuracy of one prediction against its human answers (normally ten).
+
+    The official leave-one-out rule needs several answers: with one answer it scores every
+    prediction 0. Questions with fewer than four answers (generated or single-answer data, as
+    GQA) therefore score 1.0 when the prediction matches any answer, else 0.0.
+    """
     if not answers:
         raise ValueError("every question needs at least one human answer")
     pred = _clean(prediction)
@@ -104,6 +109,8 @@ def vqa_score(prediction: str, answers: Sequence[str]) -> float:
         pred = normalize_vqa_answer(pred)
         gts = [normalize_vqa_answer(answer) for answer in gts]
     hits = [gt.lower() == pred.lower() for gt in gts]
+    if len(hits) < 4:
+        return float(any(hits))
     total = sum(hits)
     return sum(min(1.0, (total - hit) / 3) for hit in hits) / len(hits)
 

@@ -1,1 +1,6 @@
-"""Training loops."""
+"""Training: experiment configs, the task mixture, objectives, checkpoints and the trainer loop."""
+
+from ofa_ufo.training.config import ConfigError, TrainConfig, load_config
+from ofa_ufo.training.trainer import Trainer, TrainingError, TrainResult, train
+
+__all__ = ["ConfigError", "TrainConfig", "TrainResult", "Trainer", "TrainingError", "load_config", "train"]

@@ -1,0 +1,88 @@
+"""Training-step benchmark: samples/s and peak memory of the trainer's step for tiny and base.
+
+    .venv/bin/python benchmarks/bench_train.py [--image-size 256] [--batch-size 8] [--steps 5]
+
+Each model runs in its own subprocess (so peak RSS is its own): the real `Trainer.train_step`
+(mixture batch of caption/VQA/grounding/detection/classification, forward, backward, clipping,
+AdamW) after warm-up steps. FLOPs per step come from torch's FlopCounterMode on one step, so
+the table also shows achieved GFLOP/s; on a GPU (bf16 autocast) it adds MFU against the
+device's dense bf16 peak (`--peak-tflops`, default 989 for an H100 SXM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+TASKS = {"caption": 1.0, "vqa": 1.0, "grounding": 1.0, "detection": 1.0, "classification": 1.0}
+
+
+def measure(model: str, image_size: int, batch_size: int, steps: int, warmup: int) -> dict[str, float]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ofa_ufo.training import TrainConfig, Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(model=model, model_overrides={"image_size": image_size, "dropout": 0.1},
+                             tasks=TASKS, batch_size=batch_size, max_steps=warmup + steps + 1, lr=1e-4,
+                             eval_examples=0, output_dir=tmp)
+        trainer = Trainer(config, resume="never")
+        trainer.model.train()
+        gpu = torch.cuda.is_available()
+        for _ in range(warmup):
+            trainer.train_step()
+        with FlopCounterMode(display=False) as counter:
+            trainer.train_step()
+        flops = counter.get_total_flops()
+        if gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        if gpu:
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / steps
+        params = sum(p.numel() for p in trainer.unwrapped.parameters())
+    peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"params_m": params / 1e6, "step_s": seconds, "samples_s": batch_size / seconds,
+            "gflop_step": flops / 1e9, "gflops_s": flops / seconds / 1e9, "peak_mib": peak,
+            "device": torch.cuda.get_device_name() if gpu else "cpu", "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["ofa_ufo_tiny", "ofa_ufo_base"])
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak for MFU")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.image_size, args.batch_size, args.steps, args.warmup)))
+        return
+    rows = []
+    for model in args.models:
+        command = [sys.executable, __file__, "--child", model, "--image-size", str(args.image_size),
+                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        rows.append((model, json.loads(output.strip().splitlines()[-1])))
+    print(f"train step, {args.image_size} px, batch {args.batch_size} (5-task mixture), {args.steps} timed steps")
+    print("| model | params (M) | device | step (s) | samples/s | GFLOP/step | GFLOP/s | peak memory (MiB) | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for model, r in rows:
+        mfu = f"{r['gflops_s'] / (args.peak_tflops * 1e3):.1%}" if r["device"] != "cpu" else "-"
+        print(f"| {model} | {r['params_m']:.1f} | {r['device']} ({r['threads']} threads) | {r['step_s']:.3f} | "
+              f"{r['samples_s']:.2f} | {r['gflop_step']:.1f} | {r['gflops_s']:.1f} | {r['peak_mib']:.0f} | {mfu} |")
+
+
+if __name__ == "__main__":
+    main()

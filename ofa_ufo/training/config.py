@@ -1,0 +1,218 @@
+"""Experiment configs: one small YAML file per run, checked field by field.
+
+A config names the model (a preset or a `save_pretrained` directory), the task mixture with
+its sampling ratios and data sources, and the optimisation settings. Command-line overrides
+are `key=value` pairs parsed as YAML (`max_steps=200`, `tasks={caption: 1, vqa: 2}`).
+Unknown keys and wrong types are errors that name the field, so a typo never silently falls
+back to a default. The resolved config is saved next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML reads `5e-4` (YAML 1.1: no dot) as a string; read it as the float it means."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match `TrainConfig`."""
+
+
+@dataclass
+class TrainConfig:
+    # model: a preset name (`ofa_ufo_tiny`) or a save_pretrained directory to fine-tune from
+    model: str = "ofa_ufo_tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # config fields for a preset
+    # task -> sampling ratio; each optimizer step holds every task in these proportions
+    tasks: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
+    # task -> data: "demo" (generated scenes) or a spec name/path from tasks/; missing tasks use demo
+    data: dict[str, str] = field(default_factory=dict)
+    # task -> held-out data ("demo", spec or .jsonl); default: the validation side of `data`
+    eval_data: dict[str, str] = field(default_factory=dict)
+    demo_train_scenes: int = 20000
+    demo_max_objects: int = 3
+    eval_examples: int = 100  # held-out examples per task (0: no evaluation)
+    eval_every: int = 0  # steps between evaluations (0: before and after training only)
+    eval_batch_size: int = 16
+    objective: str = "cross_entropy"  # or "scst" (captioning, CIDEr reward)
+    label_smoothing: float = 0.1
+    scst_beams: int = 5
+    scst_max_new_tokens: int = 16
+    # optimisation (OFA: Adam(0.9, 0.999), eps 1e-8, wd 0.01, linear decay after warmup)
+    batch_size: int = 16  # global samples per micro-batch, over all processes
+    grad_accum: int = 1
+    max_steps: int = 100
+    lr: float = 1e-4
+    end_lr: float = 0.0
+    warmup_ratio: float = 0.01
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_norm: float = 5.0  # 0: no clipping
+    ema_decay: float = 0.0  # 0: no EMA; the final model is the EMA when set
+    freeze_embeddings: bool = False
+    # BatchNorm layers (the ResNet stem) use their running statistics instead of per-batch ones
+    # (OFA's --freeze-resnet): then grad accumulation and N processes equal one big batch exactly
+    freeze_batchnorm: bool = False
+    precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on CPU) | fp32 | bf16
+    seed: int = 0
+    num_threads: int = 0  # torch intra-op threads (0: torch's default)
+    # output
+    output_dir: str = "checkpoints/run"
+    save_every: int = 0  # steps between resumable checkpoints (0: at the end only)
+    keep_last: int = 2
+    log_every: int = 10
+    show_photos: bool = False  # print predictions on the bundled real photos at the end
+    description: str = ""
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(dataclasses.asdict(self)), sort_keys=False)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+_CHOICES = {"objective": ("cross_entropy", "scst"), "precision": ("auto", "fp32", "bf16")}
+_NON_NEGATIVE = ("demo_train_scenes", "eval_examples", "eval_every", "end_lr", "warmup_ratio", "weight_decay",
+                 "clip_norm", "ema_decay", "label_smoothing", "num_threads", "save_every", "seed")
+_POSITIVE = ("batch_size", "grad_accum", "max_steps", "lr", "keep_last", "log_every", "eval_batch_size",
+             "scst_beams", "scst_max_new_tokens", "demo_max_objects")
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """`value` as the field's type (ints are accepted for floats, lists for tuples), else ConfigError."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return _coerce(name, value, next(a for a in typing.get_args(annotation) if a is not type(None)))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        args = typing.get_args(annotation)
+        if len(value) != len(args):
+            raise ConfigError(f"field {name!r} expects {len(args)} values, got {list(value)!r}")
+        return tuple(_coerce(name, v, a) for v, a in zip(value, args))
+    if origin is dict and isinstance(value, dict):
+        key_type, value_type = typing.get_args(annotation)
+        return {_coerce(name, k, key_type): _coerce(f"{name}.{k}", v, value_type) for k, v in value.items()}
+    base = origin or annotation
+    if isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"field {name!r} expects {_type_name(annotation)}, got {value!r} ({type(value).__name__})")
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    for name, choices in _CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ConfigError(f"field {name!r} must be one of {list(choices)}, got {getattr(config, name)!r}")
+    for name in _NON_NEGATIVE:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"field {name!r} must be >= 0, got {getattr(config, name)!r}")
+    for name in _POSITIVE:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"field {name!r} must be > 0, got {getattr(config, name)!r}")
+    if not config.tasks or any(r <= 0 for r in config.tasks.values()):
+        raise ConfigError(f"field 'tasks' needs at least one task with a ratio > 0, got {config.tasks!r}")
+    from ofa_ufo.tasks import list_tasks
+
+    unknown_tasks = sorted(set(config.tasks) - set(list_tasks()))
+    if unknown_tasks:
+        raise ConfigError(f"field 'tasks' names unknown task(s) {unknown_tasks}; registered tasks: {list_tasks()}")
+    if config.batch_size < len(config.tasks):
+        raise ConfigError(f"batch_size {config.batch_size} cannot hold one sample of each of the "
+                          f"{len(config.tasks)} tasks {sorted(config.tasks)}")
+    stray = sorted((set(config.data) | set(config.eval_data)) - set(config.tasks))
+    if stray:
+        raise ConfigError(f"fields 'data'/'eval_data' name task(s) {stray} that are not in 'tasks' "
+                          f"{sorted(config.tasks)}")
+    if config.warmup_ratio >= 1:
+        raise ConfigError(f"field 'warmup_ratio' must be < 1, got {config.warmup_ratio}")
+    if config.ema_decay >= 1:
+        raise ConfigError(f"field 'ema_decay' must be < 1, got {config.ema_decay}")
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Build and check a config; `source` (a file name) prefixes every error."""
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; valid keys are {sorted(hints)}")
+    try:
+        config = TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in raw.items()})
+        _check_ranges(config)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    return config
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A shipped config by name (`pretrain_ofa_tiny`, `finetune/vqav2`) or any YAML file by path."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+    raise ConfigError(f"no config file {str(name_or_path)!r}; shipped configs: {', '.join(names)}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with the value read as YAML (`lr=3e-4`, `tasks={vqa: 1}`)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    return key.strip(), _read_yaml(value)
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a config file (or the defaults when None) and apply `key=value` overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if name_or_path is not None:
+        path = resolve_config_path(name_or_path)
+        source = str(path)
+        raw = _read_yaml(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config must be a YAML mapping, got {type(raw).__name__}")
+    for text in overrides:
+        key, value = parse_override(text)
+        raw[key] = value
+    if overrides:
+        source += " + overrides"
+    return config_from_dict(raw, source)

@@ -1,0 +1,78 @@
+"""Training objectives: summed token losses plus the token count they were summed over.
+
+Returning sums (not means) lets the trainer divide by the token count of the whole optimizer
+step over every micro-batch and process, so gradient accumulation and distributed runs give
+the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pycocoevalcap.cider.cider import Cider
+
+from ofa_ufo.modeling import shift_tokens_right
+
+_ENCODER_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_mask", "task_ids")
+
+
+def cross_entropy(model, batch: dict[str, torch.Tensor], label_smoothing: float) -> tuple[torch.Tensor, int]:
+    """Label-smoothed token cross-entropy summed over target tokens (labels -100 are ignored)."""
+    config = getattr(model, "module", model).config
+    labels = batch["labels"]
+    decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+    logits = model(**{k: batch[k] for k in _ENCODER_KEYS}, decoder_input_ids=decoder_input_ids).logits  # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                           label_smoothing=label_smoothing, reduction="sum")
+    return loss, int((labels != -100).sum())
+
+
+def _words(text: str) -> str:
+    """Lower-case words without punctuation: the tokenisation CIDEr rewards are computed on."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def cider_rewards(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]]) -> torch.Tensor:
+    """CIDEr-D of every hypothesis (rows: images, columns: samples) against its image's references;
+    document frequencies come from the references given (the batch)."""
+    gts, res = {}, {}
+    for i, (hyps, refs) in enumerate(zip(hypotheses, references)):
+        for j, hyp in enumerate(hyps):
+            gts[(i, j)] = [_words(r) for r in refs]
+            res[(i, j)] = [_words(hyp) or "."]
+    keys = list(gts)
+    _, scores = Cider().compute_score({n: gts[k] for n, k in enumerate(keys)}, {n: res[k] for n, k in enumerate(keys)})
+    return torch.tensor(scores, dtype=torch.float32).view(len(hypotheses), -1)  # (images, samples)
+
+
+def scst(model, batch: dict[str, torch.Tensor], examples: Sequence[dict[str, Any]], tokenizer,
+         beams: int, max_new_tokens: int) -> tuple[torch.Tensor, int, dict[str, float]]:
+    """Self-critical sequence training (OFA's caption stage 2): beam search returns `beams`
+    captions per image, each rewarded by CIDEr-D with the mean reward of the image's other
+    beams as baseline; loss = -sum over tokens of log p(token) * (reward - baseline)."""
+    inner = getattr(model, "module", model)
+    encoder_inputs = {k: batch[k] for k in _ENCODER_KEYS}
+    was_training = inner.training
+    inner.eval()
+    with torch.no_grad():
+        sequences = inner.generate(**encoder_inputs, num_beams=beams, num_return_sequences=beams,
+                                   max_new_tokens=max_new_tokens, no_repeat_ngram_size=3)  # (B * beams, T)
+    inner.train(was_training)
+    texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
+    hypotheses = [texts[i * beams:(i + 1) * beams] for i in range(len(examples))]
+    references = [e.get("references") or [e["target"]] for e in examples]
+    rewards = cider_rewards(hypotheses, references)  # (B, beams)
+    baseline = (rewards.sum(1, keepdim=True) - rewards) / max(beams - 1, 1)
+    advantage = (rewards - baseline).flatten().to(sequences.device)  # (B * beams,)
+    labels = sequences[:, 1:].clone()  # drop the decoder start token
+    labels[labels == inner.config.pad_token_id] = -100
+    repeated = {k: v.repeat_interleave(beams, dim=0) for k, v in encoder_inputs.items()}
+    decoder_input_ids = shift_tokens_right(labels, inner.config.pad_token_id, inner.config.decoder_start_token_id)
+    logits = model(**repeated, decoder_input_ids=decoder_input_ids).logits  # (B * beams, T, V)
+    token_logp = -F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
+    loss = -(token_logp * advantage[:, None]).sum()
+    return loss, int((labels != -100).sum()), {"reward": float(rewards.mean())}

@@ -1,0 +1,105 @@
+"""What a run shows: per-task metrics on held-out examples, the before/after table, the loss plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ofa_ufo.metrics import get_metric
+from ofa_ufo.tasks import get_task
+
+# the figure each task is judged by in the table (all of a metric's values go to metrics.json)
+HEADLINE = {"cider": "cider", "vqa_accuracy": "vqa_accuracy", "acc@0.5": "acc@0.5", "top1": "top1",
+            "map50": "map50", "accuracy": "accuracy"}
+
+
+def evaluate_model(model, processor, spec, examples: list[dict[str, Any]], batch_size: int = 16) -> dict[str, float]:
+    """Score `model` (in memory) on `examples` the way `ofa_ufo.evaluate` scores a saved one."""
+    from ofa_ufo.pipeline import OFAUFOPipeline
+
+    task = get_task(spec.task)
+    labels = spec.data.get("labels") or sorted({e["target"] for e in examples if e.get("target")})
+    pipe = OFAUFOPipeline(model=model, processor=processor, tokenizer=processor.tokenizer,
+                          image_processor=processor.image_processor)
+    calls: dict[str, Any] = {}
+    for index, example in enumerate(examples):  # group examples that share call options into batches
+        options = task.pipeline_call(example, labels)
+        key = repr(sorted((k, v) for k, v in options.items() if k != "text"))
+        calls.setdefault(key, []).append((index, options))
+    results: list[Any] = [None] * len(examples)
+    for group in calls.values():
+        options = {k: v for k, v in group[0][1].items() if k != "text"}
+        texts = [o.get("text") for _, o in group]
+        text = texts if any(t is not None for t in texts) else None
+        outputs = pipe([examples[i]["image"] for i, _ in group], task=spec.task, text=text,
+                       style=spec.prompt_style, batch_size=batch_size, **spec.generation, **options)
+        for (i, _), output in zip(group, outputs):
+            results[i] = output
+    pairs = [task.metric_pair(result, example) for result, example in zip(results, examples)]
+    return get_metric(spec.metric)([p for p, _ in pairs], [r for _, r in pairs])
+
+
+def headline(values: dict[str, float]) -> tuple[str, float] | None:
+    for name in values:
+        if name in HEADLINE:
+            return name, values[name]
+    return next(iter(values.items()), None)
+
+
+def format_metric_table(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> str:
+    """Markdown table: one row per task, its headline metric untrained vs trained."""
+    rows = ["| task | metric | untrained | trained |", "|---|---|---|---|"]
+    for task, values in after.items():
+        name, value = headline(values) or ("-", float("nan"))
+        rows.append(f"| {task} | {name} | {before.get(task, {}).get(name, float('nan')):.3f} | {value:.3f} |")
+    return "\n".join(rows)
+
+
+def plot_history(history: dict[str, Any], path: Path) -> None:
+    """PNG with the training loss (left) and each task's headline metric over evaluations (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    losses = history["losses"]
+    left.plot(range(1, len(losses) + 1), losses, lw=0.8)
+    left.set(xlabel="step", ylabel="training loss (token CE)", title="loss")
+    tasks = {task for entry in history["eval"] for task in entry["metrics"]}
+    for task in sorted(tasks):
+        points = [(e["step"], headline(e["metrics"][task])) for e in history["eval"] if task in e["metrics"]]
+        right.plot([s for s, _ in points], [h[1] for _, h in points], marker="o", label=f"{task} ({points[0][1][0]})")
+    right.set(xlabel="step", ylabel="metric", title="held-out metrics")
+    if tasks:
+        right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def show_real_photos(model_dir: Path, tasks: list[str], limit: int = 3) -> None:
+    """Reload the exported model through `pipeline("ofa-ufo")` and print its answers on the
+    bundled real photos (needs scikit-image, the `demo` extra) next to the hand-written labels."""
+    from transformers import pipeline
+
+    try:
+        from ofa_ufo.data.real_photos import load_real_photos
+
+        examples = load_real_photos()
+    except ImportError as error:
+        print(f"real photos skipped ({error}); install with pip install 'ofa-ufo[demo]'")
+        return
+    pipe = pipeline("ofa-ufo", model=str(model_dir))
+    photos = list(dict.fromkeys(e["meta"]["photo"] for e in examples))[:limit]
+    for photo in photos:
+        print(f"photo {photo}:")
+        for task in tasks:
+            example = next((e for e in examples if e["meta"]["photo"] == photo and e["task"] == task), None)
+            if example is None:
+                continue
+            options = get_task(task).pipeline_call(example, None)
+            result = pipe(example["image"], task=task, **options)
+            truth = example.get("target") or example.get("box") or example.get("labels")
+            question = f" {example['text']!r}" if example.get("text") else ""
+            print(f"  {task:<14}{question}: {result} | labels: {truth}")

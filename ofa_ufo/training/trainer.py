@@ -1,0 +1,375 @@
+"""The trainer: one loop for every task mixture, on accelerate.
+
+    from ofa_ufo.training import load_config, train
+    result = train(load_config("pretrain_ofa_tiny", ["max_steps=200"]))
+
+Each optimizer step builds its global batch from the mixture (every task, fixed quotas),
+keeps this process's slice, and divides the summed token loss by the token count of the
+whole step (all micro-batches, all processes): gradient accumulation and data-parallel runs
+give the update of one big batch. Around it: AdamW with warmup + linear decay (OFA), gradient
+clipping, optional EMA, bf16 autocast on a GPU, supernet arch sampling when the config asks
+for it, atomic resumable checkpoints, evaluation before/after, TensorBoard, a loss plot and a
+metric table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ofa_ufo.image_processing import ImageLoadError, load_image
+from ofa_ufo.supernet import largest_arch, sample_arch, set_arch, smallest_arch
+from ofa_ufo.training import checkpoint as ckpt
+from ofa_ufo.training import objectives
+from ofa_ufo.training.config import ConfigError, TrainConfig
+from ofa_ufo.training.data import Mixture, build_batch, build_sources, eval_examples, task_quotas
+from ofa_ufo.training.report import evaluate_model, format_metric_table, plot_history, show_real_photos
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, unusable data); the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    losses: list[float]
+    metrics_before: dict[str, dict[str, float]] = field(default_factory=dict)
+    metrics_after: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def step_archs(config, step: int) -> list:
+    """The supernet archs one step trains: [None] (the model as is) unless the config asks for
+    elastic sampling (`sample_arch(config, step)`, plus largest and smallest with the sandwich rule)."""
+    vision = config.vision_config
+    if not (vision.supernet_layers and vision.supernet_routed and vision.supernet_sample_arch):
+        return [None]
+    archs = [sample_arch(config, step)]
+    return archs + ([largest_arch(config), smallest_arch(config)] if vision.supernet_sandwich else [])
+
+
+def build_model(config: TrainConfig):
+    """(model, processor): a preset built from scratch, or a save_pretrained directory to fine-tune."""
+    from ofa_ufo.presets import create_model, create_processor
+
+    if Path(config.model).is_dir():
+        from ofa_ufo.modeling import OFAUFOForConditionalGeneration
+        from ofa_ufo.processing import OFAUFOProcessor
+
+        model = OFAUFOForConditionalGeneration.from_pretrained(config.model, **config.model_overrides)
+        return model, OFAUFOProcessor.from_pretrained(config.model)
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, **config.model_overrides)
+    image_size = model.config.image_size
+    return model, create_processor(config.model, image_size=image_size)
+
+
+def _accelerator(config: TrainConfig):
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    gpu = torch.cuda.is_available()
+    precision = {"auto": "bf16" if gpu else "no", "fp32": "no", "bf16": "bf16"}[config.precision]
+    # decoder image-position tables serve image generation only, so text steps leave them unused
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=not gpu, mixed_precision=precision, kwargs_handlers=[ddp])
+
+
+def _schedule(step: int, warmup: int, total: int, floor: float) -> float:
+    """LR multiplier: linear warmup over `warmup` steps (the first step already trains), then
+    linear decay to `floor` at `total` (fairseq's polynomial_decay with power 1, as OFA)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return floor + (1 - floor) * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _optimizer(model, config: TrainConfig):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
+                                  weight_decay=config.weight_decay)
+    warmup = math.ceil(config.warmup_ratio * config.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(_schedule, warmup=warmup, total=config.max_steps, floor=config.end_lr / config.lr))
+    return optimizer, scheduler
+
+
+def _ema(model, decay: float):
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if decay else None
+
+
+def _resume_path(config: TrainConfig, resume: str | None) -> Path | None:
+    if resume in (None, "never"):
+        return None
+    if resume == "auto":
+        found = ckpt.list_checkpoints(config.output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise ckpt.CheckpointError(f"resume checkpoint {path} does not exist")
+    return path
+
+
+def _loadable(examples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """Examples with their images decoded; an unreadable image drops its sample, not the batch."""
+    kept, dropped = [], 0
+    for example in examples:
+        try:
+            image = example.get("image")
+            kept.append({**example, "image": None if image is None else load_image(image)})
+        except ImageLoadError as error:
+            warnings.warn(f"skipping sample {example.get('id')!r}: {error}", stacklevel=2)
+            dropped += 1
+    return kept, dropped
+
+
+class Trainer:
+    """Holds the run's parts; `fit()` is the loop."""
+
+    def __init__(self, config: TrainConfig, resume: str | None = "auto", model=None, processor=None) -> None:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.accelerator = _accelerator(config)
+        self.output_dir = Path(config.output_dir)
+        if model is None:
+            model, processor = build_model(config)
+        self.resume_from = _resume_path(config, resume)
+        if self.resume_from is not None:
+            ckpt.check_compatible(self.resume_from, model.config)  # before anything is written
+        world = self.accelerator.num_processes
+        if config.batch_size < world or config.batch_size % world:
+            raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {world} processes")
+        self.processor = processor
+        self.mixture = Mixture(build_sources(config), task_quotas(config.tasks, config.batch_size))
+        if config.freeze_embeddings:
+            model.get_input_embeddings().weight.requires_grad_(False)
+        self.optimizer, self.scheduler = _optimizer(model, config)
+        self.ema = _ema(model, config.ema_decay)
+        self.step = 0
+        self.history: dict[str, Any] = {"losses": [], "lr": [], "eval": []}
+        if self.resume_from is not None:
+            self._restore(model, self.resume_from)
+        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.unwrapped = self.accelerator.unwrap_model(self.model)
+
+    # ---- state ----------------------------------------------------------------------------
+
+    def _restore(self, model, path: Path) -> None:
+        state = ckpt.load_state(path)
+        ckpt.load_weights(model, path / "model.safetensors")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            ckpt.load_weights(self.ema, path / ckpt.EMA_FILE)
+        ckpt.restore_rng_states(state["rng"])
+        self.step = int(state["step"])
+        self.history = json.loads(state["history"])
+        self.history["losses"] = self.history["losses"][: self.step]
+        self.history["lr"] = self.history["lr"][: self.step]
+        if self.accelerator.is_main_process:
+            print(f"resumed from {path} at step {self.step}")
+
+    def save(self) -> Path | None:
+        """Write a resumable checkpoint of the current step (main process; others wait)."""
+        path = None
+        weights = self.accelerator.get_state_dict(self.model)  # collective: gathers FSDP shards
+        if self.accelerator.is_main_process:
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_states(),
+                     "history": json.dumps(self.history)}
+            path = ckpt.save_checkpoint(self.output_dir, self.step, self.unwrapped, self.processor, state,
+                                        self.config.to_yaml(), self.ema,
+                                        self.config.keep_last, weights)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        if self.config.freeze_batchnorm:
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def _micro_batches(self) -> list[tuple[dict[str, torch.Tensor], list[dict[str, Any]]]]:
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        batches = []
+        for micro in range(self.config.grad_accum):
+            examples = self.mixture.micro_batch(self.step, micro, self.config.grad_accum)[rank::world]
+            examples, _ = _loadable(examples)
+            if not examples:
+                raise TrainingError(f"step {self.step}: every sample of micro-batch {micro} failed to load")
+            batch = build_batch(self.processor, examples)
+            batches.append(({k: v.to(self.accelerator.device) for k, v in batch.items()}, examples))
+        return batches
+
+    def _loss(self, batch: dict[str, torch.Tensor], examples: list[dict[str, Any]]) -> tuple[torch.Tensor, int]:
+        config = self.config
+        if config.objective == "scst":
+            loss, tokens, _ = objectives.scst(self.model, batch, examples, self.processor.tokenizer,
+                                              config.scst_beams, config.scst_max_new_tokens)
+            return loss, tokens
+        return objectives.cross_entropy(self.model, batch, config.label_smoothing)
+
+    def train_step(self) -> float:
+        """Forward/backward over the step's micro-batches and archs, then one optimizer update."""
+        acc = self.accelerator
+        batches = self._micro_batches()
+        archs = step_archs(self.unwrapped.config, self.step)
+        # the normaliser (target tokens in the whole global step) is known before any backward
+        local_tokens = sum(int((b["labels"] != -100).sum()) for b, _ in batches) * len(archs)
+        if self.config.objective == "scst":
+            local_tokens = 1  # SCST sums over its own sampled tokens; normalise per process instead
+        global_tokens = acc.reduce(torch.tensor(float(local_tokens), device=acc.device), reduction="sum").item()
+        total = torch.zeros((), device=acc.device)
+        passes = [(b, e, arch) for b, e in batches for arch in archs]
+        for i, (batch, examples, arch) in enumerate(passes):
+            if arch is not None:
+                set_arch(self.unwrapped, arch)
+            sync = nullcontext() if i == len(passes) - 1 else acc.no_sync(self.model)
+            with sync, acc.autocast():
+                loss_sum, _ = self._loss(batch, examples)
+                acc.backward(loss_sum * acc.num_processes / global_tokens)
+            total += loss_sum.detach()
+        if archs != [None]:
+            set_arch(self.unwrapped, None)
+        loss = acc.reduce(total, reduction="sum").item() / global_tokens
+        if not math.isfinite(loss):
+            last = ckpt.list_checkpoints(self.output_dir)
+            raise TrainingError(f"loss is {loss} at step {self.step}; stopped without updating. Last good "
+                                f"checkpoint: {last[-1] if last else 'none written yet'} (lower lr or check the data)")
+        if self.config.clip_norm:
+            acc.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.unwrapped)
+        return loss
+
+    # ---- evaluation -----------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Metrics per task on held-out examples (main process); the model it scores is the EMA when set."""
+        results: dict[str, dict[str, float]] = {}
+        if self.config.eval_examples and self.accelerator.is_main_process:
+            model = self.ema.module if self.ema is not None else self.unwrapped
+            was_training = model.training
+            model.eval()
+            for task in self.config.tasks:
+                examples, spec = eval_examples(self.config, task)
+                if examples:
+                    results[task] = evaluate_model(model, self.processor, spec, examples, self.config.eval_batch_size)
+            if was_training:
+                self._train_mode()
+        self.accelerator.wait_for_everyone()
+        return results
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        config, acc = self.config, self.accelerator
+        main = acc.is_main_process
+        start = time.perf_counter()
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / ckpt.CONFIG_FILE).write_text(config.to_yaml())
+        if not self.history["eval"]:
+            self.history["eval"].append({"step": 0, "metrics": self.evaluate()})
+        writer = _tensorboard(self.output_dir) if main else None
+        samples = config.global_batch
+        self._train_mode()
+        bar = tqdm(range(self.step, config.max_steps), desc="train", unit="step", initial=self.step,
+                   total=config.max_steps, disable=not main)
+        tick = time.perf_counter()
+        for _ in bar:
+            lr = self.scheduler.get_last_lr()[0]
+            loss = self.train_step()
+            self.step += 1
+            now = time.perf_counter()
+            rate, tick = samples / max(now - tick, 1e-9), now
+            self.history["losses"].append(loss)
+            self.history["lr"].append(lr)
+            if main:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+                writer.add_scalar("train/loss", loss, self.step)
+                writer.add_scalar("train/lr", lr, self.step)
+                writer.add_scalar("train/samples_per_s", rate, self.step)
+                if self.step % config.log_every == 0 and not bar.disable and not os.isatty(2):
+                    print(f"step {self.step}/{config.max_steps} loss {loss:.4f} lr {lr:.2e} samples/s {rate:.1f}",
+                          flush=True)
+            if config.eval_every and self.step % config.eval_every == 0 and self.step < config.max_steps:
+                self._record_eval(writer)
+                self._train_mode()
+            if config.save_every and self.step % config.save_every == 0:
+                self.save()
+        bar.close()
+        if self.history["eval"][-1]["step"] != self.step:
+            self._record_eval(writer)
+        if not (config.save_every and self.step % config.save_every == 0):
+            self.save()
+        if main:
+            self._export()
+            writer.close()
+        return self._result(time.perf_counter() - start)
+
+    def _record_eval(self, writer) -> None:
+        metrics = self.evaluate()
+        self.history["eval"].append({"step": self.step, "metrics": metrics})
+        if writer is not None:
+            for task, values in metrics.items():
+                for name, value in values.items():
+                    writer.add_scalar(f"eval/{task}/{name}", value, self.step)
+
+    def _export(self) -> None:
+        """The final model (EMA when enabled) as a servable save_pretrained directory, plus the report."""
+        model = self.ema.module if self.ema is not None else self.unwrapped
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            self.processor.save_pretrained(tmp)
+
+        staging = self.output_dir / ".final"
+        ckpt.write_atomically(staging, write)
+        for path in staging.iterdir():
+            os.replace(path, self.output_dir / path.name)
+        staging.rmdir()
+        before, after = self.history["eval"][0]["metrics"], self.history["eval"][-1]["metrics"]
+        table = format_metric_table(before, after)
+        report = {"steps": self.step, "metrics_untrained": before, "metrics_trained": after,
+                  "eval": self.history["eval"], "losses": self.history["losses"], "lr": self.history["lr"]}
+        (self.output_dir / "metrics.json").write_text(json.dumps(report, indent=1))
+        plot_history(self.history, self.output_dir / "training.png")
+        print(table)
+        print(f"model, metrics.json and training.png written to {self.output_dir}")
+        if self.config.show_photos:
+            show_real_photos(self.output_dir, list(self.config.tasks))
+
+    def _result(self, seconds: float) -> TrainResult:
+        evals = self.history["eval"]
+        return TrainResult(self.output_dir, list(self.history["losses"]), evals[0]["metrics"], evals[-1]["metrics"],
+                           seconds)
+
+
+def _tensorboard(output_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(output_dir / "tensorboard"))
+
+
+def train(config: TrainConfig, resume: str | None = "auto") -> TrainResult:
+    """Train `config` (resuming from its newest checkpoint unless `resume="never"` or a path)."""
+    return Trainer(config, resume=resume).fit()
