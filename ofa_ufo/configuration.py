@@ -18,7 +18,7 @@ RESNET_LAYERS = {
 
 # Keys that PreTrainedConfig itself consumes or writes; anything else unknown is a user error.
 _BASE_KEYS = {
-    "torch_dtype", "name_or_path", "_commit_hash", "output_attentions", "attn_implementation",
+    "torch_dtype", "name_or_path", "_name_or_path", "_commit_hash", "output_attentions", "attn_implementation",
     "experts_implementation", "per_layer_config", "transformers_version", "model_type",
     "_attn_implementation_internal", "_experts_implementation_internal", "num_labels",
 }

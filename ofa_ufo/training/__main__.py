@@ -29,8 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         if args.demo:
             config.data = {}
-        image = config.model_overrides.get("image_size", "the model's")
-        print(f"config {args.config or '(defaults)'}: model {config.model}, image size {image} px, tasks "
+        image = config.model_overrides.get("image_size")
+        size = f"image size {image} px" if image else "the model's image size"
+        print(f"config {args.config or '(defaults)'}: model {config.model}, {size}, tasks "
               f"{config.tasks}, {config.max_steps} steps x {config.global_batch} samples, output {config.output_dir}")
         train(config, resume=args.resume)
     except (ConfigError, DataSourceError, CheckpointError, TrainingError) as error:

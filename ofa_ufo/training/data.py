@@ -91,9 +91,12 @@ def _spec_source(task: str, spec_name: str, seed: int) -> ListSource:
     try:
         examples = list(open_examples(spec, split="train"))
     except (FileNotFoundError, OSError, ValueError) as error:
+        train = spec.data.get("train")
+        options = {**spec.data, **(train if isinstance(train, dict) else {})}
+        where = ", ".join(f"{k}: {v}" for k, v in options.items() if k not in ("format", "train"))
         raise DataSourceError(
             f"spec {spec.name!r}: cannot read its training data ({error}). Expected format "
-            f"{spec.data.get('format')!r} at {spec.data.get('train', spec.data)}; see docs/data.md"
+            f"{spec.data.get('format')!r} with {where} (spec data.train); see docs/data.md and docs/finetuning.md"
         ) from None
     return ListSource(task, examples, seed, f"spec {spec.name!r}")
 
@@ -136,10 +139,18 @@ def build_sources(config: TrainConfig) -> dict[str, DemoSource | ListSource]:
 def eval_examples(config: TrainConfig, task: str) -> tuple[list[dict[str, Any]], Any]:
     """Held-out examples of a task (`eval_data[task]`, else the validation side of `data[task]`)
     and the spec that says how to decode and score them; ([], None) when there are none."""
+    data = config.eval_data.get(task) or config.data.get(task, DEMO)
+    try:
+        return _held_out(config, task, data)
+    except (FileNotFoundError, OSError, ValueError) as error:
+        raise DataSourceError(f"held-out data for task {task!r} ({data}) cannot be read ({error}); fix the path, "
+                              f"set eval_data={{{task}: FILE.jsonl}}, or eval_examples=0") from None
+
+
+def _held_out(config: TrainConfig, task: str, data: str) -> tuple[list[dict[str, Any]], Any]:
     from ofa_ufo.evaluate import open_examples
     from ofa_ufo.task_specs import TaskSpec, list_specs, load_spec
 
-    data = config.eval_data.get(task) or config.data.get(task, DEMO)
     if data.endswith(".jsonl"):
         from ofa_ufo.data.loaders.jsonl import load_jsonl
 

@@ -61,7 +61,7 @@ def step_archs(config, step: int) -> list:
 
 def build_model(config: TrainConfig):
     """(model, processor): a preset built from scratch, or a save_pretrained directory to fine-tune."""
-    from ofa_ufo.presets import create_model, create_processor
+    from ofa_ufo.presets import create_model, create_processor, list_models
 
     if Path(config.model).is_dir():
         from ofa_ufo.modeling import OFAUFOForConditionalGeneration
@@ -69,6 +69,9 @@ def build_model(config: TrainConfig):
 
         model = OFAUFOForConditionalGeneration.from_pretrained(config.model, **config.model_overrides)
         return model, OFAUFOProcessor.from_pretrained(config.model)
+    if config.model.split(".", 1)[0] not in list_models():
+        raise ConfigError(f"model {config.model!r} is neither a preset ({', '.join(list_models())}) "
+                          "nor a save_pretrained directory")
     torch.manual_seed(config.seed)
     model = create_model(config.model, **config.model_overrides)
     image_size = model.config.image_size
