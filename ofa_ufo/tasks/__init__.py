@@ -48,7 +48,7 @@ def task_id(name: str) -> int:
 
 _TEXT = dict(num_beams=5, max_new_tokens=16, no_repeat_ngram_size=3)
 register_task(Task("caption", generation=_TEXT))
-register_task(VQATask("vqa", generation=dict(num_beams=5, min_new_tokens=2, max_new_tokens=8, length_penalty=0.0),
+register_task(VQATask("vqa", generation=dict(num_beams=5, min_new_tokens=1, max_new_tokens=8, length_penalty=0.0),
                        metric="vqa_accuracy"))
 register_task(GroundingTask("grounding", generation=dict(num_beams=5), metric="acc@0.5"))
 register_task(GroundedCaptionTask("grounded_caption", generation=_TEXT))
