@@ -15,6 +15,7 @@ from ofa_ufo.registration import register as _register
 from ofa_ufo.supernet import SupernetArch, extract_subnet, sample_arch, set_arch
 from ofa_ufo.tasks import get_task, list_tasks
 from ofa_ufo.tokenization import OFAUFOTokenizer, build_tokenizer
+from ofa_ufo.vqgan import VQGANConfig, VQGANModel, create_vqgan, list_vqgans
 
 _register()
 
@@ -35,12 +36,16 @@ __all__ = [
     "OFAUFOProcessor",
     "OFAUFOTokenizer",
     "OFAUFOVisionConfig",
+    "VQGANConfig",
+    "VQGANModel",
     "build_tokenizer",
     "create_config",
     "create_model",
     "create_processor",
+    "create_vqgan",
     "get_task",
     "list_models",
     "list_tasks",
+    "list_vqgans",
     "load_image",
 ]

@@ -24,7 +24,7 @@ _BASE_KEYS = {
 }
 
 
-def _reject_unknown(config: PreTrainedConfig, kwargs: dict) -> None:
+def reject_unknown_fields(config: PreTrainedConfig, kwargs: dict) -> None:
     """Raise on fields the config does not define, instead of silently storing them."""
     unknown = sorted(set(kwargs) - _BASE_KEYS)
     if unknown:
@@ -69,7 +69,7 @@ class OFAUFOVisionConfig(PreTrainedConfig):
             from ofa_ufo.tasks import list_tasks
 
             self.supernet_num_tasks = len(list_tasks()) if self.supernet_routed else 1
-        _reject_unknown(self, kwargs)
+        reject_unknown_fields(self, kwargs)
         super().__post_init__(**kwargs)
         self._check_supernet()
 
@@ -164,7 +164,7 @@ class OFAUFOConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
-        _reject_unknown(self, kwargs)
+        reject_unknown_fields(self, kwargs)
         super().__post_init__(**kwargs)
         self._check()
 

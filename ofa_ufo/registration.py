@@ -21,6 +21,7 @@ from ofa_ufo.modeling import OFAUFOForConditionalGeneration, OFAUFOModel
 from ofa_ufo.pipeline import OFAUFOPipeline
 from ofa_ufo.processing import OFAUFOProcessor
 from ofa_ufo.tokenization import OFAUFOTokenizer
+from ofa_ufo.vqgan import VQGANConfig, VQGANModel
 
 PIPELINE_TASK = "ofa-ufo"
 
@@ -30,6 +31,8 @@ def register() -> None:
     AutoConfig.register(OFAUFOConfig.model_type, OFAUFOConfig, exist_ok=True)
     AutoConfig.register(OFAUFOVisionConfig.model_type, OFAUFOVisionConfig, exist_ok=True)
     AutoModel.register(OFAUFOConfig, OFAUFOModel, exist_ok=True)
+    AutoConfig.register(VQGANConfig.model_type, VQGANConfig, exist_ok=True)
+    AutoModel.register(VQGANConfig, VQGANModel, exist_ok=True)
     AutoModelForSeq2SeqLM.register(OFAUFOConfig, OFAUFOForConditionalGeneration, exist_ok=True)
     AutoTokenizer.register(OFAUFOConfig, fast_tokenizer_class=OFAUFOTokenizer, exist_ok=True)
     AutoImageProcessor.register(OFAUFOConfig, slow_image_processor_class=OFAUFOImageProcessor, exist_ok=True)

@@ -33,6 +33,8 @@ else
   "$PY" -m pip install -q "${PIN[@]}" cython cffi
   "$PY" -m pip install -q "${PIN[@]}" --no-deps "fairseq-fixed==0.12.3.1"
   "$PY" -m pip install -q "${PIN[@]}" "hydra-core==1.3.2" "omegaconf==2.3.0" bitarray sacrebleu scikit-learn
+  # taming-transformers (VQGAN parity, tests/test_vqgan_parity.py): --no-deps, its pins would replace torch.
+  "$PY" -m pip install -q "${PIN[@]}" --no-deps "taming-transformers-rom1504==0.0.6"
   if "$PY" -m pip show -q torchvision >/dev/null 2>&1; then
     echo "[oracle] WARNING: torchvision got installed; tests/oracle_shims.py defines its op schemas" >&2
   fi

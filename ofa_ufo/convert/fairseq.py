@@ -42,7 +42,7 @@ ARG_FIELDS = {
 }
 
 
-def _allowed_globals() -> list:
+def allowed_globals() -> list:
     allowed: list = [argparse.Namespace]
     try:
         from omegaconf import DictConfig, ListConfig, nodes
@@ -59,7 +59,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
+        with torch.serialization.safe_globals(allowed_globals()):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(f"{path}: refused to unpickle (only tensors and plain settings are allowed): {error}") from None

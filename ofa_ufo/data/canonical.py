@@ -39,7 +39,7 @@ __all__ = ["CANONICAL_TASKS", "ENTAILMENT_LABELS", "FIELDS", "DataError", "new_e
 
 CANONICAL_TASKS: tuple[str, ...] = (
     "caption", "vqa", "grounding", "grounded_caption", "detection", "classification", "entailment", "itm",
-    "text_infill",
+    "text_infill", "reid_person", "reid_vehicle", "face", "product",
 )
 ENTAILMENT_LABELS: tuple[str, ...] = ("entailment", "neutral", "contradiction")
 FIELDS: tuple[str, ...] = (
@@ -56,6 +56,8 @@ _REQUIRED: dict[str, tuple[str | tuple[str, ...], ...]] = {
     "entailment": ("text", "target"),
     "itm": ("text", "target"),
     "text_infill": ("text", "target"),
+    # Retrieval tasks: identity, camera, split, pair... live in `meta` (see loaders.reid).
+    **{task: ("meta",) for task in ("reid_person", "reid_vehicle", "face", "product")},
 }
 # Tasks whose target is one of a fixed set of class names.
 _TARGET_CHOICES: dict[str, tuple[str, ...]] = {"entailment": ENTAILMENT_LABELS, "itm": ("yes", "no")}

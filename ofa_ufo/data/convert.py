@@ -25,8 +25,10 @@ from tqdm import tqdm
 from ofa_ufo.data.canonical import DataError
 from ofa_ufo.data.loaders import (
     TSV_LAYOUTS, LoadReport, load_coco_captions, load_coco_instances, load_hf_dataset, load_image_folder,
-    load_jsonl, load_ofa_tsv, load_refcoco, load_snli_ve, load_vqa_v2,
+    load_jsonl, load_lfw_pairs, load_market1501, load_msmt17, load_ofa_tsv, load_refcoco, load_snli_ve, load_sop,
+    load_veri776, load_vqa_v2,
 )
+from ofa_ufo.data.loaders.reid import LFW_IMAGE_PATTERN, REID_SPLITS
 
 __all__ = ["FORMATS", "main", "write_jsonl"]
 
@@ -81,6 +83,20 @@ def _with_images(loader: Callable[..., Iterator[dict[str, Any]]]) -> Opener:
     return open_
 
 
+def _reid(loader: Callable[..., Iterator[dict[str, Any]]]) -> Opener:
+    """ReID roots: --input is the dataset folder, --split optionally keeps some splits (query,gallery)."""
+    def open_(args: argparse.Namespace, report: LoadReport) -> Iterator[dict[str, Any]]:
+        splits = args.split.split(",") if args.split else REID_SPLITS
+        return loader(args.input, splits, on_error=args.on_error, report=report)
+    return open_
+
+
+def _lfw(args: argparse.Namespace, report: LoadReport) -> Iterator[dict[str, Any]]:
+    _need(args, "images")
+    pattern = args.image_pattern or LFW_IMAGE_PATTERN
+    return load_lfw_pairs(args.input, args.images, pattern, on_error=args.on_error, report=report)
+
+
 FORMATS: dict[str, Opener] = {
     "jsonl": lambda args, report: load_jsonl(args.input, args.on_error, report),
     "ofa_tsv": _tsv,
@@ -91,6 +107,11 @@ FORMATS: dict[str, Opener] = {
     "image_folder": lambda args, report: load_image_folder(args.input, on_error=args.on_error, report=report),
     "snli_ve": _with_images(load_snli_ve),
     "hf": _hf,
+    "market1501": _reid(load_market1501),
+    "msmt17": _reid(load_msmt17),
+    "veri776": _reid(load_veri776),
+    "lfw_pairs": _lfw,
+    "sop": lambda args, report: load_sop(args.input, args.images, args.split, args.on_error, report),
 }
 
 
@@ -131,12 +152,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", required=True, choices=sorted(FORMATS))
     parser.add_argument("--input", required=True, help="source file (questions/refs file for vqa_v2/refcoco) or folder")
     parser.add_argument("--output", required=True, help="canonical .jsonl to write")
-    parser.add_argument("--images", help="image root folder (COCO, VQA, RefCOCO, SNLI-VE)")
+    parser.add_argument("--images", help="image root folder (COCO, VQA, RefCOCO, SNLI-VE, LFW; sop: default the "
+                        "list's folder)")
     parser.add_argument("--annotations", help="vqa_v2: annotations file; refcoco: instances.json")
     parser.add_argument("--layout", choices=sorted(TSV_LAYOUTS), help="ofa_tsv: which OFA TSV")
     parser.add_argument("--selected-cols", help="ofa_tsv: OFA-style column ids, e.g. 0,4,2")
-    parser.add_argument("--split", help="refcoco: keep one split (train, val, testA, ...)")
-    parser.add_argument("--image-pattern", help="vqa_v2: image file name pattern, e.g. COCO_val2014_{image_id:012d}.jpg")
+    parser.add_argument("--split", help="refcoco: keep one split (train, val, testA, ...); market1501/msmt17/veri776: "
+                        "keep splits (e.g. query,gallery); sop: the meta split (default from the file name)")
+    parser.add_argument("--image-pattern", help="vqa_v2: image file name pattern, e.g. "
+                        "COCO_val2014_{image_id:012d}.jpg; lfw_pairs: default {name}/{name}_{number:04d}.jpg")
     parser.add_argument("--task", help="hf: the canonical task")
     parser.add_argument("--columns", help="hf: field=column pairs, e.g. image=img,text=question,target=answer")
     parser.add_argument("--id-column", help="hf: column holding the example id")

@@ -15,9 +15,22 @@ name               predictions / references                returned keys
                    gold ``list[label]``
 ``coco_map``       ``[{"boxes","labels","scores"}]`` /     ``map`` (mAP@[.5:.95]), ``map50``
                    ``[{"boxes","labels"}]`` per image
+``reid``           embeddings [#emb]_ / ``[{identity,      ``rank1 rank5 rank10 mAP mINP``,
+                   camera, split}]``, split ``query`` or   ``valid_queries skipped_queries``
+                   ``gallery`` (Market-1501 protocol)
+``verification``   embeddings / ``[{pair, side, same       ``accuracy accuracy_std threshold``
+                   [, fold]}]``, sides 0 and 1 of each     (10-fold LFW protocol)
+                   pair
+``recall@k``       embeddings / ``[{identity}]`` or bare   ``recall@1 recall@10 recall@100``
+                   labels                                  (SOP: each item queries the rest)
 =================  ======================================  ======================================
 
-All values are fractions in [0, 1] except CIDEr (0-10 scale). SPICE is not offered (it needs a
+.. [#emb] One embedding per image: ``list[float]`` or the pipeline's ``{"embedding": [...]}``;
+   the references are the examples' ``meta`` dicts (see ``ofa_ufo.data.loaders.reid``) and
+   the distance is cosine. See :mod:`ofa_ufo.metrics.retrieval` for the protocols.
+
+All values are fractions in [0, 1] except CIDEr (0-10 scale), the verification ``threshold``
+(a cosine similarity) and the ReID query counts. SPICE is not offered (it needs a
 model download); see ``captioning`` for the Java cost of METEOR and the tokeniser.
 """
 
@@ -31,6 +44,9 @@ from ofa_ufo.metrics.captioning import CAPTION_METRICS, caption_scores
 from ofa_ufo.metrics.classification import topk_accuracy
 from ofa_ufo.metrics.detection import coco_map
 from ofa_ufo.metrics.grounding import box_iou, grounding_accuracy
+from ofa_ufo.metrics.retrieval import (
+    recall_at_k, recall_metric, reid_metric, reid_metrics, verification_accuracy, verification_metric,
+)
 from ofa_ufo.metrics.vqa import normalize_vqa_answer, vqa_accuracy, vqa_score
 
 __all__ = [
@@ -43,7 +59,10 @@ __all__ = [
     "grounding_accuracy",
     "list_metrics",
     "normalize_vqa_answer",
+    "recall_at_k",
+    "reid_metrics",
     "topk_accuracy",
+    "verification_accuracy",
     "vqa_accuracy",
     "vqa_score",
 ]
@@ -58,6 +77,9 @@ _METRICS: dict[str, Metric] = {
     "top1": partial(topk_accuracy, k=1),
     "top5": partial(topk_accuracy, k=5),
     "coco_map": coco_map,
+    "reid": reid_metric,
+    "verification": verification_metric,
+    "recall@k": recall_metric,
 }
 
 

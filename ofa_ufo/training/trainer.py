@@ -99,7 +99,7 @@ def _schedule(step: int, warmup: int, total: int, floor: float) -> float:
 def _optimizer(model, config: TrainConfig):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay, fused=True)  # one kernel, not ~6 per tensor
     warmup = math.ceil(config.warmup_ratio * config.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(_schedule, warmup=warmup, total=config.max_steps, floor=config.end_lr / config.lr))
@@ -255,13 +255,23 @@ class Trainer:
             raise TrainingError(f"loss is {loss} at step {self.step}; stopped without updating. Last good "
                                 f"checkpoint: {last[-1] if last else 'none written yet'} (lower lr or check the data)")
         if self.config.clip_norm:
-            acc.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
+            self._clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update_parameters(self.unwrapped)
         return loss
+
+    def _clip_gradients(self) -> None:
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            acc.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)  # sharded gradients
+            return
+        acc.unscale_gradients()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm, foreach=True)
 
     # ---- evaluation -----------------------------------------------------------------------
 
