@@ -46,9 +46,11 @@ def headline(values: dict[str, float]) -> tuple[str, float] | None:
     return next(iter(values.items()), None)
 
 
-def format_metric_table(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> str:
-    """Markdown table: one row per task, its headline metric untrained vs trained."""
-    rows = ["| task | metric | untrained | trained |", "|---|---|---|---|"]
+def format_metric_table(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+                        start: str = "untrained") -> str:
+    """Markdown table: one row per task, its headline metric at the start (`start`: "untrained"
+    for a fresh preset, "start" for a loaded checkpoint) vs after training."""
+    rows = [f"| task | metric | {start} | trained |", "|---|---|---|---|"]
     for task, values in after.items():
         name, value = headline(values) or ("-", float("nan"))
         rows.append(f"| {task} | {name} | {before.get(task, {}).get(name, float('nan')):.3f} | {value:.3f} |")

@@ -361,7 +361,7 @@ class Trainer:
             os.replace(path, self.output_dir / path.name)
         staging.rmdir()
         before, after = self.history["eval"][0]["metrics"], self.history["eval"][-1]["metrics"]
-        table = format_metric_table(before, after)
+        table = format_metric_table(before, after, "start" if Path(self.config.model).is_dir() else "untrained")
         report = {"steps": self.step, "metrics_untrained": before, "metrics_trained": after,
                   "eval": self.history["eval"], "losses": self.history["losses"], "lr": self.history["lr"]}
         (self.output_dir / "metrics.json").write_text(json.dumps(report, indent=1))
