@@ -352,3 +352,17 @@ def test_run_outputs_and_serving(ema_run):
     pipe = pipeline("ofa-ufo", model=str(output_dir))
     answer = pipe(Image.new("RGB", (64, 48), (200, 30, 30)), task="caption", max_new_tokens=4)
     assert isinstance(answer, dict) and isinstance(answer["text"], str)
+
+
+def test_real_photo_predictions_print_every_task(ema_run, capsys):
+    """The end-of-run showcase asks the exported model about a bundled photo for every trained task
+    (classification over the photos' class names) without failing on any of them."""
+    from ofa_ufo.training.report import show_real_photos
+
+    config, _ = ema_run
+    tasks = ["caption", "vqa", "grounding", "detection", "classification"]
+    show_real_photos(Path(config.output_dir), tasks, limit=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("photo ")
+    assert [line.split()[0] for line in lines[1:]] == tasks
+    assert not any("'error'" in line for line in lines), lines

@@ -93,6 +93,7 @@ def show_real_photos(model_dir: Path, tasks: list[str], limit: int = 3) -> None:
         print(f"real photos skipped ({error}); install with pip install 'ofa-ufo[demo]'")
         return
     pipe = pipeline("ofa-ufo", model=str(model_dir))
+    classes = sorted({e["target"] for e in examples if e["task"] == "classification"})
     photos = list(dict.fromkeys(e["meta"]["photo"] for e in examples))[:limit]
     for photo in photos:
         print(f"photo {photo}:")
@@ -100,8 +101,11 @@ def show_real_photos(model_dir: Path, tasks: list[str], limit: int = 3) -> None:
             example = next((e for e in examples if e["meta"]["photo"] == photo and e["task"] == task), None)
             if example is None:
                 continue
-            options = get_task(task).pipeline_call(example, None)
-            result = pipe(example["image"], task=task, **options)
+            options = get_task(task).pipeline_call(example, classes)
+            try:
+                result = pipe(example["image"], task=task, **options)
+            except ValueError as error:  # a task these photos cannot be asked about: say so, go on
+                result = {"error": str(error)}
             truth = example.get("target") or example.get("box") or example.get("labels")
             question = f" {example['text']!r}" if example.get("text") else ""
-            print(f"  {task:<14}{question}: {result} | labels: {truth}")
+            print(f"  {task:<15}{question}: {result} | labels: {truth}")
