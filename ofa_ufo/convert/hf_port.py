@@ -160,9 +160,9 @@ def expected_shapes(config: OFAUFOConfig) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in model.state_dict().items() if key not in TIED_TARGETS}
 
 
-def check_against_config(converted: Mapping[str, torch.Tensor], config: OFAUFOConfig) -> None:
-    """Raise, naming every key, unless `converted` has exactly the keys and shapes `config` needs."""
-    want = expected_shapes(config)
+def check_state_dict(converted: Mapping[str, torch.Tensor], want: Mapping[str, tuple[int, ...]], what: str) -> None:
+    """Raise, naming every missing, unexpected and misshapen key, unless `converted` has exactly
+    the keys and shapes of `want` (`what` names the source in the message)."""
     missing = sorted(set(want) - set(converted))
     unexpected = sorted(set(converted) - set(want))
     shapes = sorted(
@@ -171,11 +171,16 @@ def check_against_config(converted: Mapping[str, torch.Tensor], config: OFAUFOCo
     )
     if missing or unexpected or shapes:
         raise ValueError(
-            "converted OFA state dict does not match the model:"
+            f"{what} does not match the model:"
             + (f"\n  missing: {missing}" if missing else "")
             + (f"\n  unexpected: {unexpected}" if unexpected else "")
             + (f"\n  shape mismatch: {shapes}" if shapes else "")
         )
+
+
+def check_against_config(converted: Mapping[str, torch.Tensor], config: OFAUFOConfig) -> None:
+    """Raise, naming every key, unless `converted` has exactly the keys and shapes `config` needs."""
+    check_state_dict(converted, expected_shapes(config), "converted OFA state dict")
 
 
 def load_converted_state_dict(model, converted: Mapping[str, torch.Tensor]) -> None:

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from ofa_ufo.convert.fairseq import allowed_globals as _fairseq_allowed_globals
+from ofa_ufo.convert.hf_port import check_state_dict
 from ofa_ufo.models.vqgan import level_resolutions
 from ofa_ufo.vqgan import VQGANConfig, VQGANModel, create_vqgan_config
 
@@ -141,17 +142,7 @@ def load_converted(config: VQGANConfig, converted: Mapping[str, torch.Tensor]) -
     """A `VQGANModel` holding `converted`; raises naming every missing, unexpected or misshapen key."""
     model = VQGANModel(config)
     want = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    missing = sorted(set(want) - set(converted))
-    unexpected = sorted(set(converted) - set(want))
-    shapes = sorted(f"{key}: checkpoint {tuple(converted[key].shape)} vs model {want[key]}"
-                    for key in set(want) & set(converted) if tuple(converted[key].shape) != want[key])
-    if missing or unexpected or shapes:
-        raise ValueError(
-            "taming state dict does not match the VQGAN config:"
-            + (f"\n  missing: {missing}" if missing else "")
-            + (f"\n  unexpected: {unexpected}" if unexpected else "")
-            + (f"\n  shape mismatch: {shapes}" if shapes else "")
-        )
+    check_state_dict(converted, want, "taming state dict (VQGAN config)")
     model.load_state_dict(dict(converted), strict=True)
     return model.eval()
 
