@@ -124,17 +124,16 @@ def _resume_path(config: TrainConfig, resume: str | None) -> Path | None:
     return path
 
 
-def _loadable(examples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
-    """Examples with their images decoded; an unreadable image drops its sample, not the batch."""
-    kept, dropped = [], 0
+def _loadable(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Examples with their images decoded; an unreadable image drops its sample (with a warning), not the batch."""
+    kept = []
     for example in examples:
         try:
             image = example.get("image")
             kept.append({**example, "image": None if image is None else load_image(image)})
         except ImageLoadError as error:
             warnings.warn(f"skipping sample {example.get('id')!r}: {error}", stacklevel=2)
-            dropped += 1
-    return kept, dropped
+    return kept
 
 
 class Trainer:
@@ -212,7 +211,7 @@ class Trainer:
         batches = []
         for micro in range(self.config.grad_accum):
             examples = self.mixture.micro_batch(self.step, micro, self.config.grad_accum)[rank::world]
-            examples, _ = _loadable(examples)
+            examples = _loadable(examples)
             if not examples:
                 raise TrainingError(f"step {self.step}: every sample of micro-batch {micro} failed to load")
             batch = build_batch(self.processor, examples)
