@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -35,3 +37,13 @@ def tiny_checkpoint(tmp_path_factory, model, processor):
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+class RunsCode:
+    """Pickles to a call of os.system that writes `marker`: a checkpoint loader must refuse it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"echo pwned > {self.marker}",))

@@ -13,7 +13,7 @@ import ofa_ufo
 from ofa_ufo.convert.fairseq import RENAMES, convert_fairseq_checkpoint, read_checkpoint
 from ofa_ufo.tokenization import DEFAULT_VOCAB_DIR
 
-from conftest import TINY
+from conftest import RunsCode, TINY
 
 
 def fairseq_state_dict(model) -> dict[str, torch.Tensor]:
@@ -65,20 +65,18 @@ def test_fairseq_layout_round_trip(checkpoint, tmp_path):
     assert (tmp_path / "model.safetensors").is_file()
 
 
-class _RunsCode:
-    def __reduce__(self):
-        return (os.system, ("echo pwned > /tmp/ofa_ufo_pwned",))
+PWNED = "/tmp/ofa_ufo_pwned"
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_code_running_pickle_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
-    torch.save({"model": {}, "args": _RunsCode()}, path)
+    torch.save({"model": {}, "args": RunsCode(PWNED)}, path)
     with pytest.raises(ValueError, match="refused to unpickle"):
         read_checkpoint(path)
-    assert not os.path.exists("/tmp/ofa_ufo_pwned")
+    assert not os.path.exists(PWNED)
     raw = tmp_path / "raw.pt"
-    raw.write_bytes(pickle.dumps({"model": _RunsCode()}))
+    raw.write_bytes(pickle.dumps({"model": RunsCode(PWNED)}))
     with pytest.raises(ValueError, match="refused to unpickle|not a readable checkpoint"):
         read_checkpoint(raw)
 

@@ -17,6 +17,8 @@ import ofa_ufo
 from ofa_ufo.convert.taming import convert_taming_checkpoint, main as convert_main, read_taming_checkpoint
 from ofa_ufo.vqgan import VQGANConfig, VQGANModel, create_vqgan
 
+from conftest import RunsCode
+
 # Parameters of taming's vqgan_gumbel_f8 (OpenImages, 8192 codes): its Encoder + Decoder + GumbelQuantize +
 # quant convs at that config, counted by tests/test_vqgan_parity.py against taming's own GumbelVQ.
 F8_8192_PARAMETERS = 68_995_971
@@ -213,22 +215,20 @@ def test_unsupported_taming_configs_are_refused(model, tmp_path):
     assert config_from_taming(taming_yaml(model.config, "taming.models.vqgan.VQModel")).quantizer == "vq"
 
 
-class _RunsCode:
-    def __reduce__(self):
-        return (os.system, ("echo pwned > /tmp/ofa_ufo_vqgan_pwned",))
+PWNED = "/tmp/ofa_ufo_vqgan_pwned"
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_code_running_pickle_is_refused(tmp_path):
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "callbacks": _RunsCode()}, path)
+    torch.save({"state_dict": {}, "callbacks": RunsCode(PWNED)}, path)
     with pytest.raises(ValueError, match="refused to unpickle"):
         read_taming_checkpoint(path)
     raw = tmp_path / "raw.ckpt"
-    raw.write_bytes(pickle.dumps({"state_dict": _RunsCode()}))
+    raw.write_bytes(pickle.dumps({"state_dict": RunsCode(PWNED)}))
     with pytest.raises(ValueError, match="refused to unpickle|not a readable checkpoint"):
         read_taming_checkpoint(raw)
-    assert not os.path.exists("/tmp/ofa_ufo_vqgan_pwned")
+    assert not os.path.exists(PWNED)
 
 
 def test_truncated_checkpoint_is_named(lightning_checkpoint, tmp_path):
