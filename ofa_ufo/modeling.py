@@ -7,6 +7,7 @@ Parameter names follow the OFA Hugging Face port (`encoder.*`, `decoder.*`) unde
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +30,21 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, start_token_id: 
     shifted[:, 1:] = labels[:, :-1]
     shifted[:, 0] = start_token_id
     return shifted.masked_fill(shifted.eq(-100), pad_token_id)
+
+
+def embedding_readout(decoder_states: torch.Tensor) -> torch.Tensor:
+    """The embedding read-out of decoder states (B, T, D) -> (B, D): the final (layer-normed) state
+    at the first decoding step, whose input is the decoder start token only. The decoder is
+    causal, so this is the same whether the decoder ran on the start token alone (`embed`) or on
+    a whole teacher-forced target (training, where it shares the forward pass of token tasks)."""
+    return decoder_states[:, 0]
+
+
+@dataclass
+class OFAUFOSeq2SeqLMOutput(Seq2SeqLMOutput):
+    """`Seq2SeqLMOutput` plus the decoder's final states (B, T, D), for embedding read-outs."""
+
+    decoder_last_hidden_state: torch.FloatTensor | None = None
 
 
 def _check_supernet_kind(path, config: OFAUFOConfig) -> None:
@@ -148,9 +164,11 @@ class OFAUFOModel(OFAUFOPreTrainedModel):
         cache: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool = False,
+        code_grid: int | torch.Tensor | None = None,
         **kwargs,
     ) -> Seq2SeqModelOutput:
-        """Run the encoder unless `encoder_outputs` are given, then the decoder on `decoder_input_ids`."""
+        """Run the encoder unless `encoder_outputs` are given, then the decoder on `decoder_input_ids`
+        (`code_grid`: which target rows are VQGAN code grids, see `OFADecoder.forward`)."""
         if encoder_outputs is None:
             if input_ids is None:
                 raise ValueError("Pass input_ids (the prompt) or precomputed encoder_outputs")
@@ -164,13 +182,35 @@ class OFAUFOModel(OFAUFOPreTrainedModel):
             cache = OFAUFOCache(DynamicCache(), DynamicCache())
         elif not use_cache:
             cache = None
-        states = self.decoder(decoder_input_ids, encoder_outputs, cache)
+        states = self.decoder(decoder_input_ids, encoder_outputs, cache, code_grid)
         return Seq2SeqModelOutput(
             last_hidden_state=states,
             cache=cache,
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
             encoder_hidden_states=encoder_outputs.hidden_states,
         )
+
+    def embed(
+        self,
+        pixel_values: torch.Tensor | None,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        task_ids: torch.LongTensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Image (+ prompt) embedding (B, D = d_model) for retrieval tasks (ReID, face, product).
+
+        The encoder reads the image and the task's prompt (routed by `task_ids` in a UFO supernet);
+        the decoder runs one step on the start token; the read-out is its final state
+        (`embedding_readout`), L2-normalised unless `normalize=False` (training losses take the raw one).
+        """
+        start = torch.full((input_ids.shape[0], 1), self.config.decoder_start_token_id, dtype=torch.long,
+                           device=input_ids.device)  # (B, 1)
+        outputs = self(input_ids, attention_mask, pixel_values, image_mask, task_ids, decoder_input_ids=start,
+                       use_cache=False)
+        features = embedding_readout(outputs.last_hidden_state)  # (B, D)
+        return F.normalize(features, dim=-1) if normalize else features
 
 
 class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
@@ -211,11 +251,16 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
         label_smoothing: float | None = None,
         output_hidden_states: bool = False,
         logits_to_keep: int = 0,
+        code_grid: int | torch.Tensor | None = None,
+        logits_range: tuple[int, int] | None = None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
         """labels (B, T) with -100 at ignored positions; label_smoothing defaults to config.label_smoothing.
 
         `logits_to_keep` > 0 computes logits for the last that many positions only (generate uses 1).
+        `code_grid` marks rows whose target is a VQGAN code grid (see `OFADecoder.forward`).
+        `logits_range=(start, end)` projects onto vocabulary rows [start, end) only (e.g. the code
+        tokens for image generation) and leaves the other logits at -inf; see `project`.
         """
         if labels is not None:
             use_cache = False
@@ -225,25 +270,59 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
                 )
         outputs = self.model(
             input_ids, attention_mask, pixel_values, image_mask, task_ids, decoder_input_ids, encoder_outputs,
-            cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states, code_grid=code_grid,
         )
         states = outputs.last_hidden_state
         if logits_to_keep and labels is None:
             states = states[:, -logits_to_keep:]
-        logits = self.lm_head(states)  # (B, T, V)
+        logits = self.project(states, logits_range)  # (B, T, V)
         loss = None
         if labels is not None:
+            if logits_range is not None:
+                raise ValueError("logits_range is for generation; the training loss needs every logit")
             smoothing = self.config.label_smoothing if label_smoothing is None else label_smoothing
             loss = F.cross_entropy(
                 logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, label_smoothing=smoothing
             )
-        return Seq2SeqLMOutput(
+        return OFAUFOSeq2SeqLMOutput(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states,
+            decoder_last_hidden_state=outputs.last_hidden_state,
         )
+
+    def embed(
+        self,
+        pixel_values: torch.Tensor | None,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        task_ids: torch.LongTensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Image (+ prompt) embedding (B, d_model); see `OFAUFOModel.embed`."""
+        return self.model.embed(pixel_values, input_ids, attention_mask, task_ids, image_mask, normalize)
+
+    def project(self, states: torch.Tensor, logits_range: tuple[int, int] | None = None) -> torch.Tensor:
+        """Decoder states (B, T, D) -> logits (B, T, V) through the tied output embedding.
+
+        With `logits_range=(start, end)` only the rows [start, end) of the output matrix are multiplied
+        (a view, no copy): (end - start) x D work per position instead of V x D. The result keeps the
+        vocabulary's width and ids, with -inf outside the range, so `generate`, logits processors and
+        samplers see ordinary vocabulary logits.
+        """
+        if logits_range is None:
+            return self.lm_head(states)
+        start, end = logits_range
+        if not 0 <= start < end <= self.config.vocab_size:
+            raise ValueError(f"logits_range must satisfy 0 <= start < end <= vocab_size={self.config.vocab_size}, "
+                             f"got {logits_range}")
+        sliced = F.linear(states, self.lm_head.weight[start:end])  # (B, T, end - start)
+        logits = sliced.new_full((*sliced.shape[:-1], self.config.vocab_size), float("-inf"))
+        logits[..., start:end] = sliced
+        return logits
 
     def _expand_inputs_for_generation(
         self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids: torch.LongTensor | None = None,

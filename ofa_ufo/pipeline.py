@@ -85,8 +85,8 @@ class OFAUFOPipeline(Pipeline):
         """What a task needs to build the prompt and read the answer for one item."""
         size = self.processor.image_processor.size
         input_size = (size, size) if isinstance(size, int) else (size["width"], size["height"])
-        return dict(text=text, original_size=None if image is None else image.size, input_size=input_size,
-                    box_codec=self.processor.box_codec, options=options)
+        return dict(text=text, image=image, original_size=None if image is None else image.size,
+                    input_size=input_size, box_codec=self.processor.box_codec, options=options)
 
     def _run_chunk(self, task: Task, chunk: list[tuple], options: dict, generate_kwargs: dict) -> list[dict[str, Any]]:
         model_inputs = self.preprocess(chunk)

@@ -222,6 +222,37 @@ def test_encoder_and_logits_match(pair):
     assert step_diff < TOL
 
 
+
+@torch.no_grad()
+def test_code_target_logits_match(pair):
+    """Rows whose target is a VQGAN code grid (the port's `code_masks`: image positions, 2-D relative
+    bias, code LayerNorm) match ours with `code_grid` = the port's window (code_image_size / 8), in a
+    batch mixing code and text rows, in one pass and step by step with our cache."""
+    name, reference, ours = pair
+    batch = 3
+    pixels, (ids, mask) = _images(IMAGE_SIZE[name], batch), _prompts(batch)
+    image_mask = torch.ones(batch, dtype=torch.bool)
+    side = reference.config.code_image_size // 8
+    decoder_ids = torch.randint(50265, 58457, (batch, 11), generator=torch.Generator().manual_seed(7))
+    decoder_ids[:, 0] = 0
+    code_masks = torch.tensor([True, False, True])
+    ref_logits = reference(input_ids=ids, patch_images=pixels, patch_masks=image_mask, decoder_input_ids=decoder_ids,
+                           code_masks=code_masks).logits
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask)
+    grid = torch.where(code_masks, side, 0)
+    our_logits = ours(**inputs, decoder_input_ids=decoder_ids, code_grid=grid, use_cache=False).logits
+    diff = (ref_logits - our_logits).abs().max().item()
+    _report(name, "code-target logits max |diff|", diff)
+    assert diff < TOL
+    cache, steps = None, []
+    for t in range(decoder_ids.shape[1]):
+        out = ours(**inputs, decoder_input_ids=decoder_ids[:, t : t + 1], cache=cache, use_cache=True, code_grid=grid)
+        cache = out.cache
+        steps.append(out.logits)
+    step_diff = (torch.cat(steps, 1) - ref_logits).abs().max().item()
+    _report(name, "code-target cached steps max |diff|", step_diff)
+    assert step_diff < TOL
+
 def _fairseq_generate(reference, ids, pixels, image_mask, beams: int) -> list[list[int]]:
     SequenceGenerator = oracle_shims.modelscope_sequence_generator()
     generator = SequenceGenerator(

@@ -10,6 +10,7 @@ key            type                        meaning
 ``id``         ``str``                     unique sample id within its source
 ``task``       ``str``                     one of :data:`CANONICAL_TASKS`
 ``image``      ``str`` | PIL | ``None``    image file path, or a decoded RGB PIL image
+                                           (text_to_image: the image to generate)
 ``text``       ``str`` | ``None``          prompt side: question, referring expression or
                                            hypothesis
 ``target``     ``str`` | ``None``          answer side: caption, answer, class name or
@@ -39,7 +40,7 @@ __all__ = ["CANONICAL_TASKS", "ENTAILMENT_LABELS", "FIELDS", "DataError", "new_e
 
 CANONICAL_TASKS: tuple[str, ...] = (
     "caption", "vqa", "grounding", "grounded_caption", "detection", "classification", "entailment", "itm",
-    "text_infill", "reid_person", "reid_vehicle", "face", "product",
+    "text_infill", "text_to_image", "image_infill", "reid_person", "reid_vehicle", "face", "product",
 )
 ENTAILMENT_LABELS: tuple[str, ...] = ("entailment", "neutral", "contradiction")
 FIELDS: tuple[str, ...] = (
@@ -56,6 +57,8 @@ _REQUIRED: dict[str, tuple[str | tuple[str, ...], ...]] = {
     "entailment": ("text", "target"),
     "itm": ("text", "target"),
     "text_infill": ("text", "target"),
+    "text_to_image": ("text", "image"),  # the image is the target (encoded to VQGAN codes)
+    "image_infill": ("image",),
     # Retrieval tasks: identity, camera, split, pair... live in `meta` (see loaders.reid).
     **{task: ("meta",) for task in ("reid_person", "reid_vehicle", "face", "product")},
 }

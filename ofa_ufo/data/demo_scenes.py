@@ -510,6 +510,10 @@ _BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {
     "entailment": entailment_example,
     "itm": itm_example,
     "grounded_caption": grounded_caption_example,
+    # image generation: the scene is the target (text_to_image: from its caption)
+    "text_to_image": lambda scene, rng: {"task": "text_to_image", "image": scene.image,
+                                         "text": _describe(scene.objects)},
+    "image_infill": lambda scene, rng: {"task": "image_infill", "image": scene.image},
 }
 
 

@@ -15,10 +15,11 @@ that is not wanted.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["pk_batches"]
+__all__ = ["PKSource", "pk_batches"]
 
 
 def _identity_chunks(indices: list[int], k: int, rng: np.random.Generator) -> list[list[int]]:
@@ -59,3 +60,36 @@ def pk_batches(identities: Sequence[Hashable], p: int, k: int, seed: int, epoch:
                 available[pick] = available[-1]
                 available.pop()
     return batches
+
+
+class PKSource:
+    """A training source drawn in identity chunks: draw ``i`` of epoch ``i // len(self)`` walks
+    that epoch's ``pk_batches(identities, p=1, k)`` (every identity's images in chunks of K, the
+    chunks shuffled), so K consecutive draws starting at a multiple of K are K images of one
+    identity. A trainer taking ``P * K`` draws per step at offsets that are multiples of K
+    therefore gets P identity chunks of K images each (an identity may rarely fill two chunks).
+
+    Same interface as the trainer's list source: ``task``, ``examples``, ``len()``, ``draw(i)``.
+    """
+
+    def __init__(self, task: str, examples: Sequence[dict[str, Any]], identities: Sequence[Hashable], k: int,
+                 seed: int) -> None:
+        if len(examples) != len(identities):
+            raise ValueError(f"{len(examples)} examples but {len(identities)} identities")
+        self.task, self.examples, self.identities, self.k, self.seed = task, list(examples), list(identities), k, seed
+        self._epoch, self._order = -1, []  # the flattened index order of the cached epoch
+        self._length = len(self._order_of(0))
+
+    def __len__(self) -> int:
+        """Draws per epoch (identities with fewer than K images are topped up, a ragged tail dropped)."""
+        return self._length
+
+    def _order_of(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            batches = pk_batches(self.identities, p=1, k=self.k, seed=self.seed, epoch=epoch)
+            self._epoch, self._order = epoch, [index for batch in batches for index in batch]
+        return self._order
+
+    def draw(self, i: int) -> dict[str, Any]:
+        epoch, position = divmod(i, self._length)
+        return self.examples[self._order_of(epoch)[position]]

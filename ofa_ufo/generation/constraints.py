@@ -78,6 +78,32 @@ class TokenRangeLogitsProcessor(LogitsProcessor):
         return scores.masked_fill(~allowed, float("-inf"))
 
 
+class CodeSequenceLogitsProcessor(LogitsProcessor):
+    """Exactly `count` tokens from [start, end) (VQGAN code tokens), then </s> (OFA's codes-only
+    `constraint_range` with the length fixed by the code grid).
+
+    The </s> step is forced: its score is set to 0 and every other to -inf, so it works when only the
+    code rows' logits were computed (`logits_range`), where </s> itself is -inf.
+    """
+
+    def __init__(self, start: int, end: int, count: int, eos_token_id: int, prefix_length: int = 1):
+        if not 0 <= start < end:
+            raise ValueError(f"empty or negative token range [{start}, {end})")
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        self.start, self.end, self.count = start, end, count
+        self.eos, self.prefix_length = eos_token_id, prefix_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] - self.prefix_length < self.count:
+            allowed = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+            allowed[self.start : self.end] = True
+            return scores.masked_fill(~allowed, float("-inf"))
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.eos] = 0.0
+        return forced
+
+
 class BoxSequenceLogitsProcessor(LogitsProcessor):
     """Zero to `max_boxes` boxes of four bin tokens, or one "no object" token, then </s>.
 

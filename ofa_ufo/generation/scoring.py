@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from transformers import LogitsProcessor
 
 
 @dataclass
@@ -55,6 +56,28 @@ def _decoded(sequence: torch.Tensor, scores: torch.Tensor, eos: int, pad: int) -
     if token_logprobs:
         token_logprobs[-1] += eos_logprob  # stopping is part of the answer's probability
     return Decoded([t for t, _ in answer], token_logprobs)
+
+
+class RunningLogProb(LogitsProcessor):
+    """Per row, the summed log-probability of the tokens chosen so far, under the scores this processor
+    sees (put it after the constraints and before the sampling warpers, which `generate` appends last).
+
+    For long sequences (1,024 image codes) this replaces `output_scores`, which would keep a
+    vocabulary-wide score row per step. The token chosen at the last call is not counted: callers
+    end with a forced token (</s>), whose log-probability is 0.
+    """
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None  # (rows,)
+        self._last: torch.Tensor | None = None  # (rows, V) log-probabilities of the previous step
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._last is None:
+            self.total = scores.new_zeros(scores.shape[0], dtype=torch.float32)
+        else:
+            self.total += self._last.gather(-1, input_ids[:, -1:])[:, 0]
+        self._last = scores.float().log_softmax(-1)
+        return scores
 
 
 def score_candidates(

@@ -56,6 +56,24 @@ def image_position_ids(height: int, width: int, bucket_size: int, device: torch.
     return (rows + cols + 1).flatten()
 
 
+CODE_FILLER_POSITION = 1024  # OFA's image position id for decoder steps after the last code (</s>)
+
+
+def code_position_ids(side: int, length: int, bucket_size: int, device: torch.device) -> torch.Tensor:
+    """(length,) image position ids of decoder positions 0..length-1 when the target is a side x side
+    grid of VQGAN codes (OFA's decoder `image_position_idx`): 0 (the special id) for the start token,
+    the row-major grid ids `row * bucket_size + col + 1` for the codes, then OFA's filler id 1024
+    (the table's last id if smaller) for any later position, such as the one that predicts </s>."""
+    if not 0 < side <= bucket_size:
+        raise ValueError(f"a {side}x{side} code grid does not fit the 2-D relative bias (image_bucket_size="
+                         f"{bucket_size}); generate at most {bucket_size}x{bucket_size} codes")
+    steps = torch.arange(length, device=device)
+    k = (steps - 1).clamp(min=0)  # code index of each position
+    ids = (k // side) * bucket_size + k % side + 1
+    ids = ids.masked_fill(steps == 0, 0)
+    return ids.masked_fill(steps > side * side, min(CODE_FILLER_POSITION, bucket_size * bucket_size))
+
+
 def relative_bias(table: nn.Embedding, index: torch.Tensor) -> torch.Tensor:
     """Look up a per-head bias table: index (Lq, Lk) -> bias (1, H, Lq, Lk)."""
     return table(index).permute(2, 0, 1).unsqueeze(0)

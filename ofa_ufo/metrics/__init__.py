@@ -23,13 +23,15 @@ name               predictions / references                returned keys
                    pair
 ``recall@k``       embeddings / ``[{identity}]`` or bare   ``recall@1 recall@10 recall@100``
                    labels                                  (SOP: each item queries the rest)
+``psnr``           generated / reference images (PIL,      ``psnr`` (dB, mean over pairs)
+                   paths or arrays)
 =================  ======================================  ======================================
 
 .. [#emb] One embedding per image: ``list[float]`` or the pipeline's ``{"embedding": [...]}``;
    the references are the examples' ``meta`` dicts (see ``ofa_ufo.data.loaders.reid``) and
    the distance is cosine. See :mod:`ofa_ufo.metrics.retrieval` for the protocols.
 
-All values are fractions in [0, 1] except CIDEr (0-10 scale), the verification ``threshold``
+All values are fractions in [0, 1] except CIDEr (0-10 scale), PSNR (dB), the verification ``threshold``
 (a cosine similarity) and the ReID query counts. SPICE is not offered (it needs a
 model download); see ``captioning`` for the Java cost of METEOR and the tokeniser.
 """
@@ -44,6 +46,7 @@ from ofa_ufo.metrics.captioning import CAPTION_METRICS, caption_scores
 from ofa_ufo.metrics.classification import topk_accuracy
 from ofa_ufo.metrics.detection import coco_map
 from ofa_ufo.metrics.grounding import box_iou, grounding_accuracy
+from ofa_ufo.metrics.image import psnr
 from ofa_ufo.metrics.retrieval import (
     recall_at_k, recall_metric, reid_metric, reid_metrics, verification_accuracy, verification_metric,
 )
@@ -59,6 +62,7 @@ __all__ = [
     "grounding_accuracy",
     "list_metrics",
     "normalize_vqa_answer",
+    "psnr",
     "recall_at_k",
     "reid_metrics",
     "topk_accuracy",
@@ -80,6 +84,7 @@ _METRICS: dict[str, Metric] = {
     "reid": reid_metric,
     "verification": verification_metric,
     "recall@k": recall_metric,
+    "psnr": psnr,
 }
 
 

@@ -18,6 +18,7 @@ from ofa_ufo.layers.drop_path import linear_rates
 from ofa_ufo.layers.normformer import DecoderLayer, EncoderLayer
 from ofa_ufo.layers.position import (
     absolute_bias,
+    code_position_ids,
     image_position_ids,
     image_relative_buckets,
     relative_bias,
@@ -34,7 +35,9 @@ class OFAUFOEncoderOutput(ModelOutput):
 
     padding_mask (B, S) is True at padded or image-less positions; position_embeddings (B, S, D)
     are the encoder's normalised position embeddings, the key side of the cross-attention bias.
-    cross_position_keys memoises the decoder's projection of them during cached generation.
+    cross_position_keys memoises the decoder's projection of them during cached generation, and
+    self_position_keys the decoder's key projections of its own positions, per kind of target row
+    (text, or codes on a grid of a given side), which grow by one step at a time.
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -42,11 +45,37 @@ class OFAUFOEncoderOutput(ModelOutput):
     position_embeddings: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     cross_position_keys: torch.Tensor | None = None
+    self_position_keys: dict[int, torch.Tensor] | None = None
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean 'blocked' mask -> additive float mask (0 where allowed, dtype min where blocked)."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, torch.finfo(dtype).min)
+
+
+@dataclass
+class _TargetPositions:
+    """What one kind of decoder target (text, or VQGAN codes on one grid) brings to the decoder."""
+
+    rows: torch.Tensor | None  # (R,) bool: the decoder rows of this kind; None = all rows
+    self_bias: torch.Tensor  # (1, H, T, past+T): absolute position bias + causal mask
+    cross_bias: torch.Tensor  # (B, H, T, S)
+    rel_tables: nn.ModuleList  # per-layer relative-bias tables
+    rel_index: torch.Tensor  # (T, past+T) indices into them
+    norm: nn.LayerNorm  # LayerNorm of the token embeddings
+
+    def layer_bias(self, idx: int) -> torch.Tensor:
+        return self.self_bias + relative_bias(self.rel_tables[idx], self.rel_index)
+
+
+def _by_row(kinds: list[_TargetPositions], values: list[torch.Tensor], batch: int) -> torch.Tensor:
+    """Pick each kind's value on its rows. `batch` is the result's row count: R decoder rows, or the B
+    source rows that groups of R / B beams share (rows of one group are always of one kind)."""
+    out = values[0]
+    for kind, value in zip(kinds[1:], values[1:]):
+        rows = kind.rows.view(batch, -1)[:, 0]
+        out = torch.where(rows.view(-1, *[1] * (value.dim() - 1)), value, out)
+    return out
 
 
 def _rel_tables(count: int, entries: int, heads: int) -> nn.ModuleList:
@@ -210,7 +239,7 @@ class OFADecoder(_Stack):
     def __init__(self, config: OFAUFOConfig, embed_tokens: nn.Embedding):
         super().__init__(config, embed_tokens)
         dim = config.d_model
-        # Used when the target is a VQGAN code sequence (image generation); kept for OFA's key layout.
+        # Embedding norm of rows whose target is a VQGAN code grid (image generation, see `forward`).
         self.code_layernorm_embedding = nn.LayerNorm(dim)
         self.self_pos_q_linear = nn.Linear(dim, dim)
         self.self_pos_k_linear = nn.Linear(dim, dim)
@@ -219,27 +248,95 @@ class OFADecoder(_Stack):
         self._build_stack(config, DecoderLayer, "decoder")
 
     def forward(
-        self, input_ids: torch.Tensor, encoder_outputs: OFAUFOEncoderOutput, cache: Cache | None = None
+        self, input_ids: torch.Tensor, encoder_outputs: OFAUFOEncoderOutput, cache: Cache | None = None,
+        code_grid: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, T) new target tokens (after `cache` holds the earlier ones) -> states (B, T, D)."""
+        """input_ids (R, T) new target tokens (after `cache` holds the earlier ones) -> states (R, T, D).
+
+        `code_grid` marks rows whose target is a grid of VQGAN codes (OFA's `code_masks`): an int for
+        all rows or an (R,) long tensor, 0 for a text row and s for an s x s code grid. Such rows get
+        image positions (OFA's `image_position_idx`), the 2-D relative bias and
+        `code_layernorm_embedding` instead of text positions, the 1-D bias and `layernorm_embedding`.
+        """
         past = cache.get_seq_length() if cache is not None else 0
-        length = input_ids.shape[1]
-        positions = self.text_positions(past + length, input_ids.device)  # (1, past+T, D)
-        new_positions = positions[:, past:]
-        self_bias = absolute_bias(
-            self.self_pos_q_linear, self.self_pos_k_linear, new_positions, positions, self.num_heads, self.pos_scaling
-        )  # (1, H, T, past+T)
-        cross_bias = self._cross_bias(new_positions, encoder_outputs, cached=cache is not None)  # (B, H, T, S)
-        causal = torch.ones(length, past + length, dtype=torch.bool, device=input_ids.device).triu(past + 1)
-        self_bias = self_bias + additive_mask(causal, self_bias.dtype)
-        index = text_relative_buckets(self.config.token_bucket_size, self.config.max_position_embeddings)
-        index = index[past : past + length, : past + length].to(input_ids.device)
-        x = self.dropout(self.layernorm_embedding(self.embed_tokens(input_ids)))
+        kinds = self._target_kinds(code_grid, past, input_ids.shape[1], encoder_outputs, cached=cache is not None)
+        rows, sources = input_ids.shape[0], encoder_outputs.last_hidden_state.shape[0]
+        embedded = self.embed_tokens(input_ids)
+        x = self.dropout(_by_row(kinds, [kind.norm(embedded) for kind in kinds], rows))
+        cross_bias = _by_row(kinds, [kind.cross_bias for kind in kinds], sources)  # (B, H, T, S)
         memory = encoder_outputs.last_hidden_state
         for idx, layer in enumerate(self.layers):
-            bias = self_bias + relative_bias(self.token_rel_pos_table_list[idx], index)
-            x = layer(x, bias, memory, cross_bias, cache)
+            self_bias = _by_row(kinds, [kind.layer_bias(idx) for kind in kinds], rows)  # (1 or R, H, T, past+T)
+            x = layer(x, self_bias, memory, cross_bias, cache)
         return self.layer_norm(x)
+
+    def _target_kinds(
+        self, code_grid: int | torch.Tensor | None, past: int, length: int, encoder_outputs: OFAUFOEncoderOutput,
+        cached: bool,
+    ) -> list[_TargetPositions]:
+        """One entry per kind of target row in the batch: text (side 0) and each code-grid side."""
+        if code_grid is None or isinstance(code_grid, int):
+            sides, grid = [int(code_grid or 0)], None
+        else:
+            grid = code_grid.flatten()
+            sides = sorted(set(grid.tolist()))
+        kinds = []
+        for side in sides:
+            rows = None if len(sides) == 1 else grid == side
+            kinds.append(self._code_kind(side, rows, past, length, encoder_outputs, cached) if side
+                         else self._text_kind(rows, past, length, encoder_outputs, cached))
+        return kinds
+
+    def _text_kind(self, rows, past: int, length: int, encoder_outputs: OFAUFOEncoderOutput, cached: bool):
+        device = encoder_outputs.last_hidden_state.device
+        steps = torch.arange(past + length)
+        if rows is None:
+            positions = self.text_positions(past + length, device)  # (1, past+T, D); fails past the table
+        else:  # text rows padded to a longer code row: only their padding can lie past the table (causal)
+            steps = steps.clamp(max=self.config.max_position_embeddings - 1)
+            positions = self.pos_ln(self.embed_positions(steps.to(device)))[None]  # (1, past+T, D)
+        index = text_relative_buckets(self.config.token_bucket_size, self.config.max_position_embeddings)
+        index = index[steps[past:, None], steps[None, :]].to(device)  # (T, past+T)
+        return self._kind(0, rows, positions, past, encoder_outputs, cached, self.token_rel_pos_table_list, index,
+                          self.layernorm_embedding)
+
+    def _code_kind(self, side: int, rows, past: int, length: int, encoder_outputs: OFAUFOEncoderOutput, cached: bool):
+        device = encoder_outputs.last_hidden_state.device
+        bucket = self.config.image_bucket_size
+        ids = code_position_ids(side, past + length, bucket, torch.device("cpu"))  # (past+T,)
+        index = image_relative_buckets(bucket)[ids[past:, None], ids[None, :]].to(device)  # (T, past+T)
+        positions = self.image_pos_ln(self.embed_image_positions(ids.to(device)))[None]  # (1, past+T, D)
+        return self._kind(side, rows, positions, past, encoder_outputs, cached, self.image_rel_pos_table_list, index,
+                          self.code_layernorm_embedding)
+
+    def _kind(self, side, rows, positions, past, encoder_outputs, cached, tables, index, norm) -> _TargetPositions:
+        """Biases from normalised target positions (1, past+T, D): absolute + causal self bias, cross bias."""
+        new_positions = positions[:, past:]
+        length = new_positions.shape[1]
+        queries = split_heads(self.self_pos_q_linear(new_positions), self.num_heads) * self.pos_scaling
+        keys = self._self_position_keys(side, positions, encoder_outputs, cached)  # (1, H, past+T, D/H)
+        self_bias = queries @ keys.transpose(-1, -2)  # (1, H, T, past+T)
+        causal = torch.ones(length, past + length, dtype=torch.bool, device=positions.device).triu(past + 1)
+        self_bias = self_bias + additive_mask(causal, self_bias.dtype)
+        cross_bias = self._cross_bias(new_positions, encoder_outputs, cached)  # (B, H, T, S)
+        return _TargetPositions(rows, self_bias, cross_bias, tables, index, norm)
+
+    def _self_position_keys(
+        self, side: int, positions: torch.Tensor, encoder_outputs: OFAUFOEncoderOutput, cached: bool
+    ) -> torch.Tensor:
+        """Key projections of target positions (1, past+T, D) -> (1, H, past+T, D/H). During cached
+        generation only the new positions are projected (1,024 codes would otherwise cost K x D^2 per step)."""
+        if not cached:
+            return split_heads(self.self_pos_k_linear(positions), self.num_heads)
+        memo = encoder_outputs.self_position_keys or {}
+        known = memo.get(side)
+        have = 0 if known is None else known.shape[2]
+        if have < positions.shape[1]:
+            new = split_heads(self.self_pos_k_linear(positions[:, have:]), self.num_heads)
+            known = new if known is None else torch.cat([known, new], 2)
+            memo[side] = known
+            encoder_outputs["self_position_keys"] = memo
+        return known[:, :, : positions.shape[1]]
 
     def _cross_bias(
         self, new_positions: torch.Tensor, encoder_outputs: OFAUFOEncoderOutput, cached: bool

@@ -9,6 +9,8 @@ from __future__ import annotations
 from ofa_ufo.tasks.base import Decoded, Task
 from ofa_ufo.tasks.boxes import DetectionTask, GroundedCaptionTask, GroundingTask
 from ofa_ufo.tasks.choice import ClassificationTask, EntailmentTask, ITMTask, VQATask
+from ofa_ufo.tasks.embedding import EmbeddingTask
+from ofa_ufo.tasks.image_gen import ImageInfillTask, TextToImageTask
 from ofa_ufo.tasks.text import FreePromptTask
 
 _REGISTRY: dict[str, Task] = {}
@@ -58,5 +60,15 @@ register_task(ClassificationTask("classification", generation=dict(num_beams=5),
 register_task(DetectionTask("detection", generation=dict(num_beams=1, max_new_tokens=64), metric="coco_map"))
 register_task(Task("text_infill", generation=dict(num_beams=5, max_new_tokens=32, no_repeat_ngram_size=3)))
 register_task(FreePromptTask(FREE_PROMPT, generation=dict(num_beams=5, max_new_tokens=32, no_repeat_ngram_size=3)))
+# AllInOne embedding tasks: CosFace s / m per task (face 50/0.3, person 30/0.2, vehicle 20/0.2,
+# product 30/0.2); batch-hard triplet on P x 4 batches except face (CosFace only).
+register_task(EmbeddingTask("reid_person", metric="reid", cosface_scale=30.0, cosface_margin=0.2))
+register_task(EmbeddingTask("reid_vehicle", metric="reid", cosface_scale=20.0, cosface_margin=0.2))
+register_task(EmbeddingTask("face", metric="verification", cosface_scale=50.0, cosface_margin=0.3,
+                            triplet_weight=0.0, instances_per_identity=0))
+register_task(EmbeddingTask("product", metric="recall@k", cosface_scale=30.0, cosface_margin=0.2))
+# Image generation as VQGAN code sequences (OFA): top-k 256 sampling, options vqgan / image_size.
+register_task(TextToImageTask("text_to_image"))
+register_task(ImageInfillTask("image_infill"))
 
 __all__ = ["Decoded", "Task", "get_task", "list_tasks", "register_task", "task_id"]

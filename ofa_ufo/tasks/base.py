@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ofa_ufo.generation.scoring import Decoded, generate_decoded
 from ofa_ufo.prompts import DEFAULT_STYLE, format_prompt
 
@@ -50,6 +52,19 @@ class Task:
         """Training pair (prompt, target) from an example dict; targets start with a space (OFA)."""
         return self.prompt(example.get("text"), style), " " + self.normalize(example["target"])
 
+    def encoder_image(self, example: dict[str, Any]) -> Any:
+        """The image the encoder sees for a training example (text_to_image: none, its image is the target)."""
+        return example.get("image")
+
+    def prepare_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Encoder pixels (N, 3, H, W) of this task's rows after the processor (image_infill blanks the
+        centre); applied by `build_batch` and by the task's own `run`."""
+        return pixel_values
+
+    def code_grid_side(self, meta: dict[str, Any]) -> int:
+        """Side of the VQGAN code grid this task's targets are (0: a text target); see `OFADecoder.forward`."""
+        return 0
+
     def pipeline_call(self, example: dict[str, Any], labels: list[str] | None = None) -> dict[str, Any]:
         """Pipeline keyword arguments (besides the image) that ask this task about a canonical example."""
         return {"text": example["text"]} if example.get("text") else {}
@@ -75,3 +90,18 @@ class Task:
     def answer(self, decoded: Decoded, tokenizer, meta: dict[str, Any]) -> dict[str, Any]:
         text = tokenizer.decode(decoded.tokens, skip_special_tokens=True).strip()
         return {"text": text, "score": decoded.probability}
+
+    # ---- training hooks (ofa_ufo.training); tasks with a feature head override them --------
+
+    def training_source(self, source, seed: int):
+        """The source the trainer draws this task's examples from (a task may reorder it, e.g. P x K)."""
+        return source
+
+    def training_head(self, examples, dim: int):
+        """A trainable head on the embedding read-out of this task's rows (`head_loss`), or None: the
+        task learns from its token targets only."""
+        return None
+
+    def head_loss(self, head, features, examples):
+        """Mean loss of this task's rows: `features` (B, D) raw read-outs, `examples` their dicts."""
+        raise NotImplementedError(f"task {self.name!r} has no feature head")

@@ -44,6 +44,8 @@ class TrainConfig:
     # model: a preset name (`ofa_ufo_tiny`) or a save_pretrained directory to fine-tune from
     model: str = "ofa_ufo_tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)  # config fields for a preset
+    # VQGANModel directory (save_pretrained) that encodes text_to_image / image_infill targets
+    vqgan: str = ""
     # task -> sampling ratio; each optimizer step holds every task in these proportions
     tasks: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
     # task -> data: "demo" (generated scenes) or a spec name/path from tasks/; missing tasks use demo

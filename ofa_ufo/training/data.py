@@ -133,6 +133,10 @@ def build_sources(config: TrainConfig) -> dict[str, DemoSource | ListSource]:
             sources[task] = _jsonl_source(task, data, config.seed)
         else:
             sources[task] = _spec_source(task, data, config.seed)
+        try:
+            sources[task] = get_task(task).training_source(sources[task], config.seed)  # e.g. P x K draws
+        except ValueError as error:
+            raise DataSourceError(str(error)) from None
     return sources
 
 
@@ -186,18 +190,33 @@ class Mixture:
         return examples
 
 
-def build_batch(processor, examples: Sequence[dict[str, Any]], style: str = "ofa") -> dict[str, torch.Tensor]:
-    """Examples of any tasks -> one padded batch (prompts and targets from each task's builder)."""
+def build_batch(processor, examples: Sequence[dict[str, Any]], style: str = "ofa",
+                vqgan=None) -> dict[str, torch.Tensor]:
+    """Examples of any tasks -> one padded batch (prompts and targets from each task's builder);
+    a task without a token target (target None, e.g. embedding tasks) gets an all-ignored label row.
+
+    Image-generation tasks (text_to_image, image_infill) need `vqgan` (a `VQGANModel`) to encode their
+    targets; their rows are marked in `code_grid` (B,) (0 for text rows), which the model takes."""
     size = processor.image_processor.size
-    prompts, targets = [], []
-    for example in examples:
+    prompts, targets, sides = [], [], []
+    tasks = [get_task(example["task"]) for example in examples]
+    for example, task in zip(examples, tasks):
         image = example["image"]
         meta = dict(original_size=image.size if image is not None else (size, size), input_size=(size, size),
-                    box_codec=processor.box_codec)
-        prompt, target = get_task(example["task"]).build_example(example, meta, style)
+                    box_codec=processor.box_codec, vqgan=vqgan)
+        prompt, target = task.build_example(example, meta, style)
         prompts.append(prompt)
         targets.append(target)
-    batch = processor(images=[e["image"] for e in examples], text=prompts, text_target=targets, return_tensors="pt")
+        sides.append(task.code_grid_side(meta))
+    texts = ["" if target is None else target for target in targets]
+    limit = max(processor.tokenizer.model_max_length, max(sides) ** 2 + 1)  # a full code grid + </s> is kept
+    batch = processor(images=[task.encoder_image(e) for e, task in zip(examples, tasks)], text=prompts,
+                      text_target=texts, return_tensors="pt", max_length=limit)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_mask", "labels")}
+    for i, task in enumerate(tasks):
+        inputs["pixel_values"][i] = task.prepare_pixels(inputs["pixel_values"][i : i + 1])[0]  # (3, S, S)
+    if any(sides):
+        inputs["code_grid"] = torch.tensor(sides)
+    inputs["labels"][torch.tensor([target is None for target in targets])] = -100  # (B, T) rows
     inputs["task_ids"] = torch.tensor([task_id(e["task"]) for e in examples])  # routes a UFO supernet
     return inputs

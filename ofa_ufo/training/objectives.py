@@ -2,7 +2,8 @@
 
 Returning sums (not means) lets the trainer divide by the token count of the whole optimizer
 step over every micro-batch and process, so gradient accumulation and distributed runs give
-the same update as one big batch.
+the same update as one big batch. Embedding tasks add per-task mean feature-head losses
+(CosFace + triplet, `head_losses`), read out of the same forward pass.
 """
 
 from __future__ import annotations
@@ -15,20 +16,42 @@ import torch
 import torch.nn.functional as F
 from pycocoevalcap.cider.cider import Cider
 
-from ofa_ufo.modeling import shift_tokens_right
+from ofa_ufo.modeling import embedding_readout, shift_tokens_right
+from ofa_ufo.tasks import get_task
 
 _ENCODER_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_mask", "task_ids")
 
 
 def cross_entropy(model, batch: dict[str, torch.Tensor], label_smoothing: float) -> tuple[torch.Tensor, int]:
     """Label-smoothed token cross-entropy summed over target tokens (labels -100 are ignored)."""
+    loss, tokens, _ = cross_entropy_and_features(model, batch, label_smoothing)
+    return loss, tokens
+
+
+def cross_entropy_and_features(model, batch: dict[str, torch.Tensor],
+                               label_smoothing: float) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """`cross_entropy` plus every row's raw embedding read-out (B, D) from the same forward pass
+    (`embedding_readout`: the decoder is causal, so step 0 sees only the start token), for the
+    feature heads of embedding tasks, whose label rows are all ignored."""
     config = getattr(model, "module", model).config
     labels = batch["labels"]
     decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
-    logits = model(**{k: batch[k] for k in _ENCODER_KEYS}, decoder_input_ids=decoder_input_ids).logits  # (B, T, V)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                           label_smoothing=label_smoothing, reduction="sum")
-    return loss, int((labels != -100).sum())
+    outputs = model(**{k: batch[k] for k in _ENCODER_KEYS}, decoder_input_ids=decoder_input_ids,
+                    code_grid=batch.get("code_grid"))  # VQGAN-code rows (image generation), see build_batch
+    loss = F.cross_entropy(outputs.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                           label_smoothing=label_smoothing, reduction="sum")  # logits (B, T, V)
+    return loss, int((labels != -100).sum()), embedding_readout(outputs.decoder_last_hidden_state)
+
+
+def head_losses(heads, features: torch.Tensor, examples: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """Sum over the tasks with a feature head (`heads`: task -> head) of each task's mean
+    `head_loss` on its rows of the micro-batch; 0 when none is present."""
+    total = features.new_zeros((), dtype=torch.float32)
+    for task, head in heads.items():
+        rows = [i for i, example in enumerate(examples) if example["task"] == task]
+        if rows:
+            total = total + get_task(task).head_loss(head, features[rows], [examples[i] for i in rows])
+    return total
 
 
 def _words(text: str) -> str:

@@ -6,7 +6,9 @@
 Each optimizer step builds its global batch from the mixture (every task, fixed quotas),
 keeps this process's slice, and divides the summed token loss by the token count of the
 whole step (all micro-batches, all processes): gradient accumulation and data-parallel runs
-give the update of one big batch. Around it: AdamW with warmup + linear decay (OFA), gradient
+give the update of one big batch; embedding tasks add their feature-head losses (CosFace +
+triplet, `build_heads`; the heads are optimised with the model and kept in the checkpoint's
+trainer state). Around it: AdamW with warmup + linear decay (OFA), gradient
 clipping, optional EMA, bf16 autocast on a GPU, supernet arch sampling when the config asks
 for it, atomic resumable checkpoints, evaluation before/after, TensorBoard, a loss plot and a
 metric table.
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ofa_ufo.image_processing import ImageLoadError, load_image
 from ofa_ufo.supernet import largest_arch, sample_arch, set_arch, smallest_arch
+from ofa_ufo.tasks import get_task
 from ofa_ufo.training import checkpoint as ckpt
 from ofa_ufo.training import objectives
 from ofa_ufo.training.config import ConfigError, TrainConfig
@@ -78,6 +81,17 @@ def build_model(config: TrainConfig):
     return model, create_processor(config.model, image_size=image_size)
 
 
+def _load_vqgan(path: str):
+    """The `vqgan` config field's model (CPU, eval), or None when the field is empty."""
+    if not path:
+        return None
+    from ofa_ufo.vqgan import VQGANModel
+
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"field 'vqgan': {path} is not a VQGANModel.save_pretrained directory (no config.json)")
+    return VQGANModel.from_pretrained(path).eval()
+
+
 def _accelerator(config: TrainConfig):
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
@@ -96,8 +110,8 @@ def _schedule(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _optimizer(model, config: TrainConfig):
-    params = [p for p in model.parameters() if p.requires_grad]
+def _optimizer(model, config: TrainConfig, extra: list[torch.nn.Parameter] = ()):
+    params = [p for p in model.parameters() if p.requires_grad] + list(extra)
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
                                   weight_decay=config.weight_decay, fused=True)  # one kernel, not ~6 per tensor
     warmup = math.ceil(config.warmup_ratio * config.max_steps)
@@ -136,6 +150,26 @@ def _loadable(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return kept
 
 
+def build_heads(sources: dict[str, Any], dim: int) -> torch.nn.ModuleDict:
+    """Training-only feature heads (task -> head) of the tasks that have one (`Task.training_head`,
+    e.g. CosFace over an embedding task's training identities); saved in the checkpoint's trainer state."""
+    heads = {}
+    for task, source in sources.items():
+        head = get_task(task).training_head(getattr(source, "examples", ()), dim)
+        if head is not None:
+            heads[task] = head
+    return torch.nn.ModuleDict(heads)
+
+
+def _check_identity_quotas(sources: dict[str, Any], quotas: dict[str, int]) -> None:
+    """A P x K source needs a per-step quota of whole identity chunks (a multiple of K)."""
+    for task, source in sources.items():
+        k = getattr(source, "k", 1)
+        if quotas[task] % k:
+            raise ConfigError(f"task {task!r} draws identities in chunks of K={k} but gets {quotas[task]} samples "
+                              "per micro-batch; choose batch_size and task ratios that give it a multiple of K")
+
+
 class Trainer:
     """Holds the run's parts; `fit()` is the loop."""
 
@@ -154,10 +188,13 @@ class Trainer:
         if config.batch_size < world or config.batch_size % world:
             raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {world} processes")
         self.processor = processor
+        self.vqgan = _load_vqgan(config.vqgan)  # encodes image-generation targets in build_batch
         self.mixture = Mixture(build_sources(config), task_quotas(config.tasks, config.batch_size))
+        _check_identity_quotas(self.mixture.sources, self.mixture.quotas)
+        self.heads = build_heads(self.mixture.sources, model.config.d_model).to(self.accelerator.device)
         if config.freeze_embeddings:
             model.get_input_embeddings().weight.requires_grad_(False)
-        self.optimizer, self.scheduler = _optimizer(model, config)
+        self.optimizer, self.scheduler = _optimizer(model, config, list(self.heads.parameters()))
         self.ema = _ema(model, config.ema_decay)
         self.step = 0
         self.history: dict[str, Any] = {"losses": [], "lr": [], "eval": []}
@@ -171,6 +208,7 @@ class Trainer:
     def _restore(self, model, path: Path) -> None:
         state = ckpt.load_state(path)
         ckpt.load_weights(model, path / "model.safetensors")
+        self.heads.load_state_dict(state.get("heads", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
@@ -188,7 +226,7 @@ class Trainer:
         path = None
         weights = self.accelerator.get_state_dict(self.model)  # collective: gathers FSDP shards
         if self.accelerator.is_main_process:
-            state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "heads": self.heads.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_states(),
                      "history": json.dumps(self.history)}
             path = ckpt.save_checkpoint(self.output_dir, self.step, self.unwrapped, self.processor, state,
@@ -214,17 +252,19 @@ class Trainer:
             examples = _loadable(examples)
             if not examples:
                 raise TrainingError(f"step {self.step}: every sample of micro-batch {micro} failed to load")
-            batch = build_batch(self.processor, examples)
+            batch = build_batch(self.processor, examples, vqgan=self.vqgan)
             batches.append(({k: v.to(self.accelerator.device) for k, v in batch.items()}, examples))
         return batches
 
-    def _loss(self, batch: dict[str, torch.Tensor], examples: list[dict[str, Any]]) -> tuple[torch.Tensor, int]:
+    def _loss(self, batch: dict[str, torch.Tensor], examples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed token loss, summed per-task mean feature-head losses) of one micro-batch."""
         config = self.config
         if config.objective == "scst":
-            loss, tokens, _ = objectives.scst(self.model, batch, examples, self.processor.tokenizer,
-                                              config.scst_beams, config.scst_max_new_tokens)
-            return loss, tokens
-        return objectives.cross_entropy(self.model, batch, config.label_smoothing)
+            loss, _, _ = objectives.scst(self.model, batch, examples, self.processor.tokenizer,
+                                         config.scst_beams, config.scst_max_new_tokens)
+            return loss, torch.zeros((), device=loss.device)
+        loss, _, features = objectives.cross_entropy_and_features(self.model, batch, config.label_smoothing)
+        return loss, objectives.head_losses(self.heads, features, examples)
 
     def train_step(self) -> float:
         """Forward/backward over the step's micro-batches and archs, then one optimizer update."""
@@ -236,19 +276,24 @@ class Trainer:
         if self.config.objective == "scst":
             local_tokens = 1  # SCST sums over its own sampled tokens; normalise per process instead
         global_tokens = acc.reduce(torch.tensor(float(local_tokens), device=acc.device), reduction="sum").item()
-        total = torch.zeros((), device=acc.device)
+        global_tokens = max(global_tokens, 1.0)  # a mixture of embedding tasks only has no target tokens
+        total, head_total = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
         passes = [(b, e, arch) for b, e in batches for arch in archs]
         for i, (batch, examples, arch) in enumerate(passes):
             if arch is not None:
                 set_arch(self.unwrapped, arch)
             sync = nullcontext() if i == len(passes) - 1 else acc.no_sync(self.model)
             with sync, acc.autocast():
-                loss_sum, _ = self._loss(batch, examples)
-                acc.backward(loss_sum * acc.num_processes / global_tokens)
+                loss_sum, head_loss = self._loss(batch, examples)
+                # token losses: mean over the step's tokens; feature-head losses: mean over passes and processes
+                acc.backward(loss_sum * acc.num_processes / global_tokens + head_loss / len(passes))
             total += loss_sum.detach()
+            head_total += head_loss.detach()
         if archs != [None]:
             set_arch(self.unwrapped, None)
-        loss = acc.reduce(total, reduction="sum").item() / global_tokens
+        self._sync_head_gradients()
+        loss = (acc.reduce(total, reduction="sum").item() / global_tokens
+                + acc.reduce(head_total, reduction="mean").item() / len(passes))
         if not math.isfinite(loss):
             last = ckpt.list_checkpoints(self.output_dir)
             raise TrainingError(f"loss is {loss} at step {self.step}; stopped without updating. Last good "
@@ -262,6 +307,13 @@ class Trainer:
             self.ema.update_parameters(self.unwrapped)
         return loss
 
+    def _sync_head_gradients(self) -> None:
+        """Average the feature heads' gradients over processes (they sit outside the DDP-wrapped model)."""
+        if self.accelerator.num_processes > 1:
+            for param in self.heads.parameters():
+                if param.grad is not None:
+                    param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+
     def _clip_gradients(self) -> None:
         from accelerate.utils import DistributedType
 
@@ -270,7 +322,8 @@ class Trainer:
             acc.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)  # sharded gradients
             return
         acc.unscale_gradients()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm, foreach=True)
+        params = [*self.model.parameters(), *self.heads.parameters()]
+        torch.nn.utils.clip_grad_norm_(params, self.config.clip_norm, foreach=True)
 
     # ---- evaluation -----------------------------------------------------------------------
 

@@ -1,0 +1,307 @@
+"""Embedding tasks (reid_person, reid_vehicle, face, product): the read-out through the pipeline,
+routing per task on a supernet, CosFace and batch-hard triplet losses on hand-computed cases,
+and a tiny training run with the feature heads."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+from PIL import Image
+from transformers import pipeline
+
+import ofa_ufo
+from ofa_ufo.data.pk_sampler import PKSource
+from ofa_ufo.tasks import get_task, task_id
+from ofa_ufo.training.metric_losses import (
+    CosFaceHead,
+    batch_hard_triplet_loss,
+    cosface_logits,
+    cosface_loss,
+    pairwise_distances,
+)
+
+EMBEDDING_TASKS = ["reid_person", "reid_vehicle", "face", "product"]
+SUPERNET = dict(supernet_layers=2, supernet_dim=32, supernet_heads=4, supernet_head_dim=8,
+                supernet_elastic_heads=[2, 3, 4], supernet_elastic_depths=[1, 2])
+
+
+def _image(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    return pipeline("ofa-ufo", model=str(tiny_checkpoint))
+
+
+# ---- inference ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", EMBEDDING_TASKS)
+def test_pipeline_returns_a_normalised_embedding_of_d_model(pipe, task):
+    result = pipe(_image(0), task=task)
+    assert set(result) == {"embedding"}
+    json.dumps(result)
+    vector = np.asarray(result["embedding"])
+    assert vector.shape == (TINY["d_model"],)
+    assert abs(np.linalg.norm(vector) - 1.0) < 1e-5
+
+
+def test_embeddings_are_deterministic_and_batch_independent(pipe):
+    images = [_image(0), _image(1), _image(2)]
+    alone = [pipe(image, task="reid_person")["embedding"] for image in images]
+    again = pipe(images[0], task="reid_person")["embedding"]
+    batched = [r["embedding"] for r in pipe(images, task="reid_person", batch_size=3)]
+    assert again == alone[0]
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    assert not np.allclose(alone[0], alone[1])  # different images, different embeddings
+
+
+def test_pipeline_embedding_is_the_model_read_out(pipe, model, processor):
+    batch = processor(images=[_image(0)], text=[get_task("face").prompt()], return_tensors="pt")
+    with torch.no_grad():
+        direct = model.embed(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                             image_mask=batch["image_mask"])  # (1, D)
+        raw = model.embed(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                          image_mask=batch["image_mask"], normalize=False)
+    assert direct.shape == (1, TINY["d_model"])
+    torch.testing.assert_close(direct, raw / raw.norm(dim=-1, keepdim=True))
+    np.testing.assert_allclose(pipe(_image(0), task="face")["embedding"], direct[0].numpy(), atol=1e-5)
+
+
+def test_text_generation_requests_on_an_embedding_task_are_clear_errors(pipe, model, processor):
+    with pytest.raises(ValueError, match="'reid_person' returns an embedding, not text.*num_beams"):
+        pipe(_image(0), task="reid_person", num_beams=3)
+    with pytest.raises(ValueError, match="'product' returns an embedding, not text: it has no text generation"):
+        get_task("product").generate_kwargs(model.config, processor.tokenizer, {})
+    assert "takes no text" in pipe(_image(0), task="face", text="who is it?")["error"]
+    assert "embeds an image" in pipe(None, task="face")["error"]
+
+
+def test_prompts_exist_in_every_style():
+    for style in ("ofa", "instruct"):
+        prompts = {get_task(task).prompt(style=style) for task in EMBEDDING_TASKS}
+        assert len(prompts) == 4 and all(p.startswith(" ") for p in prompts)
+    assert get_task("reid_person").prompt() == " what is the identity of the person in the image?"
+
+
+def test_tasks_have_their_allinone_settings_and_metrics():
+    settings = {t: (get_task(t).cosface_scale, get_task(t).cosface_margin, get_task(t).triplet_weight > 0,
+                    get_task(t).instances_per_identity, get_task(t).metric) for t in EMBEDDING_TASKS}
+    assert settings == {"reid_person": (30.0, 0.2, True, 4, "reid"), "reid_vehicle": (20.0, 0.2, True, 4, "reid"),
+                        "face": (50.0, 0.3, False, 0, "verification"), "product": (30.0, 0.2, True, 4, "recall@k")}
+    ids = [task_id(t) for t in EMBEDDING_TASKS]
+    assert len(set(ids)) == 4 and min(ids) > task_id("caption")
+
+
+# ---- routing on a supernet ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def supernet(processor, tmp_path_factory):
+    torch.manual_seed(0)
+    model = ofa_ufo.create_model("ofa_ufo_tiny_ufo", **TINY, vision_config=SUPERNET).eval()
+    path = tmp_path_factory.mktemp("ufo")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, path
+
+
+def _embed(model, processor, task: str, ids: torch.Tensor | None = None) -> torch.Tensor:
+    batch = processor(images=[_image(0)], text=[get_task(task).prompt()], return_tensors="pt")
+    ids = torch.tensor([task_id(task)]) if ids is None else ids
+    with torch.no_grad():
+        return model.embed(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], ids,
+                           batch["image_mask"])[0]
+
+
+def test_each_task_routes_on_its_own_id(supernet, processor):
+    model, path = supernet
+    pipe = pipeline("ofa-ufo", model=str(path))
+    for task in EMBEDDING_TASKS:  # the pipeline sends the task's id
+        np.testing.assert_allclose(pipe(_image(0), task=task)["embedding"], _embed(model, processor, task).numpy(),
+                                   atol=1e-5)
+    # same prompt and image, only the task id differs: the route (task embedding, experts) changes the vector
+    prompt_of_person = _embed(model, processor, "reid_person")
+    routed_as_vehicle = _embed(model, processor, "reid_person", torch.tensor([task_id("reid_vehicle")]))
+    assert (prompt_of_person - routed_as_vehicle).abs().max() > 1e-4
+
+
+def test_a_task_expert_changes_only_its_task(processor):
+    torch.manual_seed(0)
+    model = ofa_ufo.create_model("ofa_ufo_tiny_ufo", **TINY, vision_config=SUPERNET).eval()
+    face, person = task_id("face"), task_id("reid_person")
+    with torch.no_grad():
+        for block in model.get_encoder().supernet.blocks:
+            block.ffn.router[face] = torch.tensor([0.0, 1.0])  # face takes its own expert
+            block.ffn.router[person] = torch.tensor([1.0, 0.0])  # person the shared one
+    before = {t: _embed(model, processor, t) for t in ("face", "reid_person")}
+    with torch.no_grad():
+        for block in model.get_encoder().supernet.blocks:
+            block.ffn.experts.fc2_bias[face] += torch.randn(block.ffn.experts.fc2_bias.shape[1])
+    assert (_embed(model, processor, "face") - before["face"]).abs().max() > 1e-4
+    torch.testing.assert_close(_embed(model, processor, "reid_person"), before["reid_person"])
+
+
+# ---- losses on hand-computed cases ----------------------------------------------------------------
+
+def test_cosface_logits_and_loss_by_hand():
+    features = torch.tensor([[3.0, 0.0], [0.0, -2.0]])  # normalised: (1, 0), (0, -1)
+    weight = torch.tensor([[2.0, 0.0], [0.0, 5.0], [-1.0, 0.0]])  # normalised: (1, 0), (0, 1), (-1, 0)
+    labels = torch.tensor([0, 1])
+    logits = cosface_logits(features, weight, labels, scale=30.0, margin=0.2)
+    # cosines [[1, 0, -1], [0, -1, 0]]; target cosine minus 0.2, all times 30
+    expected = torch.tensor([[24.0, 0.0, -30.0], [0.0, -36.0, 0.0]])
+    torch.testing.assert_close(logits, expected)
+    loss = cosface_loss(features, weight, labels, scale=30.0, margin=0.2)
+    by_hand = (-24 + math.log(math.exp(24) + 1 + math.exp(-30)) + 36 + math.log(2 + math.exp(-36))) / 2
+    assert abs(loss.item() - by_hand) < 1e-5
+
+
+def test_cosface_margin_lowers_exactly_the_target_logit_by_s_times_m():
+    torch.manual_seed(0)
+    features, weight, labels = torch.randn(5, 8), torch.randn(7, 8), torch.tensor([0, 3, 6, 3, 1])
+    for task in EMBEDDING_TASKS:
+        s, m = get_task(task).cosface_scale, get_task(task).cosface_margin
+        gap = cosface_logits(features, weight, None, s, m) - cosface_logits(features, weight, labels, s, m)
+        expected = torch.zeros(5, 7)
+        expected[torch.arange(5), labels] = s * m
+        torch.testing.assert_close(gap, expected)
+
+
+def test_cosface_head_has_one_row_per_identity():
+    head = CosFaceHead([("market", 7), ("market", 2), ("veri", 7)], dim=16, scale=30.0, margin=0.2)
+    assert head.weight.shape == (3, 16) and head.weight.std() < 0.01
+    assert head.labels([("veri", 7), ("market", 7)]).tolist() == [2, 0]
+    with pytest.raises(ValueError, match="not among the head's 3 classes"):
+        head.labels([("market", 99)])
+
+
+def test_triplet_picks_the_hardest_positive_and_negative():
+    # 1-D features; identities a a a b b b. Distances are |x_i - x_j|.
+    features = torch.tensor([[0.0], [1.0], [4.0], [5.0], [6.0], [9.0]])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    # anchor 0: hardest positive 4 (to 4.0), hardest negative 5 (to 5.0) -> gap -1
+    # anchor 1: positive 3, negative 4 -> -1;  anchor 2: positive 4, negative 1 -> 3
+    # anchor 3: positive 4 (to 9), negative 1 (to 4) -> 3;  anchor 4: 3, 2 -> 1;  anchor 5: 4, 5 -> -1
+    gaps = torch.tensor([-1.0, -1.0, 3.0, 3.0, 1.0, -1.0])
+    soft = batch_hard_triplet_loss(features, labels)
+    torch.testing.assert_close(soft, torch.log1p(torch.exp(gaps)).mean())
+    hinge = batch_hard_triplet_loss(features, labels, margin=0.3)
+    torch.testing.assert_close(hinge, torch.tensor((0 + 0 + 3.3 + 3.3 + 1.3 + 0) / 6))
+
+
+def test_triplet_skips_anchors_without_a_positive_and_has_finite_gradients():
+    features = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0]], requires_grad=True)
+    labels = torch.tensor([0, 0, 1])  # anchor 2 has no positive: left out
+    loss = batch_hard_triplet_loss(features, labels)
+    # anchor 0: d_ap 5, d_an 1; anchor 1: d_ap 5, d_an sqrt(9 + 9)
+    expected = (math.log1p(math.exp(5 - 1)) + math.log1p(math.exp(5 - math.sqrt(18)))) / 2
+    assert abs(loss.item() - expected) < 1e-5
+    loss.backward()
+    assert torch.isfinite(features.grad).all()
+    lonely = batch_hard_triplet_loss(torch.ones(2, 3, requires_grad=True), torch.tensor([0, 1]))
+    assert lonely.item() == 0.0 and lonely.requires_grad
+    torch.testing.assert_close(pairwise_distances(torch.tensor([[0.0, 0.0], [3.0, 4.0]])),
+                               torch.tensor([[1e-6, 5.0], [5.0, 1e-6]]))
+
+
+def test_pk_source_draws_whole_identity_chunks():
+    identities = [i % 5 for i in range(23)]  # 5 identities with 4 or 5 images
+    source = PKSource("reid_person", [{"i": i} for i in range(23)], identities, k=4, seed=0)
+    assert len(source) == 20  # each identity: one chunk of 4 per epoch
+    for start in range(0, 3 * len(source), 4):
+        chunk = [identities[source.draw(start + j)["i"]] for j in range(4)]
+        assert len(set(chunk)) == 1
+    first = [source.draw(i)["i"] for i in range(20)]
+    assert sorted({identities[i] for i in first}) == [0, 1, 2, 3, 4]
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+def _identity_rows(tmp_path, identities: int = 3, per_identity: int = 4) -> list[dict]:
+    rows = []
+    for person in range(identities):
+        color = np.array([80 * person, 255 - 80 * person, 128], dtype=np.uint8)
+        for k in range(per_identity):
+            noise = np.random.default_rng(10 * person + k).integers(0, 40, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(np.clip(color + noise, 0, 255).astype(np.uint8)).save(tmp_path / f"p{person}_{k}.png")
+            rows.append({"id": f"p{person}_{k}", "task": "reid_person", "image": f"p{person}_{k}.png",
+                         "meta": {"dataset": "toy", "identity": person, "camera": k % 2, "split": "train"}})
+    return rows
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_training_features_are_the_inference_read_out(model, processor, tmp_path):
+    from ofa_ufo.training.data import build_batch
+    from ofa_ufo.training.objectives import cross_entropy_and_features
+
+    rows = _identity_rows(tmp_path, identities=1, per_identity=2)
+    examples = [{**row, "image": Image.open(tmp_path / row["image"]).convert("RGB")} for row in rows]
+    caption = {"id": "c", "task": "caption", "image": examples[0]["image"], "target": "a picture of a thing"}
+    batch = build_batch(processor, [caption, *examples])
+    assert (batch["labels"][1:] == -100).all() and (batch["labels"][0] != -100).any()
+    with torch.no_grad():
+        _, tokens, features = cross_entropy_and_features(model, batch, 0.0)
+        alone = processor(images=[e["image"] for e in examples], text=[get_task("reid_person").prompt()] * 2,
+                          return_tensors="pt")
+        direct = model.embed(alone["pixel_values"], alone["input_ids"], alone["attention_mask"],
+                             image_mask=alone["image_mask"], normalize=False)
+    assert tokens == int((batch["labels"][0] != -100).sum())
+    torch.testing.assert_close(features[1:], direct, atol=1e-4, rtol=1e-4)
+
+
+def test_a_mixed_run_trains_the_cosface_head_and_checkpoints_it(tmp_path):
+    from ofa_ufo.training import Trainer
+    from ofa_ufo.training.config import config_from_dict
+
+    rows = _identity_rows(tmp_path)
+    data = _write_jsonl(tmp_path / "reid.jsonl", rows)
+    held_out = [{**row, "meta": {**row["meta"], "split": "query" if row["meta"]["camera"] else "gallery"}}
+                for row in rows]
+    eval_data = _write_jsonl(tmp_path / "reid_eval.jsonl", held_out)
+    threads = torch.get_num_threads()
+    try:
+        config = config_from_dict(dict(
+            model_overrides=dict(TINY), tasks={"reid_person": 7, "vqa": 1}, data={"reid_person": str(data)},
+            eval_data={"reid_person": str(eval_data)}, batch_size=10, max_steps=2, eval_examples=12,
+            demo_train_scenes=4, num_threads=1, lr=1e-3, output_dir=str(tmp_path / "run")), "test")
+        trainer = Trainer(config, resume="never")
+        assert trainer.mixture.quotas == {"reid_person": 8, "vqa": 2}
+        assert set(trainer.heads) == {"reid_person"} and trainer.heads["reid_person"].weight.shape == (3, 32)
+        start = trainer.heads["reid_person"].weight.detach().clone()
+        result = trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(result.losses) == 2 and all(math.isfinite(loss) for loss in result.losses)
+    assert {"rank1", "mAP"} <= set(result.metrics_after["reid_person"])  # scored on query vs gallery
+    assert not torch.equal(trainer.heads["reid_person"].weight.detach(), start)
+    saved = torch.load(sorted((tmp_path / "run" / "checkpoints").iterdir())[-1] / "trainer_state.pt",
+                       weights_only=True)
+    torch.testing.assert_close(saved["heads"]["reid_person.weight"], trainer.heads["reid_person"].weight.detach())
+
+
+def test_embedding_task_data_errors(tmp_path):
+    from ofa_ufo.training import ConfigError, Trainer
+    from ofa_ufo.training.config import config_from_dict
+    from ofa_ufo.training.data import DataSourceError
+
+    base = dict(model_overrides=dict(TINY), tasks={"reid_person": 1}, batch_size=8, max_steps=1, eval_examples=0,
+                demo_train_scenes=4, num_threads=1, output_dir=str(tmp_path / "run"))
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(DataSourceError, match="'reid_person' trains on identity-labelled data, not demo"):
+            Trainer(config_from_dict(base, "test"), resume="never")
+        data = _write_jsonl(tmp_path / "reid.jsonl", _identity_rows(tmp_path, identities=2))
+        with pytest.raises(ConfigError, match="chunks of K=4 but gets 6 samples"):
+            Trainer(config_from_dict({**base, "batch_size": 6, "data": {"reid_person": str(data)}}, "test"),
+                    resume="never")
+    finally:
+        torch.set_num_threads(threads)
