@@ -345,6 +345,7 @@ def test_run_outputs_and_serving(ema_run):
     assert metrics["losses"] == result.losses and len(result.losses) == 2
     assert set(metrics["metrics_untrained"]) == set(metrics["metrics_trained"]) == {"vqa"}
     assert "vqa_accuracy" in metrics["metrics_trained"]["vqa"]
+    assert all(0 < entry["image_signal"] < 1 for entry in metrics["eval"])  # the encoder-collapse diagnostic
     assert load_config(output_dir / "train_config.yaml") == config  # the saved config rebuilds the run
 
     from transformers import pipeline  # "ofa-ufo" is registered by importing ofa_ufo (above)
@@ -352,6 +353,26 @@ def test_run_outputs_and_serving(ema_run):
     pipe = pipeline("ofa-ufo", model=str(output_dir))
     answer = pipe(Image.new("RGB", (64, 48), (200, 30, 30)), task="caption", max_new_tokens=4)
     assert isinstance(answer, dict) and isinstance(answer["text"], str)
+
+
+def test_encoder_image_signal_sees_an_encoder_that_ignores_the_image(model, processor):
+    """The diagnostic is clearly positive for a random model and 0 once the image tokens carry
+    nothing image-specific (here: the image projection zeroed, as after a collapse)."""
+    from ofa_ufo.data.demo_scenes import DemoScenes, caption_example
+    from ofa_ufo.training.report import encoder_image_signal
+
+    scenes = DemoScenes("validation", 6, size=64)
+    examples = [caption_example(scenes[i]) for i in range(6)]
+    assert encoder_image_signal(model, processor, examples) > 0.01
+    assert encoder_image_signal(model, processor, examples[:1]) is None  # no spread across one image
+    encoder = model.get_encoder()
+    with torch.no_grad():
+        saved = encoder.image_proj.weight.clone()
+        encoder.image_proj.weight.zero_()
+        try:
+            assert encoder_image_signal(model, processor, examples) < 1e-5
+        finally:
+            encoder.image_proj.weight.copy_(saved)
 
 
 def test_real_photo_predictions_print_every_task(ema_run, capsys):

@@ -39,6 +39,30 @@ def evaluate_model(model, processor, spec, examples: list[dict[str, Any]], batch
     return get_metric(spec.metric)([p for p, _ in pairs], [r for _, r in pairs])
 
 
+def encoder_image_signal(model, processor, examples: list[dict[str, Any]]) -> float | None:
+    """How much of the encoder's output at image positions differs between images: the spread
+    across the examples (std over the batch, averaged over positions and channels) divided by
+    the output's total std. About 0.1 at random init; near 0 means the encoder has stopped
+    carrying the image and the decoder answers from the prompt alone (see docs/training.md).
+    None when fewer than two examples have an image."""
+    import torch
+
+    from ofa_ufo.training.data import build_batch
+
+    examples = [e for e in examples if e.get("image") is not None][:32]
+    if len(examples) < 2:
+        return None
+    batch = build_batch(processor, examples)
+    with torch.no_grad():
+        encoder = model.get_encoder()
+        states = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         pixel_values=batch["pixel_values"], image_mask=batch["image_mask"],
+                         task_ids=batch["task_ids"]).last_hidden_state  # (B, N_image + T, D)
+        tokens = encoder.embed_images(batch["pixel_values"][:1]).shape[-2:].numel()  # image positions N
+        image = states[:, :tokens].float()  # (B, N, D)
+        return float(image.std(0).mean() / image.std().clamp_min(1e-12))
+
+
 def headline(values: dict[str, float]) -> tuple[str, float] | None:
     for name in values:
         if name in HEADLINE:

@@ -37,7 +37,9 @@ from ofa_ufo.training import checkpoint as ckpt
 from ofa_ufo.training import objectives
 from ofa_ufo.training.config import ConfigError, TrainConfig
 from ofa_ufo.training.data import Mixture, build_batch, build_sources, eval_examples, task_quotas
-from ofa_ufo.training.report import evaluate_model, format_metric_table, plot_history, show_real_photos
+from ofa_ufo.training.report import (
+    encoder_image_signal, evaluate_model, format_metric_table, plot_history, show_real_photos,
+)
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, unusable data); the last good checkpoint is kept."""
@@ -330,6 +332,7 @@ class Trainer:
     def evaluate(self) -> dict[str, dict[str, float]]:
         """Metrics per task on held-out examples (main process); the model it scores is the EMA when set."""
         results: dict[str, dict[str, float]] = {}
+        self.image_signal = None
         if self.config.eval_examples and self.accelerator.is_main_process:
             model = self.ema.module if self.ema is not None else self.unwrapped
             was_training = model.training
@@ -338,6 +341,8 @@ class Trainer:
                 examples, spec = eval_examples(self.config, task)
                 if examples:
                     results[task] = evaluate_model(model, self.processor, spec, examples, self.config.eval_batch_size)
+                    if self.image_signal is None:
+                        self.image_signal = encoder_image_signal(model, self.processor, examples)
             if was_training:
                 self._train_mode()
         self.accelerator.wait_for_everyone()
@@ -353,7 +358,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / ckpt.CONFIG_FILE).write_text(config.to_yaml())
         if not self.history["eval"]:
-            self.history["eval"].append({"step": 0, "metrics": self.evaluate()})
+            self.history["eval"].append({"step": 0, "metrics": self.evaluate(), "image_signal": self.image_signal})
         writer = _tensorboard(self.output_dir) if main else None
         samples = config.global_batch
         self._train_mode()
@@ -393,8 +398,10 @@ class Trainer:
 
     def _record_eval(self, writer) -> None:
         metrics = self.evaluate()
-        self.history["eval"].append({"step": self.step, "metrics": metrics})
+        self.history["eval"].append({"step": self.step, "metrics": metrics, "image_signal": self.image_signal})
         if writer is not None:
+            if self.image_signal is not None:
+                writer.add_scalar("eval/encoder_image_signal", self.image_signal, self.step)
             for task, values in metrics.items():
                 for name, value in values.items():
                     writer.add_scalar(f"eval/{task}/{name}", value, self.step)
@@ -419,6 +426,10 @@ class Trainer:
         (self.output_dir / "metrics.json").write_text(json.dumps(report, indent=1))
         plot_history(self.history, self.output_dir / "training.png")
         print(table)
+        signals = [entry.get("image_signal") for entry in (self.history["eval"][0], self.history["eval"][-1])]
+        if None not in signals:
+            print(f"encoder image signal {signals[0]:.3f} -> {signals[1]:.3f} (share of the encoder output at image "
+                  "positions that differs between images; near 0: answers come from the prompt alone)")
         print(f"model, metrics.json and training.png written to {self.output_dir}")
         if self.config.show_photos:
             show_real_photos(self.output_dir, list(self.config.tasks))
