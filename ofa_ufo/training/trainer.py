@@ -342,7 +342,7 @@ class Trainer:
                 if examples:
                     results[task] = evaluate_model(model, self.processor, spec, examples, self.config.eval_batch_size)
                     if self.image_signal is None:
-                        self.image_signal = encoder_image_signal(model, self.processor, examples)
+                        self.image_signal = encoder_image_signal(model, self.processor, _loadable(examples[:32]))
             if was_training:
                 self._train_mode()
         self.accelerator.wait_for_everyone()
