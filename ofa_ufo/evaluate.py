@@ -30,6 +30,7 @@ from ofa_ufo.task_specs import TaskSpec, load_spec
 from ofa_ufo.tasks import get_task
 
 _DEMO_DEFAULTS = {"val_scenes": 200, "size": 256, "seed": 0}
+_DEMO_IDENTITY_DEFAULTS = {"train_identities": 1000, "views": 8, "val_examples": 200, "size": 128, "seed": 0}
 _CONVERT_OPTIONS = ("input", "images", "annotations", "layout", "selected_cols", "split", "image_pattern",
                     "task", "columns", "id_column", "on_error")
 
@@ -48,6 +49,9 @@ def expand_env(value: Any) -> Any:
 def open_examples(spec: TaskSpec, split: str = "val") -> Iterator[dict[str, Any]]:
     """Canonical examples of a spec's evaluation data (generated demo scenes or a dataset format)."""
     data = spec.data
+    if data.get("source") == "demo_identities":
+        yield from _demo_identities(spec, split)
+        return
     if data.get("source") == "demo_scenes":
         settings = {**_DEMO_DEFAULTS, **data}
         scenes = DemoScenes(split, settings["val_scenes"], size=settings["size"], seed=settings["seed"],
@@ -66,6 +70,19 @@ def open_examples(spec: TaskSpec, split: str = "val") -> Iterator[dict[str, Any]
     options = {key: expand_env(data.get(key)) for key in _CONVERT_OPTIONS}
     options["on_error"] = options["on_error"] or "skip"
     yield from FORMATS[data["format"]](argparse.Namespace(**options), LoadReport())
+
+
+def _demo_identities(spec: TaskSpec, split: str) -> Iterator[dict[str, Any]]:
+    """Generated identities (`ofa_ufo.data.demo_identities`): the training images, or held-out identities
+    laid out for the task's metric (query/gallery, face pairs, product groups)."""
+    from ofa_ufo.data.demo_identities import DemoIdentities, held_out_examples
+
+    settings = {**_DEMO_IDENTITY_DEFAULTS, **spec.data}
+    if split == "train":
+        yield from DemoIdentities(spec.task, "train", settings["train_identities"], settings["views"],
+                                  settings["size"], settings["seed"])
+        return
+    yield from held_out_examples(spec.task, settings["val_examples"], settings["size"], settings["seed"])
 
 
 def evaluate(spec: TaskSpec, model: str, limit: int | None = None, output: str | None = None) -> dict[str, float]:

@@ -19,6 +19,9 @@ from ofa_ufo.resources import resource_dir
 from ofa_ufo.tasks import get_task
 
 
+DEMO_SOURCES = ("demo_scenes", "demo_identities")  # generated data (ofa_ufo.data.demo_scenes, .demo_identities)
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
@@ -71,10 +74,11 @@ def _validate(raw: dict[str, Any], path: Path) -> TaskSpec:
 
 
 def _check_data(data: Any, path: Path) -> None:
-    """`data` names generated demo scenes or one of the loader formats of `ofa_ufo.data.convert`."""
+    """`data` names generated demo scenes or identities, or one of the loader formats of `ofa_ufo.data.convert`."""
     from ofa_ufo.data.convert import FORMATS
 
     if not isinstance(data, dict):
         raise ValueError(f"{path}: field 'data' must be a mapping, got {type(data).__name__}")
-    if data.get("source") != "demo_scenes" and data.get("format") not in FORMATS:
-        raise ValueError(f"{path}: field 'data' needs source: demo_scenes or format: one of {sorted(FORMATS)}")
+    if data.get("source") not in DEMO_SOURCES and data.get("format") not in FORMATS:
+        raise ValueError(f"{path}: field 'data' needs source: demo_scenes (or demo_identities) or format: one of "
+                         f"{sorted(FORMATS)}")

@@ -180,6 +180,35 @@ def test_cosface_head_has_one_row_per_identity():
         head.labels([("market", 99)])
 
 
+def test_cosface_head_bnneck_standardises_over_the_batch():
+    torch.manual_seed(0)
+    features, labels = torch.randn(6, 8) * 0.01 + 3.0, torch.tensor([0, 1, 2, 0, 1, 2])  # a constant part dominates
+    head = CosFaceHead(["a", "b", "c"], dim=8, scale=30.0, margin=0.2).train()
+    exact = features.double()  # by hand in float64: BatchNorm1d's biased batch variance and eps
+    mean, var = exact.mean(0), exact.var(0, unbiased=False)
+    standardised = (exact - mean) / torch.sqrt(var + head.neck.eps)
+    expected = cosface_loss(standardised, head.weight.double(), labels, 30.0, 0.2).float()
+    loss = head(features, labels)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)  # float32 keeps ~1e-3 of a 0.01 spread
+    assert not torch.allclose(expected, cosface_loss(features, head.weight, labels, 30.0, 0.2))
+    assert head.neck.bias.requires_grad is False and head.neck.weight.requires_grad is True
+    optimizer = torch.optim.SGD([p for p in head.parameters() if p.requires_grad], lr=1.0)
+    loss.backward()
+    optimizer.step()
+    assert head.neck.bias.grad is None and torch.equal(head.neck.bias, torch.zeros(8))
+    assert head.neck.weight.grad is not None  # the neck's scale trains
+    running_mean, running_var = head.neck.running_mean.clone(), head.neck.running_var.clone()
+    assert running_mean.abs().max() > 0.1  # the batch above updated the running statistics
+    row = features[:1]
+    single = head(row, labels[:1])  # one row in train mode: the running statistics, no error
+    by_running = (row - running_mean) / torch.sqrt(running_var + head.neck.eps) * head.neck.weight.detach()
+    torch.testing.assert_close(single, cosface_loss(by_running, head.weight, labels[:1], 30.0, 0.2))
+    torch.testing.assert_close(head.neck.running_mean, running_mean)  # and leaves them unchanged
+    plain = CosFaceHead(["a", "b", "c"], dim=8, scale=30.0, margin=0.2, neck=False)
+    assert plain.neck is None
+    torch.testing.assert_close(plain(features, labels), cosface_loss(features, plain.weight, labels, 30.0, 0.2))
+
+
 def test_triplet_picks_the_hardest_positive_and_negative():
     # 1-D features; identities a a a b b b. Distances are |x_i - x_j|.
     features = torch.tensor([[0.0], [1.0], [4.0], [5.0], [6.0], [9.0]])
@@ -291,14 +320,16 @@ def test_a_mixed_run_trains_the_cosface_head_and_checkpoints_it(tmp_path):
 def test_embedding_task_data_errors(tmp_path):
     from ofa_ufo.training import ConfigError, Trainer
     from ofa_ufo.training.config import config_from_dict
-    from ofa_ufo.training.data import DataSourceError
+    from ofa_ufo.data import DemoScenes
+    from ofa_ufo.training.data import DemoSource
 
     base = dict(model_overrides=dict(TINY), tasks={"reid_person": 1}, batch_size=8, max_steps=1, eval_examples=0,
                 demo_train_scenes=4, num_threads=1, output_dir=str(tmp_path / "run"))
     threads = torch.get_num_threads()
     try:
-        with pytest.raises(DataSourceError, match="'reid_person' trains on identity-labelled data, not demo"):
-            Trainer(config_from_dict(base, "test"), resume="never")
+        scenes = DemoSource("reid_person", DemoScenes("train", 4, seed=0), seed=0)  # scenes have no identities
+        with pytest.raises(ValueError, match="'reid_person' trains on identity-labelled data, not demo scenes"):
+            ofa_ufo.get_task("reid_person").training_source(scenes, seed=0)
         data = _write_jsonl(tmp_path / "reid.jsonl", _identity_rows(tmp_path, identities=2))
         with pytest.raises(ConfigError, match="chunks of K=4 but gets 6 samples"):
             Trainer(config_from_dict({**base, "batch_size": 6, "data": {"reid_person": str(data)}}, "test"),

@@ -28,12 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "run_scripts" / "finetune"
 
 
+def training_data(spec: TaskSpec) -> dict:
+    """The spec's training-side data options (data.train overrides data key by key)."""
+    return {**spec.data, **spec.data.get("train", {})}
+
+
 def benchmark(name: str) -> tuple[TaskSpec, str]:
     """The spec config `finetune/<name>` trains on and the environment variable of its training input."""
     (spec_name,) = load_config(f"finetune/{name}").data.values()
     spec = load_spec(spec_name)
-    train = {**spec.data, **spec.data.get("train", {})}
-    return spec, re.search(r"\$\{(\w+)\}", train["input"]).group(1)
+    return spec, re.search(r"\$\{(\w+)\}", training_data(spec)["input"]).group(1)
 
 
 # one config (and script) per benchmark; stage-2 configs (SCST) start from a stage-1 model
@@ -46,6 +50,13 @@ TINY = ["model=ofa_ufo_tiny",
         "model_overrides={d_model: 32, encoder_layers: 2, decoder_layers: 2, encoder_attention_heads: 4, "
         "decoder_attention_heads: 4, encoder_ffn_dim: 64, decoder_ffn_dim: 64, image_size: 64, dropout: 0.0}"]
 QUICK = ["max_steps=2", "batch_size=2", "grad_accum=1", "eval_examples=4", "num_threads=1"]
+# the embedding benchmarks (ReID, face, product) train on generated identities with --demo; P x K tasks
+# draw whole identity chunks of K = 4, so their smallest batch is 4
+RETRIEVAL = ("market1501", "veri776", "lfw", "sop")
+
+
+def quick(name: str) -> list[str]:
+    return [*QUICK, "batch_size=4"] if name in RETRIEVAL else QUICK
 # caption evaluation runs Java (PTB tokenizer, METEOR) for ~8 s a call: the caption runs skip it
 CAPTION_QUICK = [*QUICK, "eval_examples=0"]  # a later key=value wins
 OUTPUTS = ("config.json", "model.safetensors", "metrics.json", "training.png", "train_config.yaml")
@@ -89,9 +100,11 @@ def test_config_carries_the_reference_settings(name):
     assert config.warmup_ratio == hp.get("warmup_ratio", hp.get("warmup_updates", 0) / hp.get("updates", 1))
     assert config.freeze_embeddings == hp.get("freeze_embeddings", False)
     assert config.ema_decay == hp.get("ema_decay", 0.0)
-    assert config.clip_norm == 1.0 and config.objective == "cross_entropy"
+    assert config.clip_norm == hp.get("clip_norm", 1.0) and config.objective == "cross_entropy"
+    assert config.weight_decay == hp.get("weight_decay", 0.01)  # the trainer's default for OFA's recipes
+    assert config.end_lr == pytest.approx(hp.get("end_lr_ratio", 0.0) * config.lr)
     overrides = config.model_overrides
-    assert overrides["image_size"] == hp["image_size"] and overrides["dropout"] == 0.1
+    assert overrides["image_size"] == hp["image_size"] and overrides["dropout"] == hp.get("dropout", 0.1)
     assert overrides["encoder_drop_path_rate"] == overrides["decoder_drop_path_rate"] == hp.get("drop_path", 0.1)
     assert "train" in spec.data  # open_examples(spec, split="train") needs it
 
@@ -107,8 +120,14 @@ def test_scst_config_is_stage_two():
 @pytest.mark.parametrize("name", [n for n in BENCHMARKS if n != "coco_caption"])
 def test_finetune_config_trains_on_demo_data(name, tmp_path, no_datasets):
     output = tmp_path / name
-    assert main(["--config", f"finetune/{name}", "--demo", *TINY, *QUICK, f"output_dir={output}"]) == 0
+    assert main(["--config", f"finetune/{name}", "--demo", *TINY, *quick(name), f"output_dir={output}"]) == 0
     assert_outputs(output)
+    if name in RETRIEVAL:  # trained on generated identities, scored on held-out ones before and after
+        report = json.loads((output / "metrics.json").read_text())
+        (task,) = load_config(f"finetune/{name}").tasks
+        headline = {"reid": "rank1", "verification": "accuracy", "recall@k": "recall@1"}[load_spec(name).metric]
+        assert 0.0 <= report["metrics_untrained"][task][headline] <= 1.0
+        assert 0.0 <= report["metrics_trained"][task][headline] <= 1.0
 
 
 def test_coco_caption_stage1_trains_on_demo_data(stage1):
@@ -151,9 +170,9 @@ def test_config_trains_on_the_official_layout(name, evaluate, coco_root, tmp_pat
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_missing_dataset_names_variable_and_format(name, tmp_path, no_datasets, capsys):
     spec, variable = benchmark(name)
-    assert main(["--config", f"finetune/{name}", *TINY, *QUICK, f"output_dir={tmp_path}"]) == 2
+    assert main(["--config", f"finetune/{name}", *TINY, *quick(name), f"output_dir={tmp_path}"]) == 2
     error = capsys.readouterr().err
-    assert variable in error and repr(spec.data["format"]) in error, error
+    assert variable in error and repr(training_data(spec)["format"]) in error, error
 
 
 def test_empty_dataset_folder_names_the_expected_file(tmp_path, monkeypatch, capsys):
@@ -164,8 +183,8 @@ def test_empty_dataset_folder_names_the_expected_file(tmp_path, monkeypatch, cap
 
 
 def test_every_benchmark_has_a_script():
-    assert BENCHMARKS == ["coco_caption", "coco_detection", "imagenet", "refcoco", "refcocog", "refcocoplus",
-                          "snli_ve", "vqav2"]
+    assert BENCHMARKS == ["coco_caption", "coco_detection", "imagenet", "lfw", "market1501", "refcoco", "refcocog",
+                          "refcocoplus", "snli_ve", "sop", "veri776", "vqav2"]
     assert sorted(p.stem for p in SCRIPTS.glob("*.sh")) == BENCHMARKS
 
 

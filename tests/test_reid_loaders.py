@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from ofa_ufo.data import DataError, LoadReport, convert
-from ofa_ufo.data.loaders import load_lfw_pairs, load_market1501, load_msmt17, load_sop, load_veri776
+from ofa_ufo.data.loaders import (
+    load_identity_folder, load_lfw_pairs, load_market1501, load_msmt17, load_sop, load_veri776,
+)
 from ofa_ufo.data.pk_sampler import pk_batches
 
 
@@ -205,9 +207,51 @@ def test_sop(tmp_path):
     raises_named(lambda: load_sop(bad), "row 1, field '<header>'", "image_id class_id super_class_id path")
 
 
+# --- one folder per identity -----------------------------------------------------------------------
+
+IDENTITIES = {"m.0002": ["b.jpg", "a.PNG", "notes.txt"], "m.0001": ["x.jpeg"], "empty": []}
+
+
+def identity_tree(root: Path) -> Path:
+    tree(root, {name: [f for f in files if not f.endswith(".txt")] for name, files in IDENTITIES.items()})
+    (root / "empty").mkdir(exist_ok=True)
+    (root / "m.0002" / "notes.txt").write_text("not an image")
+    jpeg(root / "loose.jpg")  # a file directly in root belongs to no identity
+    return root
+
+
+def test_identity_folder_ids_meta_and_order(tmp_path):
+    root = identity_tree(tmp_path / "faces_train")
+    examples = list(load_identity_folder(root, "face"))
+    assert summary(examples) == [("m.0001/x.jpeg", "m.0001", None, "train"),  # folders, then files, sorted
+                                 ("m.0002/a.PNG", "m.0002", None, "train"), ("m.0002/b.jpg", "m.0002", None, "train")]
+    assert examples[0]["meta"] == {"dataset": "faces_train", "identity": "m.0001", "split": "train"}
+    assert {e["task"] for e in examples} == {"face"}
+    assert all(Path(e["image"]).is_file() and Path(e["image"]).is_absolute() for e in examples)
+    assert examples[2]["image"] == str((root / "m.0002" / "b.jpg").absolute())
+    vehicles = list(load_identity_folder(root, "reid_vehicle", dataset="veri_wild"))
+    assert {(e["task"], e["meta"]["dataset"]) for e in vehicles} == {("reid_vehicle", "veri_wild")}
+
+
+def test_identity_folder_errors_and_on_error(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError) as info:
+        load_identity_folder(missing, "face")  # checked when called, before iterating
+    assert str(missing) in str(info.value) and "<root>/<identity>/<image>" in str(info.value)
+    root = identity_tree(tmp_path / "ids")
+    with pytest.raises(ValueError, match=r"task must be one of \['reid_person', 'reid_vehicle', 'face', 'product'\], "
+                                         r"got 'caption'"):
+        load_identity_folder(root, "caption")
+    with pytest.raises(ValueError, match="on_error must be 'raise' or 'skip'"):
+        load_identity_folder(root, "face", on_error="ignore")
+    report = LoadReport()
+    assert len(list(load_identity_folder(root, "product", on_error="skip", report=report))) == 3
+    assert (report.loaded, report.skipped) == (3, 0) and report.source == str(root)
+
+
 # --- convert: every format from the command line ---------------------------------------------------
 
-def test_convert_every_reid_format(tmp_path):
+def test_convert_every_reid_format(tmp_path, capsys):
     market = tree(tmp_path / "market", MARKET)
     veri = tree(tmp_path / "veri", {"image_train": ["0001_c001_00016450_0.jpg"], "image_query": ["0002_c1_1.jpg"],
                                      "image_test": ["0002_c002_00016450_0.jpg"]})
@@ -223,6 +267,7 @@ def test_convert_every_reid_format(tmp_path):
         "msmt17": (["--input", str(msmt)], 4),
         "lfw_pairs": (["--input", str(lfw / "pairs.txt"), "--images", str(lfw / "lfw")], 4),
         "sop": (["--input", str(sop / "Ebay_test.txt")], 1),
+        "identity_folder": (["--input", str(identity_tree(tmp_path / "ms1m")), "--task", "face"], 3),
     }
     for name, (args, count) in runs.items():
         output = tmp_path / "out" / f"{name}.jsonl"
@@ -233,6 +278,17 @@ def test_convert_every_reid_format(tmp_path):
     back = list(load_jsonl(tmp_path / "out" / "lfw_pairs.jsonl"))
     assert back[0]["meta"] == {"dataset": "lfw", "identity": "Abel_Pacheco", "pair": 0, "side": 0, "same": True,
                                "fold": 0}
+    faces = [json.loads(line) for line in (tmp_path / "out" / "identity_folder.jsonl").read_text().splitlines()]
+    assert [(f["id"], f["task"], f["meta"]) for f in faces[:1]] == [
+        ("m.0001/x.jpeg", "face", {"dataset": "ms1m", "identity": "m.0001", "split": "train"})]
+    with pytest.raises(SystemExit, match="--format identity_folder needs --task"):
+        convert.main(["--format", "identity_folder", "--input", str(tmp_path / "ms1m"),
+                      "--output", str(tmp_path / "x.jsonl"), "--quiet"])
+    assert convert.main(["--format", "identity_folder", "--input", str(tmp_path / "nope"), "--task", "face",
+                         "--output", str(tmp_path / "x.jsonl"), "--quiet"]) == 1
+    assert convert.main(["--format", "identity_folder", "--input", str(tmp_path / "ms1m"), "--task", "caption",
+                         "--output", str(tmp_path / "x.jsonl"), "--quiet"]) == 1  # not an embedding task
+    assert "task must be one of" in capsys.readouterr().err
     jpeg(market / "query" / "oops.jpg")
     assert convert.main(["--format", "market1501", "--input", str(market), "--output", str(tmp_path / "x.jsonl"),
                          "--quiet"]) == 1

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ofa_ufo.data.canonical import DataError
 from ofa_ufo.data.loaders import (
     TSV_LAYOUTS, LoadReport, load_coco_captions, load_coco_instances, load_hf_dataset, load_image_folder,
-    load_jsonl, load_lfw_pairs, load_market1501, load_msmt17, load_ofa_tsv, load_refcoco, load_snli_ve, load_sop,
+    load_identity_folder, load_jsonl, load_lfw_pairs, load_market1501, load_msmt17, load_ofa_tsv, load_refcoco, load_snli_ve, load_sop,
     load_veri776, load_vqa_v2,
 )
 from ofa_ufo.data.loaders.reid import LFW_IMAGE_PATTERN, REID_SPLITS
@@ -97,6 +97,11 @@ def _lfw(args: argparse.Namespace, report: LoadReport) -> Iterator[dict[str, Any
     return load_lfw_pairs(args.input, args.images, pattern, on_error=args.on_error, report=report)
 
 
+def _identity_folder(args: argparse.Namespace, report: LoadReport) -> Iterator[dict[str, Any]]:
+    _need(args, "task")
+    return load_identity_folder(args.input, args.task, on_error=args.on_error, report=report)
+
+
 FORMATS: dict[str, Opener] = {
     "jsonl": lambda args, report: load_jsonl(args.input, args.on_error, report),
     "ofa_tsv": _tsv,
@@ -112,6 +117,7 @@ FORMATS: dict[str, Opener] = {
     "veri776": _reid(load_veri776),
     "lfw_pairs": _lfw,
     "sop": lambda args, report: load_sop(args.input, args.images, args.split, args.on_error, report),
+    "identity_folder": _identity_folder,
 }
 
 
@@ -161,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
                         "keep splits (e.g. query,gallery); sop: the meta split (default from the file name)")
     parser.add_argument("--image-pattern", help="vqa_v2: image file name pattern, e.g. "
                         "COCO_val2014_{image_id:012d}.jpg; lfw_pairs: default {name}/{name}_{number:04d}.jpg")
-    parser.add_argument("--task", help="hf: the canonical task")
+    parser.add_argument("--task", help="hf: the canonical task; identity_folder: the embedding task (face, ...)")
     parser.add_argument("--columns", help="hf: field=column pairs, e.g. image=img,text=question,target=answer")
     parser.add_argument("--id-column", help="hf: column holding the example id")
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise")
@@ -175,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = LoadReport()
     try:
         count = write_jsonl(FORMATS[args.format](args, report), args.output, progress=not args.quiet)
-    except (DataError, FileNotFoundError) as err:
+    except (DataError, FileNotFoundError, ValueError) as err:  # bad data or a bad option (e.g. --task)
         print(f"convert: {err}", file=sys.stderr)
         return 1
     print(f"wrote {count} examples to {args.output} (skipped {report.skipped} bad rows)", file=sys.stderr)

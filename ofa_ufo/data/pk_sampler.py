@@ -76,7 +76,8 @@ class PKSource:
                  seed: int) -> None:
         if len(examples) != len(identities):
             raise ValueError(f"{len(examples)} examples but {len(identities)} identities")
-        self.task, self.examples, self.identities, self.k, self.seed = task, list(examples), list(identities), k, seed
+        examples = examples if isinstance(examples, Sequence) else list(examples)  # a lazy Sequence stays lazy
+        self.task, self.examples, self.identities, self.k, self.seed = task, examples, list(identities), k, seed
         self._epoch, self._order = -1, []  # the flattened index order of the cached epoch
         self._length = len(self._order_of(0))
 

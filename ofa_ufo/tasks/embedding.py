@@ -22,7 +22,7 @@ import torch
 from ofa_ufo.prompts import DEFAULT_STYLE
 from ofa_ufo.tasks.base import Task
 
-__all__ = ["EmbeddingTask", "identity_of"]
+__all__ = ["EmbeddingTask", "identities_of", "identity_of"]
 
 
 def identity_of(example: dict[str, Any]) -> Hashable:
@@ -33,6 +33,13 @@ def identity_of(example: dict[str, Any]) -> Hashable:
         raise ValueError(f"example {example.get('id')!r} of task {example.get('task')!r} has no meta['identity'] "
                          "(see ofa_ufo.data.loaders.reid)")
     return meta.get("dataset"), meta["identity"]
+
+
+def identities_of(examples: Sequence[dict[str, Any]]) -> list[Hashable]:
+    """`identity_of` every example; a collection that lists them itself (`.identities`, e.g. the lazily
+    rendered `ofa_ufo.data.demo_identities.DemoIdentities`) is not iterated (nothing is rendered)."""
+    listed = getattr(examples, "identities", None)
+    return list(listed) if listed is not None else [identity_of(e) for e in examples]
 
 
 @dataclass
@@ -100,14 +107,14 @@ class EmbeddingTask(Task):
                              f"data={{{self.name}: FILE.jsonl or a spec}} (see docs/retrieval.md)")
         from ofa_ufo.data.pk_sampler import PKSource
 
-        identities = [identity_of(e) for e in source.examples]
+        identities = identities_of(source.examples)
         return PKSource(self.name, source.examples, identities, self.instances_per_identity, seed)
 
     def training_head(self, examples: Sequence[dict[str, Any]], dim: int):
         """A CosFace head whose class-weight matrix has one row per training identity."""
         from ofa_ufo.training.metric_losses import CosFaceHead
 
-        classes = sorted({identity_of(e) for e in examples}, key=repr)
+        classes = sorted(set(identities_of(examples)), key=repr)
         return CosFaceHead(classes, dim, self.cosface_scale, self.cosface_margin)
 
     def head_loss(self, head, features: torch.Tensor, examples: Sequence[dict[str, Any]]) -> torch.Tensor:

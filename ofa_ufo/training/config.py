@@ -54,6 +54,9 @@ class TrainConfig:
     eval_data: dict[str, str] = field(default_factory=dict)
     demo_train_scenes: int = 20000
     demo_max_objects: int = 3
+    # identities of the generated demo data of each embedding task (reid_person, reid_vehicle, face,
+    # product), 8 images each (ofa_ufo.data.demo_identities)
+    demo_train_identities: int = 1000
     eval_examples: int = 100  # held-out examples per task (0: no evaluation)
     eval_every: int = 0  # steps between evaluations (0: before and after training only)
     eval_batch_size: int = 16
@@ -105,7 +108,7 @@ def _plain(value: Any) -> Any:
 
 
 _CHOICES = {"objective": ("cross_entropy", "scst"), "precision": ("auto", "fp32", "bf16")}
-_NON_NEGATIVE = ("demo_train_scenes", "eval_examples", "eval_every", "end_lr", "warmup_ratio", "weight_decay",
+_NON_NEGATIVE = ("demo_train_scenes", "demo_train_identities", "eval_examples", "eval_every", "end_lr", "warmup_ratio", "weight_decay",
                  "clip_norm", "ema_decay", "label_smoothing", "num_threads", "save_every", "seed")
 _POSITIVE = ("batch_size", "grad_accum", "max_steps", "lr", "keep_last", "log_every", "eval_batch_size",
              "scst_beams", "scst_max_new_tokens", "demo_max_objects")

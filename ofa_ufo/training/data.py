@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ofa_ufo.data import DemoScenes, make_examples
+from ofa_ufo.data.demo_identities import IDENTITY_TASKS, DemoIdentities
 from ofa_ufo.tasks import get_task, task_id
 from ofa_ufo.training.config import ConfigError, TrainConfig
 
@@ -96,7 +97,7 @@ def _spec_source(task: str, spec_name: str, seed: int) -> ListSource:
         where = ", ".join(f"{k}: {v}" for k, v in options.items() if k not in ("format", "train"))
         raise DataSourceError(
             f"spec {spec.name!r}: cannot read its training data ({error}). Expected format "
-            f"{spec.data.get('format')!r} with {where} (spec data.train); see docs/data.md and docs/finetuning.md"
+            f"{options.get('format')!r} with {where} (spec data.train); see docs/data.md and docs/finetuning.md"
         ) from None
     return ListSource(task, examples, seed, f"spec {spec.name!r}")
 
@@ -118,14 +119,18 @@ def _jsonl_source(task: str, path: str, seed: int) -> ListSource:
 
 
 def build_sources(config: TrainConfig) -> dict[str, DemoSource | ListSource]:
-    """One example source per configured task: `data[task]` is "demo" (default), a spec name or
-    spec file from tasks/, or a canonical `.jsonl` file."""
+    """One example source per configured task: `data[task]` is "demo" (default: generated scenes, or
+    generated identities for the embedding tasks), a spec name or spec file from tasks/, or a canonical
+    `.jsonl` file."""
     scenes = DemoScenes("train", config.demo_train_scenes, seed=config.seed, max_objects=config.demo_max_objects)
     sources: dict[str, DemoSource | ListSource] = {}
     for task in config.tasks:
         get_task(task)  # unknown task names fail here, listing the registered ones
         data = config.data.get(task, DEMO)
-        if data == DEMO:
+        if data == DEMO and task in IDENTITY_TASKS:  # embedding tasks: generated identities, not scenes
+            identities = DemoIdentities(task, "train", config.demo_train_identities, seed=config.seed)
+            sources[task] = ListSource(task, identities, config.seed, "demo_train_identities")
+        elif data == DEMO:
             if len(scenes) == 0:
                 raise DataSourceError("demo_train_scenes is 0: the demo training set is empty")
             sources[task] = DemoSource(task, scenes, config.seed)
@@ -167,8 +172,10 @@ def _held_out(config: TrainConfig, task: str, data: str) -> tuple[list[dict[str,
         if name not in list_specs():
             return [], None
         spec = load_spec(name)
-        spec = replace(spec, data={**spec.data, "val_scenes": config.eval_examples,
-                                   "max_objects": config.demo_max_objects})
+        size = {"val_scenes": config.eval_examples, "max_objects": config.demo_max_objects}
+        if spec.data.get("source") == "demo_identities":
+            size = {"val_examples": config.eval_examples}
+        spec = replace(spec, data={**spec.data, **size})
     else:
         spec = load_spec(data)
     return list(islice(open_examples(spec, split="val"), config.eval_examples)), spec

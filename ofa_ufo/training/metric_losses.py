@@ -47,15 +47,25 @@ def cosface_loss(features: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 class CosFaceHead(nn.Module):
     """One task's class-weight matrix (num_classes, dim), one row per training identity in
     `classes`, with the task's CosFace scale and margin. Weights start as N(0, 0.001) (AllInOne);
-    used in training only (retrieval compares embeddings, not classes)."""
+    used in training only (retrieval compares embeddings, not classes).
 
-    def __init__(self, classes: Sequence[Hashable], dim: int, scale: float, margin: float) -> None:
+    `neck` (default): AllInOne's BNNeck, a BatchNorm over the task's rows (weight 1, bias frozen at 0)
+    between the read-out and the cosine classifier. It standardises every feature dimension over the
+    batch, so the classifier sees the input-dependent part of the read-out even while a constant part
+    dominates it (a fresh model's decoder read-out varies by ~1% between images), and the loss cannot
+    be lowered by shrinking that variation towards a constant output: without it a tiny model trained
+    from scratch collapses to one embedding for every image (docs/retrieval.md)."""
+
+    def __init__(self, classes: Sequence[Hashable], dim: int, scale: float, margin: float, neck: bool = True) -> None:
         super().__init__()
         self.class_index = {identity: i for i, identity in enumerate(classes)}
         if len(self.class_index) < 2:
             raise ValueError(f"CosFace needs at least 2 identities, got {len(self.class_index)}")
         self.scale, self.margin = scale, margin
         self.weight = nn.Parameter(torch.randn(len(self.class_index), dim) * 0.001)
+        self.neck = nn.BatchNorm1d(dim) if neck else None
+        if self.neck is not None:
+            self.neck.bias.requires_grad_(False)  # BNNeck: no shift (Luo et al. 2019, AllInOne)
 
     def labels(self, identities: Sequence[Hashable]) -> torch.Tensor:
         """Class indices (B,) of identities; one outside the training identities is an error."""
@@ -65,7 +75,13 @@ class CosFaceHead(nn.Module):
         return torch.tensor([self.class_index[i] for i in identities], dtype=torch.long)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(B, D) features, (B,) class indices -> mean CosFace loss."""
+        """(B, D) features, (B,) class indices -> mean CosFace loss (on the BNNeck's output when it has
+        one; a single row is normalised by the running statistics, a batch needs two)."""
+        if self.neck is not None:
+            with torch.autocast(features.device.type, enabled=False):
+                neck = self.neck
+                features = F.batch_norm(features.float(), neck.running_mean, neck.running_var, neck.weight, neck.bias,
+                                        neck.training and len(features) > 1, neck.momentum, neck.eps)
         return cosface_loss(features, self.weight, labels, self.scale, self.margin)
 
     def extra_repr(self) -> str:

@@ -12,7 +12,9 @@ from ofa_ufo.data.loaders.coco import load_coco_captions, load_coco_instances, l
 from ofa_ufo.data.loaders.folder import IMAGE_EXTENSIONS, load_image_folder
 from ofa_ufo.data.loaders.hf import load_hf_dataset
 from ofa_ufo.data.loaders.jsonl import load_jsonl
-from ofa_ufo.data.loaders.reid import load_lfw_pairs, load_market1501, load_msmt17, load_sop, load_veri776
+from ofa_ufo.data.loaders.reid import (
+    load_identity_folder, load_lfw_pairs, load_market1501, load_msmt17, load_sop, load_veri776,
+)
 from ofa_ufo.data.loaders.snli_ve import load_snli_ve
 from ofa_ufo.data.loaders.tsv import TSV_LAYOUTS, load_ofa_tsv
 from ofa_ufo.data.loaders.vqa import load_vqa_v2
@@ -25,6 +27,7 @@ __all__ = [
     "load_coco_captions",
     "load_coco_instances",
     "load_hf_dataset",
+    "load_identity_folder",
     "load_image_folder",
     "load_jsonl",
     "load_lfw_pairs",

@@ -11,6 +11,8 @@ loader                      task             ``meta``
 ``load_lfw_pairs``          ``face``         ``dataset identity pair side same fold``: two
                                              examples per pair line (side 0 and 1)
 ``load_sop``                ``product``      ``dataset identity super_class image_id split``
+``load_identity_folder``    any of the four  ``dataset identity split`` (``train``): one folder
+                                             per identity (face training sets, VeRi-Wild...)
 ==========================  ===============  ===================================================
 
 These ``meta`` dicts are the references of the ``reid``, ``verification`` and ``recall@k``
@@ -30,11 +32,12 @@ from ofa_ufo.data.loaders._common import LoadReport, OnError, Size, check_on_err
 from ofa_ufo.data.loaders.folder import IMAGE_EXTENSIONS
 
 __all__ = [
-    "LFW_IMAGE_PATTERN", "MARKET1501_FOLDERS", "REID_SPLITS", "VERI776_FOLDERS", "load_lfw_pairs", "load_market1501",
-    "load_msmt17", "load_sop", "load_veri776",
+    "IDENTITY_TASKS", "LFW_IMAGE_PATTERN", "MARKET1501_FOLDERS", "REID_SPLITS", "VERI776_FOLDERS", "load_identity_folder",
+    "load_lfw_pairs", "load_market1501", "load_msmt17", "load_sop", "load_veri776",
 ]
 
 REID_SPLITS: tuple[str, ...] = ("train", "query", "gallery")
+IDENTITY_TASKS: tuple[str, ...] = ("reid_person", "reid_vehicle", "face", "product")
 MARKET1501_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 VERI776_FOLDERS = {"train": "image_train", "query": "image_query", "gallery": "image_test"}
 LFW_IMAGE_PATTERN = "{name}/{name}_{number:04d}.jpg"
@@ -306,3 +309,41 @@ def load_sop(
         return new_example(id=str(image_id), task="product", image=image_path(root, fields[3]), meta=meta), None
 
     return drive(_sop_rows(path, source), build, source, on_error, report)
+
+
+# --- one folder per identity (face training sets such as MS1MV3 / CASIA-WebFace unpacked to JPEGs) ----
+
+def _identity_files(base: Path) -> Iterator[Row]:
+    """(1-based row, (identity folder name, image file)), folders and files in sorted order."""
+    row = 0
+    for folder in sorted(p for p in base.iterdir() if p.is_dir()):
+        for file in sorted(folder.iterdir()):
+            if file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS:
+                row += 1
+                yield row, (folder.name, file)
+
+
+def load_identity_folder(
+    root: str | os.PathLike, task: str, dataset: str | None = None, on_error: OnError = "raise",
+    report: LoadReport | None = None,
+) -> Iterator[dict[str, Any]]:
+    """``root/<identity>/<image>``: one folder per identity, as AllInOne reads its face training set
+    (MS1MV3 unpacked to JPEGs) and VeriAll. Training examples of `task` (one of the embedding tasks);
+    ``meta.identity`` is the folder name (a string), ``meta.dataset`` `dataset` (default: the root's
+    folder name), ``meta.split`` ``train``. Ids are ``<identity>/<file name>``; rows count images in
+    folder then file order. Files with other extensions and loose files in ``root`` are ignored.
+    """
+    check_on_error(on_error)
+    if task not in IDENTITY_TASKS:
+        raise ValueError(f"task must be one of {list(IDENTITY_TASKS)}, got {task!r}")
+    base = Path(root).absolute()
+    if not base.is_dir():
+        raise DataError(str(base), None, "folder", "missing; expected <root>/<identity>/<image> folders")
+    name = dataset or base.name
+
+    def build(item: tuple[str, Path], row: int) -> tuple[dict[str, Any], Size | None]:
+        identity, file = item
+        meta = {"dataset": name, "identity": identity, "split": "train"}
+        return new_example(id=f"{identity}/{file.name}", task=task, image=str(file), meta=meta), None
+
+    return drive(_identity_files(base), build, str(root), on_error, report)
