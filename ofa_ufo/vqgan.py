@@ -86,11 +86,15 @@ class VQGANConfig(PreTrainedConfig):
 
 
 # Named architectures. "vqgan_f8_8192_gumbel" is taming's vqgan_gumbel_f8 (OpenImages), the tokenizer OFA
-# uses (reference/ofa.md 4.2); "vqgan_tiny" (1.1M parameters, also f=8) is for tests and demos.
+# uses (reference/ofa.md 4.2); "vqgan_tiny" (1.1M parameters, also f=8) is for tests; "vqgan_demo" is the
+# tiny shape with 256 nearest-neighbour codes, the one the demo text-to-image run trains on 2 CPU cores
+# (python -m ofa_ufo.training.vqgan_train, docs/vqgan.md).
+_TINY = dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=64, z_channels=32,
+             embed_dim=32)
 PRESETS: dict[str, dict[str, Any]] = {
     "vqgan_f8_8192_gumbel": {},
-    "vqgan_tiny": dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=64,
-                       z_channels=32, embed_dim=32, n_embed=64),
+    "vqgan_tiny": dict(_TINY, n_embed=64),
+    "vqgan_demo": dict(_TINY, n_embed=256, quantizer="vq"),
 }
 
 

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel
 
 import ofa_ufo
 from ofa_ufo.convert.taming import convert_taming_checkpoint, main as convert_main, read_taming_checkpoint
-from ofa_ufo.vqgan import VQGANConfig, VQGANModel, create_vqgan
+from ofa_ufo.vqgan import VQGANConfig, VQGANModel, create_vqgan, create_vqgan_config
 
 from conftest import RunsCode
 
@@ -49,7 +49,9 @@ def pixels() -> torch.Tensor:
 
 
 def test_presets_and_unknown_names():
-    assert {"vqgan_f8_8192_gumbel", "vqgan_tiny"} <= set(ofa_ufo.list_vqgans())
+    assert {"vqgan_f8_8192_gumbel", "vqgan_tiny", "vqgan_demo"} <= set(ofa_ufo.list_vqgans())
+    demo = create_vqgan_config("vqgan_demo")  # what the demo text-to-image run trains
+    assert (demo.n_embed, demo.quantizer, demo.downsample_factor) == (256, "vq", 8)
     with pytest.raises(ValueError, match="Unknown VQGAN 'vqgan_nope'.*vqgan_tiny"):
         ofa_ufo.create_vqgan("vqgan_nope")
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['chanels'\]"):

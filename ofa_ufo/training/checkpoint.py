@@ -75,6 +75,21 @@ def write_atomically(final: Path, write: Any) -> None:
         tmp.rename(final)
 
 
+def export_into(output_dir: str | Path, write: Any) -> None:
+    """Call `write(tmp_dir)` in a staging directory written atomically, then move each of its entries
+    into `output_dir` (replacing files and folders of the same name): a servable final model, never
+    half of one."""
+    output_dir = Path(output_dir)
+    staging = output_dir / ".final"
+    write_atomically(staging, write)
+    for path in staging.iterdir():
+        target = output_dir / path.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(path, target)
+    staging.rmdir()
+
+
 def save_checkpoint(output_dir: str | Path, step: int, model, processor, state: dict[str, Any], config_yaml: str,
                     ema=None, keep_last: int = 2, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint `step` atomically and delete all but the newest `keep_last`; `weights`

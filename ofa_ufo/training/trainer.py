@@ -413,12 +413,12 @@ class Trainer:
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp)
             self.processor.save_pretrained(tmp)
+            if self.vqgan is not None:  # <model dir>/vqgan: the pipeline finds it there (image generation)
+                from ofa_ufo.tasks.image_gen import VQGAN_SUBDIR
 
-        staging = self.output_dir / ".final"
-        ckpt.write_atomically(staging, write)
-        for path in staging.iterdir():
-            os.replace(path, self.output_dir / path.name)
-        staging.rmdir()
+                self.vqgan.save_pretrained(tmp / VQGAN_SUBDIR)
+
+        ckpt.export_into(self.output_dir, write)
         before, after = self.history["eval"][0]["metrics"], self.history["eval"][-1]["metrics"]
         table = format_metric_table(before, after, "start" if Path(self.config.model).is_dir() else "untrained")
         report = {"steps": self.step, "metrics_untrained": before, "metrics_trained": after,
