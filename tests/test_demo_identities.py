@@ -189,3 +189,37 @@ def test_demo_specs_name_the_generated_identities():
     assert first["meta"]["identity"] == 1 and first["meta"]["split"] == "train"
     held_out = list(open_examples(spec))
     assert len(held_out) == spec.data["val_examples"] and held_out[0]["meta"]["identity"] > HELD_OUT_OFFSET
+
+
+def test_allinone_and_ofa_tasks_train_together_on_the_supernet(tmp_path):
+    """The shipped joint config, 2 steps on a tiny routed supernet: every step's batch holds all nine tasks
+    (heterogeneous), each row carries its own task id, and both kinds of loss train."""
+    from test_supernet import SUPERNET
+
+    from ofa_ufo.tasks import task_id
+    from ofa_ufo.training import Trainer
+    from ofa_ufo.training.config import load_config
+
+    threads = torch.get_num_threads()
+    tiny = "{" + ", ".join(f"{k}: {v}" for k, v in TINY.items()) + ", vision_config: {" + ", ".join(
+        f"{k}: {v}" for k, v in SUPERNET.items()) + "}}"
+    config = load_config("pretrain_demo_allinone_ofa", [
+        f"model_overrides={tiny}", "max_steps=2", "eval_examples=0", "demo_train_scenes=8", "demo_train_identities=8",
+        "num_threads=1", "save_every=0", f"output_dir={tmp_path}"])
+    try:
+        trainer = Trainer(config, resume="never")
+        assert trainer.unwrapped.config.vision_config.supernet_routed
+        assert set(trainer.heads) == {"face", "reid_person", "reid_vehicle", "product"}
+        examples = trainer.mixture.micro_batch(0, 0, 1)
+        assert {e["task"] for e in examples} == set(config.tasks) and len(examples) == config.batch_size
+        batch, _ = trainer._micro_batches()[0]
+        assert batch["task_ids"].tolist() == [task_id(e["task"]) for e in examples]
+        heads_before = {t: h.weight.detach().clone() for t, h in trainer.heads.items()}
+        losses = []
+        for step in range(2):
+            trainer.step = step
+            losses.append(trainer.train_step())
+        assert all(math.isfinite(loss) for loss in losses)
+        assert all(not torch.equal(heads_before[t], h.weight) for t, h in trainer.heads.items())
+    finally:
+        torch.set_num_threads(threads)
