@@ -13,7 +13,8 @@ from PIL import Image
 import ofa_ufo
 from ofa_ufo.training.config import ConfigError
 from ofa_ufo.training.vqgan_train import (
-    VQGANTrainer, codebook_usage, gumbel_temperature, make_config, parse_args, restart_dead_codes, train_vqgan,
+    VQGANTrainer, codebook_usage, gumbel_temperature, make_config, object_weights, parse_args, pixel_loss,
+    restart_dead_codes, train_vqgan,
 )
 
 # vqgan_tiny at 32 px (4x4 codes), 32 codes, on 8 scenes: about 0.1 s per step on one thread
@@ -73,6 +74,20 @@ def test_gumbel_annealing_discriminator_and_config_checks(tmp_path):
         make_config({"pixel_loss": "l3"})
     with pytest.raises(ConfigError, match="steps"):
         make_config({"steps": 0})
+
+
+def test_object_pixels_weigh_more_in_the_pixel_loss():
+    target = torch.full((1, 3, 4, 4), -0.5)  # a plain background ...
+    target[0, 2, 1, 1] = 0.9  # ... with one blue-ish object pixel
+    weights = object_weights(target, 4.0)
+    assert weights.shape == (1, 1, 4, 4) and weights[0, 0, 1, 1] == 5 and (weights.sum() - 5) == 15
+    reconstruction = target.clone()
+    reconstruction[0, 2, 1, 1] = -0.5  # the object lost: error 1.4 on one of 48 values
+    assert pixel_loss(reconstruction, target) == pytest.approx(1.4 / 48)
+    assert pixel_loss(reconstruction, target, "l1", weights) == pytest.approx(1.4 * 5 / (48 * 20 / 16))
+    assert pixel_loss(reconstruction, target, "l2", weights) == pytest.approx(1.96 * 5 / (48 * 20 / 16))
+    with pytest.raises(ConfigError, match="object_weight"):
+        make_config({"object_weight": -1})
 
 
 def test_dead_codes_restart_to_encoder_outputs():

@@ -9,7 +9,7 @@ exactly as `text_to_image` / `image_infill` encode their targets, so the codes t
 the ones the OFA model is then trained to generate.
 
 Losses (taming-transformers' recipe without the parts that need downloads):
-- pixel reconstruction, L1 (default) or L2;
+- pixel reconstruction, L1 (default) or L2, optionally weighted towards object pixels (`object_weight`);
 - the quantiser's own term: plain VQ codebook + beta * commitment, or for Gumbel quantisation
   `kl_weight` * KL(code distribution || uniform) while the Gumbel-softmax temperature is annealed
   (cosine, as taming's `LambdaWarmUpCosineScheduler`) from `temperature_start` to `temperature_end`;
@@ -65,6 +65,9 @@ class VQGANTrainConfig:
     warmup_steps: int = 20
     betas: tuple[float, float] = (0.5, 0.9)  # taming's Adam betas
     pixel_loss: str = "l1"  # l1 | l2
+    # > 0: pixels that differ from their image's median colour (objects on the demo scenes' plain
+    # backgrounds) weigh 1 + object_weight in the pixel loss, so small objects keep their colours
+    object_weight: float = 0.0
     temperature_start: float = 0.9  # Gumbel only: cosine annealing of the Gumbel-softmax temperature
     temperature_end: float = 0.0625
     # "vq" only: every this many steps, codes unused since the last restart move to random encoder outputs
@@ -89,7 +92,7 @@ class VQGANTrainConfig:
 
 _POSITIVE = ("image_size", "steps", "batch_size", "lr", "train_scenes", "eval_scenes", "max_objects",
              "log_every", "temperature_start", "temperature_end")
-_NON_NEGATIVE = ("end_lr", "warmup_steps", "restart_every", "disc_weight", "disc_start", "grid_images", "num_threads", "seed")
+_NON_NEGATIVE = ("end_lr", "object_weight", "warmup_steps", "restart_every", "disc_weight", "disc_start", "grid_images", "num_threads", "seed")
 
 
 def make_config(raw: dict[str, Any], source: str = "config") -> VQGANTrainConfig:
@@ -164,9 +167,22 @@ def gumbel_temperature(step: int, total: int, start: float, end: float) -> float
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
 
 
-def pixel_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+def object_weights(target: torch.Tensor, weight: float, threshold: float = 0.2) -> torch.Tensor:
+    """(B, 1, H, W) pixel weights: 1 + `weight` where a pixel of `target` (B, C, H, W) in [-1, 1] differs
+    from its image's median colour by more than `threshold` in some channel, else 1."""
+    median = target.flatten(2).median(-1).values[..., None, None]  # (B, C, 1, 1)
+    differs = (target - median).abs().amax(1, keepdim=True) > threshold  # (B, 1, H, W)
+    return 1 + weight * differs.to(target.dtype)
+
+
+def pixel_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind: str = "l1",
+               weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean L1 or L2 error; with `weights` (broadcast over channels) the weighted mean."""
     difference = reconstruction - target
-    return difference.abs().mean() if kind == "l1" else difference.pow(2).mean()
+    error = difference.abs() if kind == "l1" else difference.pow(2)
+    if weights is None:
+        return error.mean()
+    return (error * weights).mean() / weights.mean()
 
 
 class PatchDiscriminator(nn.Sequential):
@@ -313,7 +329,8 @@ class VQGANTrainer:
         features = vqgan.encode_features(batch)  # (B, embed_dim, h, w)
         z_q, quantizer_loss, codes = vqgan.quantize(features)
         reconstruction = vqgan.decoder(vqgan.post_quant_conv(z_q))  # VQGANModel.forward, keeping the features
-        terms = {"pixel": pixel_loss(reconstruction, batch, config.pixel_loss), "quantizer": quantizer_loss}
+        weights = object_weights(batch, config.object_weight) if config.object_weight else None
+        terms = {"pixel": pixel_loss(reconstruction, batch, config.pixel_loss, weights), "quantizer": quantizer_loss}
         adversarial = self.disc is not None and step >= config.disc_start
         if adversarial:
             terms["gan"] = -config.disc_weight * self.disc(reconstruction).mean()
