@@ -13,6 +13,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,18 +172,24 @@ def _check_ranges(config: TrainConfig) -> None:
         raise ConfigError(f"field 'ema_decay' must be < 1, got {config.ema_decay}")
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Build and check a config; `source` (a file name) prefixes every error."""
-    hints = typing.get_type_hints(TrainConfig)
+def checked_dataclass(cls: type, raw: dict[str, Any], source: str, check: Callable[[Any], None]) -> Any:
+    """`cls(**raw)` with every value coerced to its field's type, then `check(config)`; unknown keys,
+    wrong types and the check's complaints are ConfigErrors prefixed by `source` (a file name)."""
+    hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - set(hints))
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {unknown}; valid keys are {sorted(hints)}")
     try:
-        config = TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in raw.items()})
-        _check_ranges(config)
+        config = cls(**{k: _coerce(k, v, hints[k]) for k, v in raw.items()})
+        check(config)
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
     return config
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Build and check a config; `source` (a file name) prefixes every error."""
+    return checked_dataclass(TrainConfig, raw, source, _check_ranges)
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

@@ -31,7 +31,6 @@ import json
 import math
 import sys
 import time
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ofa_ufo.training.checkpoint import export_into
-from ofa_ufo.training.config import ConfigError, _coerce, _read_yaml
+from ofa_ufo.training.config import ConfigError, _read_yaml, checked_dataclass
 from ofa_ufo.vqgan import VQGANModel, create_vqgan_config
 
 CONFIG_FILE = "vqgan_train_config.yaml"
@@ -98,21 +97,15 @@ _NON_NEGATIVE = ("end_lr", "object_weight", "warmup_steps", "restart_every", "di
 def make_config(raw: dict[str, Any], source: str = "config") -> VQGANTrainConfig:
     """A checked config from plain values (ConfigError naming the field for unknown keys, wrong types,
     values out of range)."""
-    hints = typing.get_type_hints(VQGANTrainConfig)
-    unknown = sorted(set(raw) - set(hints))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {unknown}; valid keys are {sorted(hints)}")
-    try:
-        config = VQGANTrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in raw.items()})
-    except ConfigError as error:
-        raise ConfigError(f"{source}: {error}") from None
+    return checked_dataclass(VQGANTrainConfig, raw, source, _check)
+
+
+def _check(config: VQGANTrainConfig) -> None:
     bad = [n for n in _POSITIVE if getattr(config, n) <= 0] + [n for n in _NON_NEGATIVE if getattr(config, n) < 0]
     if bad:
-        raise ConfigError(f"{source}: field(s) {bad} out of range (must be > 0: {list(_POSITIVE)}; >= 0: "
-                          f"{list(_NON_NEGATIVE)})")
+        raise ConfigError(f"field(s) {bad} out of range (must be > 0: {list(_POSITIVE)}; >= 0: {list(_NON_NEGATIVE)})")
     if config.pixel_loss not in ("l1", "l2"):
-        raise ConfigError(f"{source}: field 'pixel_loss' must be 'l1' or 'l2', got {config.pixel_loss!r}")
-    return config
+        raise ConfigError(f"field 'pixel_loss' must be 'l1' or 'l2', got {config.pixel_loss!r}")
 
 
 # ---- data ---------------------------------------------------------------------------------------
