@@ -10,13 +10,14 @@ from typing import Any
 from ofa_ufo.data.canonical import DataError, new_example
 from ofa_ufo.data.loaders._common import LoadReport, OnError, Size, check_on_error, drive
 
-__all__ = ["IMAGE_EXTENSIONS", "load_image_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "folder_files", "load_image_folder"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
-def _files(root: Path) -> Iterator[tuple[int, tuple[str, Path]]]:
-    """(1-based row, (class folder, image file)), classes and files in sorted order."""
+def folder_files(root: Path) -> Iterator[tuple[int, tuple[str, Path]]]:
+    """(1-based row, (sub-folder name, image file)) under `root/<folder>/<image>`, folders and files in
+    sorted order (ImageFolder classes, one-folder-per-identity sets)."""
     row = 0
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for file in sorted(class_dir.iterdir()):
@@ -47,4 +48,4 @@ def load_image_folder(
         label = class_names[folder] if class_names is not None else folder.replace("_", " ")
         return new_example(id=f"{folder}/{file.name}", task="classification", image=str(file), target=label), None
 
-    return drive(_files(base), build, str(root), on_error, report)
+    return drive(folder_files(base), build, str(root), on_error, report)

@@ -29,7 +29,7 @@ from typing import Any
 
 from ofa_ufo.data.canonical import DataError, new_example
 from ofa_ufo.data.loaders._common import LoadReport, OnError, Size, check_on_error, drive, image_path, iter_lines
-from ofa_ufo.data.loaders.folder import IMAGE_EXTENSIONS
+from ofa_ufo.data.loaders.folder import IMAGE_EXTENSIONS, folder_files
 
 __all__ = [
     "IDENTITY_TASKS", "LFW_IMAGE_PATTERN", "MARKET1501_FOLDERS", "REID_SPLITS", "VERI776_FOLDERS", "load_identity_folder",
@@ -313,16 +313,6 @@ def load_sop(
 
 # --- one folder per identity (face training sets such as MS1MV3 / CASIA-WebFace unpacked to JPEGs) ----
 
-def _identity_files(base: Path) -> Iterator[Row]:
-    """(1-based row, (identity folder name, image file)), folders and files in sorted order."""
-    row = 0
-    for folder in sorted(p for p in base.iterdir() if p.is_dir()):
-        for file in sorted(folder.iterdir()):
-            if file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS:
-                row += 1
-                yield row, (folder.name, file)
-
-
 def load_identity_folder(
     root: str | os.PathLike, task: str, dataset: str | None = None, on_error: OnError = "raise",
     report: LoadReport | None = None,
@@ -346,4 +336,4 @@ def load_identity_folder(
         meta = {"dataset": name, "identity": identity, "split": "train"}
         return new_example(id=f"{identity}/{file.name}", task=task, image=str(file), meta=meta), None
 
-    return drive(_identity_files(base), build, str(root), on_error, report)
+    return drive(folder_files(base), build, str(root), on_error, report)
