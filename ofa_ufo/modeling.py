@@ -6,7 +6,9 @@ Parameter names follow the OFA Hugging Face port (`encoder.*`, `decoder.*`) unde
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,48 @@ def embedding_readout(decoder_states: torch.Tensor) -> torch.Tensor:
     causal, so this is the same whether the decoder ran on the start token alone (`embed`) or on
     a whole teacher-forced target (training, where it shares the forward pass of token tasks)."""
     return decoder_states[:, 0]
+
+
+# Up to this many positions, logits are computed as (W @ states^T)^T: one pass down the rows of the
+# (V, D) output matrix. oneDNN/MKL run x @ W^T for a few rows 2-3x slower (the decoding case: one row
+# per beam; benchmarks/README.md); for many rows (training batches) the usual layout wins.
+_FEW_ROWS = 128
+
+
+def _vocab_logits(states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """states (..., D) @ weight (V, D)^T -> logits (..., V)."""
+    flat = states.reshape(-1, states.shape[-1])  # (N, D)
+    if flat.shape[0] > _FEW_ROWS:
+        return F.linear(states, weight)
+    return torch.mm(weight, flat.T).T.contiguous().view(*states.shape[:-1], weight.shape[0])  # (N, V) -> (..., V)
+
+
+def _densify_grad(param: torch.Tensor) -> None:
+    if param.grad is not None and param.grad.is_sparse:
+        param.grad = param.grad.to_dense()
+
+
+@contextlib.contextmanager
+def _sparse_lookup_grads(embedding: nn.Embedding, enabled: bool) -> Iterator[None]:
+    """Token lookups inside send their gradients as sparse rows.
+
+    The tied (V, D) matrix also gets the output projection's dense gradient in the same backward;
+    autograd adds the lookups' few rows into it in place instead of zero-filling and adding two more
+    dense (V, D) buffers (about 0.4 s and 2 x 180 MB per training step at Base). A hook turns a
+    gradient that stayed sparse (a loss that never used the logits) dense, so optimizers see dense.
+    """
+    if not enabled or embedding.sparse:
+        yield
+        return
+    weight = embedding.weight
+    if not getattr(weight, "_ofa_ufo_densify", False):
+        weight.register_post_accumulate_grad_hook(_densify_grad)
+        weight._ofa_ufo_densify = True
+    embedding.sparse = True
+    try:
+        yield
+    finally:
+        embedding.sparse = False
 
 
 @dataclass
@@ -268,12 +312,15 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
                 decoder_input_ids = shift_tokens_right(
                     labels, self.config.pad_token_id, self.config.decoder_start_token_id
                 )
-        outputs = self.model(
-            input_ids, attention_mask, pixel_values, image_mask, task_ids, decoder_input_ids, encoder_outputs,
-            cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states, code_grid=code_grid,
-        )
+        keep_all = not (logits_to_keep and labels is None)
+        full_logits = keep_all and logits_range is None and self.lm_head.weight is self.model.shared.weight
+        with _sparse_lookup_grads(self.model.shared, self.training and torch.is_grad_enabled() and full_logits):
+            outputs = self.model(
+                input_ids, attention_mask, pixel_values, image_mask, task_ids, decoder_input_ids, encoder_outputs,
+                cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states, code_grid=code_grid,
+            )
         states = outputs.last_hidden_state
-        if logits_to_keep and labels is None:
+        if not keep_all:
             states = states[:, -logits_to_keep:]
         logits = self.project(states, logits_range)  # (B, T, V)
         loss = None
@@ -314,12 +361,12 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
         samplers see ordinary vocabulary logits.
         """
         if logits_range is None:
-            return self.lm_head(states)
+            return _vocab_logits(states, self.lm_head.weight)
         start, end = logits_range
         if not 0 <= start < end <= self.config.vocab_size:
             raise ValueError(f"logits_range must satisfy 0 <= start < end <= vocab_size={self.config.vocab_size}, "
                              f"got {logits_range}")
-        sliced = F.linear(states, self.lm_head.weight[start:end])  # (B, T, end - start)
+        sliced = _vocab_logits(states, self.lm_head.weight[start:end])  # (B, T, end - start)
         logits = sliced.new_full((*sliced.shape[:-1], self.config.vocab_size), float("-inf"))
         logits[..., start:end] = sliced
         return logits

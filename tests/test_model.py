@@ -45,6 +45,29 @@ def test_tied_embeddings(model):
     assert model.model.decoder.embed_tokens is model.model.shared
 
 
+def test_training_gradient_of_tied_embedding_is_dense_and_exact(processor, images):
+    """Training lookups send sparse row gradients into the output projection's dense one; the result
+    must equal plain dense accumulation, stay dense for the optimizers, and also be dense when a loss
+    never touches the logits."""
+    model = tiny_model().train()
+    inputs = encode(processor, PROMPTS, images)
+    labels = processor(text=PROMPTS, text_target=[" a", " b c", " d e f"], return_tensors="pt")["labels"]
+    model(**inputs, labels=labels).loss.backward()
+    fast = model.model.shared.weight.grad.clone()
+    assert not model.model.shared.weight.grad.is_sparse and not model.model.shared.sparse
+    model.zero_grad(set_to_none=True)
+    reference = tiny_model().train()  # the inner model's forward: plain dense lookups
+    config = reference.config
+    decoder_input_ids = ofa_ufo.modeling.shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+    out = reference.model(**inputs, decoder_input_ids=decoder_input_ids)
+    logits = torch.nn.functional.linear(out.last_hidden_state, reference.lm_head.weight)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                      label_smoothing=reference.config.label_smoothing).backward()
+    torch.testing.assert_close(fast, reference.model.shared.weight.grad, rtol=0, atol=1e-6)
+    model(**inputs, labels=labels).decoder_last_hidden_state.sum().backward()  # the logits unused
+    assert model.model.shared.weight.grad is not None and not model.model.shared.weight.grad.is_sparse
+
+
 @pytest.mark.parametrize("num_beams", [1, 4])
 def test_cached_generation_equals_uncached(model, processor, images, num_beams):
     inputs = encode(processor, PROMPTS, images)
