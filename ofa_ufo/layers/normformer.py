@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 
@@ -53,9 +54,17 @@ class EncoderLayer(nn.Module):
         return self._ffn(x)
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.activation_dropout(self.activation(self.fc1(self.final_layer_norm(x))))
-        h = self.fc2(self.ffn_layer_norm(h))
-        return x + self.drop_path(self.dropout(h))
+        h = self.fc1(self.final_layer_norm(x))  # (B, L, ffn_dim)
+        if torch.is_grad_enabled() and h.requires_grad:
+            # Recomputed in backward: keeps one (B, L, ffn_dim) activation per layer instead of three
+            # (about 80 MB of a Base training step at 384 px) for an element-wise pass.
+            h = checkpoint(self._act_norm, h, use_reentrant=False)
+        else:
+            h = self._act_norm(h)
+        return x + self.drop_path(self.dropout(self.fc2(h)))
+
+    def _act_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.ffn_layer_norm(self.activation_dropout(self.activation(h)))
 
 
 class DecoderLayer(EncoderLayer):
