@@ -174,6 +174,20 @@ def test_trainer_accepts_demo_for_the_four_embedding_tasks(tmp_path):
         assert 0.0 <= result.metrics_after[task][name] <= 1.0, (task, result.metrics_after[task])
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(saved["metrics_untrained"]) == set(TASKS)
+    # the exported model names the training identities (closed set: CosFace classes + BNNeck statistics)
+    from transformers import pipeline
+
+    from ofa_ufo.tasks.identities import identity_label
+
+    pipe = pipeline("ofa-ufo", model=str(tmp_path / "run"))
+    for task in TASKS:
+        example = trainer.mixture.sources[task].examples[0]
+        out = pipe(example["image"], task=task, identify=3)
+        names = {identity_label(i) for i in trainer.heads[task].class_index}
+        assert len(names) == 12 and out["identity"] in names and 0 < out["score"] <= 1
+        assert [c["identity"] for c in out["candidates"]][0] == out["identity"] and len(out["candidates"]) == 3
+        scores = [c["score"] for c in out["candidates"]]
+        assert scores == sorted(scores, reverse=True) and sum(scores) <= 1 + 1e-6
 
 
 def test_demo_specs_name_the_generated_identities():

@@ -180,6 +180,42 @@ def test_cosface_head_has_one_row_per_identity():
         head.labels([("market", 99)])
 
 
+def test_identity_classifier_names_the_nearest_class_and_round_trips(tmp_path):
+    """Features whose BNNeck output is a class row are classified as that class; the exported file
+    gives the same answers; names carry the dataset prefix."""
+    from ofa_ufo.tasks.identities import IdentityClassifier, identity_label, load_identities, save_identities
+
+    head = CosFaceHead([("market", "a"), ("market", "b"), (None, "c")], dim=8, scale=30.0, margin=0.2).eval()
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(8)[:3] * 2.0)
+        head.neck.running_mean.copy_(torch.linspace(-1, 1, 8))
+        head.neck.running_var.copy_(torch.linspace(0.5, 2.0, 8))
+    labels = [identity_label(i) for i in head.class_index]
+    assert labels == ["market/a", "market/b", "c"]
+    classifier = IdentityClassifier.from_head(head, labels)
+    neck = head.neck
+    rows = head.weight.detach()[[2, 0]]
+    features = (rows - neck.bias) / neck.weight * torch.sqrt(neck.running_var + neck.eps) + neck.running_mean
+    top = classifier.classify(features, top_k=2)
+    assert [row[0][0] for row in top] == ["c", "market/a"]
+    assert top[0][0][1] == pytest.approx(math.exp(30) / (math.exp(30) + 2), rel=1e-5)  # cosines 1, 0, 0
+    assert top[0][0][1] > top[0][1][1]
+    save_identities(tmp_path, {"face": classifier})
+    loaded = load_identities(tmp_path)["face"]
+    assert loaded.labels == labels and loaded.classify(features, top_k=2) == top
+    assert load_identities(tmp_path / "elsewhere") == {}
+    with pytest.raises(ValueError, match="do not match 8-dim"):
+        classifier.classify(torch.zeros(1, 4))
+
+
+def test_identify_needs_exported_identities_and_a_valid_count(pipe):
+    with pytest.raises(ValueError, match="identify=True needs the closed set of identities task 'face'"):
+        pipe(_image(0), task="face", identify=True)
+    with pytest.raises(ValueError, match="identify must be True or a positive number"):
+        pipe(_image(0), task="face", identify="yes")
+    assert set(pipe(_image(0), task="face", identify=False)) == {"embedding"}
+
+
 def test_cosface_head_bnneck_standardises_over_the_batch():
     torch.manual_seed(0)
     features, labels = torch.randn(6, 8) * 0.01 + 3.0, torch.tensor([0, 1, 2, 0, 1, 2])  # a constant part dominates

@@ -52,6 +52,7 @@ class EmbeddingTask(Task):
     """
 
     metric: str = "reid"
+    options: tuple[str, ...] = ("identify",)
     cosface_scale: float = 30.0
     cosface_margin: float = 0.2
     triplet_weight: float = 1.0
@@ -72,17 +73,54 @@ class EmbeddingTask(Task):
                          "(use a text task, or prompt='...' for free text)")
 
     def run(self, model, inputs: dict, tokenizer, options: dict[str, Any], generate_kwargs: dict[str, Any]) -> list:
-        """(B, D) normalised embeddings, one row per input."""
+        """Per input: (normalised embedding (D,), closed-set candidates or None).
+
+        `identify=True` (or k) also names the training identity, with the classes the trainer exported
+        next to the model (`ofa_ufo.tasks.identities`); the top k candidates come with their
+        probabilities."""
         if generate_kwargs:
             raise ValueError(f"task {self.name!r} returns an embedding, not text: generation option(s) "
                              f"{sorted(generate_kwargs)} do not apply")
+        top_k = self._identify_k(options.get("identify"))
+        classifier = self._classifier(model) if top_k else None
         with torch.inference_mode():
-            features = model.embed(inputs.get("pixel_values"), inputs["input_ids"], inputs.get("attention_mask"),
-                                   inputs.get("task_ids"), inputs.get("image_mask"))  # (B, D)
-        return list(features.float().cpu())
+            raw = model.embed(inputs.get("pixel_values"), inputs["input_ids"], inputs.get("attention_mask"),
+                              inputs.get("task_ids"), inputs.get("image_mask"), normalize=False)  # (B, D)
+        features = torch.nn.functional.normalize(raw.float(), dim=-1).cpu()
+        candidates = classifier.classify(raw, top_k) if classifier is not None else [None] * len(features)
+        return list(zip(features, candidates))
 
-    def postprocess(self, raw: torch.Tensor, tokenizer, meta: dict[str, Any]) -> dict[str, Any]:
-        return {"embedding": raw.tolist()}
+    def postprocess(self, raw: tuple, tokenizer, meta: dict[str, Any]) -> dict[str, Any]:
+        embedding, candidates = raw
+        out = {"embedding": embedding.tolist()}
+        if candidates:
+            out["identity"], out["score"] = candidates[0]
+            if len(candidates) > 1:
+                out["candidates"] = [{"identity": name, "score": p} for name, p in candidates]
+        return out
+
+    def _identify_k(self, value: Any) -> int:
+        if value is None or value is False:
+            return 0
+        if value is True:
+            return 1
+        if isinstance(value, int) and value > 0:
+            return value
+        raise ValueError(f"identify must be True or a positive number of candidates, got {value!r}")
+
+    def _classifier(self, model):
+        from ofa_ufo.tasks.identities import IDENTITIES_FILE, load_identities
+
+        directory = str(getattr(model, "name_or_path", "") or "")
+        classifiers = load_identities(directory) if directory else {}
+        if self.name not in classifiers:
+            raise ValueError(
+                f"identify=True needs the closed set of identities task {self.name!r} was trained on: "
+                f"{IDENTITIES_FILE} next to the model (written by the trainer's export for every embedding task "
+                f"it trained; model directory: {directory or 'unknown'}"
+                + (f", which has {sorted(classifiers)}" if classifiers else "") + ")"
+            )
+        return classifiers[self.name]
 
     def pipeline_call(self, example: dict[str, Any], labels: list[str] | None = None) -> dict[str, Any]:
         return {}
