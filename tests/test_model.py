@@ -66,6 +66,10 @@ def test_training_gradient_of_tied_embedding_is_dense_and_exact(processor, image
     torch.testing.assert_close(fast, reference.model.shared.weight.grad, rtol=0, atol=1e-6)
     model(**inputs, labels=labels).decoder_last_hidden_state.sum().backward()  # the logits unused
     assert model.model.shared.weight.grad is not None and not model.model.shared.weight.grad.is_sparse
+    model.zero_grad(set_to_none=True)
+    model.model.shared.weight.requires_grad_(False)  # frozen embeddings (freeze_embeddings): no gradient at all
+    model(**inputs, labels=labels).loss.backward()
+    assert model.model.shared.weight.grad is None and model.model.encoder.layers[0].fc1.weight.grad is not None
 
 
 @pytest.mark.parametrize("num_beams", [1, 4])
