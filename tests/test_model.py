@@ -72,6 +72,18 @@ def test_training_gradient_of_tied_embedding_is_dense_and_exact(processor, image
     assert model.model.shared.weight.grad is None and model.model.encoder.layers[0].fc1.weight.grad is not None
 
 
+def test_resnet_blocks_start_as_the_identity():
+    """From-scratch init zeroes the scale of each bottleneck's last BN (the block starts as its shortcut);
+    every other BN starts at scale 1."""
+    from ofa_ufo.models.resnet import Bottleneck
+
+    stem = tiny_model().model.encoder.embed_images
+    blocks = [m for m in stem.modules() if isinstance(m, Bottleneck)]
+    assert blocks and all(float(b.bn3.weight.detach().abs().max()) == 0.0 for b in blocks)
+    others = [m for m in stem.modules() if isinstance(m, torch.nn.BatchNorm2d) and not getattr(m, "zero_init", False)]
+    assert others and all(bool((m.weight == 1).all()) for m in others)
+
+
 @pytest.mark.parametrize("num_beams", [1, 4])
 def test_cached_generation_equals_uncached(model, processor, images, num_beams):
     inputs = encode(processor, PROMPTS, images)
