@@ -74,6 +74,7 @@ class IdentityClassifier:
         if features.ndim != 2 or features.shape[1] != self.weight.shape[1]:
             raise ValueError(f"features of shape {tuple(features.shape)} do not match {self.weight.shape[1]}-dim "
                              "identity prototypes (a classifier exported from another model?)")
+        features = features.detach()
         x = (features.float().cpu() - self.mean) / torch.sqrt(self.var + self.eps) * self.gamma + self.beta
         logits = self.scale * F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).T  # (B, C)
         probs, index = logits.softmax(dim=1).topk(min(top_k, len(self.labels)), dim=1)
