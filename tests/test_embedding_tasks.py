@@ -190,9 +190,10 @@ def test_identity_classifier_names_the_nearest_class_and_round_trips(tmp_path):
         head.weight.copy_(torch.eye(8)[:3] * 2.0)
         head.neck.running_mean.copy_(torch.linspace(-1, 1, 8))
         head.neck.running_var.copy_(torch.linspace(0.5, 2.0, 8))
-    labels = [identity_label(i) for i in head.class_index]
+    classifier = IdentityClassifier.from_head(head)
+    labels = classifier.labels
     assert labels == ["market/a", "market/b", "c"]
-    classifier = IdentityClassifier.from_head(head, labels)
+    assert identity_label(("market", 7)) == "market/7" and identity_label((None, 7)) == "7"
     neck = head.neck
     rows = head.weight.detach()[[2, 0]]
     features = (rows - neck.bias) / neck.weight * torch.sqrt(neck.running_var + neck.eps) + neck.running_mean

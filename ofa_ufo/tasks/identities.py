@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -59,14 +59,16 @@ class IdentityClassifier:
                 raise ValueError(f"BNNeck {name} has shape {tuple(getattr(self, name).shape)}, expected ({dim},)")
 
     @classmethod
-    def from_head(cls, head, labels: Sequence[str]) -> IdentityClassifier:
-        """From a trained `ofa_ufo.training.metric_losses.CosFaceHead` (BNNeck in eval mode: running stats)."""
+    def from_head(cls, head) -> IdentityClassifier:
+        """From a trained `ofa_ufo.training.metric_losses.CosFaceHead` (BNNeck in eval mode: running
+        stats); class k is named after the head's k-th identity (`identity_label`)."""
         dim = head.weight.shape[1]
         neck = head.neck
         ones, zeros = torch.ones(dim), torch.zeros(dim)
         stats = (neck.running_mean, neck.running_var, neck.weight, neck.bias) if neck is not None else (zeros, ones, ones, zeros)
         mean, var, gamma, beta = (t.detach().float().cpu().clone() for t in stats)
-        return cls(list(labels), head.weight.detach().float().cpu().clone(), mean, var, gamma, beta,
+        labels = [identity_label(identity) for identity in head.class_index]  # insertion order = row order
+        return cls(labels, head.weight.detach().float().cpu().clone(), mean, var, gamma, beta,
                    float(head.scale), float(neck.eps) if neck is not None else 0.0)
 
     def classify(self, features: torch.Tensor, top_k: int = 1) -> list[list[tuple[str, float]]]:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ofa_ufo.image_processing import ImageLoadError, load_image
 from ofa_ufo.supernet import largest_arch, sample_arch, set_arch, smallest_arch
 from ofa_ufo.tasks import get_task
-from ofa_ufo.tasks.identities import IdentityClassifier, identity_label, save_identities
+from ofa_ufo.tasks.identities import IdentityClassifier, save_identities
 from ofa_ufo.training import checkpoint as ckpt
 from ofa_ufo.training import objectives
 from ofa_ufo.training.config import ConfigError, TrainConfig
@@ -419,8 +419,7 @@ class Trainer:
 
                 self.vqgan.save_pretrained(tmp / VQGAN_SUBDIR)
             if len(self.heads):  # the embedding tasks' closed sets: pipe(..., identify=True)
-                save_identities(tmp, {task: IdentityClassifier.from_head(head, [identity_label(i) for i in head.class_index])
-                                      for task, head in self.heads.items()})
+                save_identities(tmp, {task: IdentityClassifier.from_head(head) for task, head in self.heads.items()})
 
         ckpt.export_into(self.output_dir, write)
         before, after = self.history["eval"][0]["metrics"], self.history["eval"][-1]["metrics"]
