@@ -98,6 +98,7 @@ def saved_losses(output_dir: Path) -> list[float]:
     (["lr3e-4"], r"override 'lr3e-4' is not of the form key=value"),
     (["tasks={bogus: 1}"], r"unknown task\(s\) \['bogus'\]; registered tasks: \[.*'caption'.*'vqa'"),
     (["batch_size=0"], r"field 'batch_size' must be > 0, got 0"),
+    (["lr_scale={model.encoder: 0}"], r"field 'lr_scale' needs multipliers > 0, got \{'model.encoder': 0.0\}"),
 ])
 def test_config_errors_name_the_problem(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -253,6 +254,69 @@ def test_resume_from_another_architecture_is_refused(one_batch_run, change, fiel
     assert snapshot(output_dir) == before
 
 
+# ---- per-parameter learning rates ---------------------------------------------------------
+
+
+def test_lr_scale_gives_the_longest_matching_prefix_its_multiplier(tmp_path):
+    """`lr_scale` multiplies the scheduled LR per parameter group: a near-zero scale on one encoder
+    layer leaves it (almost) untouched while the rest of the encoder trains; the logged LR is the
+    unscaled schedule."""
+    scales = {"model.encoder": 0.5, "model.encoder.layers.0.": 1e-9}
+    config = make_config(tmp_path, lr_scale=scales, max_steps=2, **EXACT)
+    with torch_threads():
+        trainer = Trainer(config, resume="never")
+        before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
+        trainer.fit()
+    group_of = {id(p): g["lr_scale"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    for name, param in trainer.unwrapped.named_parameters():
+        expected = 1.0
+        if name.startswith("model.encoder"):
+            expected = 1e-9 if name.startswith("model.encoder.layers.0.") else 0.5
+        assert group_of[id(param)] == expected, name
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in trainer.unwrapped.named_parameters()}
+    frozen = [v for n, v in moved.items() if n.startswith("model.encoder.layers.0.")]
+    trained = [v for n, v in moved.items() if n.startswith("model.encoder.layers.1.")]
+    assert frozen and max(frozen) < 1e-6 and max(trained) > 1e-3
+    logged = json.loads((tmp_path / "metrics.json").read_text())["lr"]
+    assert logged == pytest.approx([config.lr, config.lr / 2])  # the unscaled schedule: linear decay over 2 steps
+
+
+@pytest.mark.parametrize("field, value", [("lr_scale", {"model.encodr": 0.1}), ("freeze", ["model.encodr"])])
+def test_prefix_that_matches_nothing_is_an_error(tmp_path, field, value):
+    with pytest.raises(ConfigError, match=rf"field '{field}': prefix\(es\) \['model.encodr'\] match no trainable "
+                                          r"parameter; parameter names start with \[.*'model.encoder.layers'"):
+        Trainer(make_config(tmp_path, **{field: value}), resume="never")
+
+
+def test_frozen_prefix_stays_put_and_gets_no_gradient(tmp_path):
+    """`freeze` leaves the ResNet stem untrained and outside autograd (no .grad, no backward cost),
+    and its BatchNorm on running statistics even without `freeze_batchnorm`."""
+    stem = "model.encoder.embed_images"
+    config = make_config(tmp_path, freeze=[stem], max_steps=2, **{**EXACT, "freeze_batchnorm": False})
+    with torch_threads():
+        trainer = Trainer(config, resume="never")
+        before = {n: p.detach().clone() for n, p in trainer.unwrapped.state_dict().items()}
+        trainer.fit()
+    state = trainer.unwrapped.state_dict()
+    frozen = [n for n in state if n.startswith(stem)]
+    assert any(n.endswith("running_mean") for n in frozen) and all(torch.equal(state[n], before[n]) for n in frozen)
+    params = dict(trainer.unwrapped.named_parameters())
+    assert all(p.grad is None for n, p in params.items() if n.startswith(stem))
+    assert not state["model.encoder.image_proj.weight"].equal(before["model.encoder.image_proj.weight"])
+    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not optimized & {id(p) for n, p in params.items() if n.startswith(stem)}
+
+
+def test_resume_with_other_lr_groups_is_refused(one_batch_run):
+    config, _ = one_batch_run
+    output_dir = Path(config.output_dir)
+    before = snapshot(output_dir)
+    other = make_config(output_dir, lr_scale={"model.encoder": 0.3}, **EXACT)
+    with pytest.raises(ConfigError, match=r"trained with LR groups scaled \[1.0\], this config makes \[1.0, 0.3\]"):
+        Trainer(other, resume="auto")
+    assert snapshot(output_dir) == before
+
+
 # ---- 7 + 8. data sources -----------------------------------------------------------------
 
 
@@ -387,3 +451,40 @@ def test_real_photo_predictions_print_every_task(ema_run, capsys):
     assert lines[0].startswith("photo ")
     assert [line.split()[0] for line in lines[1:]] == tasks
     assert not any("'error'" in line for line in lines), lines
+
+
+# ---- stem warm-up ------------------------------------------------------------------------
+
+
+def test_cell_labels_name_the_largest_object_centred_in_each_cell():
+    from ofa_ufo.data.demo_scenes import Scene, SceneObject, detection_labels
+    from ofa_ufo.training.stem_warmup import cell_labels
+
+    labels = detection_labels()
+    small = SceneObject("circle", "red", (0, 0, 20, 20))  # centre (10, 10): cell (0, 0)
+    large = SceneObject("square", "blue", (0, 0, 30, 30))  # centre (15, 15): cell (0, 0) too, larger
+    corner = SceneObject("star", "green", (50, 40, 64, 64))  # centre (57, 52): cell (3, 3)
+    scene = Scene(Image.new("RGB", (64, 64)), [small, large, corner], "plain")
+    grid = cell_labels(scene, 4, labels)
+    background = len(labels)
+    assert grid[0, 0] == labels.index("blue square") and grid[3, 3] == labels.index("green star")
+    assert (grid == background).sum() == 14
+
+
+def test_stem_warmup_trains_only_the_stem_and_is_reported(tmp_path):
+    """A fresh run with `stem_warmup_images` starts from a stem trained alone on per-cell labels;
+    the transformer keeps its initial weights, the global RNG is left as it was, and the warm-up's
+    held-out accuracies reach metrics.json."""
+    config = make_config(tmp_path / "warm", stem_warmup_images=64, max_steps=1, **EXACT)
+    with torch_threads():
+        plain = Trainer(make_config(tmp_path / "plain", max_steps=1, **EXACT), resume="never")
+        rng = torch.get_rng_state()
+        warm = Trainer(config, resume="never")
+        assert torch.equal(torch.get_rng_state(), rng)
+        initial = dict(plain.unwrapped.named_parameters())
+        for name, param in warm.unwrapped.named_parameters():
+            assert torch.equal(param, initial[name]) != name.startswith("model.encoder.embed_images."), name
+        warm.fit()
+    report = json.loads((tmp_path / "warm" / "metrics.json").read_text())["stem_warmup"]
+    assert report["images"] == 64 and 0 <= report["object_cell_accuracy"] <= 1
+    assert 0 <= report["background_cell_accuracy"] <= 1 and math.isfinite(report["final_loss"])

@@ -58,6 +58,9 @@ class TrainConfig:
     # identities of the generated demo data of each embedding task (reid_person, reid_vehicle, face,
     # product), 8 images each (ofa_ufo.data.demo_identities)
     demo_train_identities: int = 1000
+    # generated scenes that train the ResNet stem alone (per-cell object labels) before step 0 of a
+    # fresh run: the demo's stand-in for OFA's ImageNet-pretrained ResNet (ofa_ufo.training.stem_warmup)
+    stem_warmup_images: int = 0
     eval_examples: int = 100  # held-out examples per task (0: no evaluation)
     eval_every: int = 0  # steps between evaluations (0: before and after training only)
     eval_batch_size: int = 16
@@ -70,6 +73,8 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 100
     lr: float = 1e-4
+    # parameter-name prefix -> LR multiplier (longest prefix wins), e.g. {model.encoder: 0.3}
+    lr_scale: dict[str, float] = field(default_factory=dict)
     end_lr: float = 0.0
     warmup_ratio: float = 0.01
     weight_decay: float = 0.01
@@ -78,6 +83,10 @@ class TrainConfig:
     clip_norm: float = 5.0  # 0: no clipping
     ema_decay: float = 0.0  # 0: no EMA; the final model is the EMA when set
     freeze_embeddings: bool = False
+    # parameter-name prefixes left untrained, e.g. [model.encoder.embed_images] (a pretrained ResNet
+    # stem: its backward pass is skipped too, the larger part of a CPU step at small image sizes, and
+    # its BatchNorm keeps its running statistics)
+    freeze: list[str] = field(default_factory=list)
     # BatchNorm layers (the ResNet stem) use their running statistics instead of per-batch ones
     # (OFA's --freeze-resnet): then grad accumulation and N processes equal one big batch exactly
     freeze_batchnorm: bool = False
@@ -109,8 +118,9 @@ def _plain(value: Any) -> Any:
 
 
 _CHOICES = {"objective": ("cross_entropy", "scst"), "precision": ("auto", "fp32", "bf16")}
-_NON_NEGATIVE = ("demo_train_scenes", "demo_train_identities", "eval_examples", "eval_every", "end_lr", "warmup_ratio", "weight_decay",
-                 "clip_norm", "ema_decay", "label_smoothing", "num_threads", "save_every", "seed")
+_NON_NEGATIVE = ("demo_train_scenes", "stem_warmup_images", "demo_train_identities", "eval_examples", "eval_every",
+                 "end_lr", "warmup_ratio", "weight_decay", "clip_norm", "ema_decay", "label_smoothing", "num_threads",
+                 "save_every", "seed")
 _POSITIVE = ("batch_size", "grad_accum", "max_steps", "lr", "keep_last", "log_every", "eval_batch_size",
              "scst_beams", "scst_max_new_tokens", "demo_max_objects")
 
@@ -166,6 +176,9 @@ def _check_ranges(config: TrainConfig) -> None:
     if stray:
         raise ConfigError(f"fields 'data'/'eval_data' name task(s) {stray} that are not in 'tasks' "
                           f"{sorted(config.tasks)}")
+    bad_scales = {k: v for k, v in config.lr_scale.items() if v <= 0}
+    if bad_scales:
+        raise ConfigError(f"field 'lr_scale' needs multipliers > 0, got {bad_scales!r}")
     if config.warmup_ratio >= 1:
         raise ConfigError(f"field 'warmup_ratio' must be < 1, got {config.warmup_ratio}")
     if config.ema_decay >= 1:

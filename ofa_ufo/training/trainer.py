@@ -41,6 +41,7 @@ from ofa_ufo.training.data import Mixture, build_batch, build_sources, eval_exam
 from ofa_ufo.training.report import (
     encoder_image_signal, evaluate_model, format_metric_table, plot_history, show_real_photos,
 )
+from ofa_ufo.training.stem_warmup import warm_up_stem
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, unusable data); the last good checkpoint is kept."""
@@ -113,14 +114,51 @@ def _schedule(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * max(0.0, (total - step) / max(1, total - warmup))
 
 
+def _check_prefixes(model, prefixes: list[str], field: str) -> None:
+    """ConfigError naming the prefixes of `field` that match no trainable parameter name."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    unmatched = [prefix for prefix in prefixes if not any(n.startswith(prefix) for n in names)]
+    if unmatched:
+        tops = sorted({".".join(n.split(".")[:3]) for n in names})
+        raise ConfigError(f"field {field!r}: prefix(es) {unmatched} match no trainable parameter; "
+                          f"parameter names start with {tops}")
+
+
+def _freeze(model, prefixes: list[str]) -> None:
+    _check_prefixes(model, prefixes, "freeze")
+    for name, param in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in prefixes):
+            param.requires_grad_(False)
+
+
+def _param_groups(model, config: TrainConfig, extra: list[torch.nn.Parameter]) -> list[dict[str, Any]]:
+    """One AdamW group per distinct `config.lr_scale` multiplier (longest matching name prefix;
+    everything else, task heads included, at 1); `lr_scale` is kept in each group for logging."""
+    prefixes = sorted(config.lr_scale, key=len, reverse=True)
+    _check_prefixes(model, prefixes, "lr_scale")
+    groups: dict[float, list[torch.nn.Parameter]] = {1.0: list(extra)}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            scale = next((config.lr_scale[p] for p in prefixes if name.startswith(p)), 1.0)
+            groups.setdefault(scale, []).append(param)
+    return [{"params": params, "lr": config.lr * scale, "lr_scale": scale}
+            for scale, params in groups.items() if params]
+
+
 def _optimizer(model, config: TrainConfig, extra: list[torch.nn.Parameter] = ()):
-    params = [p for p in model.parameters() if p.requires_grad] + list(extra)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
-                                  weight_decay=config.weight_decay, fused=True)  # one kernel, not ~6 per tensor
+    optimizer = torch.optim.AdamW(_param_groups(model, config, list(extra)), lr=config.lr, betas=config.betas,
+                                  eps=config.eps, weight_decay=config.weight_decay,
+                                  fused=True)  # one kernel per group, not ~6 per tensor
     warmup = math.ceil(config.warmup_ratio * config.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(_schedule, warmup=warmup, total=config.max_steps, floor=config.end_lr / config.lr))
     return optimizer, scheduler
+
+
+def _base_lr(optimizer) -> float:
+    """The scheduled LR of an unscaled parameter (`config.lr` times the schedule)."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group["lr_scale"]
 
 
 def _ema(model, decay: float):
@@ -195,16 +233,31 @@ class Trainer:
         self.mixture = Mixture(build_sources(config), task_quotas(config.tasks, config.batch_size))
         _check_identity_quotas(self.mixture.sources, self.mixture.quotas)
         self.heads = build_heads(self.mixture.sources, model.config.d_model).to(self.accelerator.device)
+        warmup = None
+        if config.stem_warmup_images and self.resume_from is None:  # a resumed run's stem is in its checkpoint
+            warmup = self._warm_up_stem(model)
         if config.freeze_embeddings:
             model.get_input_embeddings().weight.requires_grad_(False)
+        _freeze(model, config.freeze)
         self.optimizer, self.scheduler = _optimizer(model, config, list(self.heads.parameters()))
         self.ema = _ema(model, config.ema_decay)
         self.step = 0
-        self.history: dict[str, Any] = {"losses": [], "lr": [], "eval": []}
+        self.history: dict[str, Any] = {"losses": [], "lr": [], "eval": [], "stem_warmup": warmup}
         if self.resume_from is not None:
             self._restore(model, self.resume_from)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
+
+    def _warm_up_stem(self, model) -> dict[str, Any]:
+        main = self.accelerator.is_main_process
+        # every process runs the same seeded warm-up; DDP then broadcasts rank 0's weights anyway
+        result = warm_up_stem(model, self.processor, self.config.stem_warmup_images, self.config.seed,
+                              self.config.demo_max_objects, self.accelerator.device, show_progress=main)
+        if main:
+            print(f"stem warm-up on {result['images']} generated scenes: held-out cell accuracy "
+                  f"{result['object_cell_accuracy']:.3f} on objects, {result['background_cell_accuracy']:.3f} "
+                  "on background", flush=True)
+        return result
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -212,6 +265,11 @@ class Trainer:
         state = ckpt.load_state(path)
         ckpt.load_weights(model, path / "model.safetensors")
         self.heads.load_state_dict(state.get("heads", {}))
+        saved = [group.get("lr_scale", 1.0) for group in state["optimizer"]["param_groups"]]
+        current = [group["lr_scale"] for group in self.optimizer.param_groups]
+        if saved != current:
+            raise ConfigError(f"checkpoint {path} was trained with LR groups scaled {saved}, this config makes "
+                              f"{current}: resume with the run's own 'lr_scale' or start a new output_dir")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
@@ -239,10 +297,13 @@ class Trainer:
         return path
 
     def _train_mode(self) -> None:
+        """Train mode, except BatchNorm on running statistics where asked or where `freeze` holds its
+        weights (a frozen layer keeps its statistics too)."""
         self.model.train()
-        if self.config.freeze_batchnorm:
-            for module in self.model.modules():
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                frozen = not any(p.requires_grad for p in module.parameters())
+                if self.config.freeze_batchnorm or frozen:
                     module.eval()
 
     # ---- one step -------------------------------------------------------------------------
@@ -367,7 +428,7 @@ class Trainer:
                    total=config.max_steps, disable=not main)
         tick = time.perf_counter()
         for _ in bar:
-            lr = self.scheduler.get_last_lr()[0]
+            lr = _base_lr(self.optimizer)
             loss = self.train_step()
             self.step += 1
             now = time.perf_counter()
@@ -423,8 +484,12 @@ class Trainer:
 
         ckpt.export_into(self.output_dir, write)
         before, after = self.history["eval"][0]["metrics"], self.history["eval"][-1]["metrics"]
-        table = format_metric_table(before, after, "start" if Path(self.config.model).is_dir() else "untrained")
+        start = "start" if Path(self.config.model).is_dir() else "untrained"
+        if self.history.get("stem_warmup"):
+            start += " (stem warmed up)"
+        table = format_metric_table(before, after, start)
         report = {"steps": self.step, "metrics_untrained": before, "metrics_trained": after,
+                  "stem_warmup": self.history.get("stem_warmup"),
                   "eval": self.history["eval"], "losses": self.history["losses"], "lr": self.history["lr"]}
         (self.output_dir / "metrics.json").write_text(json.dumps(report, indent=1))
         plot_history(self.history, self.output_dir / "training.png")

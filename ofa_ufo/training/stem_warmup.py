@@ -1,0 +1,101 @@
+"""Dense warm-up of the ResNet stem on generated demo scenes, before the first training step.
+
+OFA starts its ResNet from ImageNet weights. Trained from scratch inside the full model, the
+stem gets gradients about 1000x smaller than the decoder's and the encoder's image signal
+collapses within the first steps (benchmarks/README.md, "Embedded defaults"). This stage is
+the demo's stand-in for the pretrained stem: the stem alone, with a throw-away 1x1 convolution
+on its feature grid, learns to name the object whose box centre falls in each grid cell
+("red circle", ..., or background). Features that tell shapes and colours apart at every
+position are what captioning, VQA, grounding, detection and classification all read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ofa_ufo.data.demo_scenes import DemoScenes, Scene, detection_labels
+from ofa_ufo.models.resnet import ResNetStem
+
+BATCH_SIZE = 32
+LR = 1e-3
+WEIGHT_DECAY = 0.01
+BACKGROUND_WEIGHT = 0.2  # most cells are empty; full weight teaches "background" everywhere first
+HELD_OUT = 256  # scenes scored after the warm-up
+
+
+def cell_labels(scene: Scene, grid: int, labels: list[str]) -> np.ndarray:
+    """(grid, grid) label index per cell of the stem's output grid: the largest object whose box
+    centre lies in the cell, or len(labels) for background."""
+    out = np.full((grid, grid), len(labels), np.int64)
+    size = scene.image.width
+    for obj in sorted(scene.objects, key=lambda o: o.area):  # larger objects overwrite smaller ones
+        cx, cy = (obj.box[0] + obj.box[2]) / 2 / size, (obj.box[1] + obj.box[3]) / 2 / size
+        out[min(int(cy * grid), grid - 1), min(int(cx * grid), grid - 1)] = labels.index(obj.name)
+    return out
+
+
+def _batch(scenes: DemoScenes, indices: range, processor, grid: int, labels: list[str],
+           device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    chosen = [scenes[i] for i in indices]
+    pixels = processor.image_processor([s.image for s in chosen], return_tensors="pt")["pixel_values"]
+    targets = torch.from_numpy(np.stack([cell_labels(s, grid, labels) for s in chosen]))  # (B, grid, grid)
+    return pixels.to(device), targets.to(device)
+
+
+@torch.no_grad()
+def _accuracy(stem: nn.Module, head: nn.Module, pixels: torch.Tensor, targets: torch.Tensor,
+              background: int) -> dict[str, float]:
+    stem.eval()
+    predicted = torch.cat([head(stem(chunk)).argmax(1) for chunk in pixels.split(BATCH_SIZE)])
+    stem.train()
+    objects = targets != background
+    return {"object_cell_accuracy": (predicted[objects] == targets[objects]).float().mean().item(),
+            "background_cell_accuracy": (predicted[~objects] == background).float().mean().item()}
+
+
+def warm_up_stem(model, processor, images: int, seed: int = 0, max_objects: int = 3,
+                 device: torch.device | str = "cpu", show_progress: bool = True) -> dict[str, Any]:
+    """Train `model`'s ResNet stem in place on `images` generated scenes (batch 32, AdamW 1e-3,
+    5% warmup then cosine); returns held-out per-cell accuracies. Runs under its own seed with
+    the global RNG state restored afterwards, so it does not shift the training run's randomness."""
+    stem: ResNetStem = model.get_encoder().embed_images  # every preset's encoder, supernets included
+    labels = detection_labels()
+    background = len(labels)
+    train_scenes = DemoScenes("stem_warmup", images, seed=seed, max_objects=max_objects)
+    held_out = DemoScenes("stem_warmup_eval", HELD_OUT, seed=seed, max_objects=max_objects)
+    steps = math.ceil(images / BATCH_SIZE)
+    stem.to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        size = processor.image_processor.size
+        channels, grid = stem(torch.zeros(1, 3, size, size, device=device)).shape[1:3]  # (1, C, grid, grid)
+        head = nn.Conv2d(channels, background + 1, 1).to(device)
+        params = list(stem.parameters()) + list(head.parameters())
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+        warmup = max(1, round(0.05 * steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        weight = torch.ones(background + 1, device=device)
+        weight[background] = BACKGROUND_WEIGHT
+        stem.train()
+        bar = tqdm(range(steps), desc="stem warm-up", unit="step", disable=not show_progress)
+        for step in bar:
+            pixels, targets = _batch(train_scenes, range(step * BATCH_SIZE, min(images, (step + 1) * BATCH_SIZE)),
+                                     processor, grid, labels, device)
+            loss = nn.functional.cross_entropy(head(stem(pixels)), targets, weight=weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        pixels, targets = _batch(held_out, range(HELD_OUT), processor, grid, labels, device)
+        result = _accuracy(stem, head, pixels, targets, background)
+    for param in stem.parameters():
+        param.grad = None
+    return {"images": images, "final_loss": loss.item(), **result}
