@@ -74,7 +74,8 @@ def warm_up_stem(model, processor, images: int, seed: int = 0, max_objects: int 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         size = processor.image_processor.size
-        channels, grid = stem(torch.zeros(1, 3, size, size, device=device)).shape[1:3]  # (1, C, grid, grid)
+        with torch.no_grad():  # eval mode: the shape probe leaves the BatchNorm statistics alone
+            channels, grid = stem.eval()(torch.zeros(1, 3, size, size, device=device)).shape[1:3]  # (1, C, grid, grid)
         head = nn.Conv2d(channels, background + 1, 1).to(device)
         params = list(stem.parameters()) + list(head.parameters())
         optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
