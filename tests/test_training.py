@@ -453,6 +453,22 @@ def test_real_photo_predictions_print_every_task(ema_run, capsys):
     assert not any("'error'" in line for line in lines), lines
 
 
+def test_head_loss_weight_scales_the_embedding_losses(tmp_path):
+    """Caption + face: the reported first-step loss is token loss + weight x head loss, and at weight 0
+    the face head gets no update (no weight decay here) while the token loss still trains the model."""
+    first, heads_moved = {}, {}
+    for weight in (0.0, 0.5, 1.0):
+        config = make_config(tmp_path / str(weight), tasks={"caption": 1, "face": 1}, demo_train_identities=8,
+                             batch_size=6, max_steps=1, head_loss_weight=weight, **EXACT)
+        with torch_threads():
+            trainer = Trainer(config, resume="never")
+            head = trainer.heads["face"].weight.detach().clone()
+            first[weight] = trainer.train_step()
+        heads_moved[weight] = not torch.equal(head, trainer.heads["face"].weight)
+    assert first[1.0] - first[0.5] == pytest.approx(first[0.5] - first[0.0], rel=1e-4)
+    assert first[1.0] > first[0.0] and heads_moved == {0.0: False, 0.5: True, 1.0: True}
+
+
 # ---- stem warm-up ------------------------------------------------------------------------
 
 

@@ -66,6 +66,9 @@ class TrainConfig:
     eval_batch_size: int = 16
     objective: str = "cross_entropy"  # or "scst" (captioning, CIDEr reward)
     label_smoothing: float = 0.1
+    # weight of the embedding tasks' head losses (CosFace + triplet, summed over tasks) against the mean
+    # token loss of the generative tasks, when a run mixes both
+    head_loss_weight: float = 1.0
     scst_beams: int = 5
     scst_max_new_tokens: int = 16
     # optimisation (OFA: Adam(0.9, 0.999), eps 1e-8, wd 0.01, linear decay after warmup)
@@ -119,8 +122,8 @@ def _plain(value: Any) -> Any:
 
 _CHOICES = {"objective": ("cross_entropy", "scst"), "precision": ("auto", "fp32", "bf16")}
 _NON_NEGATIVE = ("demo_train_scenes", "stem_warmup_images", "demo_train_identities", "eval_examples", "eval_every",
-                 "end_lr", "warmup_ratio", "weight_decay", "clip_norm", "ema_decay", "label_smoothing", "num_threads",
-                 "save_every", "seed")
+                 "end_lr", "warmup_ratio", "weight_decay", "clip_norm", "ema_decay", "label_smoothing", "head_loss_weight",
+                 "num_threads", "save_every", "seed")
 _POSITIVE = ("batch_size", "grad_accum", "max_steps", "lr", "keep_last", "log_every", "eval_batch_size",
              "scst_beams", "scst_max_new_tokens", "demo_max_objects")
 

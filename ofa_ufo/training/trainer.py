@@ -350,14 +350,15 @@ class Trainer:
             with sync, acc.autocast():
                 loss_sum, head_loss = self._loss(batch, examples)
                 # token losses: mean over the step's tokens; feature-head losses: mean over passes and processes
-                acc.backward(loss_sum * acc.num_processes / global_tokens + head_loss / len(passes))
+                acc.backward(loss_sum * acc.num_processes / global_tokens
+                             + head_loss * self.config.head_loss_weight / len(passes))
             total += loss_sum.detach()
             head_total += head_loss.detach()
         if archs != [None]:
             set_arch(self.unwrapped, None)
         self._sync_head_gradients()
         loss = (acc.reduce(total, reduction="sum").item() / global_tokens
-                + acc.reduce(head_total, reduction="mean").item() / len(passes))
+                + acc.reduce(head_total, reduction="mean").item() * self.config.head_loss_weight / len(passes))
         if not math.isfinite(loss):
             last = ckpt.list_checkpoints(self.output_dir)
             raise TrainingError(f"loss is {loss} at step {self.step}; stopped without updating. Last good "
