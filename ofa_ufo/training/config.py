@@ -122,8 +122,8 @@ def _plain(value: Any) -> Any:
 
 _CHOICES = {"objective": ("cross_entropy", "scst"), "precision": ("auto", "fp32", "bf16")}
 _NON_NEGATIVE = ("demo_train_scenes", "stem_warmup_images", "demo_train_identities", "eval_examples", "eval_every",
-                 "end_lr", "warmup_ratio", "weight_decay", "clip_norm", "ema_decay", "label_smoothing", "head_loss_weight",
-                 "num_threads", "save_every", "seed")
+                 "end_lr", "warmup_ratio", "weight_decay", "clip_norm", "ema_decay", "label_smoothing",
+                 "head_loss_weight", "num_threads", "save_every", "seed")
 _POSITIVE = ("batch_size", "grad_accum", "max_steps", "lr", "keep_last", "log_every", "eval_batch_size",
              "scst_beams", "scst_max_new_tokens", "demo_max_objects")
 

@@ -302,7 +302,8 @@ class Trainer:
         self.model.train()
         for module in self.model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                frozen = not any(p.requires_grad for p in module.parameters())
+                params = list(module.parameters())  # none when affine=False: not frozen, just weightless
+                frozen = bool(params) and not any(p.requires_grad for p in params)
                 if self.config.freeze_batchnorm or frozen:
                     module.eval()
 
