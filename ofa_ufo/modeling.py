@@ -61,19 +61,58 @@ def _densify_grad(param: torch.Tensor) -> None:
         param.grad = param.grad.to_dense()
 
 
-@contextlib.contextmanager
-def _sparse_lookup_grads(embedding: nn.Embedding, enabled: bool) -> Iterator[None]:
-    """Token lookups inside send their gradients as sparse rows.
+class _LookupIntoGrad(torch.autograd.Function):
+    """Embedding lookup whose backward adds its rows straight into `embedding.weight.grad`.
 
-    The tied (V, D) matrix also gets the output projection's dense gradient in the same backward;
-    autograd adds the lookups' few rows to it instead of first zero-filling a dense (V, D) buffer
-    per lookup (about 0.2 s each at Base on 2 cores; autograd's sums stay out of place). A hook
-    turns a gradient that stayed sparse (a loss that never used the logits) dense, so optimizers
-    see dense.
+    The weight enters detached, so autograd has no edge from the lookup to it: the output
+    projection's dense gradient lands in `.grad` first (AccumulateGrad runs as soon as that one
+    edge is done) and the lookups' few rows are then added in place, instead of autograd summing
+    a dense and a sparse gradient out of place (a fresh (V, D) buffer and a copy per lookup).
+    `anchor` is a grad-requiring scalar that makes autograd call this backward at all.
+    """
+
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, anchor: torch.Tensor, embedding: nn.Embedding) -> torch.Tensor:
+        ctx.embedding = embedding
+        ctx.save_for_backward(ids)
+        return F.embedding(ids, embedding.weight.detach(), embedding.padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, None]:
+        (ids,) = ctx.saved_tensors
+        weight = ctx.embedding.weight
+        ids = ids.reshape(-1)
+        rows = grad.reshape(ids.shape[0], -1)  # (N, D)
+        if ctx.embedding.padding_idx is not None:  # nn.Embedding gives the padding row no gradient
+            rows = rows.masked_fill(ids.eq(ctx.embedding.padding_idx).unsqueeze(1), 0.0)
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        weight.grad.index_add_(0, ids, rows.to(weight.grad.dtype))
+        return None, None, None
+
+
+@contextlib.contextmanager
+def _training_lookups(embedding: nn.Embedding, mode: str | None) -> Iterator[None]:
+    """How token lookups inside send their gradients into the tied (V, D) matrix.
+
+    The matrix also gets the output projection's dense gradient in the same backward. "sparse":
+    the lookups send sparse rows, which autograd adds to that dense gradient (out of place, but
+    without zero-filling a dense (V, D) buffer per lookup: about 0.2 s each at Base on 2 cores);
+    a hook turns a gradient that stayed sparse (a loss that never used the logits) dense, so
+    optimizers see dense. "in_place": `_LookupIntoGrad`, which also saves the out-of-place sums
+    but writes `.grad` outside autograd (see `tied_gradients_in_place`). None: plain lookups.
     """
     weight = embedding.weight
-    if not enabled or embedding.sparse or not weight.requires_grad:  # frozen embeddings get no gradient
+    if mode is None or embedding.sparse or not weight.requires_grad:  # frozen embeddings get no gradient
         yield
+        return
+    if mode == "in_place":
+        anchor = torch.zeros((), device=weight.device, requires_grad=True)
+        embedding.forward = lambda ids: _LookupIntoGrad.apply(ids, anchor, embedding)
+        try:
+            yield
+        finally:
+            del embedding.forward
         return
     if not getattr(weight, "_ofa_ufo_densify", False):
         weight.register_post_accumulate_grad_hook(_densify_grad)
@@ -270,6 +309,12 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
 
     _tied_weights_keys = {"lm_head.weight": "model.shared.weight"}
 
+    # Training lookups add their gradient rows into `model.shared.weight.grad` in place, outside
+    # autograd (faster: no out-of-place (V, D) sums). Then `torch.autograd.grad` and gradient hooks
+    # (DDP's reducer, FSDP) do not see those rows, so this is off by default; the Trainer turns it on
+    # for single-process runs that call `loss.backward()`.
+    tied_gradients_in_place: bool = False
+
     def __init__(self, config: OFAUFOConfig):
         super().__init__(config)
         self.model = OFAUFOModel(config)
@@ -322,7 +367,10 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
                 )
         keep_all = not (logits_to_keep and labels is None)
         full_logits = keep_all and logits_range is None and self.lm_head.weight is self.model.shared.weight
-        with _sparse_lookup_grads(self.model.shared, self.training and torch.is_grad_enabled() and full_logits):
+        lookups = None
+        if self.training and torch.is_grad_enabled() and full_logits:
+            lookups = "in_place" if self.tied_gradients_in_place else "sparse"
+        with _training_lookups(self.model.shared, lookups):
             outputs = self.model(
                 input_ids, attention_mask, pixel_values, image_mask, task_ids, decoder_input_ids, encoder_outputs,
                 cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states, code_grid=code_grid,

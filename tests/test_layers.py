@@ -44,6 +44,51 @@ def test_attention_equals_naive_ofa_formula():
     torch.testing.assert_close(attn(x, bias), expected, atol=1e-6, rtol=1e-5)
 
 
+def _graph_nodes(node, seen=None) -> set[str]:
+    """Names of the autograd nodes reachable from `node`."""
+    seen = set() if seen is None else seen
+    if node is not None and node not in seen:
+        seen.add(node)
+        for child, _ in node.next_functions:
+            _graph_nodes(child, seen)
+    return {type(n).__name__ for n in seen}
+
+
+def test_training_attention_gradients_match_the_math_path():
+    """Training on CPU recomputes the probabilities in backward (`_RecomputedAttention`): outputs
+    and the gradients of input, weights and each bias term (a position bias broadcast over the batch,
+    a padding mask, a cross-attention bias) equal autograd through the naive formula."""
+    torch.manual_seed(0)
+    attn = OFAAttention(32, 4, scale_factor=2.0).train()
+    x, memory = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 7, 32)
+    position = torch.randn(1, 4, 5, 5, requires_grad=True)
+    padding = torch.zeros(2, 1, 1, 5).masked_fill(torch.tensor([False, False, False, True, True]), -1e9)
+    cross = torch.randn(2, 4, 5, 7, requires_grad=True)
+
+    def naive(query_states, keys_from, *biases):
+        q = attn.q_proj(query_states).view(2, 5, 4, 8).transpose(1, 2) / math.sqrt(2 * 8)
+        k = attn.k_proj(keys_from).view(2, -1, 4, 8).transpose(1, 2)
+        v = attn.v_proj(keys_from).view(2, -1, 4, 8).transpose(1, 2)
+        probs = torch.softmax(q @ k.transpose(-1, -2) + sum(biases), dim=-1)
+        heads = (probs @ v) * attn.c_attn.view(1, 4, 1, 1)
+        return attn.out_proj(heads.transpose(1, 2).reshape(2, 5, 32))
+
+    leaves = [x, position, cross, *attn.parameters()]
+    for ours, expected in [(lambda: attn(x, (position, padding)), lambda: naive(x, x, position, padding)),
+                           (lambda: attn(x, cross, key_value_states=memory), lambda: naive(x, memory, cross))]:
+        out = ours()
+        assert "_RecomputedAttentionBackward" in _graph_nodes(out.grad_fn)
+        grads = torch.autograd.grad(out.square().sum(), leaves, allow_unused=True)
+        reference = expected()
+        torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-5)
+        wanted = torch.autograd.grad(reference.square().sum(), leaves, allow_unused=True)
+        for got, want in zip(grads, wanted):
+            assert (got is None) == (want is None)
+            if got is not None:
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert position.shape == (1, 4, 5, 5)  # the bias was used broadcast, not expanded over the batch
+
+
 def test_cached_index_tables_built_in_inference_mode_still_train():
     text_relative_buckets.cache_clear()
     image_relative_buckets.cache_clear()

@@ -45,16 +45,23 @@ def test_tied_embeddings(model):
     assert model.model.decoder.embed_tokens is model.model.shared
 
 
-def test_training_gradient_of_tied_embedding_is_dense_and_exact(processor, images):
-    """Training lookups send sparse row gradients into the output projection's dense one; the result
-    must equal plain dense accumulation, stay dense for the optimizers, and also be dense when a loss
-    never touches the logits."""
+@pytest.mark.parametrize("in_place", [False, True])
+def test_training_gradient_of_tied_embedding_is_dense_and_exact(processor, images, in_place):
+    """Training lookups send their row gradients into the output projection's dense one (sparse
+    rows through autograd by default, in place with `tied_gradients_in_place`); the result must
+    equal plain dense accumulation, also over two accumulated backwards, stay dense for the
+    optimizers, and also be dense when a loss never touches the logits."""
     model = tiny_model().train()
+    model.tied_gradients_in_place = in_place
     inputs = encode(processor, PROMPTS, images)
     labels = processor(text=PROMPTS, text_target=[" a", " b c", " d e f"], return_tensors="pt")["labels"]
+    assert (inputs["input_ids"] == model.config.pad_token_id).any()  # the padding row gets no gradient
     model(**inputs, labels=labels).loss.backward()
     fast = model.model.shared.weight.grad.clone()
+    model(**inputs, labels=labels).loss.backward()  # accumulates (micro-batches)
+    twice = model.model.shared.weight.grad.clone()
     assert not model.model.shared.weight.grad.is_sparse and not model.model.shared.sparse
+    assert "forward" not in vars(model.model.shared)  # the in-place lookup is undone after the forward
     model.zero_grad(set_to_none=True)
     reference = tiny_model().train()  # the inner model's forward: plain dense lookups
     config = reference.config
@@ -64,8 +71,10 @@ def test_training_gradient_of_tied_embedding_is_dense_and_exact(processor, image
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
                                       label_smoothing=reference.config.label_smoothing).backward()
     torch.testing.assert_close(fast, reference.model.shared.weight.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(twice, 2 * reference.model.shared.weight.grad, rtol=0, atol=2e-6)
     model(**inputs, labels=labels).decoder_last_hidden_state.sum().backward()  # the logits unused
     assert model.model.shared.weight.grad is not None and not model.model.shared.weight.grad.is_sparse
+    assert model.model.shared.weight.grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
     model.model.shared.weight.requires_grad_(False)  # frozen embeddings (freeze_embeddings): no gradient at all
     model(**inputs, labels=labels).loss.backward()

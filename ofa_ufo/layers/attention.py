@@ -41,11 +41,13 @@ class OFAAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attn_bias: torch.Tensor | None = None,
+        attn_bias: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
         key_value_states: torch.Tensor | None = None,
         cache: Cache | None = None,
     ) -> torch.Tensor:
-        """hidden_states (R, Lq, D); attn_bias broadcastable to (B, H, Lq, Lk); returns (R, Lq, D).
+        """hidden_states (R, Lq, D); attn_bias broadcastable to (B, H, Lq, Lk), or a tuple of such
+        terms that are summed (kept apart so that training keeps only the small ones, for example a
+        (1, H, L, L) position bias and a (B, 1, 1, L) padding mask); returns (R, Lq, D).
 
         For cross-attention the source may have fewer rows than the queries (B rows for R = B * k
         beams or samples, each group of k consecutive rows sharing one source row): the k query
@@ -58,15 +60,19 @@ class OFAAttention(nn.Module):
         group = rows // key.shape[0]
         if group * key.shape[0] != rows:
             raise ValueError(f"{rows} query rows cannot share {key.shape[0]} key/value rows")
+        biases = () if attn_bias is None else (attn_bias,) if torch.is_tensor(attn_bias) else tuple(attn_bias)
+        biases = tuple(b.to(query.dtype) for b in biases)
         if group > 1:
             query = _fold(query, group)  # (B, H, k * Lq, hd)
-            attn_bias = None if attn_bias is None else attn_bias.repeat(1, 1, group, 1)
-        if attn_bias is not None:
-            attn_bias = attn_bias.to(query.dtype)
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_bias,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.scaling,
-        )  # (B, H, k * Lq, hd)
+            biases = tuple(b.repeat(1, 1, group, 1) if b.shape[2] > 1 else b for b in biases)
+        dropout = self.dropout if self.training else 0.0
+        if torch.is_grad_enabled() and query.device.type == "cpu" and not dropout:
+            out = _RecomputedAttention.apply(query, key, value, self.scaling, *biases)  # (B, H, Lq, hd)
+        else:
+            mask = sum(biases[1:], biases[0]) if biases else None
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, dropout_p=dropout, scale=self.scaling,
+            )  # (B, H, k * Lq, hd)
         if group > 1:
             out = _unfold(out, group)  # (R, H, Lq, hd)
         if self.c_attn is not None:
@@ -92,6 +98,44 @@ class OFAAttention(nn.Module):
             if is_cross and isinstance(cache, EncoderDecoderCache):
                 cache.is_updated[self.layer_idx] = True
         return key, value
+
+
+class _RecomputedAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + sum(biases)) v whose backward recomputes the probabilities.
+
+    On CPU, SDPA computes a bias gradient only on its math path, which keeps the (B, H, Lq, Lk)
+    probabilities for backward (33 MB per encoder layer at Base, 384 px, batch 2). Here backward
+    rebuilds them from q, k and the biases (which broadcast over the batch, so they are smaller),
+    at about the cost of the math path's own backward. Gradients: dS = P * (dP - rowsum(dO * O)).
+    """
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                *biases: torch.Tensor) -> torch.Tensor:
+        mask = sum(biases[1:], biases[0]).detach() if biases else None
+        # detached: SDPA picks its flash kernel only for inputs that do not require grad
+        out = F.scaled_dot_product_attention(query.detach(), key.detach(), value.detach(), attn_mask=mask, scale=scale)
+        ctx.scale = scale
+        ctx.save_for_backward(query, key, value, out, *biases)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        query, key, value, out, *biases = ctx.saved_tensors
+        scores = torch.matmul(query, key.transpose(-1, -2)).mul_(ctx.scale)  # (B, H, Lq, Lk)
+        for bias in biases:
+            scores.add_(bias)
+        probs = torch.softmax(scores, dim=-1)
+        del scores
+        grad_value = torch.matmul(probs.transpose(-1, -2), grad_out)
+        grad_scores = torch.matmul(grad_out, value.transpose(-1, -2))  # dP
+        grad_scores.sub_((grad_out * out).sum(-1, keepdim=True)).mul_(probs)  # dS
+        del probs
+        grad_query = torch.matmul(grad_scores, key).mul_(ctx.scale)
+        grad_key = torch.matmul(grad_scores.transpose(-1, -2), query).mul_(ctx.scale)
+        grad_biases = [grad_scores.sum_to_size(bias.shape) if ctx.needs_input_grad[4 + i] else None
+                       for i, bias in enumerate(biases)]
+        return grad_query, grad_key, grad_value, None, *grad_biases
 
 
 def _fold(x: torch.Tensor, group: int) -> torch.Tensor:

@@ -47,8 +47,8 @@ class EncoderLayer(nn.Module):
         self.activation_dropout = nn.Dropout(activation_dropout)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
-        """x (B, L, D) -> (B, L, D)."""
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+        """x (B, L, D) -> (B, L, D); attn_bias as in `OFAAttention.forward`."""
         h = self.self_attn_mid_layer_norm(self.self_attn(self.self_attn_layer_norm(x), attn_bias))
         x = x + self.drop_path(self.dropout(h))
         return self._ffn(x)

@@ -229,7 +229,8 @@ class OFAEncoder(_Stack):
             rel[:, :, n_image:, n_image:] = relative_bias(self.token_rel_pos_table_list[idx], text_index)
             if image_index is not None:
                 rel[:, :, :n_image, :n_image] = relative_bias(self.image_rel_pos_table_list[idx], image_index)
-            x = layer(x, abs_bias + rel + pad_bias)
+            bias = abs_bias + rel  # (1, H, S, S); the padding mask stays a separate (B, 1, 1, S) term
+            x = layer(x, (bias, pad_bias) if torch.is_tensor(pad_bias) else bias)
             if keep_all:
                 states.append(x)
         return tuple(states) if keep_all else (x,)

@@ -247,6 +247,8 @@ class Trainer:
             self._restore(model, self.resume_from)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
+        if world == 1 and hasattr(self.unwrapped, "tied_gradients_in_place"):
+            self.unwrapped.tied_gradients_in_place = True  # no gradient hooks to miss (modeling.py)
 
     def _warm_up_stem(self, model) -> dict[str, Any]:
         main = self.accelerator.is_main_process
