@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from ofa_ufo.layers import attention
 from ofa_ufo.layers.attention import OFAAttention
 from ofa_ufo.layers.position import image_position_ids, image_relative_buckets, text_relative_buckets
 
@@ -54,10 +56,14 @@ def _graph_nodes(node, seen=None) -> set[str]:
     return {type(n).__name__ for n in seen}
 
 
-def test_training_attention_gradients_match_the_math_path():
-    """Training on CPU recomputes the probabilities in backward (`_RecomputedAttention`): outputs
-    and the gradients of input, weights and each bias term (a position bias broadcast over the batch,
-    a padding mask, a cross-attention bias) equal autograd through the naive formula."""
+@pytest.mark.parametrize("block_bytes", [None, 1])
+def test_training_attention_gradients_match_the_math_path(monkeypatch, block_bytes):
+    """Training on CPU recomputes the probabilities in backward (`_RecomputedAttention`), all heads
+    at once or (block_bytes=1) one head of one batch row at a time: outputs and the gradients of
+    input, weights and each bias term (a position bias broadcast over the batch, a padding mask, a
+    cross-attention bias) equal autograd through the naive formula."""
+    if block_bytes is not None:
+        monkeypatch.setattr(attention, "_BLOCK_BYTES", block_bytes)
     torch.manual_seed(0)
     attn = OFAAttention(32, 4, scale_factor=2.0).train()
     x, memory = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 7, 32)

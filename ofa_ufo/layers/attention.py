@@ -100,13 +100,19 @@ class OFAAttention(nn.Module):
         return key, value
 
 
+# Backward works on blocks of heads whose (Lq, Lk) score tensors stay within this size. glibc hands
+# out blocks above its 32 MiB mmap ceiling as fresh pages every time (page faults: a (2, 12, 584, 584)
+# fp32 score tensor took ~70 ms to fill at Base, 384 px, against ~3 ms for one that reuses memory).
+_BLOCK_BYTES = 8 * 2**20
+
+
 class _RecomputedAttention(torch.autograd.Function):
     """softmax(q k^T * scale + sum(biases)) v whose backward recomputes the probabilities.
 
     On CPU, SDPA computes a bias gradient only on its math path, which keeps the (B, H, Lq, Lk)
     probabilities for backward (33 MB per encoder layer at Base, 384 px, batch 2). Here backward
     rebuilds them from q, k and the biases (which broadcast over the batch, so they are smaller),
-    at about the cost of the math path's own backward. Gradients: dS = P * (dP - rowsum(dO * O)).
+    a block of heads at a time. Gradients: dS = P * (dP - rowsum(dO * O)).
     """
 
     @staticmethod
@@ -122,20 +128,42 @@ class _RecomputedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         query, key, value, out, *biases = ctx.saved_tensors
-        scores = torch.matmul(query, key.transpose(-1, -2)).mul_(ctx.scale)  # (B, H, Lq, Lk)
-        for bias in biases:
-            scores.add_(bias)
-        probs = torch.softmax(scores, dim=-1)
-        del scores
-        grad_value = torch.matmul(probs.transpose(-1, -2), grad_out)
-        grad_scores = torch.matmul(grad_out, value.transpose(-1, -2))  # dP
-        grad_scores.sub_((grad_out * out).sum(-1, keepdim=True)).mul_(probs)  # dS
-        del probs
-        grad_query = torch.matmul(grad_scores, key).mul_(ctx.scale)
-        grad_key = torch.matmul(grad_scores.transpose(-1, -2), query).mul_(ctx.scale)
-        grad_biases = [grad_scores.sum_to_size(bias.shape) if ctx.needs_input_grad[4 + i] else None
-                       for i, bias in enumerate(biases)]
-        return grad_query, grad_key, grad_value, None, *grad_biases
+        batch, heads, q_len, _ = query.shape
+        k_len = key.shape[2]
+        block = max(1, min(heads, _BLOCK_BYTES // (q_len * k_len * query.element_size())))
+        grad_query, grad_key, grad_value = (torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                                            for t in (query, key, value))
+        delta = (grad_out * out).sum(-1, keepdim=True)  # (B, H, Lq, 1): rowsum(dO * O)
+        wanted = [ctx.needs_input_grad[4 + i] for i in range(len(biases))]
+        grad_biases = [torch.empty_like(bias) if want else None for bias, want in zip(biases, wanted)]
+        for b in range(batch):
+            for h in range(0, heads, block):
+                heads_ = slice(h, h + block)
+                q, k, v, d_out = query[b, heads_], key[b, heads_], value[b, heads_], grad_out[b, heads_]  # (h, L, d)
+                scores = torch.bmm(q, k.transpose(1, 2)).mul_(ctx.scale)  # (h, Lq, Lk)
+                for bias in biases:
+                    scores.add_(_bias_block(bias, b, heads_))
+                probs = torch.softmax(scores, dim=-1)
+                del scores
+                torch.bmm(probs.transpose(1, 2), d_out, out=grad_value[b, heads_])
+                grad_scores = torch.bmm(d_out, v.transpose(1, 2))  # dP
+                grad_scores.sub_(delta[b, heads_]).mul_(probs)  # dS
+                del probs
+                torch.bmm(grad_scores, k, out=grad_query[b, heads_])
+                torch.bmm(grad_scores.transpose(1, 2), q, out=grad_key[b, heads_])
+                for grad_bias in grad_biases:
+                    if grad_bias is not None:
+                        region = _bias_block(grad_bias, b, heads_)
+                        # a region that broadcasts over rows or heads sums several blocks: the first writes
+                        first = (b == 0 or grad_bias.shape[0] > 1) and (h == 0 or grad_bias.shape[1] > 1)
+                        part = grad_scores.sum_to_size(region.shape)
+                        region.copy_(part) if first else region.add_(part)
+        return grad_query.mul_(ctx.scale), grad_key.mul_(ctx.scale), grad_value, None, *grad_biases
+
+
+def _bias_block(bias: torch.Tensor, row: int, heads: slice) -> torch.Tensor:
+    """The view of a (B|1, H|1, Lq|1, Lk|1) bias that applies to batch row `row` and `heads`."""
+    return bias[row if bias.shape[0] > 1 else 0, heads if bias.shape[1] > 1 else slice(None)]
 
 
 def _fold(x: torch.Tensor, group: int) -> torch.Tensor:

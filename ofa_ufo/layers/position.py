@@ -74,9 +74,15 @@ def code_position_ids(side: int, length: int, bucket_size: int, device: torch.de
     return ids.masked_fill(steps > side * side, min(CODE_FILLER_POSITION, bucket_size * bucket_size))
 
 
-def relative_bias(table: nn.Embedding, index: torch.Tensor) -> torch.Tensor:
-    """Look up a per-head bias table: index (Lq, Lk) -> bias (1, H, Lq, Lk)."""
-    return table(index).permute(2, 0, 1).unsqueeze(0)
+def relative_bias(table: nn.Embedding | torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Look up a per-head bias table (entries, H): index (Lq, Lk) -> bias (1, H, Lq, Lk).
+
+    Gathers rows of the small (H, entries) transpose with `index_select`, so the result comes out
+    heads-first and contiguous, and backward is an `index_add` into a small buffer (a lookup then
+    permute leaves a strided tensor that costs a slow transposing copy of every (H, Lq, Lk) bias).
+    """
+    weight = table.weight if isinstance(table, nn.Embedding) else table
+    return weight.t().contiguous().index_select(1, index.reshape(-1)).view(1, weight.shape[1], *index.shape)
 
 
 def absolute_bias(

@@ -218,18 +218,21 @@ class OFAEncoder(_Stack):
         n_image = 0 if image_ids is None else image_ids.numel()
         text_index = text_relative_buckets(self.config.token_bucket_size, self.config.max_position_embeddings)
         text_len = x.shape[1] - n_image
-        text_index = text_index[:text_len, :text_len].to(x.device)
-        image_index = None
+        text_entries = self.token_rel_pos_table_list[0].num_embeddings
+        image_entries = self.image_rel_pos_table_list[0].num_embeddings
+        # One (S, S) index into [text table; image table; a zero row] per forward: each layer's relative
+        # bias is then a single gather (image-text pairs read the zero row)
+        index = torch.full((x.shape[1], x.shape[1]), text_entries + image_entries, dtype=torch.long, device=x.device)
+        index[n_image:, n_image:] = text_index[:text_len, :text_len]
         if image_ids is not None:
             image_index = image_relative_buckets(self.config.image_bucket_size).to(x.device)
-            image_index = image_index[image_ids[:, None], image_ids[None, :]]  # (N, N)
+            index[:n_image, :n_image] = image_index[image_ids[:, None], image_ids[None, :]] + text_entries  # (N, N)
+        zero_row = abs_bias.new_zeros(1, self.num_heads)
         states = [x]
         for idx, layer in enumerate(self.layers):
-            rel = torch.zeros_like(abs_bias)
-            rel[:, :, n_image:, n_image:] = relative_bias(self.token_rel_pos_table_list[idx], text_index)
-            if image_index is not None:
-                rel[:, :, :n_image, :n_image] = relative_bias(self.image_rel_pos_table_list[idx], image_index)
-            bias = abs_bias + rel  # (1, H, S, S); the padding mask stays a separate (B, 1, 1, S) term
+            table = torch.cat([self.token_rel_pos_table_list[idx].weight, self.image_rel_pos_table_list[idx].weight,
+                               zero_row])  # (text + image entries + 1, H)
+            bias = abs_bias + relative_bias(table, index)  # (1, H, S, S); padding stays a separate (B, 1, 1, S) term
             x = layer(x, (bias, pad_bias) if torch.is_tensor(pad_bias) else bias)
             if keep_all:
                 states.append(x)
