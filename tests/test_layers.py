@@ -56,10 +56,11 @@ def _graph_nodes(node, seen=None) -> set[str]:
     return {type(n).__name__ for n in seen}
 
 
-@pytest.mark.parametrize("block_bytes", [None, 1])
+@pytest.mark.parametrize("block_bytes", [None, 4 * 5 * 7 * 4, 1])
 def test_training_attention_gradients_match_the_math_path(monkeypatch, block_bytes):
-    """Training on CPU recomputes the probabilities in backward (`_RecomputedAttention`), all heads
-    at once or (block_bytes=1) one head of one batch row at a time: outputs and the gradients of
+    """Training on CPU recomputes the probabilities in backward (`_RecomputedAttention`), all rows
+    at once, one batch row at a time (block_bytes = one row's scores) or one head of one row at a
+    time (block_bytes=1): outputs and the gradients of
     input, weights and each bias term (a position bias broadcast over the batch, a padding mask, a
     cross-attention bias) equal autograd through the naive formula."""
     if block_bytes is not None:

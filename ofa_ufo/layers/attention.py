@@ -129,41 +129,43 @@ class _RecomputedAttention(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         query, key, value, out, *biases = ctx.saved_tensors
         batch, heads, q_len, _ = query.shape
-        k_len = key.shape[2]
-        block = max(1, min(heads, _BLOCK_BYTES // (q_len * k_len * query.element_size())))
+        per_head = q_len * key.shape[2] * query.element_size()
+        # whole batch rows per block when they fit (few Python steps for short sequences), else heads
+        rows = max(1, min(batch, _BLOCK_BYTES // (heads * per_head)))
+        block = heads if rows > 1 or heads * per_head <= _BLOCK_BYTES else max(1, _BLOCK_BYTES // per_head)
         grad_query, grad_key, grad_value = (torch.empty(t.shape, dtype=t.dtype, device=t.device)
                                             for t in (query, key, value))
         delta = (grad_out * out).sum(-1, keepdim=True)  # (B, H, Lq, 1): rowsum(dO * O)
-        wanted = [ctx.needs_input_grad[4 + i] for i in range(len(biases))]
-        grad_biases = [torch.empty_like(bias) if want else None for bias, want in zip(biases, wanted)]
-        for b in range(batch):
+        grad_biases = [torch.empty_like(bias) if ctx.needs_input_grad[4 + i] else None
+                       for i, bias in enumerate(biases)]
+        for r in range(0, batch, rows):
             for h in range(0, heads, block):
-                heads_ = slice(h, h + block)
-                q, k, v, d_out = query[b, heads_], key[b, heads_], value[b, heads_], grad_out[b, heads_]  # (h, L, d)
-                scores = torch.bmm(q, k.transpose(1, 2)).mul_(ctx.scale)  # (h, Lq, Lk)
+                at = (slice(r, r + rows), slice(h, h + block))
+                q, k, v, d_out = query[at], key[at], value[at], grad_out[at]  # (b, h, L, d)
+                scores = torch.matmul(q, k.transpose(-1, -2)).mul_(ctx.scale)  # (b, h, Lq, Lk)
                 for bias in biases:
-                    scores.add_(_bias_block(bias, b, heads_))
+                    scores.add_(_bias_block(bias, *at))
                 probs = torch.softmax(scores, dim=-1)
                 del scores
-                torch.bmm(probs.transpose(1, 2), d_out, out=grad_value[b, heads_])
-                grad_scores = torch.bmm(d_out, v.transpose(1, 2))  # dP
-                grad_scores.sub_(delta[b, heads_]).mul_(probs)  # dS
+                grad_value[at] = torch.matmul(probs.transpose(-1, -2), d_out)
+                grad_scores = torch.matmul(d_out, v.transpose(-1, -2))  # dP
+                grad_scores.sub_(delta[at]).mul_(probs)  # dS
                 del probs
-                torch.bmm(grad_scores, k, out=grad_query[b, heads_])
-                torch.bmm(grad_scores.transpose(1, 2), q, out=grad_key[b, heads_])
+                grad_query[at] = torch.matmul(grad_scores, k)
+                grad_key[at] = torch.matmul(grad_scores.transpose(-1, -2), q)
                 for grad_bias in grad_biases:
                     if grad_bias is not None:
-                        region = _bias_block(grad_bias, b, heads_)
+                        region = _bias_block(grad_bias, *at)
                         # a region that broadcasts over rows or heads sums several blocks: the first writes
-                        first = (b == 0 or grad_bias.shape[0] > 1) and (h == 0 or grad_bias.shape[1] > 1)
+                        first = (r == 0 or grad_bias.shape[0] > 1) and (h == 0 or grad_bias.shape[1] > 1)
                         part = grad_scores.sum_to_size(region.shape)
                         region.copy_(part) if first else region.add_(part)
         return grad_query.mul_(ctx.scale), grad_key.mul_(ctx.scale), grad_value, None, *grad_biases
 
 
-def _bias_block(bias: torch.Tensor, row: int, heads: slice) -> torch.Tensor:
-    """The view of a (B|1, H|1, Lq|1, Lk|1) bias that applies to batch row `row` and `heads`."""
-    return bias[row if bias.shape[0] > 1 else 0, heads if bias.shape[1] > 1 else slice(None)]
+def _bias_block(bias: torch.Tensor, rows: slice, heads: slice) -> torch.Tensor:
+    """The view of a (B|1, H|1, Lq|1, Lk|1) bias that applies to batch `rows` and `heads`."""
+    return bias[rows if bias.shape[0] > 1 else slice(None), heads if bias.shape[1] > 1 else slice(None)]
 
 
 def _fold(x: torch.Tensor, group: int) -> torch.Tensor:
