@@ -49,6 +49,7 @@ class OFAUFOPipeline(Pipeline):
         task_obj = self._resolve_task(task, prompt)
         options = {name: kwargs.pop(name) for name in task_obj.options if name in kwargs}
         task_obj.check_options(options)
+        options["style"] = style  # the prompt style, for tasks that build further prompts (text_to_image's guidance)
         texts = self._per_item(prompt if task is None else text, len(images), "prompt" if task is None else "text")
         results: list[dict[str, Any] | None] = [None] * len(images)
         ready = []

@@ -255,3 +255,77 @@ def test_text_rows_padded_past_the_position_table_next_to_long_code_rows(process
             small(**{k: v[:1] for k, v in inputs.items()}, decoder_input_ids=rows[:1])
     torch.testing.assert_close(mixed[0, :5], alone[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mixed[1], code_alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_against_the_same_prompt_changes_nothing(model, processor, vqgan):
+    """log p_u = log p_c makes the guided distribution the conditional one, whatever the scale: the
+    unconditional decoder must follow generate's tokens and positions step by step (cache included)."""
+    inputs, code_range = _prompt(processor), _code_range(model, vqgan)
+    plain = generate_codes(model, inputs, code_range, 4, 2, do_sample=False)
+    guided = generate_codes(model, inputs, code_range, 4, 2, do_sample=False, guidance_scale=3.0, unconditional=inputs)
+    assert torch.equal(guided[0], plain[0])
+    torch.testing.assert_close(guided[1], plain[1], rtol=1e-4, atol=1e-3)
+    two = {k: v.repeat(2, 1) for k, v in inputs.items()}
+    torch.manual_seed(0)
+    sampled = generate_codes(model, two, code_range, 4, 2, num_return_sequences=2, do_sample=True, top_k=20)
+    torch.manual_seed(0)
+    sampled_guided = generate_codes(model, two, code_range, 4, 2, num_return_sequences=2, do_sample=True, top_k=20,
+                                    guidance_scale=2.0, unconditional=inputs)
+    assert sampled_guided[0].shape == (2, 2, 16) and torch.equal(sampled_guided[0], sampled[0])
+
+
+def test_guidance_follows_the_formula(model, processor, vqgan):
+    from ofa_ufo.generation.codes import CodeGuidance
+
+    conditional, unconditional = _prompt(processor, "a red circle"), _prompt(processor, "")
+    start, end = _code_range(model, vqgan)
+    ids = torch.tensor([[0], [0]])  # two rows served by one unconditional encoder row
+    with torch.inference_mode():
+        cond = model(**conditional, decoder_input_ids=ids[:1], code_grid=SIDE).logits[:, -1].log_softmax(-1)
+        uncond = model(**unconditional, decoder_input_ids=ids[:1], code_grid=SIDE).logits[:, -1].log_softmax(-1)
+        scores = cond.repeat(2, 1)
+        scores[:, :start] = float("-inf")  # what the code constraint leaves
+        scores[:, end:] = float("-inf")
+        guided = CodeGuidance(model, unconditional, 2.5, SIDE, (start, end))(ids, scores)
+    uncond = uncond[0, start:end].log_softmax(-1)  # renormalised over the codes, as the conditional
+    expected = uncond + 2.5 * (scores[0, start:end].log_softmax(-1) - uncond)
+    torch.testing.assert_close(guided[1, start:end], expected, rtol=1e-4, atol=1e-4)
+    assert torch.isinf(guided[:, :start]).all() and torch.isinf(guided[:, end:]).all()
+    with pytest.raises(ValueError, match="unconditional"):
+        generate_codes(model, conditional, (start, end), 4, 2, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
+        generate_codes(model, conditional, (start, end), 4, 2, guidance_scale=-1.0, unconditional=unconditional)
+
+
+def test_text_to_image_pipeline_guidance_scale(pipe, vqgan):
+    torch.manual_seed(0)
+    plain = pipe(None, task="text_to_image", text="a red circle", vqgan=vqgan, do_sample=False)
+    torch.manual_seed(0)
+    same = pipe(None, task="text_to_image", text="a red circle", vqgan=vqgan, do_sample=False, guidance_scale=1.0)
+    guided = pipe([None, None], task="text_to_image", text=["a red circle", "a blue star"], vqgan=vqgan,
+                  batch_size=2, do_sample=False, guidance_scale=4.0)
+    assert np.array_equal(np.asarray(plain["image"]), np.asarray(same["image"]))
+    assert [r["image"].size for r in guided] == [(64, 64), (64, 64)]
+    assert guided[0]["logprobs"] != plain["logprobs"]  # scored under the guided distribution
+
+
+def test_caption_dropout_trains_the_unconditional_prompt(processor, vqgan, photo):
+    from ofa_ufo.training.config import ConfigError, config_from_dict
+    from ofa_ufo.training.data import build_sources
+
+    prompt, target = get_task("text_to_image").build_example(dict(task="text_to_image", image=photo, text=""),
+                                                           dict(vqgan=vqgan), "ofa")
+    assert prompt == " what is the complete image? caption: " and target.startswith("<code_")
+    with pytest.raises(ValueError, match="needs a caption"):
+        get_task("text_to_image").prompt("")
+    fields = dict(tasks={"text_to_image": 1, "caption": 1}, demo_train_scenes=50, caption_dropout=0.25)
+    sources = build_sources(config_from_dict(fields, "test"))
+    texts = [sources["text_to_image"].draw(k)["text"] for k in range(400)]
+    again = [sources["text_to_image"].draw(k)["text"] for k in range(400)]
+    assert texts == again  # fixed per draw: a resumed run drops the same captions
+    assert 0.18 < texts.count("") / 400 < 0.32
+    assert all(sources["caption"].draw(k)["target"] for k in range(20))
+    with pytest.raises(ConfigError, match="caption_dropout"):
+        config_from_dict({**fields, "caption_dropout": 1.0}, "test")
+    with pytest.raises(ConfigError, match="no text_to_image"):
+        config_from_dict({"tasks": {"caption": 1}, "caption_dropout": 0.1}, "test")

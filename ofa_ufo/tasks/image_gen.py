@@ -121,9 +121,14 @@ class ImageGenTask(Task):
         code_range = (model.config.code_offset, model.config.code_offset + vqgan.config.n_embed)
         if "pixel_values" in inputs:
             inputs = {**inputs, "pixel_values": self.prepare_pixels(inputs["pixel_values"])}
-        kwargs = {**self.generate_kwargs(model.config, tokenizer, options), **generate_kwargs}
+        kwargs = {**self.generate_kwargs(model.config, tokenizer, options), **generate_kwargs,
+                  **self.guidance(model, inputs, tokenizer, options)}
         tokens, logprobs = generate_codes(model, inputs, code_range, side, tokenizer.eos_token_id, **kwargs)
         return [CodeSamples(t, lp.tolist(), vqgan, side) for t, lp in zip(tokens, logprobs)]
+
+    def guidance(self, model, inputs: dict, tokenizer, options: dict[str, Any]) -> dict[str, Any]:
+        """Extra `generate_codes` arguments for classifier-free guidance (none by default)."""
+        return {}
 
     def postprocess(self, raw: CodeSamples, tokenizer, meta: dict[str, Any]) -> dict[str, Any]:
         """Decode every sample; ValueError for a wrong code count or non-code tokens."""
@@ -148,12 +153,16 @@ class ImageGenTask(Task):
 
     def build_example(self, example: dict[str, Any], meta: dict[str, Any], style: str = DEFAULT_STYLE) -> tuple[str, str]:
         """(prompt, target): the target is the generated region's codes as `<code_k>` tokens."""
+        return self.prompt(example.get("text"), style), self.target_text(example, meta)
+
+    def target_text(self, example: dict[str, Any], meta: dict[str, Any]) -> str:
+        """The example image's VQGAN codes of the generated region, as `<code_k>` tokens."""
         vqgan = _need_vqgan(self, meta)
         if example.get("image") is None:
             raise ValueError(f"task {self.name!r}: a training example needs its image (the target)")
         size = self.image_size(vqgan, meta.get("options") or {})
         codes = vqgan.encode(image_to_pixels(_as_image(example["image"]), size, vqgan))[0]  # (n, n)
-        return self.prompt(example.get("text"), style), code_text(self.target_codes(codes))
+        return code_text(self.target_codes(codes))
 
     def target_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """The whole image's codes (n, n) -> the codes the decoder generates."""
@@ -162,12 +171,40 @@ class ImageGenTask(Task):
 
 @dataclass
 class TextToImageTask(ImageGenTask):
-    """Caption -> image; the prompt is the only input (OFA: no image in the encoder)."""
+    """Caption -> image; the prompt is the only input (OFA: no image in the encoder).
+
+    Extra option `guidance_scale` (default 1: none): classifier-free guidance against the prompt with an
+    empty caption (see `ofa_ufo.generation.codes.CodeGuidance`); useful on models trained with
+    `caption_dropout` (training config), which teaches that unconditional prompt. A training example
+    whose text is "" is such an unconditional example.
+    """
+
+    options: tuple[str, ...] = ("vqgan", "image_size", "guidance_scale")
 
     def prompt(self, text: str | None = None, style: str = DEFAULT_STYLE) -> str:
         if not text or not text.strip():
             raise ValueError("task 'text_to_image' needs a caption: pass text='...'")
         return super().prompt(text, style)
+
+    def unconditional_prompt(self, style: str = DEFAULT_STYLE) -> str:
+        """The prompt with an empty caption: what caption dropout trains and guidance contrasts with."""
+        return format_prompt(self.name, style, text="")
+
+    def build_example(self, example: dict[str, Any], meta: dict[str, Any], style: str = DEFAULT_STYLE) -> tuple[str, str]:
+        text = example.get("text")
+        prompt = self.unconditional_prompt(style) if text == "" else self.prompt(text, style)
+        return prompt, self.target_text(example, meta)
+
+    def guidance(self, model, inputs: dict, tokenizer, options: dict[str, Any]) -> dict[str, Any]:
+        scale = options.get("guidance_scale")
+        if scale is None or float(scale) == 1.0:
+            return {}
+        prompt = self.unconditional_prompt(options.get("style", DEFAULT_STYLE))
+        unconditional = tokenizer([prompt], return_tensors="pt")
+        unconditional = {k: unconditional[k].to(model.device) for k in ("input_ids", "attention_mask")}
+        if "task_ids" in inputs:
+            unconditional["task_ids"] = inputs["task_ids"][:1]
+        return {"guidance_scale": float(scale), "unconditional": unconditional}
 
     def request_prompt(self, meta: dict[str, Any], style: str = DEFAULT_STYLE) -> str:
         if meta.get("original_size") is not None:

@@ -53,6 +53,9 @@ class TrainConfig:
     data: dict[str, str] = field(default_factory=dict)
     # task -> held-out data ("demo", spec or .jsonl); default: the validation side of `data`
     eval_data: dict[str, str] = field(default_factory=dict)
+    # fraction of text_to_image examples trained with an empty caption (the unconditional prompt that
+    # classifier-free guidance, the pipeline's guidance_scale, contrasts with); Parti and Make-A-Scene use 0.1-0.2
+    caption_dropout: float = 0.0
     demo_train_scenes: int = 20000
     demo_max_objects: int = 3
     # identities of the generated demo data of each embedding task (reid_person, reid_vehicle, face,
@@ -122,7 +125,7 @@ def _plain(value: Any) -> Any:
 
 _CHOICES = {"objective": ("cross_entropy", "scst"), "precision": ("auto", "fp32", "bf16")}
 _NON_NEGATIVE = ("demo_train_scenes", "stem_warmup_images", "demo_train_identities", "eval_examples", "eval_every",
-                 "end_lr", "warmup_ratio", "weight_decay", "clip_norm", "ema_decay", "label_smoothing",
+                 "end_lr", "warmup_ratio", "weight_decay", "clip_norm", "ema_decay", "label_smoothing", "caption_dropout",
                  "head_loss_weight", "num_threads", "save_every", "seed")
 _POSITIVE = ("batch_size", "grad_accum", "max_steps", "lr", "keep_last", "log_every", "eval_batch_size",
              "scst_beams", "scst_max_new_tokens", "demo_max_objects")
@@ -186,6 +189,11 @@ def _check_ranges(config: TrainConfig) -> None:
         raise ConfigError(f"field 'warmup_ratio' must be < 1, got {config.warmup_ratio}")
     if config.ema_decay >= 1:
         raise ConfigError(f"field 'ema_decay' must be < 1, got {config.ema_decay}")
+    if config.caption_dropout >= 1:
+        raise ConfigError(f"field 'caption_dropout' must be < 1 (a fraction of the text_to_image examples), "
+                          f"got {config.caption_dropout}")
+    if config.caption_dropout and "text_to_image" not in config.tasks:
+        raise ConfigError("field 'caption_dropout' applies to text_to_image examples, but tasks has no text_to_image")
 
 
 def checked_dataclass(cls: type, raw: dict[str, Any], source: str, check: Callable[[Any], None]) -> Any:

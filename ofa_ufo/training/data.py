@@ -77,6 +77,24 @@ class ListSource:
         return self.examples[int(_permutation(self.seed, self.task, epoch, len(self.examples))[pos])]
 
 
+class CaptionDropout:
+    """Draw k of `source` with its caption replaced by "" (text_to_image's unconditional prompt) for a
+    fixed `rate` of the draws, chosen by (seed, k) so that a resumed run drops the same ones."""
+
+    def __init__(self, source, rate: float, seed: int) -> None:
+        self.source, self.rate, self.seed = source, rate, seed
+        self.task = source.task
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def draw(self, k: int) -> dict[str, Any]:
+        example = self.source.draw(k)
+        if np.random.default_rng((self.seed, zlib.crc32(b"caption_dropout"), k)).random() < self.rate:
+            return {**example, "text": ""}
+        return example
+
+
 def _permutation(seed: int, task: str, epoch: int, size: int) -> np.ndarray:
     key = np.random.SeedSequence((seed, zlib.crc32(task.encode()), epoch))
     return np.random.default_rng(key).permutation(size)
@@ -142,6 +160,8 @@ def build_sources(config: TrainConfig) -> dict[str, DemoSource | ListSource]:
             sources[task] = get_task(task).training_source(sources[task], config.seed)  # e.g. P x K draws
         except ValueError as error:
             raise DataSourceError(str(error)) from None
+    if config.caption_dropout:
+        sources["text_to_image"] = CaptionDropout(sources["text_to_image"], config.caption_dropout, config.seed)
     return sources
 
 
