@@ -191,9 +191,15 @@ class OFAUFOPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.Embedding) and module.num_embeddings == self.config.vocab_size:
             super()._init_weights(module)
             init.copy_(module.weight, _with_sinusoidal_bins(module.weight, self.config))
+        elif isinstance(module, nn.Linear) and getattr(module, "zero_init", False):
+            # A supernet block's residual outputs start at 0, so the freshly added ViT blocks start as the
+            # identity over the (warmed-up) stem's grid instead of washing its image signal out
+            # (benchmarks/README.md, "With the OFA tasks"). Checkpoints load their own values.
+            super()._init_weights(module)
+            init.zeros_(module.weight)
         elif isinstance(module, TaskMoEFFN):
             for linear in (module.shared.fc1, module.shared.fc2):
-                super()._init_weights(linear)
+                self._init_weights(linear)
             module.experts.init_from(module.shared, init.copy_)
             init.zeros_(module.router)
         else:

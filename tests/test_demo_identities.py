@@ -219,7 +219,7 @@ def test_allinone_and_ofa_tasks_train_together_on_the_supernet(tmp_path):
         f"{k}: {v}" for k, v in SUPERNET.items()) + "}}"
     config = load_config("pretrain_demo_allinone_ofa", [
         f"model_overrides={tiny}", "max_steps=2", "eval_examples=0", "demo_train_scenes=8", "demo_train_identities=8",
-        "num_threads=1", "save_every=0", f"output_dir={tmp_path}"])
+        "stem_warmup_images=0", "num_threads=1", "save_every=0", f"output_dir={tmp_path}"])
     try:
         trainer = Trainer(config, resume="never")
         assert trainer.unwrapped.config.vision_config.supernet_routed

@@ -67,6 +67,8 @@ class SupernetBlock(nn.Module):
         self.attn = ElasticAttention(dim, heads, head_dim)
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = TaskMoEFFN(num_tasks, dim, hidden) if routed else ElasticMLP(dim, hidden)
+        for residual_out in (self.attn.proj, self.ffn.shared.fc2 if routed else self.ffn.fc2):
+            residual_out.zero_init = True  # the block starts as the identity (OFAUFOPreTrainedModel._init_weights)
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor, heads: int | None, hidden: int | None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), heads)
