@@ -19,15 +19,28 @@ SUPERNET = dict(
 
 
 def supernet_model(seed: int = 0) -> ofa_ufo.OFAUFOForConditionalGeneration:
-    """A tiny routed supernet whose routers and task experts differ per task (as after training)."""
+    """A tiny routed supernet whose routers and task experts differ per task and whose residual outputs
+    are non-zero (as after training; at init they are 0, so the blocks would be the identity)."""
     model = tiny_model(seed, vision_config=SUPERNET)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for block in model.get_encoder().supernet.blocks:
             block.ffn.router.copy_(torch.randn(block.ffn.router.shape, generator=generator))
-            for p in block.ffn.experts.parameters():
+            for p in [*block.ffn.experts.parameters(), block.attn.proj.weight, block.ffn.shared.fc2.weight]:
                 p.add_(0.05 * torch.randn(p.shape, generator=generator))
     return model.eval()
+
+
+def test_fresh_supernet_blocks_are_the_identity():
+    """Residual outputs start at 0, so fresh blocks pass the stem's grid through unchanged; the other
+    weights are random, so training moves the residual outputs off 0 at once."""
+    supernet = tiny_model(0, vision_config=SUPERNET).get_encoder().supernet
+    x = torch.randn(2, 5, SUPERNET["supernet_dim"])
+    tasks = torch.tensor([task_id("caption"), task_id("face")])
+    for block in supernet.blocks:
+        assert not block.attn.proj.weight.any() and not block.ffn.shared.fc2.weight.any()
+        assert not block.ffn.experts.fc2_weight.any() and block.ffn.shared.fc1.weight.std() > 0
+        torch.testing.assert_close(block(x, tasks, None, None), x)
 
 
 @pytest.fixture(scope="module")
