@@ -495,6 +495,26 @@ def test_cell_labels_name_the_largest_object_covering_each_cell():
     assert (grid == background).sum() == 16 - 7
 
 
+def test_stem_warmup_accuracy_scores_shape_and_colour_apart():
+    from torch import nn
+
+    from ofa_ufo.data.demo_scenes import detection_labels
+    from ofa_ufo.training.stem_warmup import _accuracy
+
+    labels = detection_labels()
+    background = len(labels)
+    red_circle, green_circle, green_square, blue_square = (
+        labels.index(n) for n in ("red circle", "green circle", "green square", "blue square"))
+    targets = torch.tensor([[[red_circle, green_square], [background, blue_square]]])  # (1, 2, 2)
+    predicted = torch.tensor([[[green_circle, green_square], [background, background]]])
+    logits = nn.functional.one_hot(predicted, background + 1).permute(0, 3, 1, 2).float()  # (1, labels + 1, 2, 2)
+    scores = _accuracy(nn.Identity(), nn.Identity(), logits, targets, background)
+    assert scores["object_cell_accuracy"] == pytest.approx(1 / 3)
+    assert scores["shape_cell_accuracy"] == pytest.approx(2 / 3)  # circle for circle, square for square
+    assert scores["colour_cell_accuracy"] == pytest.approx(1 / 3)  # a missed object has neither
+    assert scores["background_cell_accuracy"] == 1.0
+
+
 def test_stem_warmup_trains_only_the_stem_and_is_reported(tmp_path):
     """A fresh run with `stem_warmup_images` starts from a stem trained alone on per-cell labels;
     the transformer keeps its initial weights, the global RNG is left as it was, and the warm-up's
@@ -512,3 +532,5 @@ def test_stem_warmup_trains_only_the_stem_and_is_reported(tmp_path):
     report = json.loads((tmp_path / "warm" / "metrics.json").read_text())["stem_warmup"]
     assert report["images"] == 64 and 0 <= report["object_cell_accuracy"] <= 1
     assert 0 <= report["background_cell_accuracy"] <= 1 and math.isfinite(report["final_loss"])
+    for part in ("shape_cell_accuracy", "colour_cell_accuracy"):  # a right label has both parts right
+        assert report["object_cell_accuracy"] <= report[part] <= 1

@@ -257,8 +257,9 @@ class Trainer:
                               self.config.demo_max_objects, self.accelerator.device, show_progress=main)
         if main:
             print(f"stem warm-up on {result['images']} generated scenes: held-out cell accuracy "
-                  f"{result['object_cell_accuracy']:.3f} on objects, {result['background_cell_accuracy']:.3f} "
-                  "on background", flush=True)
+                  f"{result['object_cell_accuracy']:.3f} on objects (shape {result['shape_cell_accuracy']:.3f}, colour "
+                  f"{result['colour_cell_accuracy']:.3f}), {result['background_cell_accuracy']:.3f} on background",
+                  flush=True)
         return result
 
     # ---- state ----------------------------------------------------------------------------
