@@ -10,6 +10,12 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+# How retrieval tasks (ReID, face, product) read an embedding out of the model (`OFAUFOModel.embed`):
+# "decoder": the final decoder state at the first step (image and prompt through every layer);
+# "image": the mean of the image tokens entering the text-image encoder (after the supernet's task
+# route and projection), which keeps metric-learning gradients out of the layers the generation tasks use.
+EMBEDDING_READOUTS = ("decoder", "image")
+
 RESNET_LAYERS = {
     "resnet50": (3, 4, 6),
     "resnet101": (3, 4, 23),
@@ -114,6 +120,7 @@ class OFAUFOConfig(PreTrainedConfig):
 
     Defaults are the OFA-Base shape. The unified vocabulary is text ids, then `num_codes` VQGAN
     code tokens starting at `code_offset`, then `num_bins` location bins at `bin_offset`.
+    `embedding_readout` picks the retrieval tasks' embedding (`EMBEDDING_READOUTS`).
     """
 
     model_type = "ofa-ufo"
@@ -153,6 +160,7 @@ class OFAUFOConfig(PreTrainedConfig):
     bin_offset: int = 58457
     label_smoothing: float = 0.0
     box_mode: str = "normalized"
+    embedding_readout: str = "decoder"
     max_image_size: int = 512
     vision_config: dict | PreTrainedConfig | None = None
     use_cache: bool = True
@@ -182,6 +190,8 @@ class OFAUFOConfig(PreTrainedConfig):
             raise ValueError(f"codes [{self.code_offset}, +{self.num_codes}) overlap bins at {self.bin_offset}")
         if self.box_mode not in ("normalized", "ofa"):
             raise ValueError(f"box_mode must be 'normalized' or 'ofa', got {self.box_mode!r}")
+        if self.embedding_readout not in EMBEDDING_READOUTS:
+            raise ValueError(f"embedding_readout must be one of {EMBEDDING_READOUTS}, got {self.embedding_readout!r}")
         grid = self.image_size // 16
         if grid > self.image_bucket_size:
             raise ValueError(

@@ -34,11 +34,20 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, start_token_id: 
     return shifted.masked_fill(shifted.eq(-100), pad_token_id)
 
 
-def embedding_readout(decoder_states: torch.Tensor) -> torch.Tensor:
-    """The embedding read-out of decoder states (B, T, D) -> (B, D): the final (layer-normed) state
-    at the first decoding step, whose input is the decoder start token only. The decoder is
-    causal, so this is the same whether the decoder ran on the start token alone (`embed`) or on
-    a whole teacher-forced target (training, where it shares the forward pass of token tasks)."""
+def embedding_readout(config: OFAUFOConfig, decoder_states: torch.Tensor | None,
+                      image_embedding: torch.Tensor | None) -> torch.Tensor:
+    """The raw retrieval embedding (B, D) under `config.embedding_readout`.
+
+    "decoder": the final (layer-normed) decoder state (B, T, D) at the first step, whose input is
+    the decoder start token only. The decoder is causal, so this is the same whether it ran on the
+    start token alone (`embed`) or on a whole teacher-forced target (training, where it shares the
+    forward pass of token tasks). "image": the encoder's `image_embedding`, the mean image token
+    before the text-image layers, so metric losses never reach the layers generation tasks share.
+    """
+    if config.embedding_readout == "image":
+        if image_embedding is None:
+            raise ValueError("the 'image' embedding read-out needs pixel_values")
+        return image_embedding
     return decoder_states[:, 0]
 
 
@@ -125,10 +134,19 @@ def _training_lookups(embedding: nn.Embedding, mode: str | None) -> Iterator[Non
 
 
 @dataclass
+class OFAUFOSeq2SeqModelOutput(Seq2SeqModelOutput):
+    """`Seq2SeqModelOutput` plus the encoder's mean image token (B, D), for the "image" read-out."""
+
+    image_embedding: torch.FloatTensor | None = None
+
+
+@dataclass
 class OFAUFOSeq2SeqLMOutput(Seq2SeqLMOutput):
-    """`Seq2SeqLMOutput` plus the decoder's final states (B, T, D), for embedding read-outs."""
+    """`Seq2SeqLMOutput` plus the decoder's final states (B, T, D) and the encoder's mean image
+    token (B, D), for embedding read-outs (`embedding_readout`)."""
 
     decoder_last_hidden_state: torch.FloatTensor | None = None
+    image_embedding: torch.FloatTensor | None = None
 
 
 def _check_supernet_kind(path, config: OFAUFOConfig) -> None:
@@ -263,7 +281,7 @@ class OFAUFOModel(OFAUFOPreTrainedModel):
         output_hidden_states: bool = False,
         code_grid: int | torch.Tensor | None = None,
         **kwargs,
-    ) -> Seq2SeqModelOutput:
+    ) -> OFAUFOSeq2SeqModelOutput:
         """Run the encoder unless `encoder_outputs` are given, then the decoder on `decoder_input_ids`
         (`code_grid`: which target rows are VQGAN code grids, see `OFADecoder.forward`)."""
         if encoder_outputs is None:
@@ -280,11 +298,12 @@ class OFAUFOModel(OFAUFOPreTrainedModel):
         elif not use_cache:
             cache = None
         states = self.decoder(decoder_input_ids, encoder_outputs, cache, code_grid)
-        return Seq2SeqModelOutput(
+        return OFAUFOSeq2SeqModelOutput(
             last_hidden_state=states,
             cache=cache,
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
             encoder_hidden_states=encoder_outputs.hidden_states,
+            image_embedding=encoder_outputs.image_embedding,
         )
 
     def embed(
@@ -298,15 +317,23 @@ class OFAUFOModel(OFAUFOPreTrainedModel):
     ) -> torch.Tensor:
         """Image (+ prompt) embedding (B, D = d_model) for retrieval tasks (ReID, face, product).
 
-        The encoder reads the image and the task's prompt (routed by `task_ids` in a UFO supernet);
-        the decoder runs one step on the start token; the read-out is its final state
-        (`embedding_readout`), L2-normalised unless `normalize=False` (training losses take the raw one).
+        Under the "decoder" read-out (`config.embedding_readout`) the encoder reads the image and the
+        task's prompt (routed by `task_ids` in a UFO supernet), the decoder runs one step on the start
+        token and its final state is the embedding; under "image" only the image embedding runs
+        (stem, routed supernet, projection) and its tokens are averaged. L2-normalised unless
+        `normalize=False` (training losses take the raw one).
         """
-        start = torch.full((input_ids.shape[0], 1), self.config.decoder_start_token_id, dtype=torch.long,
-                           device=input_ids.device)  # (B, 1)
-        outputs = self(input_ids, attention_mask, pixel_values, image_mask, task_ids, decoder_input_ids=start,
-                       use_cache=False)
-        features = embedding_readout(outputs.last_hidden_state)  # (B, D)
+        if self.config.embedding_readout == "image":
+            if pixel_values is None:
+                raise ValueError("the 'image' embedding read-out needs pixel_values")
+            tokens, _ = self.encoder.embed_image(pixel_values, task_ids)  # (B, N, D)
+            features = embedding_readout(self.config, None, tokens.mean(1))
+        else:
+            start = torch.full((input_ids.shape[0], 1), self.config.decoder_start_token_id, dtype=torch.long,
+                               device=input_ids.device)  # (B, 1)
+            outputs = self(input_ids, attention_mask, pixel_values, image_mask, task_ids, decoder_input_ids=start,
+                           use_cache=False)
+            features = embedding_readout(self.config, outputs.last_hidden_state, None)  # (B, D)
         return F.normalize(features, dim=-1) if normalize else features
 
 
@@ -400,6 +427,7 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states,
             decoder_last_hidden_state=outputs.last_hidden_state,
+            image_embedding=outputs.image_embedding,
         )
 
     def embed(

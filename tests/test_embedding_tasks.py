@@ -130,6 +130,43 @@ def test_each_task_routes_on_its_own_id(supernet, processor):
     assert (prompt_of_person - routed_as_vehicle).abs().max() > 1e-4
 
 
+def test_image_readout_is_the_mean_image_token_and_keeps_metric_losses_out_of_shared_layers(processor):
+    """embedding_readout="image": the embedding is the routed image tokens' mean before the text-image
+    encoder, the same in training and at inference, and its losses train only the image side."""
+    from ofa_ufo.training.data import build_batch
+    from ofa_ufo.training.objectives import cross_entropy_and_features
+
+    torch.manual_seed(0)
+    model = ofa_ufo.create_model("ofa_ufo_tiny_ufo", **TINY, vision_config=SUPERNET, embedding_readout="image")
+    model.eval()
+    with torch.no_grad():
+        for p in model.get_encoder().supernet.parameters():  # fresh blocks are the identity; make them route
+            p.add_(0.05 * torch.randn_like(p))
+    batch = processor(images=[_image(0), _image(1)], text=[get_task("face").prompt()] * 2, return_tensors="pt")
+    ids = torch.tensor([task_id("face")] * 2)
+    with torch.no_grad():
+        tokens, _ = model.get_encoder().embed_image(batch["pixel_values"], ids)  # (2, N, D)
+        embedded = model.embed(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], ids,
+                               batch["image_mask"])
+    torch.testing.assert_close(embedded, torch.nn.functional.normalize(tokens.mean(1), dim=-1))
+    assert (_embed(model, processor, "face") - _embed(model, processor, "reid_person")).abs().max() > 1e-4
+
+    rows = [{"id": str(i), "task": "face", "image": Image.fromarray(_image(i)), "meta": {"identity": i}}
+            for i in range(2)]
+    train_batch = build_batch(processor, rows)
+    model.train()
+    _, tokens_counted, features = cross_entropy_and_features(model, train_batch, 0.0)
+    assert tokens_counted == 0
+    features.pow(2).sum().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(grads[n] is None or not grads[n].any() for n in grads
+               if n.startswith(("model.encoder.layers.", "model.decoder.")))
+    assert grads["model.encoder.image_proj.weight"].abs().sum() > 0
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".supernet." in n)
+    with pytest.raises(ValueError, match="embedding_readout must be one of"):
+        ofa_ufo.create_model("ofa_ufo_tiny", **TINY, embedding_readout="pooled")
+
+
 def test_a_task_expert_changes_only_its_task(processor):
     torch.manual_seed(0)
     model = ofa_ufo.create_model("ofa_ufo_tiny_ufo", **TINY, vision_config=SUPERNET).eval()

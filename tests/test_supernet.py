@@ -99,14 +99,21 @@ def test_extracted_subnet_matches_routed_supernet(supernet, inputs, task):
     assert diff < 1e-5, diff
 
 
+@pytest.mark.parametrize("readout", ["decoder", "image"])
 @pytest.mark.parametrize("task", ["reid_person", "reid_vehicle", "face", "product"])
-def test_extracted_subnet_gives_the_supernets_embeddings(supernet, inputs, task):
-    """AllInOne deployment: each embedding task's dense subnet returns the routed supernet's vectors."""
-    dense = ofa_ufo.extract_subnet(supernet, task)
-    encoder_inputs = (inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
-    with torch.no_grad():
-        routed = supernet.embed(*encoder_inputs, torch.full((3,), task_id(task)), inputs["image_mask"])
-        extracted = dense.embed(*encoder_inputs, None, inputs["image_mask"])
+def test_extracted_subnet_gives_the_supernets_embeddings(supernet, inputs, task, readout):
+    """AllInOne deployment: each embedding task's dense subnet returns the routed supernet's vectors,
+    under either embedding read-out."""
+    supernet.config.embedding_readout = readout
+    try:
+        dense = ofa_ufo.extract_subnet(supernet, task)
+        encoder_inputs = (inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
+        with torch.no_grad():
+            routed = supernet.embed(*encoder_inputs, torch.full((3,), task_id(task)), inputs["image_mask"])
+            extracted = dense.embed(*encoder_inputs, None, inputs["image_mask"])
+    finally:
+        supernet.config.embedding_readout = "decoder"
+    assert dense.config.embedding_readout == readout
     assert routed.shape == (3, supernet.config.d_model)
     assert (routed - extracted).abs().max() < 1e-5
 

@@ -38,6 +38,8 @@ class OFAUFOEncoderOutput(ModelOutput):
     cross_position_keys memoises the decoder's projection of them during cached generation, and
     self_position_keys the decoder's key projections of its own positions, per kind of target row
     (text, or codes on a grid of a given side), which grow by one step at a time.
+    image_embedding (B, D) is the mean of the image tokens before the encoder layers (the "image"
+    embedding read-out, `OFAUFOConfig.embedding_readout`); None without an image.
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -46,6 +48,7 @@ class OFAUFOEncoderOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     cross_position_keys: torch.Tensor | None = None
     self_position_keys: dict[int, torch.Tensor] | None = None
+    image_embedding: torch.Tensor | None = None
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -188,9 +191,10 @@ class OFAEncoder(_Stack):
         x = self.embed_text(input_ids)
         pad = input_ids.eq(self.config.pad_token_id) if attention_mask is None else ~attention_mask.bool()
         positions = self.text_positions(input_ids.shape[1], input_ids.device)  # (1, T, D)
-        image_ids = None
+        image_ids = image_embedding = None
         if pixel_values is not None:
             image_x, image_ids = self.embed_image(pixel_values, task_ids)
+            image_embedding = image_x.mean(1)  # (B, N, D) -> (B, D)
             image_pad = torch.zeros(image_x.shape[:2], dtype=torch.bool, device=x.device)
             if image_mask is not None:
                 image_pad = image_pad | ~image_mask.bool()[:, None]
@@ -205,6 +209,7 @@ class OFAEncoder(_Stack):
             padding_mask=pad,
             position_embeddings=positions.expand(x.shape[0], -1, -1),
             hidden_states=hidden_states,
+            image_embedding=image_embedding,
         )
 
     def _run_layers(

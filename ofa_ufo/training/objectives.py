@@ -31,8 +31,8 @@ def cross_entropy(model, batch: dict[str, torch.Tensor], label_smoothing: float)
 def cross_entropy_and_features(model, batch: dict[str, torch.Tensor],
                                label_smoothing: float) -> tuple[torch.Tensor, int, torch.Tensor]:
     """`cross_entropy` plus every row's raw embedding read-out (B, D) from the same forward pass
-    (`embedding_readout`: the decoder is causal, so step 0 sees only the start token), for the
-    feature heads of embedding tasks, whose label rows are all ignored."""
+    (`embedding_readout`: the decoder is causal, so step 0 sees only the start token; or the mean
+    image token), for the feature heads of embedding tasks, whose label rows are all ignored."""
     config = getattr(model, "module", model).config
     labels = batch["labels"]
     decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
@@ -40,7 +40,8 @@ def cross_entropy_and_features(model, batch: dict[str, torch.Tensor],
                     code_grid=batch.get("code_grid"))  # VQGAN-code rows (image generation), see build_batch
     loss = F.cross_entropy(outputs.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                            label_smoothing=label_smoothing, reduction="sum")  # logits (B, T, V)
-    return loss, int((labels != -100).sum()), embedding_readout(outputs.decoder_last_hidden_state)
+    return loss, int((labels != -100).sum()), embedding_readout(
+        config, outputs.decoder_last_hidden_state, outputs.image_embedding)
 
 
 def head_losses(heads, features: torch.Tensor, examples: Sequence[dict[str, Any]]) -> torch.Tensor:
