@@ -215,14 +215,15 @@ def test_allinone_and_ofa_tasks_train_together_on_the_supernet(tmp_path):
     from ofa_ufo.training.config import load_config
 
     threads = torch.get_num_threads()
-    tiny = "{" + ", ".join(f"{k}: {v}" for k, v in TINY.items()) + ", vision_config: {" + ", ".join(
-        f"{k}: {v}" for k, v in SUPERNET.items()) + "}}"
+    shipped = load_config("pretrain_demo_allinone_ofa").model_overrides
+    tiny = json.dumps({**shipped, **TINY, "vision_config": SUPERNET})  # JSON is YAML
     config = load_config("pretrain_demo_allinone_ofa", [
         f"model_overrides={tiny}", "max_steps=2", "eval_examples=0", "demo_train_scenes=8", "demo_train_identities=8",
         "stem_warmup_images=0", "num_threads=1", "save_every=0", f"output_dir={tmp_path}"])
     try:
         trainer = Trainer(config, resume="never")
         assert trainer.unwrapped.config.vision_config.supernet_routed
+        assert trainer.unwrapped.config.embedding_readout == "image"  # metric losses stay off the shared layers
         assert set(trainer.heads) == {"face", "reid_person", "reid_vehicle", "product"}
         examples = trainer.mixture.micro_batch(0, 0, 1)
         assert {e["task"] for e in examples} == set(config.tasks) and len(examples) == config.batch_size
