@@ -519,7 +519,7 @@ def test_stem_warmup_trains_only_the_stem_and_is_reported(tmp_path):
     """A fresh run with `stem_warmup_images` starts from a stem trained alone on per-cell labels;
     the transformer keeps its initial weights, the global RNG is left as it was, and the warm-up's
     held-out accuracies reach metrics.json."""
-    config = make_config(tmp_path / "warm", stem_warmup_images=64, max_steps=1, **EXACT)
+    config = make_config(tmp_path / "warm", stem_warmup_images=64, stem_warmup_subcells=2, max_steps=1, **EXACT)
     with torch_threads():
         plain = Trainer(make_config(tmp_path / "plain", max_steps=1, **EXACT), resume="never")
         rng = torch.get_rng_state()
@@ -531,6 +531,8 @@ def test_stem_warmup_trains_only_the_stem_and_is_reported(tmp_path):
         warm.fit()
     report = json.loads((tmp_path / "warm" / "metrics.json").read_text())["stem_warmup"]
     assert report["images"] == 64 and 0 <= report["object_cell_accuracy"] <= 1
+    stem_grid = config.model_overrides["image_size"] // 16
+    assert report["label_grid"] == 2 * stem_grid  # each stem cell labelled as 2 x 2 sub-cells
     assert 0 <= report["background_cell_accuracy"] <= 1 and math.isfinite(report["final_loss"])
     for part in ("shape_cell_accuracy", "colour_cell_accuracy"):  # a right label has both parts right
         assert report["object_cell_accuracy"] <= report[part] <= 1

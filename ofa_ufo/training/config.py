@@ -64,6 +64,9 @@ class TrainConfig:
     # generated scenes that train the ResNet stem alone (per-cell object labels) before step 0 of a
     # fresh run: the demo's stand-in for OFA's ImageNet-pretrained ResNet (ofa_ufo.training.stem_warmup)
     stem_warmup_images: int = 0
+    # the warm-up labels each stem cell as an N x N grid of sub-cells, so the stem also learns where in a
+    # cell an object lies (box precision for grounding and detection); 1: one label per cell
+    stem_warmup_subcells: int = 1
     eval_examples: int = 100  # held-out examples per task (0: no evaluation)
     eval_every: int = 0  # steps between evaluations (0: before and after training only)
     eval_batch_size: int = 16
@@ -128,7 +131,7 @@ _NON_NEGATIVE = ("demo_train_scenes", "stem_warmup_images", "demo_train_identiti
                  "end_lr", "warmup_ratio", "weight_decay", "clip_norm", "ema_decay", "label_smoothing", "caption_dropout",
                  "head_loss_weight", "num_threads", "save_every", "seed")
 _POSITIVE = ("batch_size", "grad_accum", "max_steps", "lr", "keep_last", "log_every", "eval_batch_size",
-             "scst_beams", "scst_max_new_tokens", "demo_max_objects")
+             "scst_beams", "scst_max_new_tokens", "demo_max_objects", "stem_warmup_subcells")
 
 
 def _type_name(annotation: Any) -> str:

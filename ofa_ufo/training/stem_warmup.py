@@ -67,7 +67,7 @@ def _batch(scenes: DemoScenes, indices: range, processor, grid: int, labels: lis
 def _accuracy(stem: nn.Module, head: nn.Module, pixels: torch.Tensor, targets: torch.Tensor,
               background: int) -> dict[str, float]:
     stem.eval()
-    predicted = torch.cat([head(stem(chunk)).argmax(1) for chunk in pixels.split(BATCH_SIZE)])
+    predicted = torch.cat([head(stem(chunk)).argmax(1) for chunk in pixels.split(BATCH_SIZE)])  # (N, grid, grid)
     stem.train()
     objects = targets != background
     hit, want = predicted[objects], targets[objects]
@@ -81,10 +81,14 @@ def _accuracy(stem: nn.Module, head: nn.Module, pixels: torch.Tensor, targets: t
 
 
 def warm_up_stem(model, processor, images: int, seed: int = 0, max_objects: int = 3,
-                 device: torch.device | str = "cpu", show_progress: bool = True) -> dict[str, Any]:
+                 device: torch.device | str = "cpu", show_progress: bool = True,
+                 subcells: int = 1) -> dict[str, Any]:
     """Train `model`'s ResNet stem in place on `images` generated scenes (batch 32, AdamW 1e-3,
-    5% warmup then cosine); returns held-out per-cell accuracies. Runs under its own seed with
-    the global RNG state restored afterwards, so it does not shift the training run's randomness."""
+    5% warmup then cosine) to label every cell, or with `subcells` > 1 every sub-cell of an
+    N x N split of each cell (a 1x1 convolution to N * N label maps, then pixel shuffle): the
+    features must then say where in a cell an object lies, not only what it is, which box outputs
+    (grounding, detection) read. Returns held-out accuracies over the labelled (sub-)cells. Runs under its own seed with the global RNG state restored
+    afterwards, so it does not shift the training run's randomness."""
     stem: ResNetStem = model.get_encoder().embed_images  # every preset's encoder, supernets included
     labels = detection_labels()
     background = len(labels)
@@ -97,7 +101,9 @@ def warm_up_stem(model, processor, images: int, seed: int = 0, max_objects: int 
         size = processor.image_processor.size
         with torch.no_grad():  # eval mode: the shape probe leaves the BatchNorm statistics alone
             channels, grid = stem.eval()(torch.zeros(1, 3, size, size, device=device)).shape[1:3]  # (1, C, grid, grid)
-        head = nn.Conv2d(channels, background + 1, 1).to(device)
+        head = nn.Sequential(nn.Conv2d(channels, (background + 1) * subcells**2, 1),
+                             nn.PixelShuffle(subcells)).to(device)  # (B, C, g, g) -> (B, labels, g*s, g*s)
+        grid *= subcells
         params = list(stem.parameters()) + list(head.parameters())
         optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
         warmup = max(1, round(0.05 * steps))
@@ -120,4 +126,4 @@ def warm_up_stem(model, processor, images: int, seed: int = 0, max_objects: int 
         result = _accuracy(stem, head, pixels, targets, background)
     for param in stem.parameters():
         param.grad = None
-    return {"images": images, "final_loss": loss.item(), **result}
+    return {"images": images, "label_grid": grid, "final_loss": loss.item(), **result}

@@ -254,7 +254,8 @@ class Trainer:
         main = self.accelerator.is_main_process
         # every process runs the same seeded warm-up; DDP then broadcasts rank 0's weights anyway
         result = warm_up_stem(model, self.processor, self.config.stem_warmup_images, self.config.seed,
-                              self.config.demo_max_objects, self.accelerator.device, show_progress=main)
+                              self.config.demo_max_objects, self.accelerator.device, show_progress=main,
+                              subcells=self.config.stem_warmup_subcells)
         if main:
             print(f"stem warm-up on {result['images']} generated scenes: held-out cell accuracy "
                   f"{result['object_cell_accuracy']:.3f} on objects (shape {result['shape_cell_accuracy']:.3f}, colour "
