@@ -2,10 +2,10 @@
 extracted dense subnet, side by side in one run, same weights and images.
 
     .venv/bin/python benchmarks/bench_embeddings.py [--model ofa_ufo_tiny_ufo] [--image-size 256] \
-        [--batch 64] [--repeats 3] [--tasks reid_person face]
+        [--batch 64] [--repeats 3] [--tasks reid_person face] [--readout decoder|image]
 
-Each figure is the median wall time of `model.embed` (encoder + one decoder step, the documented
-read-out) on one batch of `--batch` images with the task's prompt, after an untimed warm-up, in
+Each figure is the median wall time of `model.embed` (`--readout decoder`: encoder + one decoder
+step; `image`: the image embedding only, docs/retrieval.md) on one batch of `--batch` images with the task's prompt, after an untimed warm-up, in
 `torch.inference_mode()` on this machine's CPU; the table also gives the largest difference
 between the two models' embeddings (they must agree to 1e-5).
 """
@@ -19,6 +19,7 @@ import torch
 from bench_supernet import median_time
 
 import ofa_ufo
+from ofa_ufo.configuration import EMBEDDING_READOUTS
 from ofa_ufo.supernet import extract_subnet
 from ofa_ufo.tasks import get_task, task_id
 
@@ -32,14 +33,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tasks", nargs="+", default=["reid_person", "face"], choices=EMBEDDING_TASKS)
+    parser.add_argument("--readout", default="decoder", choices=EMBEDDING_READOUTS)
     args = parser.parse_args()
     torch.manual_seed(0)
     warnings.simplefilter("ignore")  # extract_subnet warns that a random supernet was never trained
-    model = ofa_ufo.create_model(args.model, image_size=args.image_size).eval()
+    model = ofa_ufo.create_model(args.model, image_size=args.image_size, embedding_readout=args.readout).eval()
     processor = ofa_ufo.create_processor(args.model, image_size=args.image_size)
     pixels = torch.rand(args.batch, 3, args.image_size, args.image_size) * 2 - 1  # (B, 3, S, S), normalised range
-    print(f"{args.model} at {args.image_size} px, gallery batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
+    print(f"{args.model} at {args.image_size} px, {args.readout} read-out, gallery batch {args.batch}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
     print("| task | supernet (emb/s) | subnet (emb/s) | subnet / supernet | max abs diff |\n|---|---|---|---|---|")
     for task in args.tasks:
         prompt = processor.tokenizer([get_task(task).prompt()] * args.batch, return_tensors="pt")
