@@ -87,8 +87,9 @@ def warm_up_stem(model, processor, images: int, seed: int = 0, max_objects: int 
     5% warmup then cosine) to label every cell, or with `subcells` > 1 every sub-cell of an
     N x N split of each cell (a 1x1 convolution to N * N label maps, then pixel shuffle): the
     features must then say where in a cell an object lies, not only what it is, which box outputs
-    (grounding, detection) read. Returns held-out accuracies over the labelled (sub-)cells. Runs under its own seed with the global RNG state restored
-    afterwards, so it does not shift the training run's randomness."""
+    (grounding, detection) read. Returns held-out accuracies over the labelled (sub-)cells. Runs
+    under its own seed with the global RNG state restored afterwards, so it does not shift the
+    training run's randomness."""
     stem: ResNetStem = model.get_encoder().embed_images  # every preset's encoder, supernets included
     labels = detection_labels()
     background = len(labels)
