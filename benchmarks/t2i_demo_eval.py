@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vqgan", default=None, help="VQGAN directory (default: <model>/vqgan)")
     parser.add_argument("--scenes", type=int, default=100, help="held-out scenes (val split)")
     parser.add_argument("--max-objects", type=int, default=3, help="objects per scene, as in training")
+    parser.add_argument("--object-size", type=float, nargs=2, default=(0.15, 0.45), metavar=("MIN", "MAX"),
+                        help="object side / image side, as the training config's demo_object_size")
     parser.add_argument("--seed", type=int, default=0, help="demo split seed and sampling seed")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of OFA's top-k 256 sampling")
     parser.add_argument("--reader-images", type=int, default=3000,
@@ -127,10 +129,11 @@ def _labels(scene) -> torch.Tensor:
     return target
 
 
-def train_reader(vqgan, size: int, images: int, max_objects: int, seed: int) -> SceneReader:
+def train_reader(vqgan, size: int, images: int, max_objects: int, seed: int,
+                 object_size: tuple[float, float]) -> SceneReader:
     """Fit a SceneReader on `images` generated training scenes as this VQGAN reconstructs them."""
     torch.manual_seed(seed)
-    scenes = DemoScenes("train", images, seed=seed + 1, max_objects=max_objects)
+    scenes = DemoScenes("train", images, seed=seed + 1, max_objects=max_objects, object_size=object_size)
     pixels, targets = [], []
     with torch.inference_mode():
         for start in range(0, len(scenes), 64):
@@ -225,7 +228,8 @@ def main(argv=None) -> int:
     pipe = pipeline("ofa-ufo", model=args.model)
     vqgan = resolve_vqgan(args.vqgan, pipe.model)
     size = vqgan.config.resolution
-    split = DemoScenes("val", args.scenes, seed=args.seed, max_objects=args.max_objects)
+    split = DemoScenes("val", args.scenes, seed=args.seed, max_objects=args.max_objects,
+                       object_size=tuple(args.object_size))
     scenes = [split[i] for i in range(len(split))]
     captions = [make_examples(s, split.example_rng(i), ("text_to_image",))[0]["text"] for i, s in enumerate(scenes)]
     order = derangement(len(captions), np.random.default_rng(args.seed))
@@ -243,7 +247,7 @@ def main(argv=None) -> int:
         reconstructions = pixels_to_images(vqgan.decode(vqgan.encode(pixels)))
         blanked = get_task("image_infill").prepare_pixels(pixels)
         grey_centre = pixels_to_images(vqgan.decode(vqgan.encode(blanked)))
-    reader = train_reader(vqgan, size, args.reader_images, args.max_objects, args.seed)
+    reader = train_reader(vqgan, size, args.reader_images, args.max_objects, args.seed, tuple(args.object_size))
     read = {name: reader_scores(reader, images, scenes, size) for name, images in
             [("generated", generated), ("shuffled_captions (chance)", shuffled), ("scenes", references),
              ("vqgan_reconstructions", reconstructions)]}

@@ -322,6 +322,17 @@ def test_occlusion_is_bounded_and_deterministic() -> None:
         generate_scene(np.random.default_rng(0), occlusion=0.9)
 
 
+def test_object_size_bounds_every_box_and_defaults_to_the_old_scenes() -> None:
+    big = DemoScenes("train", 40, size=64, seed=1, max_objects=1, object_size=(0.4, 0.6))
+    sides = [o.box[2] - o.box[0] for s in (big[i] for i in range(len(big))) for o in s.objects]
+    assert sides and all(round(0.4 * 64) <= side <= round(0.6 * 64) for side in sides)
+    assert _same(DemoScenes("val", 5, size=96, seed=2)[3],
+                 DemoScenes("val", 5, size=96, seed=2, object_size=(MIN_SIDE, MAX_SIDE))[3])
+    for bad in [(0.0, 0.3), (0.5, 0.4), (0.2, 1.2), (0.3,)]:
+        with pytest.raises(ValueError, match="object_size must be"):
+            DemoScenes("val", 5, object_size=bad)
+
+
 def test_occluding_shape_is_drawn_on_top() -> None:
     ds = DemoScenes("val", 60, size=96, seed=3, max_objects=4, occlusion=0.3)
     checked = 0

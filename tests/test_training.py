@@ -31,7 +31,7 @@ from ofa_ufo.training import ConfigError, Trainer, TrainingError, load_config
 from ofa_ufo.training import checkpoint as ckpt
 from ofa_ufo.training.__main__ import main
 from ofa_ufo.training.config import config_from_dict
-from ofa_ufo.training.data import DataSourceError
+from ofa_ufo.training.data import DataSourceError, build_sources, eval_examples
 
 REPO = Path(__file__).resolve().parents[1]
 # sensitive to the gradient's scale (see the module docstring); one thread for bitwise repeatability
@@ -99,6 +99,9 @@ def saved_losses(output_dir: Path) -> list[float]:
     (["tasks={bogus: 1}"], r"unknown task\(s\) \['bogus'\]; registered tasks: \[.*'caption'.*'vqa'"),
     (["batch_size=0"], r"field 'batch_size' must be > 0, got 0"),
     (["lr_scale={model.encoder: 0}"], r"field 'lr_scale' needs multipliers > 0, got \{'model.encoder': 0.0\}"),
+    (["demo_object_size=[0.5, 1.5]"], r"field 'demo_object_size': object_size must be \(min, max\) fractions of the "
+                                      r"image side with 0 < min <= max <= 1, got \(0.5, 1.5\)"),
+    (["demo_object_size=[0.5]"], r"field 'demo_object_size' expects 2 values, got \[0.5\]"),
 ])
 def test_config_errors_name_the_problem(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -119,6 +122,17 @@ def test_config_file_must_be_a_mapping(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="no config file 'no_such_config'; shipped configs: "):
         load_config("no_such_config")
+
+
+def test_demo_scene_settings_reach_training_and_held_out_scenes():
+    config = load_config(None, ["tasks={detection: 1}", "demo_max_objects=1", "demo_object_size=[0.5, 0.6]",
+                                "demo_train_scenes=8", "eval_examples=8"])
+    train_scenes = build_sources(config)["detection"].scenes
+    held_out, _ = eval_examples(config, "detection")
+    boxes = [o.box for i in range(len(train_scenes)) for o in train_scenes[i].objects]
+    boxes += [box for example in held_out for box in example["boxes"]]
+    assert len(boxes) == 16  # one object per scene
+    assert all(round(0.5 * 256) <= x1 - x0 <= round(0.6 * 256) for x0, _, x1, _ in boxes)
 
 
 def test_cli_reports_config_errors_without_traceback(capsys):

@@ -74,6 +74,8 @@ def test_gumbel_annealing_discriminator_and_config_checks(tmp_path):
         make_config({"pixel_loss": "l3"})
     with pytest.raises(ConfigError, match="steps"):
         make_config({"steps": 0})
+    with pytest.raises(ConfigError, match=r"field 'object_size': object_size must be \(min, max\) fractions"):
+        make_config({"object_size": [0.6, 0.3]})
 
 
 def test_object_pixels_weigh_more_in_the_pixel_loss():

@@ -151,9 +151,9 @@ def _background(rng: np.random.Generator, size: int) -> tuple[str, Image.Image]:
     return name, Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
 
 
-def _random_object(rng: np.random.Generator, size: int) -> SceneObject:
+def _random_object(rng: np.random.Generator, size: int, object_size: tuple[float, float]) -> SceneObject:
     """A random shape and colour in a random square box inside the image."""
-    side = int(rng.integers(round(MIN_SIDE * size), round(MAX_SIDE * size) + 1))
+    side = int(rng.integers(round(object_size[0] * size), round(object_size[1] * size) + 1))
     x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
     shape = SHAPES[rng.integers(len(SHAPES))]
     color = list(COLORS)[rng.integers(len(COLORS))]
@@ -207,12 +207,12 @@ def _left_to_right(obj: SceneObject) -> tuple[float, float]:
 
 
 def _place_objects(
-    rng: np.random.Generator, size: int, count: int, occlusion: float
+    rng: np.random.Generator, size: int, count: int, occlusion: float, object_size: tuple[float, float]
 ) -> list[SceneObject]:
     """Rejection-sample up to `count` objects (the first always fits), in drawing order."""
     objects: list[SceneObject] = []
     for _ in range(count * PLACEMENT_TRIES):
-        candidate = _random_object(rng, size)
+        candidate = _random_object(rng, size, object_size)
         candidate.layer = len(objects)
         if _fits(candidate, objects, occlusion):
             objects.append(candidate)
@@ -233,12 +233,18 @@ def _draw(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
 
 
 def generate_scene(
-    rng: np.random.Generator, size: int = 256, max_objects: int = 3, occlusion: float = 0.0
+    rng: np.random.Generator,
+    size: int = 256,
+    max_objects: int = 3,
+    occlusion: float = 0.0,
+    object_size: tuple[float, float] = (MIN_SIDE, MAX_SIDE),
 ) -> Scene:
     """Draw 1..max_objects shapes (no antialiasing, so colours stay exact).
 
     `occlusion` > 0 lets a later shape cover up to that fraction of an earlier one (and of
     the smaller of the two boxes); 0 keeps shapes apart. Boxes stay amodal (full extent).
+    `object_size` is the (min, max) side of an object's box as a fraction of the image side:
+    larger objects keep their shapes legible on a coarse grid (an 8 x 8 VQGAN code grid).
     """
     if not 1 <= max_objects < len(NUMBER_WORDS):
         raise ValueError(f"max_objects must be in [1, {len(NUMBER_WORDS) - 1}], got {max_objects}")
@@ -246,12 +252,20 @@ def generate_scene(
         raise ValueError(f"size must be at least 16 pixels, got {size}")
     if not 0.0 <= occlusion <= MAX_OCCLUSION:
         raise ValueError(f"occlusion must be in [0, {MAX_OCCLUSION}], got {occlusion}")
+    check_object_size(object_size)
     background, image = _background(rng, size)
-    objects = _place_objects(rng, size, int(rng.integers(1, max_objects + 1)), occlusion)
+    objects = _place_objects(rng, size, int(rng.integers(1, max_objects + 1)), occlusion, object_size)
     draw = ImageDraw.Draw(image)
     for obj in objects:
         _draw(draw, obj)
     return Scene(image, sorted(objects, key=_left_to_right), background)
+
+
+def check_object_size(object_size: Sequence[float]) -> None:
+    """ValueError unless `object_size` is (min, max) with 0 < min <= max <= 1 (fractions of the side)."""
+    if len(object_size) != 2 or not 0 < object_size[0] <= object_size[1] <= 1:
+        raise ValueError(f"object_size must be (min, max) fractions of the image side with 0 < min <= max <= 1, "
+                         f"got {tuple(object_size)}")
 
 
 def _article(word: str) -> str:
@@ -558,18 +572,21 @@ class DemoScenes(Dataset):
         seed: int = 0,
         max_objects: int = 3,
         occlusion: float = 0.0,
+        object_size: tuple[float, float] = (MIN_SIDE, MAX_SIDE),
     ) -> None:
         if num_scenes < 0 or seed < 0:
             raise ValueError("num_scenes and seed must be non-negative")
+        check_object_size(object_size)
         self.split, self.num_scenes, self.size = split, num_scenes, size
         self.seed, self.max_objects, self.occlusion = seed, max_objects, occlusion
+        self.object_size = (float(object_size[0]), float(object_size[1]))
 
     def __len__(self) -> int:
         return self.num_scenes
 
     def __getitem__(self, index: int) -> Scene:
         rng = self._rng(index, stream=0)
-        return generate_scene(rng, self.size, self.max_objects, self.occlusion)
+        return generate_scene(rng, self.size, self.max_objects, self.occlusion, self.object_size)
 
     def example_rng(self, index: int, epoch: int = 0) -> np.random.Generator:
         """A generator for building scene `index`'s task examples: fixed per epoch, so a

@@ -58,6 +58,9 @@ class TrainConfig:
     caption_dropout: float = 0.0
     demo_train_scenes: int = 20000
     demo_max_objects: int = 3
+    # (min, max) side of a demo object's box as a fraction of the image side (training, held-out scenes and
+    # the stem warm-up alike); larger objects keep shapes legible on coarse grids (8 x 8 VQGAN codes)
+    demo_object_size: tuple[float, float] = (0.15, 0.45)
     # identities of the generated demo data of each embedding task (reid_person, reid_vehicle, face,
     # product), 8 images each (ofa_ufo.data.demo_identities)
     demo_train_identities: int = 1000
@@ -192,6 +195,12 @@ def _check_ranges(config: TrainConfig) -> None:
         raise ConfigError(f"field 'warmup_ratio' must be < 1, got {config.warmup_ratio}")
     if config.ema_decay >= 1:
         raise ConfigError(f"field 'ema_decay' must be < 1, got {config.ema_decay}")
+    from ofa_ufo.data.demo_scenes import check_object_size
+
+    try:
+        check_object_size(config.demo_object_size)
+    except ValueError as error:
+        raise ConfigError(f"field 'demo_object_size': {error}") from None
     if config.caption_dropout >= 1:
         raise ConfigError(f"field 'caption_dropout' must be < 1 (a fraction of the text_to_image examples), "
                           f"got {config.caption_dropout}")

@@ -140,7 +140,8 @@ def build_sources(config: TrainConfig) -> dict[str, DemoSource | ListSource]:
     """One example source per configured task: `data[task]` is "demo" (default: generated scenes, or
     generated identities for the embedding tasks), a spec name or spec file from tasks/, or a canonical
     `.jsonl` file."""
-    scenes = DemoScenes("train", config.demo_train_scenes, seed=config.seed, max_objects=config.demo_max_objects)
+    scenes = DemoScenes("train", config.demo_train_scenes, seed=config.seed, max_objects=config.demo_max_objects,
+                        object_size=config.demo_object_size)
     sources: dict[str, DemoSource | ListSource] = {}
     for task in config.tasks:
         get_task(task)  # unknown task names fail here, listing the registered ones
@@ -192,7 +193,8 @@ def _held_out(config: TrainConfig, task: str, data: str) -> tuple[list[dict[str,
         if name not in list_specs():
             return [], None
         spec = load_spec(name)
-        size = {"val_scenes": config.eval_examples, "max_objects": config.demo_max_objects}
+        size = {"val_scenes": config.eval_examples, "max_objects": config.demo_max_objects,
+                "object_size": list(config.demo_object_size)}
         if spec.data.get("source") == "demo_identities":
             size = {"val_examples": config.eval_examples}
         spec = replace(spec, data={**spec.data, **size})

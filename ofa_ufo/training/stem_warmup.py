@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ofa_ufo.data.demo_scenes import SHAPES, DemoScenes, Scene, detection_labels
+from ofa_ufo.data.demo_scenes import MAX_SIDE, MIN_SIDE, SHAPES, DemoScenes, Scene, detection_labels
 from ofa_ufo.models.resnet import ResNetStem
 
 BATCH_SIZE = 32
@@ -82,7 +82,7 @@ def _accuracy(stem: nn.Module, head: nn.Module, pixels: torch.Tensor, targets: t
 
 def warm_up_stem(model, processor, images: int, seed: int = 0, max_objects: int = 3,
                  device: torch.device | str = "cpu", show_progress: bool = True,
-                 subcells: int = 1) -> dict[str, Any]:
+                 subcells: int = 1, object_size: tuple[float, float] = (MIN_SIDE, MAX_SIDE)) -> dict[str, Any]:
     """Train `model`'s ResNet stem in place on `images` generated scenes (batch 32, AdamW 1e-3,
     5% warmup then cosine) to label every cell, or with `subcells` > 1 every sub-cell of an
     N x N split of each cell (a 1x1 convolution to N * N label maps, then pixel shuffle): the
@@ -93,8 +93,8 @@ def warm_up_stem(model, processor, images: int, seed: int = 0, max_objects: int 
     stem: ResNetStem = model.get_encoder().embed_images  # every preset's encoder, supernets included
     labels = detection_labels()
     background = len(labels)
-    train_scenes = DemoScenes("stem_warmup", images, seed=seed, max_objects=max_objects)
-    held_out = DemoScenes("stem_warmup_eval", HELD_OUT, seed=seed, max_objects=max_objects)
+    train_scenes = DemoScenes("stem_warmup", images, seed=seed, max_objects=max_objects, object_size=object_size)
+    held_out = DemoScenes("stem_warmup_eval", HELD_OUT, seed=seed, max_objects=max_objects, object_size=object_size)
     steps = math.ceil(images / BATCH_SIZE)
     stem.to(device)
     with torch.random.fork_rng(devices=[]):

@@ -255,7 +255,7 @@ class Trainer:
         # every process runs the same seeded warm-up; DDP then broadcasts rank 0's weights anyway
         result = warm_up_stem(model, self.processor, self.config.stem_warmup_images, self.config.seed,
                               self.config.demo_max_objects, self.accelerator.device, show_progress=main,
-                              subcells=self.config.stem_warmup_subcells)
+                              subcells=self.config.stem_warmup_subcells, object_size=self.config.demo_object_size)
         if main:
             print(f"stem warm-up on {result['images']} generated scenes: held-out cell accuracy "
                   f"{result['object_cell_accuracy']:.3f} on objects (shape {result['shape_cell_accuracy']:.3f}, colour "

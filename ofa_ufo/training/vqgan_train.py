@@ -77,6 +77,7 @@ class VQGANTrainConfig:
     train_scenes: int = 4000  # demo scenes of the OFA trainer's "train" split (same seed: the same scenes)
     eval_scenes: int = 64  # held-out scenes ("val" split) for the metrics
     max_objects: int = 3
+    object_size: tuple[float, float] = (0.15, 0.45)  # (min, max) object side / image side, as the trainer's
     flip: bool = True  # random horizontal flips of training images
     grid_images: int = 8  # columns of reconstructions.png
     seed: int = 0
@@ -104,6 +105,12 @@ def _check(config: VQGANTrainConfig) -> None:
     bad = [n for n in _POSITIVE if getattr(config, n) <= 0] + [n for n in _NON_NEGATIVE if getattr(config, n) < 0]
     if bad:
         raise ConfigError(f"field(s) {bad} out of range (must be > 0: {list(_POSITIVE)}; >= 0: {list(_NON_NEGATIVE)})")
+    from ofa_ufo.data.demo_scenes import check_object_size
+
+    try:
+        check_object_size(config.object_size)
+    except ValueError as error:
+        raise ConfigError(f"field 'object_size': {error}") from None
     if config.pixel_loss not in ("l1", "l2"):
         raise ConfigError(f"field 'pixel_loss' must be 'l1' or 'l2', got {config.pixel_loss!r}")
 
@@ -111,12 +118,13 @@ def _check(config: VQGANTrainConfig) -> None:
 # ---- data ---------------------------------------------------------------------------------------
 
 
-def demo_pixels(split: str, count: int, size: int, seed: int, max_objects: int) -> torch.Tensor:
+def demo_pixels(split: str, count: int, size: int, seed: int, max_objects: int,
+                object_size: tuple[float, float] = (0.15, 0.45)) -> torch.Tensor:
     """`count` demo scenes of `split` as the VQGAN sees them: (count, 3, size, size) in [-1, 1]
     (drawn at 256 px, LANCZOS-resized as `text_to_image` / `image_infill` encode their targets)."""
     from ofa_ufo.data import DemoScenes
 
-    scenes = DemoScenes(split, count, seed=seed, max_objects=max_objects)
+    scenes = DemoScenes(split, count, seed=seed, max_objects=max_objects, object_size=object_size)
     return torch.stack([_to_pixels(scenes[i].image, size) for i in range(count)])
 
 
@@ -300,8 +308,10 @@ class VQGANTrainer:
         self.vqgan = build_vqgan(config)
         self.gumbel = self.vqgan.config.quantizer == "gumbel"
         size = config.image_size
-        self.train_pixels = demo_pixels("train", config.train_scenes, size, config.seed, config.max_objects)
-        self.eval_pixels = demo_pixels("val", config.eval_scenes, size, config.seed, config.max_objects)
+        self.train_pixels = demo_pixels("train", config.train_scenes, size, config.seed, config.max_objects,
+                                        config.object_size)
+        self.eval_pixels = demo_pixels("val", config.eval_scenes, size, config.seed, config.max_objects,
+                                       config.object_size)
         self.optimizer = torch.optim.Adam(self.vqgan.parameters(), lr=config.lr, betas=config.betas)
         self.scheduler = _lr_schedule(self.optimizer, config)
         self.disc = PatchDiscriminator() if config.disc_weight > 0 else None
