@@ -19,7 +19,9 @@ shape (colour) is one the scene's caption names (`shape_named`, `color_named`).
 
 Before any sampling it reports `caption_information`: the teacher-forced negative log-likelihood of
 each scene's VQGAN codes under its own caption and under a shuffled one; their difference (nats per
-image) is what the caption tells the model about the image (0 when it ignores the caption).
+image) is what the caption tells the model about the image (0 when it ignores the caption). The
+same with only the first object's shape word (colour word) swapped for another, `shape_information`
+(`color_information`), says what that one word tells it, whether or not sampling shows it yet.
 `--information-only` stops there (seconds; for checkpoints during a run). It also reports
 the PSNR of the model's (greedy) infilling of the held-out scenes, next to two references: the
 VQGAN reconstruction of the whole scene (the ceiling) and of the scene with its centre left grey.
@@ -45,11 +47,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ofa_ufo.data.demo_scenes import BACKGROUNDS, COLORS, SHAPES, DemoScenes, make_examples  # noqa: E402
+from ofa_ufo.data.demo_scenes import (  # noqa: E402
+    BACKGROUNDS,
+    COLORS,
+    SHAPES,
+    DemoScenes,
+    Scene,
+    SceneObject,
+    caption_example,
+    make_examples,
+)
 from ofa_ufo.tasks.image_gen import image_to_pixels  # noqa: E402
 
 MIN_OBJECT_FRACTION = 0.02  # below this share of object-coloured pixels an image has no dominant colour
@@ -60,13 +72,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="an OFA-UFO save_pretrained directory trained with text_to_image")
     parser.add_argument("--vqgan", default=None, help="VQGAN directory (default: <model>/vqgan)")
     parser.add_argument("--scenes", type=int, default=100, help="held-out scenes (val split)")
-    parser.add_argument("--max-objects", type=int, default=3, help="objects per scene, as in training")
-    parser.add_argument("--object-size", type=float, nargs=2, default=(0.15, 0.45), metavar=("MIN", "MAX"),
-                        help="object side / image side, as the training config's demo_object_size")
+    parser.add_argument("--max-objects", type=int, default=None,
+                        help="objects per scene (default: demo_max_objects of the model's train_config.yaml, else 3)")
+    parser.add_argument("--object-size", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="object side / image side (default: demo_object_size of the model's train_config.yaml, "
+                             "else 0.15 0.45)")
     parser.add_argument("--seed", type=int, default=0, help="demo split seed and sampling seed")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of OFA's top-k 256 sampling")
     parser.add_argument("--reader-images", type=int, default=3000,
                         help="training scenes for the shape/colour reader (VQGAN reconstructions)")
+    parser.add_argument("--reader-epochs", type=int, default=20,
+                        help="passes over them (6 left the reader naming only 0.47 of big single shapes right)")
     parser.add_argument("--guidance-scale", type=float, default=1.0,
                         help="classifier-free guidance scale (1: none; for models trained with caption_dropout)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -75,7 +91,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--information-only", action="store_true",
                         help="only the caption-information figure (teacher-forced, no sampling; seconds)")
     parser.add_argument("--output", default=None, help="folder for t2i_eval.json and t2i_samples.png")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    trained = _training_scenes(Path(args.model))
+    if args.max_objects is None:
+        args.max_objects = trained.get("demo_max_objects", 3)
+    args.object_size = tuple(args.object_size or trained.get("demo_object_size", (0.15, 0.45)))
+    return args
+
+
+def _training_scenes(model: Path) -> dict:
+    """The demo-scene settings the model was trained with (its train_config.yaml), so that held-out
+    scenes look like its training scenes; {} when the folder has no training config."""
+    path = model / "train_config.yaml"
+    if not path.is_file():
+        return {}
+    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return {k: config[k] for k in ("demo_max_objects", "demo_object_size") if k in config}
 
 
 def _palette() -> tuple[list[str], np.ndarray]:
@@ -130,7 +161,7 @@ def _labels(scene) -> torch.Tensor:
 
 
 def train_reader(vqgan, size: int, images: int, max_objects: int, seed: int,
-                 object_size: tuple[float, float]) -> SceneReader:
+                 object_size: tuple[float, float], epochs: int = 20) -> SceneReader:
     """Fit a SceneReader on `images` generated training scenes as this VQGAN reconstructs them."""
     torch.manual_seed(seed)
     scenes = DemoScenes("train", images, seed=seed + 1, max_objects=max_objects, object_size=object_size)
@@ -144,7 +175,7 @@ def train_reader(vqgan, size: int, images: int, max_objects: int, seed: int,
     pixels, targets = torch.cat(pixels), torch.stack(targets)
     reader = SceneReader()
     optimizer = torch.optim.AdamW(reader.parameters(), lr=2e-3)
-    for _ in range(6):
+    for _ in range(epochs):
         for idx in torch.randperm(len(pixels)).split(64):
             loss = torch.nn.functional.binary_cross_entropy_with_logits(reader(pixels[idx]), targets[idx])
             optimizer.zero_grad()
@@ -203,6 +234,31 @@ def caption_information(model, processor, vqgan, scenes, captions: list[str], or
             "images_more_likely_under_own_caption": round(float((own < other).float().mean()), 3)}
 
 
+def swapped_caption(scene, part: str) -> str:
+    """The scene's caption with its first object's shape (`part` "shape") or colour ("color") replaced by
+    the next one in the demo's list, everything else kept."""
+    first, *rest = scene.objects
+    if part == "shape":
+        changed = SceneObject(SHAPES[(SHAPES.index(first.shape) + 1) % len(SHAPES)], first.color, first.box)
+    else:
+        names = list(COLORS)
+        changed = SceneObject(first.shape, names[(names.index(first.color) + 1) % len(names)], first.box)
+    return caption_example(Scene(scene.image, [changed, *rest], scene.background))["target"]
+
+
+def word_information(model, processor, vqgan, scenes, captions: list[str], batch_size: int) -> dict:
+    """What a caption's shape word and colour word each tell the model: the rise in the codes' negative
+    log-likelihood when the first object's shape (colour) in the caption is swapped for another (nats per
+    image; 0 when the model ignores that word), and how often the own caption is the likelier one."""
+    own = code_nll(model, processor, vqgan, scenes, captions, batch_size)
+    report = {}
+    for part in ("shape", "color"):
+        other = code_nll(model, processor, vqgan, scenes, [swapped_caption(s, part) for s in scenes], batch_size)
+        report[f"{part}_information_nats_per_image"] = round(float((other - own).mean()), 3)
+        report[f"images_more_likely_than_with_another_{part}"] = round(float((own < other).float().mean()), 3)
+    return report
+
+
 def generate(pipe, captions: list[str], vqgan, args, seed: int) -> list:
     torch.manual_seed(seed)
     options = dict(do_sample=False) if args.greedy else {}
@@ -229,11 +285,12 @@ def main(argv=None) -> int:
     vqgan = resolve_vqgan(args.vqgan, pipe.model)
     size = vqgan.config.resolution
     split = DemoScenes("val", args.scenes, seed=args.seed, max_objects=args.max_objects,
-                       object_size=tuple(args.object_size))
+                       object_size=args.object_size)
     scenes = [split[i] for i in range(len(split))]
     captions = [make_examples(s, split.example_rng(i), ("text_to_image",))[0]["text"] for i, s in enumerate(scenes)]
     order = derangement(len(captions), np.random.default_rng(args.seed))
     information = caption_information(pipe.model, pipe.processor, vqgan, scenes, captions, order, args.batch_size)
+    information.update(word_information(pipe.model, pipe.processor, vqgan, scenes, captions, args.batch_size))
     if args.information_only:
         print(json.dumps({"model": str(args.model), "scenes": len(scenes), "caption_information": information}, indent=1))
         return 0
@@ -247,7 +304,8 @@ def main(argv=None) -> int:
         reconstructions = pixels_to_images(vqgan.decode(vqgan.encode(pixels)))
         blanked = get_task("image_infill").prepare_pixels(pixels)
         grey_centre = pixels_to_images(vqgan.decode(vqgan.encode(blanked)))
-    reader = train_reader(vqgan, size, args.reader_images, args.max_objects, args.seed, tuple(args.object_size))
+    reader = train_reader(vqgan, size, args.reader_images, args.max_objects, args.seed, args.object_size,
+                          args.reader_epochs)
     read = {name: reader_scores(reader, images, scenes, size) for name, images in
             [("generated", generated), ("shuffled_captions (chance)", shuffled), ("scenes", references),
              ("vqgan_reconstructions", reconstructions)]}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -51,6 +52,9 @@ def test_full_report_on_a_tiny_model(t2i_eval, tiny_checkpoint, vqgan_dir, tmp_p
     assert info["nll_own_caption"] > 0 and info["nll_shuffled_caption"] > 0
     assert info["information_nats_per_image"] == pytest.approx(info["nll_shuffled_caption"] - info["nll_own_caption"],
                                                                abs=2e-3)
+    for part in ("shape", "color"):
+        assert math.isfinite(info[f"{part}_information_nats_per_image"])
+        assert 0.0 <= info[f"images_more_likely_than_with_another_{part}"] <= 1.0
     for row in ("generated", "shuffled_captions (chance)", "scenes (classifier check)", "vqgan_reconstructions"):
         assert set(report[row]) == {"first_color", "any_color", "no_object_color"}
         assert all(0.0 <= v <= 1.0 for v in report[row].values())
@@ -58,6 +62,26 @@ def test_full_report_on_a_tiny_model(t2i_eval, tiny_checkpoint, vqgan_dir, tmp_p
     for row in report["scene_reader"].values():
         assert set(row) == {"shape_named", "color_named"} and all(0.0 <= v <= 1.0 for v in row.values())
     assert set(report["psnr"]) == {"image_infill (greedy)", "grey centre (baseline)", "vqgan_reconstruction"}
+
+
+def test_scene_settings_default_to_the_models_training_config(t2i_eval, tmp_path):
+    (tmp_path / "train_config.yaml").write_text("demo_max_objects: 1\ndemo_object_size: [0.35, 0.6]\n")
+    args = t2i_eval.parse_args(["--model", str(tmp_path)])
+    assert (args.max_objects, args.object_size) == (1, (0.35, 0.6))
+    args = t2i_eval.parse_args(["--model", str(tmp_path), "--max-objects", "2", "--object-size", "0.2", "0.3"])
+    assert (args.max_objects, args.object_size) == (2, (0.2, 0.3))
+    args = t2i_eval.parse_args(["--model", str(tmp_path / "elsewhere")])
+    assert (args.max_objects, args.object_size) == (3, (0.15, 0.45))
+
+
+def test_swapped_caption_changes_one_word_of_the_first_object(t2i_eval):
+    from ofa_ufo.data.demo_scenes import DemoScenes, SceneObject, caption_example
+
+    scene = DemoScenes("val", 1, seed=0)[0]
+    scene.objects = [SceneObject("star", "red", (0, 0, 9, 9)), SceneObject("circle", "white", (20, 0, 29, 9))]
+    assert caption_example(scene)["target"] == "a red star and a white circle"
+    assert t2i_eval.swapped_caption(scene, "shape") == "a red cross and a white circle"  # SHAPES: ... star, cross
+    assert t2i_eval.swapped_caption(scene, "color") == "a green star and a white circle"  # COLORS: red, green, ...
 
 
 def test_caption_information_sees_a_model_that_reads_its_caption(t2i_eval, model, processor, vqgan_dir):
