@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from ofa_ufo.training import ConfigError, Trainer, TrainingError, load_config
 from ofa_ufo.training import checkpoint as ckpt
 from ofa_ufo.training.__main__ import main
-from ofa_ufo.training.config import config_from_dict
+from ofa_ufo.training.config import CONFIG_DIR, config_from_dict
 from ofa_ufo.training.data import DataSourceError, build_sources, eval_examples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,6 +133,12 @@ def test_demo_scene_settings_reach_training_and_held_out_scenes():
     boxes += [box for example in held_out for box in example["boxes"]]
     assert len(boxes) == 16  # one object per scene
     assert all(round(0.5 * 256) <= x1 - x0 <= round(0.6 * 256) for x0, _, x1, _ in boxes)
+
+
+@pytest.mark.parametrize("name", sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    config = load_config(name)
+    assert config.tasks and config.description
 
 
 def test_cli_reports_config_errors_without_traceback(capsys):
