@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ofa_ufo.data.demo_scenes import (  # noqa: E402
     BACKGROUNDS,
     COLORS,
+    DEFAULT_OBJECT_SIZE,
     SHAPES,
     DemoScenes,
     Scene,
@@ -95,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     trained = _training_scenes(Path(args.model))
     if args.max_objects is None:
         args.max_objects = trained.get("demo_max_objects", 3)
-    args.object_size = tuple(args.object_size or trained.get("demo_object_size", (0.15, 0.45)))
+    args.object_size = tuple(args.object_size or trained.get("demo_object_size", DEFAULT_OBJECT_SIZE))
     return args
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ofa_ufo.data import DemoScenes, make_examples
-from ofa_ufo.data.demo_scenes import MAX_SIDE, MIN_SIDE
+from ofa_ufo.data.demo_scenes import DEFAULT_OBJECT_SIZE
 from ofa_ufo.data.convert import FORMATS
 from ofa_ufo.data.loaders import LoadReport
 from ofa_ufo.metrics import get_metric
@@ -57,7 +57,7 @@ def open_examples(spec: TaskSpec, split: str = "val") -> Iterator[dict[str, Any]
         settings = {**_DEMO_DEFAULTS, **data}
         scenes = DemoScenes(split, settings["val_scenes"], size=settings["size"], seed=settings["seed"],
                             max_objects=settings.get("max_objects", 3),
-                            object_size=tuple(settings.get("object_size", (MIN_SIDE, MAX_SIDE))))
+                            object_size=tuple(settings.get("object_size", DEFAULT_OBJECT_SIZE)))
         for index in range(len(scenes)):
             (example,) = make_examples(scenes[index], scenes.example_rng(index), (spec.task,))
             yield {**example, "id": f"{split}-{index}"}

@@ -72,6 +72,7 @@ TASKS: tuple[str, ...] = (
 )
 
 MIN_SIDE, MAX_SIDE = 0.15, 0.45  # object side as a fraction of the image side
+DEFAULT_OBJECT_SIZE: tuple[float, float] = (MIN_SIDE, MAX_SIDE)
 GAP = 4  # minimum free pixels between two objects
 MAX_NOISE = 6  # per-pixel background noise amplitude (grey levels)
 MAX_GRADIENT = 20  # background brightness ramp amplitude (grey levels)
@@ -237,7 +238,7 @@ def generate_scene(
     size: int = 256,
     max_objects: int = 3,
     occlusion: float = 0.0,
-    object_size: tuple[float, float] = (MIN_SIDE, MAX_SIDE),
+    object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE,
 ) -> Scene:
     """Draw 1..max_objects shapes (no antialiasing, so colours stay exact).
 
@@ -572,7 +573,7 @@ class DemoScenes(Dataset):
         seed: int = 0,
         max_objects: int = 3,
         occlusion: float = 0.0,
-        object_size: tuple[float, float] = (MIN_SIDE, MAX_SIDE),
+        object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE,
     ) -> None:
         if num_scenes < 0 or seed < 0:
             raise ValueError("num_scenes and seed must be non-negative")

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from ofa_ufo.data.demo_scenes import DEFAULT_OBJECT_SIZE, check_object_size
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -60,7 +62,7 @@ class TrainConfig:
     demo_max_objects: int = 3
     # (min, max) side of a demo object's box as a fraction of the image side (training, held-out scenes and
     # the stem warm-up alike); larger objects keep shapes legible on coarse grids (8 x 8 VQGAN codes)
-    demo_object_size: tuple[float, float] = (0.15, 0.45)
+    demo_object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE
     # identities of the generated demo data of each embedding task (reid_person, reid_vehicle, face,
     # product), 8 images each (ofa_ufo.data.demo_identities)
     demo_train_identities: int = 1000
@@ -195,8 +197,6 @@ def _check_ranges(config: TrainConfig) -> None:
         raise ConfigError(f"field 'warmup_ratio' must be < 1, got {config.warmup_ratio}")
     if config.ema_decay >= 1:
         raise ConfigError(f"field 'ema_decay' must be < 1, got {config.ema_decay}")
-    from ofa_ufo.data.demo_scenes import check_object_size
-
     try:
         check_object_size(config.demo_object_size)
     except ValueError as error:

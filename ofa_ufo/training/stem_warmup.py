@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ofa_ufo.data.demo_scenes import MAX_SIDE, MIN_SIDE, SHAPES, DemoScenes, Scene, detection_labels
+from ofa_ufo.data.demo_scenes import DEFAULT_OBJECT_SIZE, SHAPES, DemoScenes, Scene, detection_labels
 from ofa_ufo.models.resnet import ResNetStem
 
 BATCH_SIZE = 32
@@ -82,7 +82,7 @@ def _accuracy(stem: nn.Module, head: nn.Module, pixels: torch.Tensor, targets: t
 
 def warm_up_stem(model, processor, images: int, seed: int = 0, max_objects: int = 3,
                  device: torch.device | str = "cpu", show_progress: bool = True,
-                 subcells: int = 1, object_size: tuple[float, float] = (MIN_SIDE, MAX_SIDE)) -> dict[str, Any]:
+                 subcells: int = 1, object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE) -> dict[str, Any]:
     """Train `model`'s ResNet stem in place on `images` generated scenes (batch 32, AdamW 1e-3,
     5% warmup then cosine) to label every cell, or with `subcells` > 1 every sub-cell of an
     N x N split of each cell (a 1x1 convolution to N * N label maps, then pixel shuffle): the

@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 from tqdm.auto import tqdm
 
+from ofa_ufo.data.demo_scenes import DEFAULT_OBJECT_SIZE, DemoScenes, check_object_size
 from ofa_ufo.training.checkpoint import export_into
 from ofa_ufo.training.config import ConfigError, _read_yaml, checked_dataclass
 from ofa_ufo.vqgan import VQGANModel, create_vqgan_config
@@ -77,7 +78,7 @@ class VQGANTrainConfig:
     train_scenes: int = 4000  # demo scenes of the OFA trainer's "train" split (same seed: the same scenes)
     eval_scenes: int = 64  # held-out scenes ("val" split) for the metrics
     max_objects: int = 3
-    object_size: tuple[float, float] = (0.15, 0.45)  # (min, max) object side / image side, as the trainer's
+    object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE  # (min, max) object side / image side, as the trainer's
     flip: bool = True  # random horizontal flips of training images
     grid_images: int = 8  # columns of reconstructions.png
     seed: int = 0
@@ -105,8 +106,6 @@ def _check(config: VQGANTrainConfig) -> None:
     bad = [n for n in _POSITIVE if getattr(config, n) <= 0] + [n for n in _NON_NEGATIVE if getattr(config, n) < 0]
     if bad:
         raise ConfigError(f"field(s) {bad} out of range (must be > 0: {list(_POSITIVE)}; >= 0: {list(_NON_NEGATIVE)})")
-    from ofa_ufo.data.demo_scenes import check_object_size
-
     try:
         check_object_size(config.object_size)
     except ValueError as error:
@@ -119,11 +118,9 @@ def _check(config: VQGANTrainConfig) -> None:
 
 
 def demo_pixels(split: str, count: int, size: int, seed: int, max_objects: int,
-                object_size: tuple[float, float] = (0.15, 0.45)) -> torch.Tensor:
+                object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE) -> torch.Tensor:
     """`count` demo scenes of `split` as the VQGAN sees them: (count, 3, size, size) in [-1, 1]
     (drawn at 256 px, LANCZOS-resized as `text_to_image` / `image_infill` encode their targets)."""
-    from ofa_ufo.data import DemoScenes
-
     scenes = DemoScenes(split, count, seed=seed, max_objects=max_objects, object_size=object_size)
     return torch.stack([_to_pixels(scenes[i].image, size) for i in range(count)])
 
