@@ -103,3 +103,4 @@ def test_caption_information_sees_a_model_that_reads_its_caption(t2i_eval, model
 
     blind = t2i_eval.caption_information(Blind(), processor, vqgan, scenes, captions, [1, 2, 0], 3)
     assert blind["information_nats_per_image"] == 0.0 and blind["images_more_likely_under_own_caption"] == 0.0
+    assert blind["shape_information_nats_per_image"] == 0.0 and blind["color_information_nats_per_image"] == 0.0
