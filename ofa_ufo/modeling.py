@@ -383,6 +383,7 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         code_grid: int | torch.Tensor | None = None,
         logits_range: tuple[int, int] | None = None,
+        logits_mask: torch.BoolTensor | None = None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
         """labels (B, T) with -100 at ignored positions; label_smoothing defaults to config.label_smoothing.
@@ -391,6 +392,10 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
         `code_grid` marks rows whose target is a VQGAN code grid (see `OFADecoder.forward`).
         `logits_range=(start, end)` projects onto vocabulary rows [start, end) only (e.g. the code
         tokens for image generation) and leaves the other logits at -inf; see `project`.
+        `logits_mask` (B, T) computes logits only where it is set and returns them as (N, V), in
+        row-major order of the mask (with `labels`, the loss uses the labels at those positions):
+        a training loss needs logits only at target tokens, and in a batch that mixes tasks most
+        decoder positions are padding behind short targets.
         """
         if labels is not None:
             use_cache = False
@@ -411,14 +416,20 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
         states = outputs.last_hidden_state
         if not keep_all:
             states = states[:, -logits_to_keep:]
-        logits = self.project(states, logits_range)  # (B, T, V)
+        if logits_mask is not None:
+            if logits_mask.shape != states.shape[:2]:
+                raise ValueError(f"logits_mask must have the decoder's (batch, length) shape {tuple(states.shape[:2])}, "
+                                 f"got {tuple(logits_mask.shape)}")
+            states = states[logits_mask]  # (B, T, D) -> (N, D)
+        logits = self.project(states, logits_range)  # (B, T, V), or (N, V) with logits_mask
         loss = None
         if labels is not None:
             if logits_range is not None:
                 raise ValueError("logits_range is for generation; the training loss needs every logit")
             smoothing = self.config.label_smoothing if label_smoothing is None else label_smoothing
+            targets = labels.flatten() if logits_mask is None else labels[logits_mask]
             loss = F.cross_entropy(
-                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, label_smoothing=smoothing
+                logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100, label_smoothing=smoothing
             )
         return OFAUFOSeq2SeqLMOutput(
             loss=loss,

@@ -39,6 +39,26 @@ def test_forward_shapes_and_loss(model, processor, images):
     model.zero_grad(set_to_none=True)
 
 
+def test_logits_mask_gives_the_same_logits_loss_and_gradient(model, processor, images):
+    inputs = encode(processor, PROMPTS, images)
+    labels = processor(text=PROMPTS, text_target=[" a", " b c", " d e f"], return_tensors="pt")["labels"]
+    mask = labels != -100
+    assert not mask.all()  # the short targets leave padding behind them
+    full = model(**inputs, labels=labels, label_smoothing=0.1)
+    full.loss.backward()
+    full_grad = model.model.shared.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    masked = model(**inputs, labels=labels, label_smoothing=0.1, logits_mask=mask)
+    masked.loss.backward()
+    assert masked.logits.shape == (int(mask.sum()), model.config.vocab_size)
+    torch.testing.assert_close(masked.logits, full.logits[mask])
+    torch.testing.assert_close(masked.loss, full.loss)
+    torch.testing.assert_close(model.model.shared.weight.grad, full_grad)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="logits_mask must have the decoder's"):
+        model(**inputs, labels=labels, logits_mask=mask[:, :-1])
+
+
 def test_tied_embeddings(model):
     assert model.lm_head.weight is model.model.shared.weight
     assert model.model.encoder.embed_tokens is model.model.shared

@@ -36,11 +36,12 @@ def cross_entropy_and_features(model, batch: dict[str, torch.Tensor],
     config = getattr(model, "module", model).config
     labels = batch["labels"]
     decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+    targets = labels != -100  # (B, T): logits only there, not at the padding behind short targets
     outputs = model(**{k: batch[k] for k in _ENCODER_KEYS}, decoder_input_ids=decoder_input_ids,
-                    code_grid=batch.get("code_grid"))  # VQGAN-code rows (image generation), see build_batch
-    loss = F.cross_entropy(outputs.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                           label_smoothing=label_smoothing, reduction="sum")  # logits (B, T, V)
-    return loss, int((labels != -100).sum()), embedding_readout(
+                    code_grid=batch.get("code_grid"), logits_mask=targets)  # code_grid: image-generation rows
+    loss = F.cross_entropy(outputs.logits.float(), labels[targets], label_smoothing=label_smoothing,
+                           reduction="sum")  # logits (N, V) for the N target tokens
+    return loss, int(targets.sum()), embedding_readout(
         config, outputs.decoder_last_hidden_state, outputs.image_embedding)
 
 
@@ -96,7 +97,8 @@ def scst(model, batch: dict[str, torch.Tensor], examples: Sequence[dict[str, Any
     labels[labels == inner.config.pad_token_id] = -100
     repeated = {k: v.repeat_interleave(beams, dim=0) for k, v in encoder_inputs.items()}
     decoder_input_ids = shift_tokens_right(labels, inner.config.pad_token_id, inner.config.decoder_start_token_id)
-    logits = model(**repeated, decoder_input_ids=decoder_input_ids).logits  # (B * beams, T, V)
-    token_logp = -F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
-    loss = -(token_logp * advantage[:, None]).sum()
-    return loss, int((labels != -100).sum()), {"reward": float(rewards.mean())}
+    targets = labels != -100  # (B * beams, T)
+    logits = model(**repeated, decoder_input_ids=decoder_input_ids, logits_mask=targets).logits  # (N, V)
+    token_logp = -F.cross_entropy(logits.float(), labels[targets], reduction="none")  # (N,)
+    loss = -(token_logp * advantage[:, None].expand_as(labels)[targets]).sum()
+    return loss, int(targets.sum()), {"reward": float(rewards.mean())}
