@@ -39,16 +39,15 @@ def cell_labels(scene: Scene, grid: int, labels: list[str]) -> np.ndarray:
     (a probe scored on centre cells only: object accuracy 0.50 -> 0.55 after 9,600 scenes)."""
     out = np.full((grid, grid), len(labels), np.int64)
     size = scene.image.width
-    cell = size / grid
+    edges = np.arange(grid + 1) * (size / grid)  # (grid + 1,) cell borders in pixels
     by_area = sorted(scene.objects, key=lambda o: o.area)  # larger objects overwrite smaller ones
     for obj in by_area:
         x0, y0, x1, y1 = obj.box
-        for row in range(grid):
-            for col in range(grid):
-                width = min(x1, (col + 1) * cell) - max(x0, col * cell)
-                height = min(y1, (row + 1) * cell) - max(y0, row * cell)
-                if width > 0 and height > 0 and width * height >= COVERED * cell * cell:
-                    out[row, col] = labels.index(obj.name)
+        width = np.minimum(x1, edges[1:]) - np.maximum(x0, edges[:-1])  # (grid,) overlap per column
+        height = np.minimum(y1, edges[1:]) - np.maximum(y0, edges[:-1])  # (grid,) overlap per row
+        covered = (height[:, None] > 0) & (width[None, :] > 0)
+        covered &= height[:, None] * width[None, :] >= COVERED * (size / grid) ** 2  # (grid, grid)
+        out[covered] = labels.index(obj.name)
     for obj in by_area:
         cx, cy = (obj.box[0] + obj.box[2]) / 2 / size, (obj.box[1] + obj.box[3]) / 2 / size
         out[min(int(cy * grid), grid - 1), min(int(cx * grid), grid - 1)] = labels.index(obj.name)
