@@ -23,7 +23,7 @@ setup(
     },
     install_requires=[
         "torch>=2.6",
-        "transformers>=5.0,<6",
+        "transformers>=5.25,<6",  # its outputs carry `cache`, its configs `sub_configs_defaults`
         "tokenizers>=0.22",
         "safetensors>=0.4",
         "accelerate>=1.0",
