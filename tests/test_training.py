@@ -197,6 +197,28 @@ def test_two_processes_match_one(one_batch_run, tmp_path):
     assert saved_losses(output_dir) == pytest.approx(reference.losses, abs=1e-5)
 
 
+def test_data_workers_give_the_same_losses(one_batch_run, tmp_path):
+    _, reference = one_batch_run
+    with_workers = fit(make_config(tmp_path, batch_size=4, data_workers=2, **EXACT))
+    assert with_workers.losses == reference.losses  # batches depend on their index, not on who builds them
+
+
+def test_data_workers_restart_where_the_run_jumps(tmp_path):
+    fields = dict(tasks={"caption": 1, "vqa": 1}, batch_size=4, grad_accum=2, max_steps=6)
+    with torch_threads():
+        workers = Trainer(make_config(tmp_path / "workers", data_workers=2, **fields), resume="never")
+        inline = Trainer(make_config(tmp_path / "inline", **fields), resume="never")
+    for step in (0, 1, 4, 2):  # in order, then a jump ahead (resume) and back (a restarted loader)
+        workers.step = inline.step = step
+        got, want = workers._micro_batches(), inline._micro_batches()
+        assert len(got) == len(want) == 2
+        for (batch, examples), (batch_want, examples_want) in zip(got, want):
+            assert batch.keys() == batch_want.keys()
+            assert all(torch.equal(batch[k], batch_want[k]) for k in batch)
+            assert [e["id"] for e in examples] == [e["id"] for e in examples_want]
+            assert all("image" not in e for e in examples)
+
+
 # ---- 4. SIGKILL and resume ---------------------------------------------------------------
 
 

@@ -107,6 +107,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on CPU) | fp32 | bf16
     seed: int = 0
     num_threads: int = 0  # torch intra-op threads (0: torch's default)
+    # DataLoader worker processes that build the next micro-batches while the model trains (0: build
+    # them in the training process; on a GPU the batch building is otherwise most of the step); at
+    # most the CPUs this process may use
+    data_workers: int = 0
     # output
     output_dir: str = "checkpoints/run"
     save_every: int = 0  # steps between resumable checkpoints (0: at the end only)
@@ -134,7 +138,7 @@ def _plain(value: Any) -> Any:
 _CHOICES = {"objective": ("cross_entropy", "scst"), "precision": ("auto", "fp32", "bf16")}
 _NON_NEGATIVE = ("demo_train_scenes", "stem_warmup_images", "demo_train_identities", "eval_examples", "eval_every",
                  "end_lr", "warmup_ratio", "weight_decay", "clip_norm", "ema_decay", "label_smoothing", "caption_dropout",
-                 "head_loss_weight", "num_threads", "save_every", "seed")
+                 "head_loss_weight", "num_threads", "data_workers", "save_every", "seed")
 _POSITIVE = ("batch_size", "grad_accum", "max_steps", "lr", "keep_last", "log_every", "eval_batch_size",
              "scst_beams", "scst_max_new_tokens", "demo_max_objects", "stem_warmup_subcells")
 

@@ -191,6 +191,40 @@ def _loadable(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return kept
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """Micro-batch `index = step * grad_accum + micro` of one process, built on the CPU: (padded
+    batch, its examples without their images). A batch depends on its index alone (seeded
+    draws), so DataLoader workers can build the next steps while the model trains on this one
+    without changing a loss, and a resumed run picks up at its step's index."""
+
+    def __init__(self, mixture: Mixture, processor, vqgan, grad_accum: int, rank: int, world: int,
+                 total_steps: int) -> None:
+        self.mixture, self.processor, self.vqgan = mixture, processor, vqgan
+        self.grad_accum, self.rank, self.world, self.total_steps = grad_accum, rank, world, total_steps
+
+    def __len__(self) -> int:
+        return self.total_steps * self.grad_accum
+
+    def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+        step, micro = divmod(index, self.grad_accum)
+        examples = self.mixture.micro_batch(step, micro, self.grad_accum)[self.rank::self.world]
+        examples = _loadable(examples)
+        if not examples:
+            raise TrainingError(f"step {step}: every sample of micro-batch {micro} failed to load")
+        batch = build_batch(self.processor, examples, vqgan=self.vqgan)
+        return batch, [{k: v for k, v in e.items() if k != "image"} for e in examples]
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (a container's limit, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _as_is(item: Any) -> Any:
+    """DataLoader collate for items that are already whole batches."""
+    return item
+
+
 def build_heads(sources: dict[str, Any], dim: int) -> torch.nn.ModuleDict:
     """Training-only feature heads (task -> head) of the tasks that have one (`Task.training_head`,
     e.g. CosFace over an embedding task's training identities); saved in the checkpoint's trainer state."""
@@ -232,6 +266,9 @@ class Trainer:
         self.vqgan = _load_vqgan(config.vqgan)  # encodes image-generation targets in build_batch
         self.mixture = Mixture(build_sources(config), task_quotas(config.tasks, config.batch_size))
         _check_identity_quotas(self.mixture.sources, self.mixture.quotas)
+        self.batches = StepBatches(self.mixture, processor, self.vqgan, config.grad_accum,
+                                   self.accelerator.process_index, world, config.max_steps)
+        self._prefetched: tuple[int, Any] | None = None  # (next index, DataLoader iterator) with data_workers
         self.heads = build_heads(self.mixture.sources, model.config.d_model).to(self.accelerator.device)
         warmup = None
         if config.stem_warmup_images and self.resume_from is None:  # a resumed run's stem is in its checkpoint
@@ -314,16 +351,25 @@ class Trainer:
     # ---- one step -------------------------------------------------------------------------
 
     def _micro_batches(self) -> list[tuple[dict[str, torch.Tensor], list[dict[str, Any]]]]:
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        batches = []
-        for micro in range(self.config.grad_accum):
-            examples = self.mixture.micro_batch(self.step, micro, self.config.grad_accum)[rank::world]
-            examples = _loadable(examples)
-            if not examples:
-                raise TrainingError(f"step {self.step}: every sample of micro-batch {micro} failed to load")
-            batch = build_batch(self.processor, examples, vqgan=self.vqgan)
-            batches.append(({k: v.to(self.accelerator.device) for k, v in batch.items()}, examples))
-        return batches
+        """This step's micro-batches on the device: built here, or taken from the DataLoader workers
+        (`data_workers`), which are (re)started at this step's index whenever the run jumps."""
+        first = self.step * self.config.grad_accum
+        indices = range(first, first + self.config.grad_accum)
+        if not self.config.data_workers:
+            items = [self.batches[i] for i in indices]
+        else:
+            if self._prefetched is None or self._prefetched[0] != first:
+                loader = torch.utils.data.DataLoader(
+                    self.batches, batch_size=None, sampler=range(first, len(self.batches)), collate_fn=_as_is,
+                    num_workers=min(self.config.data_workers, _usable_cpus()),
+                    pin_memory=self.accelerator.device.type == "cuda")
+                self._prefetched = (first, iter(loader))
+            iterator = self._prefetched[1]
+            items = [next(iterator) for _ in indices]
+            self._prefetched = (indices.stop, iterator)
+        device = self.accelerator.device
+        return [({k: v.to(device, non_blocking=True) for k, v in batch.items()}, examples)
+                for batch, examples in items]
 
     def _loss(self, batch: dict[str, torch.Tensor], examples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed token loss, summed per-task mean feature-head losses) of one micro-batch."""
@@ -455,6 +501,7 @@ class Trainer:
             if config.save_every and self.step % config.save_every == 0:
                 self.save()
         bar.close()
+        self._prefetched = None  # ends the data workers
         if self.history["eval"][-1]["step"] != self.step:
             self._record_eval(writer)
         if not (config.save_every and self.step % config.save_every == 0):
