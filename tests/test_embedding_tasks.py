@@ -155,7 +155,7 @@ def test_image_readout_is_the_mean_image_token_and_keeps_metric_losses_out_of_sh
             for i in range(2)]
     train_batch = build_batch(processor, rows)
     model.train()
-    _, tokens_counted, features = cross_entropy_and_features(model, train_batch, 0.0)
+    _, tokens_counted, features, _ = cross_entropy_and_features(model, train_batch, 0.0)
     assert tokens_counted == 0
     features.pow(2).sum().backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
@@ -352,7 +352,7 @@ def test_training_features_are_the_inference_read_out(model, processor, tmp_path
     batch = build_batch(processor, [caption, *examples])
     assert (batch["labels"][1:] == -100).all() and (batch["labels"][0] != -100).any()
     with torch.no_grad():
-        _, tokens, features = cross_entropy_and_features(model, batch, 0.0)
+        _, tokens, features, _ = cross_entropy_and_features(model, batch, 0.0)
         alone = processor(images=[e["image"] for e in examples], text=[get_task("reid_person").prompt()] * 2,
                           return_tensors="pt")
         direct = model.embed(alone["pixel_values"], alone["input_ids"], alone["attention_mask"],

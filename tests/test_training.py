@@ -219,6 +219,24 @@ def test_data_workers_restart_where_the_run_jumps(tmp_path):
             assert all("image" not in e for e in examples)
 
 
+def test_box_mask_head_trains_and_resumes_exactly(tmp_path):
+    fields = dict(tasks={"grounding": 1}, batch_size=2, max_steps=3, save_every=1, keep_last=3,
+                  box_mask_weight=2.0, **EXACT)
+    states = []
+    reference = fit(make_config(tmp_path / "reference", **fields),
+                    hook=lambda trainer: states.append(trainer.box_head.weight.detach().clone()))
+    trained = ckpt.load_state(ckpt.checkpoint_dir(tmp_path / "reference") / "step-0000003")["box_head"]
+    assert not torch.equal(trained["weight"], states[0])  # the head is optimised with the model
+    without = fit(make_config(tmp_path / "without", **{**fields, "box_mask_weight": 0.0}))
+    assert without.losses[0] < reference.losses[0]  # the box-mask loss adds to the step's loss
+    first = ckpt.checkpoint_dir(tmp_path / "reference") / "step-0000001"
+    resumed = fit(make_config(tmp_path / "resumed", **fields), resume=str(first))
+    assert resumed.losses == reference.losses  # the head came back with the model and optimizer
+    with pytest.raises(ConfigError, match=r"trained with the grounding box-mask loss: resume with the run's own "
+                       r"'box_mask_weight'"):
+        Trainer(make_config(tmp_path / "other", **{**fields, "box_mask_weight": 0.0}), resume=str(first))
+
+
 # ---- 4. SIGKILL and resume ---------------------------------------------------------------
 
 

@@ -80,6 +80,10 @@ class TrainConfig:
     # weight of the embedding tasks' head losses (CosFace + triplet, summed over tasks) against the mean
     # token loss of the generative tasks, when a run mixes both
     head_loss_weight: float = 1.0
+    # weight of grounding's auxiliary box-mask loss (training/box_mask.py: a linear head on the encoder's
+    # image tokens predicts how much of each token's cell the referred box covers), added to the summed
+    # token loss; 0: off, as in OFA
+    box_mask_weight: float = 0.0
     scst_beams: int = 5
     scst_max_new_tokens: int = 16
     # optimisation (OFA: Adam(0.9, 0.999), eps 1e-8, wd 0.01, linear decay after warmup)
@@ -138,7 +142,7 @@ def _plain(value: Any) -> Any:
 _CHOICES = {"objective": ("cross_entropy", "scst"), "precision": ("auto", "fp32", "bf16")}
 _NON_NEGATIVE = ("demo_train_scenes", "stem_warmup_images", "demo_train_identities", "eval_examples", "eval_every",
                  "end_lr", "warmup_ratio", "weight_decay", "clip_norm", "ema_decay", "label_smoothing", "caption_dropout",
-                 "head_loss_weight", "num_threads", "data_workers", "save_every", "seed")
+                 "head_loss_weight", "box_mask_weight", "num_threads", "data_workers", "save_every", "seed")
 _POSITIVE = ("batch_size", "grad_accum", "max_steps", "lr", "keep_last", "log_every", "eval_batch_size",
              "scst_beams", "scst_max_new_tokens", "demo_max_objects", "stem_warmup_subcells")
 

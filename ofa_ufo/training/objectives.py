@@ -24,15 +24,16 @@ _ENCODER_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_mask", "t
 
 def cross_entropy(model, batch: dict[str, torch.Tensor], label_smoothing: float) -> tuple[torch.Tensor, int]:
     """Label-smoothed token cross-entropy summed over target tokens (labels -100 are ignored)."""
-    loss, tokens, _ = cross_entropy_and_features(model, batch, label_smoothing)
+    loss, tokens, _, _ = cross_entropy_and_features(model, batch, label_smoothing)
     return loss, tokens
 
 
 def cross_entropy_and_features(model, batch: dict[str, torch.Tensor],
-                               label_smoothing: float) -> tuple[torch.Tensor, int, torch.Tensor]:
+                               label_smoothing: float) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """`cross_entropy` plus every row's raw embedding read-out (B, D) from the same forward pass
     (`embedding_readout`: the decoder is causal, so step 0 sees only the start token; or the mean
-    image token), for the feature heads of embedding tasks, whose label rows are all ignored."""
+    image token), for the feature heads of embedding tasks, whose label rows are all ignored, and
+    the encoder's output states (B, L, D), for the grounding box-mask loss (`box_mask`)."""
     config = getattr(model, "module", model).config
     labels = batch["labels"]
     decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
@@ -41,8 +42,8 @@ def cross_entropy_and_features(model, batch: dict[str, torch.Tensor],
                     code_grid=batch.get("code_grid"), logits_mask=targets)  # code_grid: image-generation rows
     loss = F.cross_entropy(outputs.logits.float(), labels[targets], label_smoothing=label_smoothing,
                            reduction="sum")  # logits (N, V) for the N target tokens
-    return loss, int(targets.sum()), embedding_readout(
-        config, outputs.decoder_last_hidden_state, outputs.image_embedding)
+    features = embedding_readout(config, outputs.decoder_last_hidden_state, outputs.image_embedding)
+    return loss, int(targets.sum()), features, outputs.encoder_last_hidden_state
 
 
 def head_losses(heads, features: torch.Tensor, examples: Sequence[dict[str, Any]]) -> torch.Tensor:

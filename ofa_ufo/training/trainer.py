@@ -36,6 +36,7 @@ from ofa_ufo.tasks import get_task
 from ofa_ufo.tasks.identities import IdentityClassifier, save_identities
 from ofa_ufo.training import checkpoint as ckpt
 from ofa_ufo.training import objectives
+from ofa_ufo.training.box_mask import box_mask_loss
 from ofa_ufo.training.config import ConfigError, TrainConfig
 from ofa_ufo.training.data import Mixture, build_batch, build_sources, eval_examples, task_quotas
 from ofa_ufo.training.report import (
@@ -212,7 +213,13 @@ class StepBatches(torch.utils.data.Dataset):
         if not examples:
             raise TrainingError(f"step {step}: every sample of micro-batch {micro} failed to load")
         batch = build_batch(self.processor, examples, vqgan=self.vqgan)
-        return batch, [{k: v for k, v in e.items() if k != "image"} for e in examples]
+        return batch, [_without_image(e) for e in examples]
+
+
+def _without_image(example: dict[str, Any]) -> dict[str, Any]:
+    """The example as the losses read it: the image replaced by its (width, height)."""
+    image = example.get("image")
+    return {**{k: v for k, v in example.items() if k != "image"}, "image_size": None if image is None else image.size}
 
 
 def _usable_cpus() -> int:
@@ -270,13 +277,16 @@ class Trainer:
                                    self.accelerator.process_index, world, config.max_steps)
         self._prefetched: tuple[int, Any] | None = None  # (next index, DataLoader iterator) with data_workers
         self.heads = build_heads(self.mixture.sources, model.config.d_model).to(self.accelerator.device)
+        self.box_head = None  # grounding's box-mask head (training only), when the config weights that loss
+        if config.box_mask_weight:
+            self.box_head = torch.nn.Linear(model.config.d_model, 1).to(self.accelerator.device)
         warmup = None
         if config.stem_warmup_images and self.resume_from is None:  # a resumed run's stem is in its checkpoint
             warmup = self._warm_up_stem(model)
         if config.freeze_embeddings:
             model.get_input_embeddings().weight.requires_grad_(False)
         _freeze(model, config.freeze)
-        self.optimizer, self.scheduler = _optimizer(model, config, list(self.heads.parameters()))
+        self.optimizer, self.scheduler = _optimizer(model, config, self._head_parameters())
         self.ema = _ema(model, config.ema_decay)
         self.step = 0
         self.history: dict[str, Any] = {"losses": [], "lr": [], "eval": [], "stem_warmup": warmup}
@@ -306,6 +316,11 @@ class Trainer:
         state = ckpt.load_state(path)
         ckpt.load_weights(model, path / "model.safetensors")
         self.heads.load_state_dict(state.get("heads", {}))
+        if ("box_head" in state) != (self.box_head is not None):
+            raise ConfigError(f"checkpoint {path} was trained {'with' if 'box_head' in state else 'without'} the "
+                              "grounding box-mask loss: resume with the run's own 'box_mask_weight' (0 or not)")
+        if self.box_head is not None:
+            self.box_head.load_state_dict(state["box_head"])
         saved = [group.get("lr_scale", 1.0) for group in state["optimizer"]["param_groups"]]
         current = [group["lr_scale"] for group in self.optimizer.param_groups]
         if saved != current:
@@ -331,6 +346,8 @@ class Trainer:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "heads": self.heads.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_states(),
                      "history": json.dumps(self.history)}
+            if self.box_head is not None:
+                state["box_head"] = self.box_head.state_dict()
             path = ckpt.save_checkpoint(self.output_dir, self.step, self.unwrapped, self.processor, state,
                                         self.config.to_yaml(), self.ema,
                                         self.config.keep_last, weights)
@@ -378,7 +395,11 @@ class Trainer:
             loss, _, _ = objectives.scst(self.model, batch, examples, self.processor.tokenizer,
                                          config.scst_beams, config.scst_max_new_tokens)
             return loss, torch.zeros((), device=loss.device)
-        loss, _, features = objectives.cross_entropy_and_features(self.model, batch, config.label_smoothing)
+        loss, _, features, encoder_states = objectives.cross_entropy_and_features(self.model, batch,
+                                                                                  config.label_smoothing)
+        if self.box_head is not None:  # summed like the token loss, so normalised by the step's tokens too
+            loss = loss + config.box_mask_weight * box_mask_loss(self.box_head, encoder_states,
+                                                                 batch.get("pixel_values"), examples)
         return loss, objectives.head_losses(self.heads, features, examples)
 
     def train_step(self) -> float:
@@ -423,10 +444,15 @@ class Trainer:
             self.ema.update_parameters(self.unwrapped)
         return loss
 
+    def _head_parameters(self) -> list[torch.nn.Parameter]:
+        """The training-only heads' parameters (feature heads, box-mask head), optimised with the model."""
+        box = list(self.box_head.parameters()) if self.box_head is not None else []
+        return [*self.heads.parameters(), *box]
+
     def _sync_head_gradients(self) -> None:
-        """Average the feature heads' gradients over processes (they sit outside the DDP-wrapped model)."""
+        """Average the heads' gradients over processes (they sit outside the DDP-wrapped model)."""
         if self.accelerator.num_processes > 1:
-            for param in self.heads.parameters():
+            for param in self._head_parameters():
                 if param.grad is not None:
                     param.grad = self.accelerator.reduce(param.grad, reduction="mean")
 
@@ -438,7 +464,7 @@ class Trainer:
             acc.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)  # sharded gradients
             return
         acc.unscale_gradients()
-        params = [*self.model.parameters(), *self.heads.parameters()]
+        params = [*self.model.parameters(), *self._head_parameters()]
         torch.nn.utils.clip_grad_norm_(params, self.config.clip_norm, foreach=True)
 
     # ---- evaluation -----------------------------------------------------------------------
