@@ -8,7 +8,9 @@ keeps this process's slice, and divides the summed token loss by the token count
 whole step (all micro-batches, all processes): gradient accumulation and data-parallel runs
 give the update of one big batch; embedding tasks add their feature-head losses (CosFace +
 triplet, `build_heads`; the heads are optimised with the model and kept in the checkpoint's
-trainer state). Around it: AdamW with warmup + linear decay (OFA), gradient
+trainer state), and grounding rows optionally a box-mask loss on the image tokens
+(`box_mask_weight`). Batches are built in the training process or ahead of it by DataLoader
+workers (`data_workers`). Around it: AdamW with warmup + linear decay (OFA), gradient
 clipping, optional EMA, bf16 autocast on a GPU, supernet arch sampling when the config asks
 for it, atomic resumable checkpoints, evaluation before/after, TensorBoard, a loss plot and a
 metric table.
