@@ -10,16 +10,16 @@ from ofa_ufo.training.box_mask import box_mask_loss, cell_coverage, referred_box
 
 def test_cell_coverage_is_the_share_of_each_cell_in_the_box():
     # a 256 x 128 image on a 4 x 4 grid: cells are 64 x 32 pixels of the original
-    assert cell_coverage([(0, 0, 64, 32)], (256, 128), 4, 4).tolist() == [1.0] + [0.0] * 15
-    half = cell_coverage([(32, 0, 96, 32)], (256, 128), 4, 4).view(4, 4)
+    assert cell_coverage([(0, 0, 64, 32)], (256, 128), 4, 4).flatten().tolist() == [1.0] + [0.0] * 15
+    half = cell_coverage([(32, 0, 96, 32)], (256, 128), 4, 4)
     assert half[0, :2].tolist() == [0.5, 0.5] and half.sum() == 1.0
-    quarter = cell_coverage([(224, 112, 288, 144)], (256, 128), 4, 4).view(4, 4)  # runs off the image
+    quarter = cell_coverage([(224, 112, 288, 144)], (256, 128), 4, 4)  # runs off the image
     assert quarter[3, 3] == pytest.approx(0.25) and quarter.sum() == pytest.approx(0.25)
     assert cell_coverage([], (256, 128), 4, 4).sum() == 0  # "no such object": no cell is named
 
 
 def test_several_boxes_cover_their_union():
-    cover = cell_coverage([(0, 0, 64, 64), (32, 0, 128, 64)], (128, 128), 2, 2).view(2, 2)
+    cover = cell_coverage([(0, 0, 64, 64), (32, 0, 128, 64)], (128, 128), 2, 2)
     assert cover.tolist() == [[1.0, 1.0], [0.0, 0.0]]
 
 

@@ -15,29 +15,31 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 STRIDE = 16  # the ResNet stem's output stride: one image token per 16 x 16 input pixels
 
 
-def _overlap(lo: float, hi: float, cells: int) -> torch.Tensor:
+def _overlap(lo: float, hi: float, cells: int) -> np.ndarray:
     """(cells,) share of each of `cells` equal intervals of [0, 1] that [lo, hi] covers."""
-    edges = torch.linspace(0.0, 1.0, cells + 1, dtype=torch.float64)
-    return ((edges[1:].clamp(max=hi) - edges[:-1].clamp(min=lo)).clamp(min=0) * cells).float()
+    edges = np.linspace(0.0, 1.0, cells + 1)
+    return np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0.0, None) * cells
 
 
-def cell_coverage(boxes: Sequence[Sequence[float]], image_size: tuple[int, int], rows: int, cols: int) -> torch.Tensor:
-    """(rows * cols,) share of each grid cell (row-major, the image tokens' order) inside any of
-    `boxes` (x0, y0, x1, y1 in pixels of an image of `image_size` = (width, height)). The encoder
-    sees the image resized to a square, so the cells split each axis of the original evenly."""
+def cell_coverage(boxes: Sequence[Sequence[float]], image_size: tuple[int, int], rows: int, cols: int) -> np.ndarray:
+    """(rows, cols) share of each grid cell inside any of `boxes` (x0, y0, x1, y1 in pixels of an
+    image of `image_size` = (width, height)); row-major like the image tokens. The encoder sees the
+    image resized to a square, so the cells split each axis of the original evenly. Also the stem
+    warm-up's rule for which cells an object labels (`stem_warmup.cell_labels`)."""
     width, height = image_size
-    cover = torch.zeros(rows, cols)
+    cover = np.zeros((rows, cols))
     for x0, y0, x1, y1 in boxes:
         across = _overlap(x0 / width, x1 / width, cols)  # (cols,)
         down = _overlap(y0 / height, y1 / height, rows)  # (rows,)
-        cover = torch.maximum(cover, down[:, None] * across[None, :])  # (rows, cols)
-    return cover.flatten()
+        cover = np.maximum(cover, down[:, None] * across[None, :])  # (rows, cols)
+    return cover
 
 
 def referred_boxes(example: dict[str, Any]) -> list[Sequence[float]]:
@@ -57,7 +59,8 @@ def box_mask_loss(head: torch.nn.Module, encoder_states: torch.Tensor, pixel_val
     if pixel_values is None or not rows:
         return encoder_states.new_zeros((), dtype=torch.float32)
     grid_rows, grid_cols = (math.ceil(side / STRIDE) for side in pixel_values.shape[-2:])
-    targets = torch.stack([cell_coverage(referred_boxes(examples[i]), examples[i]["image_size"], grid_rows, grid_cols)
-                           for i in rows]).to(encoder_states.device)  # (R, N)
+    targets = np.stack([cell_coverage(referred_boxes(examples[i]), examples[i]["image_size"], grid_rows, grid_cols)
+                        for i in rows]).reshape(len(rows), -1)  # (R, rows, cols) -> (R, N)
+    targets = torch.from_numpy(targets).float().to(encoder_states.device)
     logits = head(encoder_states[rows, : grid_rows * grid_cols]).squeeze(-1).float()  # (R, N, 1) -> (R, N)
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")

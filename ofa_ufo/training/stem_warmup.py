@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ofa_ufo.data.demo_scenes import DEFAULT_OBJECT_SIZE, SHAPES, DemoScenes, Scene, detection_labels
 from ofa_ufo.models.resnet import ResNetStem
+from ofa_ufo.training.box_mask import cell_coverage
 
 BATCH_SIZE = 32
 LR = 1e-3
@@ -39,15 +40,9 @@ def cell_labels(scene: Scene, grid: int, labels: list[str]) -> np.ndarray:
     (a probe scored on centre cells only: object accuracy 0.50 -> 0.55 after 9,600 scenes)."""
     out = np.full((grid, grid), len(labels), np.int64)
     size = scene.image.width
-    edges = np.arange(grid + 1) * (size / grid)  # (grid + 1,) cell borders in pixels
     by_area = sorted(scene.objects, key=lambda o: o.area)  # larger objects overwrite smaller ones
     for obj in by_area:
-        x0, y0, x1, y1 = obj.box
-        width = np.minimum(x1, edges[1:]) - np.maximum(x0, edges[:-1])  # (grid,) overlap per column
-        height = np.minimum(y1, edges[1:]) - np.maximum(y0, edges[:-1])  # (grid,) overlap per row
-        covered = (height[:, None] > 0) & (width[None, :] > 0)
-        covered &= height[:, None] * width[None, :] >= COVERED * (size / grid) ** 2  # (grid, grid)
-        out[covered] = labels.index(obj.name)
+        out[cell_coverage([obj.box], scene.image.size, grid, grid) >= COVERED] = labels.index(obj.name)
     for obj in by_area:
         cx, cy = (obj.box[0] + obj.box[2]) / 2 / size, (obj.box[1] + obj.box[3]) / 2 / size
         out[min(int(cy * grid), grid - 1), min(int(cx * grid), grid - 1)] = labels.index(obj.name)
