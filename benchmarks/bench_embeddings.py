@@ -19,8 +19,8 @@ import torch
 from bench_supernet import median_time
 
 import ofa_ufo
-from ofa_ufo.configuration import EMBEDDING_READOUTS
-from ofa_ufo.supernet import extract_subnet
+from ofa_ufo.deploy.subnets import extract_subnet
+from ofa_ufo.hf.configuration import EMBEDDING_READOUTS
 from ofa_ufo.tasks import get_task, task_id
 
 EMBEDDING_TASKS = ("reid_person", "reid_vehicle", "face", "product")

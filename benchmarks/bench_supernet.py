@@ -22,8 +22,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ofa_ufo
-from ofa_ufo.models.supernet import SupernetArch
-from ofa_ufo.supernet import extract_subnet
+from ofa_ufo.deploy.subnets import extract_subnet
+from ofa_ufo.models.ufo import SupernetArch
 from ofa_ufo.tasks import list_tasks, task_id
 
 

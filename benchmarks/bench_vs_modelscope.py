@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 import ofa_ufo  # noqa: E402
 import test_parity_modelscope as parity  # noqa: E402  (reuses the parity test's builders and decoders)
-from ofa_ufo.modeling import shift_tokens_right  # noqa: E402
+from ofa_ufo.hf.modeling import shift_tokens_right  # noqa: E402
 
 PROMPT = " what does the image describe?"
 NEW_TOKENS = 16

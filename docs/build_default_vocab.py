@@ -4,7 +4,7 @@ Why this exists: OFA's own vocabulary is BART's GPT-2 BPE (50,265 ids), which ca
 downloaded at run time and is too large to ship. The library therefore ships a small
 (8,000 ids) byte-level BPE trained offline, with exactly the same id layout as BART's files:
 ``<s> <pad> </s> <unk>`` at ids 0..3, BPE pieces, then ``<mask>`` as the last id. Given real
-BART files instead, ``ofa_ufo.tokenization.build_tokenizer`` reproduces OFA's ids exactly.
+BART files instead, ``ofa_ufo.hf.tokenization.build_tokenizer`` reproduces OFA's ids exactly.
 
 The corpus is built from text that is on every machine with Python:
 

@@ -4,18 +4,19 @@
 with transformers' Auto classes.
 """
 
-from ofa_ufo.boxes import BoxCodec
-from ofa_ufo.configuration import OFAUFOConfig, OFAUFOVisionConfig
-from ofa_ufo.image_processing import ImageLoadError, OFAUFOImageProcessor, load_image
-from ofa_ufo.modeling import OFAUFOForConditionalGeneration, OFAUFOModel
-from ofa_ufo.pipeline import OFAUFOPipeline
-from ofa_ufo.presets import create_config, create_model, create_processor, list_models
-from ofa_ufo.processing import OFAUFOProcessor
-from ofa_ufo.registration import register as _register
-from ofa_ufo.supernet import SupernetArch, extract_subnet, sample_arch, set_arch
+from ofa_ufo.core.box_codec import BoxCodec
+from ofa_ufo.core.images import ImageLoadError, load_image
+from ofa_ufo.deploy.subnets import SupernetArch, extract_subnet, sample_arch, set_arch
+from ofa_ufo.hf.configuration import OFAUFOConfig, OFAUFOVisionConfig
+from ofa_ufo.hf.image_processing import OFAUFOImageProcessor
+from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration, OFAUFOModel
+from ofa_ufo.hf.modeling_vqgan import VQGANConfig, VQGANModel, create_vqgan, list_vqgans
+from ofa_ufo.hf.pipeline import OFAUFOPipeline
+from ofa_ufo.hf.presets import create_config, create_model, create_processor, list_models
+from ofa_ufo.hf.processing import OFAUFOProcessor
+from ofa_ufo.hf.registration import register as _register
+from ofa_ufo.hf.tokenization import OFAUFOTokenizer, build_tokenizer
 from ofa_ufo.tasks import get_task, list_tasks
-from ofa_ufo.tokenization import OFAUFOTokenizer, build_tokenizer
-from ofa_ufo.vqgan import VQGANConfig, VQGANModel, create_vqgan, list_vqgans
 
 _register()
 

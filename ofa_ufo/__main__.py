@@ -2,7 +2,7 @@
 
 import argparse
 
-from ofa_ufo.presets import preset_table
+from ofa_ufo.hf.presets import preset_table
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from ofa_ufo.data.demo_scenes import DEFAULT_OBJECT_SIZE
 from ofa_ufo.data.convert import FORMATS
 from ofa_ufo.data.loaders import LoadReport
 from ofa_ufo.metrics import get_metric
-from ofa_ufo.task_specs import TaskSpec, load_spec
+from ofa_ufo.data.specs import TaskSpec, load_spec
 from ofa_ufo.tasks import get_task
 
 _DEMO_DEFAULTS = {"val_scenes": 200, "size": 256, "seed": 0}

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from ofa_ufo.boxes import BoxCodec
+from ofa_ufo.core.box_codec import BoxCodec
 
 NORMALIZED = BoxCodec()
 OFA = BoxCodec(mode="ofa")

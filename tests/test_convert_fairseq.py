@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import ofa_ufo
-from ofa_ufo.convert.fairseq import RENAMES, convert_fairseq_checkpoint, read_checkpoint
-from ofa_ufo.tokenization import DEFAULT_VOCAB_DIR
+from ofa_ufo.converters.fairseq import RENAMES, convert_fairseq_checkpoint, read_checkpoint
+from ofa_ufo.hf.tokenization import DEFAULT_VOCAB_DIR
 
 from conftest import RunsCode, TINY
 

@@ -11,12 +11,8 @@ import pytest
 import torch
 
 import ofa_ufo
-from ofa_ufo.convert.hf_port import (
-    config_from_hf_port,
-    convert_hf_port_state_dict,
-    load_converted_state_dict,
-)
-from ofa_ufo.tokenization import DEFAULT_VOCAB_DIR
+from ofa_ufo.converters.hf_port import config_from_hf_port, convert_hf_port_state_dict, load_converted_state_dict
+from ofa_ufo.hf.tokenization import DEFAULT_VOCAB_DIR
 
 PORT_CONFIG = dict(
     vocab_size=59457, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
@@ -108,7 +104,7 @@ def test_command_writes_loadable_checkpoint(port, tmp_path):
         torch.save(state, source / "pytorch_model.bin")
     for name in ("vocab.json", "merges.txt"):
         (source / name).write_bytes((DEFAULT_VOCAB_DIR / name).read_bytes())
-    from ofa_ufo.convert.hf_port import main
+    from ofa_ufo.converters.hf_port import main
 
     main(["--input", str(source), "--output", str(target), "--image-size", "64"])
     loaded = ofa_ufo.OFAUFOForConditionalGeneration.from_pretrained(target).eval()

@@ -146,7 +146,7 @@ def test_held_out_sets_are_deterministic_and_small_sizes_stay_scorable():
 def test_trainer_accepts_demo_for_the_four_embedding_tasks(tmp_path):
     """One heterogeneous 2-step run: generated identities for training (P x K for the ReID-like tasks),
     held-out identities for scoring before and after."""
-    from ofa_ufo.data.pk_sampler import PKSource
+    from ofa_ufo.tasks.pk_sampler import PKSource
     from ofa_ufo.training import Trainer
     from ofa_ufo.training.config import config_from_dict
 
@@ -192,7 +192,7 @@ def test_trainer_accepts_demo_for_the_four_embedding_tasks(tmp_path):
 
 def test_demo_specs_name_the_generated_identities():
     from ofa_ufo.evaluate import open_examples
-    from ofa_ufo.task_specs import load_spec
+    from ofa_ufo.data.specs import load_spec
 
     for task in TASKS:
         spec = load_spec(f"demo_{task}")

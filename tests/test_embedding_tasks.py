@@ -15,15 +15,15 @@ from PIL import Image
 from transformers import pipeline
 
 import ofa_ufo
-from ofa_ufo.data.pk_sampler import PKSource
-from ofa_ufo.tasks import get_task, task_id
-from ofa_ufo.training.metric_losses import (
+from ofa_ufo.layers.metric_learning import (
     CosFaceHead,
     batch_hard_triplet_loss,
     cosface_logits,
     cosface_loss,
     pairwise_distances,
 )
+from ofa_ufo.tasks import get_task, task_id
+from ofa_ufo.tasks.pk_sampler import PKSource
 
 EMBEDDING_TASKS = ["reid_person", "reid_vehicle", "face", "product"]
 SUPERNET = dict(supernet_layers=2, supernet_dim=32, supernet_heads=4, supernet_head_dim=8,
@@ -392,9 +392,9 @@ def test_a_mixed_run_trains_the_cosface_head_and_checkpoints_it(tmp_path):
 
 
 def test_embedding_task_data_errors(tmp_path):
+    from ofa_ufo.data import DemoScenes
     from ofa_ufo.training import ConfigError, Trainer
     from ofa_ufo.training.config import config_from_dict
-    from ofa_ufo.data import DemoScenes
     from ofa_ufo.training.data import DemoSource
 
     base = dict(model_overrides=dict(TINY), tasks={"reid_person": 1}, batch_size=8, max_steps=1, eval_examples=0,

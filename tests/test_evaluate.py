@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ofa_ufo.evaluate import main, open_examples
-from ofa_ufo.task_specs import load_spec
+from ofa_ufo.data.specs import load_spec
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples" / "data"
 

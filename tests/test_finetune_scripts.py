@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ofa_ufo.task_specs import TaskSpec, load_spec
+from ofa_ufo.data.specs import TaskSpec, load_spec
 from ofa_ufo.training.__main__ import main
 from ofa_ufo.training.config import CONFIG_DIR, load_config
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ofa_ufo.image_processing import ImageLoadError, OFAUFOImageProcessor, load_image
+from ofa_ufo.core.images import ImageLoadError, load_image
+from ofa_ufo.hf.image_processing import OFAUFOImageProcessor
 
 
 def _pixel(image: Image.Image) -> tuple[int, int, int]:

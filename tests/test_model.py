@@ -85,7 +85,7 @@ def test_training_gradient_of_tied_embedding_is_dense_and_exact(processor, image
     model.zero_grad(set_to_none=True)
     reference = tiny_model().train()  # the inner model's forward: plain dense lookups
     config = reference.config
-    decoder_input_ids = ofa_ufo.modeling.shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+    decoder_input_ids = ofa_ufo.hf.modeling.shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
     out = reference.model(**inputs, decoder_input_ids=decoder_input_ids)
     logits = torch.nn.functional.linear(out.last_hidden_state, reference.lm_head.weight)
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
@@ -260,18 +260,18 @@ def test_too_long_sequence_is_rejected_by_model():
 
 def test_generate_uses_beam_shared_cross_cache(model, processor, images):
     seen = []
-    original = ofa_ufo.modeling.OFAUFOCache.reorder_cache
+    original = ofa_ufo.layers.kv_cache.OFAUFOCache.reorder_cache
 
     def spy(self, beam_idx):
         seen.append(type(self))
         return original(self, beam_idx)
 
-    ofa_ufo.modeling.OFAUFOCache.reorder_cache = spy
+    ofa_ufo.layers.kv_cache.OFAUFOCache.reorder_cache = spy
     try:
         model.generate(**encode(processor, PROMPTS, images), num_beams=3, max_new_tokens=4)
     finally:
-        ofa_ufo.modeling.OFAUFOCache.reorder_cache = original
-    assert seen and all(t is ofa_ufo.modeling.OFAUFOCache for t in seen)
+        ofa_ufo.layers.kv_cache.OFAUFOCache.reorder_cache = original
+    assert seen and all(t is ofa_ufo.layers.kv_cache.OFAUFOCache for t in seen)
 
 
 def test_cross_attention_shares_source_rows_across_beams():

@@ -6,7 +6,7 @@ Run with the oracle environment (bash run_scripts/install_oracles.sh):
 
 For the real Tiny and Base shapes, a seeded ModelScope `OFAModel` gets every parameter and BN
 statistic perturbed (so LayerNorms, head scales, relative-bias tables and BN stats are not at
-their trivial init values), is converted with `ofa_ufo.convert.hf_port`, loaded strictly into
+their trivial init values), is converted with `ofa_ufo.converters.hf_port`, loaded strictly into
 ours, and both run in eval mode (dropout inactive) on the same inputs.
 
 Generation compares ModelScope's own fairseq-style `SequenceGenerator` (what `OfaForAllTasks`
@@ -49,7 +49,7 @@ pytest.importorskip("fairseq")
 
 import ofa_ufo  # noqa: E402
 import oracle_shims  # noqa: E402  (tests/ is on sys.path under pytest's default rootdir import mode)
-from ofa_ufo.convert.hf_port import (  # noqa: E402
+from ofa_ufo.converters.hf_port import (  # noqa: E402
     config_from_hf_port,
     convert_hf_port_state_dict,
     load_converted_state_dict,

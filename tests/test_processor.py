@@ -8,10 +8,10 @@ import torch
 from transformers import AutoProcessor
 
 import ofa_ufo  # noqa: F401  (importing the package registers the Auto classes from_pretrained uses)
-from ofa_ufo.boxes import BoxCodec
-from ofa_ufo.image_processing import OFAUFOImageProcessor
-from ofa_ufo.processing import OFAUFOProcessor
-from ofa_ufo.tokenization import build_tokenizer
+from ofa_ufo.core.box_codec import BoxCodec
+from ofa_ufo.hf.image_processing import OFAUFOImageProcessor
+from ofa_ufo.hf.processing import OFAUFOProcessor
+from ofa_ufo.hf.tokenization import build_tokenizer
 
 PROMPTS = [" what does the image describe?", ' which region does the text " the small red circle " describe?']
 SIZE = 32

@@ -6,8 +6,8 @@ import pytest
 
 import ofa_ufo
 from ofa_ufo.metrics import get_metric
-from ofa_ufo.prompts import format_prompt, list_styles
-from ofa_ufo.task_specs import list_specs, load_spec
+from ofa_ufo.core.prompts import format_prompt, list_styles
+from ofa_ufo.data.specs import list_specs, load_spec
 
 
 def test_ofa_prompts_are_verbatim():

@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 
-from ofa_ufo.presets import preset_table
+from ofa_ufo.hf.presets import preset_table
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -55,7 +55,7 @@ def test_wheel_ships_prompts_and_task_specs(tmp_path):
         "import sys; sys.path = [p for p in sys.path if p and 'work' not in p or 'site-packages' in p]\n"
         "import ofa_ufo, ofa_ufo.resources as r\n"
         f"assert ofa_ufo.__file__.startswith({str(site)!r}), ofa_ufo.__file__\n"
-        "from ofa_ufo.prompts import format_prompt\n"
+        "from ofa_ufo.core.prompts import format_prompt\n"
         "assert format_prompt('caption') == ' what does the image describe?'\n"
         "print(r.resource_dir('task_specs'), len(ofa_ufo.create_processor('ofa_ufo_tiny').tokenizer))\n"
     )

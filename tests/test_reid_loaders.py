@@ -14,7 +14,7 @@ from ofa_ufo.data import DataError, LoadReport, convert
 from ofa_ufo.data.loaders import (
     load_identity_folder, load_lfw_pairs, load_market1501, load_msmt17, load_sop, load_veri776,
 )
-from ofa_ufo.data.pk_sampler import pk_batches
+from ofa_ufo.tasks.pk_sampler import pk_batches
 
 
 def jpeg(path: Path) -> Path:

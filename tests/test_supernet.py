@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import pipeline
 
 import ofa_ufo
-from ofa_ufo.supernet import largest_arch, smallest_arch
+from ofa_ufo.deploy.subnets import largest_arch, smallest_arch
 from ofa_ufo.tasks import task_id
-
-from conftest import tiny_model
 
 SUPERNET = dict(
     supernet_layers=2, supernet_dim=32, supernet_heads=4, supernet_head_dim=8, supernet_mlp_ratio=2.0,
@@ -173,7 +172,7 @@ def test_subnet_checkpoint_into_supernet_config_is_a_clear_error(supernet, tmp_p
 
 
 def test_subnet_report_command(supernet, tmp_path, capsys):
-    from ofa_ufo.subnet_report import main
+    from ofa_ufo.deploy.report import main
 
     supernet.save_pretrained(tmp_path)
     main(["--model", str(tmp_path), "--repeats", "1"])
@@ -187,10 +186,11 @@ def test_routers_learn_which_task_conflicts(tmp_path):
     Only the FFN experts can tell tasks apart (task embeddings frozen at zero). The conflicting
     task's routers move to its own expert, the agreeing tasks' routers to the shared one."""
     SummaryWriter = pytest.importorskip("torch.utils.tensorboard").SummaryWriter
-    from ofa_ufo.layers.moe import TaskMoEFFN
-    from ofa_ufo.models.supernet import UFOSupernet
-    from ofa_ufo.supernet import log_router_probabilities, router_probabilities
     from types import SimpleNamespace
+
+    from ofa_ufo.deploy.subnets import log_router_probabilities, router_probabilities
+    from ofa_ufo.layers.moe import TaskMoEFFN
+    from ofa_ufo.models.ufo import UFOSupernet
 
     torch.manual_seed(0)
     tasks, dim = 4, 16

@@ -88,7 +88,7 @@ def test_caption_information_sees_a_model_that_reads_its_caption(t2i_eval, model
     """With the codes' log-likelihood made to depend on the caption, the measured information is
     positive; with it independent of the caption, zero."""
     from ofa_ufo.data.demo_scenes import DemoScenes
-    from ofa_ufo.vqgan import VQGANModel
+    from ofa_ufo.hf.modeling_vqgan import VQGANModel
 
     vqgan = VQGANModel.from_pretrained(vqgan_dir).eval()
     scenes = [DemoScenes("val", 3, seed=0)[i] for i in range(3)]

@@ -8,7 +8,7 @@ import time
 import pytest
 from tokenizers import pre_tokenizers
 
-from ofa_ufo.tokenization import DEFAULT_VOCAB_DIR, OFAUFOTokenizer, build_tokenizer
+from ofa_ufo.hf.tokenization import DEFAULT_VOCAB_DIR, OFAUFOTokenizer, build_tokenizer
 
 TEXTS = [
     " what does the image describe?",

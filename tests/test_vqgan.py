@@ -14,8 +14,8 @@ import yaml
 from transformers import AutoConfig, AutoModel
 
 import ofa_ufo
-from ofa_ufo.convert.taming import convert_taming_checkpoint, main as convert_main, read_taming_checkpoint
-from ofa_ufo.vqgan import VQGANConfig, VQGANModel, create_vqgan, create_vqgan_config
+from ofa_ufo.converters.taming import convert_taming_checkpoint, main as convert_main, read_taming_checkpoint
+from ofa_ufo.hf.modeling_vqgan import VQGANConfig, VQGANModel, create_vqgan, create_vqgan_config
 
 from conftest import RunsCode
 
@@ -206,7 +206,7 @@ def _tiny_fields() -> dict:
 
 
 def test_unsupported_taming_configs_are_refused(model, tmp_path):
-    from ofa_ufo.convert.taming import config_from_taming
+    from ofa_ufo.converters.taming import config_from_taming
 
     with pytest.raises(ValueError, match="unsupported taming model target 'taming.models.vqgan.EMAVQ'"):
         config_from_taming(taming_yaml(model.config, target="taming.models.vqgan.EMAVQ"))

@@ -9,7 +9,7 @@ plain `nn.Module`, and `instantiate_from_config`), and `sys.modules` is restored
 
 A taming model at a small config gets every parameter perturbed (GroupNorms off their 1/0 init; the VQ
 codebook drawn from the encoder's own features so that many codes are used), is saved as a Lightning
-`.ckpt` with its `model.yaml`, converted with `ofa_ufo.convert.taming`, and compared in eval mode:
+`.ckpt` with its `model.yaml`, converted with `ofa_ufo.converters.taming`, and compared in eval mode:
 codes from `encode` identical, `decode` of the same codes within 1e-5, and the forward pass.
 
 taming's `GumbelQuantize` draws Gumbel noise even in eval mode, so its codes are a sample; ours are the
@@ -34,8 +34,8 @@ pytestmark = pytest.mark.oracle
 pytest.importorskip("einops")
 pytest.importorskip("taming.modules.vqvae.quantize")
 
-from ofa_ufo.convert.taming import convert_taming_checkpoint  # noqa: E402
-from ofa_ufo.vqgan import create_vqgan  # noqa: E402
+from ofa_ufo.converters.taming import convert_taming_checkpoint  # noqa: E402
+from ofa_ufo.hf.modeling_vqgan import create_vqgan  # noqa: E402
 
 from test_vqgan import F8_8192_PARAMETERS  # noqa: E402
 
@@ -132,7 +132,7 @@ def test_codes_and_pixels_match_taming(taming_vqgan, kind, size, tmp_path, monke
 
 def test_f8_8192_gumbel_layout_and_size_match_taming(taming_vqgan):
     """taming's vqgan_gumbel_f8 (OFA's tokenizer) and our preset: same keys after conversion, same shapes."""
-    from ofa_ufo.convert.taming import taming_to_ours
+    from ofa_ufo.converters.taming import taming_to_ours
 
     ddconfig = dict(double_z=False, z_channels=256, resolution=256, in_channels=3, out_ch=3, ch=128,
                     ch_mult=[1, 1, 2, 4], num_res_blocks=2, attn_resolutions=[32], dropout=0.0)

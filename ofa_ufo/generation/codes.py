@@ -25,6 +25,7 @@ from transformers.cache_utils import DynamicCache
 
 from ofa_ufo.generation.constraints import CodeSequenceLogitsProcessor
 from ofa_ufo.generation.scoring import RunningLogProb
+from ofa_ufo.layers.kv_cache import OFAUFOCache
 
 __all__ = ["CodeGuidance", "generate_codes", "tokens_to_codes"]
 
@@ -65,8 +66,6 @@ class CodeGuidance(LogitsProcessor):
         self.cache = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        from ofa_ufo.modeling import OFAUFOCache
-
         first = self.cache is None
         if first:
             self.cache = OFAUFOCache(DynamicCache(), DynamicCache())

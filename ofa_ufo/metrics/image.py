@@ -31,6 +31,6 @@ def psnr(predictions: Sequence[Any], references: Sequence[Any]) -> dict[str, flo
 
 
 def _rgb(image: Any) -> Image.Image:
-    from ofa_ufo.image_processing import load_image
+    from ofa_ufo.core.images import load_image
 
     return load_image(image)

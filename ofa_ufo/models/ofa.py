@@ -7,13 +7,13 @@ Encoder input is [image tokens ; text tokens]; positions enter only as attention
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from ofa_ufo.configuration import OFAUFOConfig
 from ofa_ufo.layers.drop_path import linear_rates
 from ofa_ufo.layers.normformer import DecoderLayer, EncoderLayer
 from ofa_ufo.layers.position import (
@@ -26,7 +26,10 @@ from ofa_ufo.layers.position import (
     text_relative_buckets,
 )
 from ofa_ufo.models.resnet import OUT_CHANNELS, ResNetStem
-from ofa_ufo.models.supernet import UFOSupernet
+from ofa_ufo.models.ufo import UFOSupernet
+
+if TYPE_CHECKING:  # the config is read field by field; a type-only import keeps models/ below hf/
+    from ofa_ufo.hf.configuration import OFAUFOConfig
 
 
 @dataclass

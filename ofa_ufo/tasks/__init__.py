@@ -7,10 +7,10 @@ in the `prompts/` tables.
 from __future__ import annotations
 
 from ofa_ufo.tasks.base import Decoded, Task
-from ofa_ufo.tasks.boxes import DetectionTask, GroundedCaptionTask, GroundingTask
 from ofa_ufo.tasks.choice import ClassificationTask, EntailmentTask, ITMTask, VQATask
 from ofa_ufo.tasks.embedding import EmbeddingTask
 from ofa_ufo.tasks.image_gen import ImageInfillTask, TextToImageTask
+from ofa_ufo.tasks.localization import DetectionTask, GroundedCaptionTask, GroundingTask
 from ofa_ufo.tasks.text import FreePromptTask
 
 _REGISTRY: dict[str, Task] = {}

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ofa_ufo.generation.scoring import Decoded, generate_decoded
-from ofa_ufo.prompts import DEFAULT_STYLE, format_prompt
+from ofa_ufo.core.prompts import DEFAULT_STYLE, format_prompt
 
 __all__ = ["Decoded", "Task"]
 

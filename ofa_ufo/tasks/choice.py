@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ofa_ufo.core.prompts import DEFAULT_STYLE, format_prompt
 from ofa_ufo.generation import Trie, TrieLogitsProcessor
 from ofa_ufo.generation.scoring import Decoded, score_candidates
-from ofa_ufo.prompts import DEFAULT_STYLE, format_prompt
 from ofa_ufo.tasks.base import Task
 
 

@@ -60,7 +60,7 @@ class IdentityClassifier:
 
     @classmethod
     def from_head(cls, head) -> IdentityClassifier:
-        """From a trained `ofa_ufo.training.metric_losses.CosFaceHead` (BNNeck in eval mode: running
+        """From a trained `ofa_ufo.layers.metric_learning.CosFaceHead` (BNNeck in eval mode: running
         stats); class k is named after the head's k-th identity (`identity_label`)."""
         dim = head.weight.shape[1]
         neck = head.neck

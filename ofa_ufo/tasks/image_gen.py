@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 
 from ofa_ufo.generation.codes import generate_codes, tokens_to_codes
-from ofa_ufo.prompts import DEFAULT_STYLE, format_prompt
+from ofa_ufo.core.prompts import DEFAULT_STYLE, format_prompt
 from ofa_ufo.tasks.base import Task
-from ofa_ufo.vqgan import VQGANModel
+from ofa_ufo.hf.modeling_vqgan import VQGANModel
 
 __all__ = ["CodeSamples", "ImageInfillTask", "TextToImageTask", "VQGAN_SUBDIR", "resolve_vqgan"]
 
@@ -273,6 +273,6 @@ def _need_vqgan(task: Task, meta: dict[str, Any]) -> VQGANModel:
 
 
 def _as_image(image: Any) -> Image.Image:
-    from ofa_ufo.image_processing import load_image
+    from ofa_ufo.core.images import load_image
 
     return load_image(image)

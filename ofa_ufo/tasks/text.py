@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ofa_ufo.prompts import DEFAULT_STYLE
+from ofa_ufo.core.prompts import DEFAULT_STYLE
 from ofa_ufo.tasks.base import Task
 
 

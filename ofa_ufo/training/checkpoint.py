@@ -130,7 +130,7 @@ def check_compatible(path: Path, model_config) -> None:
     saved_file = path / "config.json"
     if not saved_file.is_file():
         raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
-    from ofa_ufo.configuration import OFAUFOConfig
+    from ofa_ufo.hf.configuration import OFAUFOConfig
 
     saved = architecture(OFAUFOConfig.from_dict(json.loads(saved_file.read_text())))
     wanted = architecture(model_config)

@@ -102,7 +102,7 @@ def _permutation(seed: int, task: str, epoch: int, size: int) -> np.ndarray:
 
 def _spec_source(task: str, spec_name: str, seed: int) -> ListSource:
     from ofa_ufo.evaluate import open_examples
-    from ofa_ufo.task_specs import load_spec
+    from ofa_ufo.data.specs import load_spec
 
     spec = load_spec(spec_name)
     if spec.task != task:
@@ -179,7 +179,7 @@ def eval_examples(config: TrainConfig, task: str) -> tuple[list[dict[str, Any]],
 
 def _held_out(config: TrainConfig, task: str, data: str) -> tuple[list[dict[str, Any]], Any]:
     from ofa_ufo.evaluate import open_examples
-    from ofa_ufo.task_specs import TaskSpec, list_specs, load_spec
+    from ofa_ufo.data.specs import TaskSpec, list_specs, load_spec
 
     if data.endswith(".jsonl"):
         from ofa_ufo.data.loaders.jsonl import load_jsonl

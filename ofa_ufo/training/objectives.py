@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pycocoevalcap.cider.cider import Cider
 
-from ofa_ufo.modeling import embedding_readout, shift_tokens_right
+from ofa_ufo.hf.modeling import embedding_readout, shift_tokens_right
 from ofa_ufo.tasks import get_task
 
 _ENCODER_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_mask", "task_ids")

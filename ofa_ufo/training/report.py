@@ -15,7 +15,7 @@ HEADLINE = {"cider": "cider", "vqa_accuracy": "vqa_accuracy", "acc@0.5": "acc@0.
 
 def evaluate_model(model, processor, spec, examples: list[dict[str, Any]], batch_size: int = 16) -> dict[str, float]:
     """Score `model` (in memory) on `examples` the way `ofa_ufo.evaluate` scores a saved one."""
-    from ofa_ufo.pipeline import OFAUFOPipeline
+    from ofa_ufo.hf.pipeline import OFAUFOPipeline
 
     task = get_task(spec.task)
     labels = spec.data.get("labels") or sorted({e["target"] for e in examples if e.get("target")})

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ofa_ufo.image_processing import ImageLoadError, load_image
-from ofa_ufo.supernet import largest_arch, sample_arch, set_arch, smallest_arch
+from ofa_ufo.core.images import ImageLoadError, load_image
+from ofa_ufo.deploy.subnets import largest_arch, sample_arch, set_arch, smallest_arch
 from ofa_ufo.tasks import get_task
 from ofa_ufo.tasks.identities import IdentityClassifier, save_identities
 from ofa_ufo.training import checkpoint as ckpt
@@ -71,11 +71,11 @@ def step_archs(config, step: int) -> list:
 
 def build_model(config: TrainConfig):
     """(model, processor): a preset built from scratch, or a save_pretrained directory to fine-tune."""
-    from ofa_ufo.presets import create_model, create_processor, list_models
+    from ofa_ufo.hf.presets import create_model, create_processor, list_models
 
     if Path(config.model).is_dir():
-        from ofa_ufo.modeling import OFAUFOForConditionalGeneration
-        from ofa_ufo.processing import OFAUFOProcessor
+        from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
+        from ofa_ufo.hf.processing import OFAUFOProcessor
 
         model = OFAUFOForConditionalGeneration.from_pretrained(config.model, **config.model_overrides)
         return model, OFAUFOProcessor.from_pretrained(config.model)
@@ -92,7 +92,7 @@ def _load_vqgan(path: str):
     """The `vqgan` config field's model (CPU, eval), or None when the field is empty."""
     if not path:
         return None
-    from ofa_ufo.vqgan import VQGANModel
+    from ofa_ufo.hf.modeling_vqgan import VQGANModel
 
     if not (Path(path) / "config.json").is_file():
         raise ConfigError(f"field 'vqgan': {path} is not a VQGANModel.save_pretrained directory (no config.json)")

@@ -45,9 +45,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ofa_ufo.data.demo_scenes import DEFAULT_OBJECT_SIZE, DemoScenes, check_object_size
+from ofa_ufo.hf.modeling_vqgan import VQGANModel, create_vqgan_config
 from ofa_ufo.training.checkpoint import export_into
 from ofa_ufo.training.config import ConfigError, _read_yaml, checked_dataclass
-from ofa_ufo.vqgan import VQGANModel, create_vqgan_config
 
 CONFIG_FILE = "vqgan_train_config.yaml"
 GRID_FILE = "reconstructions.png"

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from ofa_ufo.data.canonical import DataError, validate_example
-from ofa_ufo.image_processing import load_image
+from ofa_ufo.core.images import load_image
 
 logger = logging.getLogger("ofa_ufo.data.loaders")
 

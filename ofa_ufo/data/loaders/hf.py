@@ -8,9 +8,9 @@ from typing import Any
 
 from PIL import Image
 
+from ofa_ufo.core.images import ImageLoadError, load_image
 from ofa_ufo.data.canonical import FIELDS, DataError, new_example
 from ofa_ufo.data.loaders._common import LoadReport, OnError, Size, check_on_error, drive
-from ofa_ufo.image_processing import ImageLoadError, load_image
 
 __all__ = ["load_hf_dataset"]
 

@@ -5,7 +5,7 @@ Namespace, and omegaconf's containers when omegaconf is installed): a pickle tha
 code is refused, never executed. Weights are renamed to the HF-port layout (five renames,
 reference/ofa.md 12.3) and then converted like an HF-port checkpoint.
 
-    python -m ofa_ufo.convert.fairseq --input ofa_base.pt --vocab vocab.json --merges merges.txt --output DIR
+    python -m ofa_ufo.converters.fairseq --input ofa_base.pt --vocab vocab.json --merges merges.txt --output DIR
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ofa_ufo.convert.hf_port import config_from_hf_port, convert_hf_port_state_dict, save_converted
+from ofa_ufo.converters.hf_port import config_from_hf_port, convert_hf_port_state_dict, save_converted
 
 # fairseq name piece -> HF-port name piece; order matters (the longer encoder_attn name first).
 RENAMES = (
@@ -110,7 +110,7 @@ def convert_fairseq_checkpoint(path: str | Path, vocab_file: str | Path, merges_
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ofa_ufo.convert.fairseq", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ofa_ufo.converters.fairseq", description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True, help="fairseq OFA checkpoint (.pt)")
     parser.add_argument("--vocab", required=True, help="OFA's BART vocab.json")
     parser.add_argument("--merges", required=True, help="OFA's BART merges.txt")

@@ -28,7 +28,7 @@ from transformers.models.bart.tokenization_bart import BartTokenizer
 
 __all__ = ["DEFAULT_VOCAB_DIR", "OFAUFOTokenizer", "build_tokenizer"]
 
-DEFAULT_VOCAB_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+DEFAULT_VOCAB_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 MASK_TOKEN = "<mask>"
 
@@ -78,7 +78,7 @@ class OFAUFOTokenizer(BartTokenizer):
         """Id of ``<bin_0>``."""
         offset, count = self._layout("bin")
         if not count:
-            raise ValueError("this tokenizer has no <bin_k> tokens; build it with ofa_ufo.tokenization.build_tokenizer")
+            raise ValueError("this tokenizer has no <bin_k> tokens; build it with ofa_ufo.hf.tokenization.build_tokenizer")
         return offset
 
     @property

@@ -1,7 +1,7 @@
 """Convert taming-transformers VQGAN checkpoints (`VQModel`, `GumbelVQ`) into a `VQGANModel` directory.
 
-    python -m ofa_ufo.convert.taming --input last.ckpt --config model.yaml --output DIR
-    python -m ofa_ufo.convert.taming --input last.ckpt --preset vqgan_f8_8192_gumbel --output DIR
+    python -m ofa_ufo.converters.taming --input last.ckpt --config model.yaml --output DIR
+    python -m ofa_ufo.converters.taming --input last.ckpt --preset vqgan_f8_8192_gumbel --output DIR
 
 The input is a PyTorch Lightning `.ckpt` (weights under "state_dict"), a plain state dict, or a
 `.safetensors` file. Pickles are read with `torch.load(weights_only=True)` and an explicit allow-list:
@@ -23,10 +23,10 @@ from typing import Any
 import torch
 import yaml
 
-from ofa_ufo.convert.fairseq import allowed_globals as _fairseq_allowed_globals
-from ofa_ufo.convert.hf_port import check_state_dict
+from ofa_ufo.converters.fairseq import allowed_globals as _fairseq_allowed_globals
+from ofa_ufo.converters.hf_port import check_state_dict
 from ofa_ufo.models.vqgan import level_resolutions
-from ofa_ufo.vqgan import VQGANConfig, VQGANModel, create_vqgan_config
+from ofa_ufo.hf.modeling_vqgan import VQGANConfig, VQGANModel, create_vqgan_config
 
 DROPPED_PREFIXES = ("loss.",)  # VQLPIPSWithDiscriminator: discriminator and LPIPS weights
 RENAMES = {"quantize.embed.weight": "quantize.embedding.weight"}  # GumbelQuantize's codebook
@@ -165,7 +165,7 @@ def convert_taming_checkpoint(path: str | Path, output_dir: str | Path | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ofa_ufo.convert.taming", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ofa_ufo.converters.taming", description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True, help="taming checkpoint: Lightning .ckpt, state dict or .safetensors")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="the checkpoint's taming model.yaml")

@@ -20,8 +20,9 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import Seq2SeqLMOutput, Seq2SeqModelOutput
 
-from ofa_ufo.configuration import OFAUFOConfig
+from ofa_ufo.hf.configuration import OFAUFOConfig
 from ofa_ufo.layers.attention import OFAAttention
+from ofa_ufo.layers.kv_cache import OFAUFOCache
 from ofa_ufo.layers.moe import TaskMoEFFN
 from ofa_ufo.models.ofa import OFADecoder, OFAEncoder, OFAUFOEncoderOutput
 
@@ -161,19 +162,6 @@ def _check_supernet_kind(path, config: OFAUFOConfig) -> None:
             f"{path} holds {kinds[saved.get('supernet_routed', True)]} but the given config describes "
             f"{kinds[wanted.supernet_routed]}; load it with its own config.json"
         )
-
-
-class OFAUFOCache(EncoderDecoderCache):
-    """Encoder-decoder KV cache whose beam reordering leaves the cross-attention K/V alone.
-
-    Cross-attention keys/values depend only on the encoder output, which is the same for all
-    beams of one input, and beam search only reorders rows within an input's beams; copying
-    them every step (as the generic cache does) costs batch x beams x source length x d per
-    layer and step for nothing.
-    """
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.self_attention_cache.reorder_cache(beam_idx)
 
 
 class OFAUFOPreTrainedModel(PreTrainedModel):

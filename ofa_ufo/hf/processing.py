@@ -14,9 +14,10 @@ import numpy as np
 from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from ofa_ufo.boxes import BoxCodec, BoxMode
-from ofa_ufo.image_processing import ImageLike, OFAUFOImageProcessor
-from ofa_ufo.tokenization import OFAUFOTokenizer
+from ofa_ufo.core.box_codec import BoxCodec, BoxMode
+from ofa_ufo.core.images import ImageLike
+from ofa_ufo.hf.image_processing import OFAUFOImageProcessor
+from ofa_ufo.hf.tokenization import OFAUFOTokenizer
 
 __all__ = ["OFAUFOProcessor"]
 

@@ -5,7 +5,7 @@ the shared token table under `encoder.embed_tokens` (also `decoder.embed_tokens`
 `decoder.output_projection`), plus persisted index buffers. Ours is the same under `model.`,
 the shared table at `model.shared.weight`, and no index buffers (we rebuild them).
 
-    python -m ofa_ufo.convert.hf_port --input OFA-tiny/ --output ofa-ufo-tiny/ [--image-size 256]
+    python -m ofa_ufo.converters.hf_port --input OFA-tiny/ --output ofa-ufo-tiny/ [--image-size 256]
 
 reads `config.json`, `pytorch_model.bin` (or `model.safetensors`), `vocab.json` and `merges.txt`,
 and writes a `save_pretrained` directory with the model and its processor.
@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ofa_ufo.configuration import RESNET_LAYERS, OFAUFOConfig
+from ofa_ufo.hf.configuration import RESNET_LAYERS, OFAUFOConfig
 
 # OFA's unified vocabulary ends with 8192 VQGAN codes then 1000 location bins.
 OFA_NUM_CODES = 8192
@@ -153,7 +153,7 @@ def convert_hf_port_state_dict(
 
 def expected_shapes(config: OFAUFOConfig) -> dict[str, tuple[int, ...]]:
     """Key -> shape of our model's state dict for `config` (built on the meta device, no memory)."""
-    from ofa_ufo.modeling import OFAUFOForConditionalGeneration
+    from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
 
     with torch.device("meta"):
         model = OFAUFOForConditionalGeneration(config)
@@ -224,10 +224,10 @@ def convert_hf_port_checkpoint(input_dir: str | Path, output_dir: str | Path, im
 def save_converted(config: OFAUFOConfig, converted: Mapping[str, torch.Tensor], vocab_file: str | Path,
                    merges_file: str | Path, output_dir: str | Path):
     """Load converted weights into a model, build OFA's tokenizer, check they agree, save both."""
-    from ofa_ufo.image_processing import OFAUFOImageProcessor
-    from ofa_ufo.modeling import OFAUFOForConditionalGeneration
-    from ofa_ufo.processing import OFAUFOProcessor
-    from ofa_ufo.tokenization import build_tokenizer
+    from ofa_ufo.hf.image_processing import OFAUFOImageProcessor
+    from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
+    from ofa_ufo.hf.processing import OFAUFOProcessor
+    from ofa_ufo.hf.tokenization import build_tokenizer
 
     tokenizer = build_tokenizer(vocab_file, merges_file, num_codes=OFA_NUM_CODES, num_bins=OFA_NUM_BINS)
     layout = (len(tokenizer), tokenizer.code_offset, tokenizer.bin_offset)

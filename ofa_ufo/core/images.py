@@ -1,26 +1,20 @@
-"""Image loading and OFA's image transform, with PIL + numpy + torch only (no torchvision).
+"""Image loading: any path, PIL image or uint8 array -> an RGB PIL image, or a clear `ImageLoadError`.
 
-OFA feeds the encoder a square, aspect-ratio-ignoring BICUBIC resize of the whole image,
-scaled to [0, 1] and normalised with mean = std = 0.5 (so pixels lie in [-1, 1]). Boxes are
-kept in original-image pixels elsewhere, so the processor also returns each original size.
+Shared by the processor, the pipeline, the data loaders and the metrics, so every entry point
+accepts the same inputs and fails with the same messages.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
-from transformers.image_utils import PILImageResampling
 
-__all__ = ["ImageLike", "ImageLoadError", "OFAUFOImageProcessor", "load_image"]
+__all__ = ["ImageLike", "ImageLoadError", "load_image"]
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
-OFA_MEAN = (0.5, 0.5, 0.5)
-OFA_STD = (0.5, 0.5, 0.5)
 _ALPHA_MODES = {"LA", "PA", "RGBA", "RGBa", "La"}
 
 
@@ -119,51 +113,3 @@ def load_image(image: ImageLike) -> Image.Image:
     if pil.width == 0 or pil.height == 0:
         raise ImageLoadError(f"{where}: image has no pixels (width x height = {pil.width} x {pil.height})")
     return _to_rgb(ImageOps.exif_transpose(pil), where)
-
-
-class OFAUFOImageProcessor(BaseImageProcessor):
-    """OFA's image transform: square BICUBIC resize to ``size``, [0, 1], normalise by mean/std.
-
-    Returns ``pixel_values`` (B, 3, size, size) float32 and ``original_sizes`` (B, 2) int64
-    as (width, height), which the box codec needs to map bins back to original pixels.
-    """
-
-    model_input_names = ["pixel_values"]
-
-    def __init__(
-        self,
-        size: int = 384,
-        resample: int = PILImageResampling.BICUBIC,
-        image_mean: Sequence[float] = OFA_MEAN,
-        image_std: Sequence[float] = OFA_STD,
-        **kwargs,
-    ) -> None:
-        kwargs.pop("image_processor_type", None)  # written by to_dict, not a setting
-        super().__init__(**kwargs)
-        if int(size) < 1:
-            raise ValueError(f"size must be a positive number of pixels, got {size}")
-        if len(image_mean) != 3 or len(image_std) != 3 or min(image_std) <= 0:
-            raise ValueError(f"need 3 means and 3 positive stds, got {image_mean} and {image_std}")
-        self.size = int(size)
-        self.resample = int(resample)
-        self.image_mean = tuple(float(v) for v in image_mean)
-        self.image_std = tuple(float(v) for v in image_std)
-
-    def _transform(self, image: Image.Image) -> np.ndarray:
-        """(3, size, size) float32 normalised pixels of one RGB image."""
-        resized = image.resize((self.size, self.size), resample=self.resample)
-        pixels = np.asarray(resized, dtype=np.float32) / 255.0  # (S, S, 3)
-        pixels = (pixels - np.array(self.image_mean, np.float32)) / np.array(self.image_std, np.float32)
-        return pixels.transpose(2, 0, 1)  # (3, S, S)
-
-    def preprocess(self, images: ImageLike | Sequence[ImageLike], return_tensors: str | None = "pt") -> BatchFeature:
-        """Load and transform one image or a list of images (paths, PIL images, uint8 arrays)."""
-        batch = list(images) if isinstance(images, (list, tuple)) else [images]
-        if not batch:
-            raise ValueError("no images given")
-        loaded = [load_image(image) for image in batch]
-        data = {
-            "pixel_values": np.stack([self._transform(image) for image in loaded]),  # (B, 3, S, S)
-            "original_sizes": np.array([image.size for image in loaded], dtype=np.int64),  # (B, 2) as (w, h)
-        }
-        return BatchFeature(data=data, tensor_type=return_tensors)

@@ -5,23 +5,16 @@ Registration is per process, so `import ofa_ufo` does it; no remote code is invo
 
 from __future__ import annotations
 
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForSeq2SeqLM,
-    AutoProcessor,
-    AutoTokenizer,
-)
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSeq2SeqLM, AutoProcessor, AutoTokenizer
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from ofa_ufo.configuration import OFAUFOConfig, OFAUFOVisionConfig
-from ofa_ufo.image_processing import OFAUFOImageProcessor
-from ofa_ufo.modeling import OFAUFOForConditionalGeneration, OFAUFOModel
-from ofa_ufo.pipeline import OFAUFOPipeline
-from ofa_ufo.processing import OFAUFOProcessor
-from ofa_ufo.tokenization import OFAUFOTokenizer
-from ofa_ufo.vqgan import VQGANConfig, VQGANModel
+from ofa_ufo.hf.configuration import OFAUFOConfig, OFAUFOVisionConfig
+from ofa_ufo.hf.image_processing import OFAUFOImageProcessor
+from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration, OFAUFOModel
+from ofa_ufo.hf.modeling_vqgan import VQGANConfig, VQGANModel
+from ofa_ufo.hf.pipeline import OFAUFOPipeline
+from ofa_ufo.hf.processing import OFAUFOProcessor
+from ofa_ufo.hf.tokenization import OFAUFOTokenizer
 
 PIPELINE_TASK = "ofa-ufo"
 

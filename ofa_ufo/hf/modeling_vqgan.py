@@ -7,7 +7,7 @@ OFA turns images into discrete tokens (text-to-image targets, image infilling) w
     codes = model.encode(pixels)       # (B, 3, H, W) in [-1, 1] -> (B, H/f, W/f) long
     images = model.decode(codes)       # -> (B, 3, H, W) in [-1, 1]
 
-Official taming checkpoints convert with `python -m ofa_ufo.convert.taming`.
+Official taming checkpoints convert with `python -m ofa_ufo.converters.taming`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from ofa_ufo.configuration import reject_unknown_fields
+from ofa_ufo.hf.configuration import reject_unknown_fields
 from ofa_ufo.models.vqgan import Decoder, Encoder, GumbelQuantize, VectorQuantize, level_resolutions
 
 QUANTIZERS = ("gumbel", "vq")

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from ofa_ufo.core.prompts import DEFAULT_STYLE, format_prompt
 from ofa_ufo.generation import Trie
 from ofa_ufo.generation.constraints import BoxSequenceLogitsProcessor, DetectionLogitsProcessor
 from ofa_ufo.generation.scoring import Decoded
-from ofa_ufo.prompts import DEFAULT_STYLE, format_prompt
 from ofa_ufo.tasks.base import Task
 
 NO_OBJECT = " none"  # grounding target when the phrase matches nothing

@@ -14,8 +14,8 @@ import warnings
 
 import torch
 
-from ofa_ufo.configuration import OFAUFOConfig
-from ofa_ufo.models.supernet import SupernetArch, UFOSupernet
+from ofa_ufo.hf.configuration import OFAUFOConfig
+from ofa_ufo.models.ufo import SupernetArch, UFOSupernet
 from ofa_ufo.tasks import list_tasks, task_id
 
 __all__ = [

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from ofa_ufo.metrics import list_metrics
-from ofa_ufo.prompts import DEFAULT_STYLE, list_styles
+from ofa_ufo.core.prompts import DEFAULT_STYLE, list_styles
 from ofa_ufo.resources import resource_dir
 from ofa_ufo.tasks import get_task
 

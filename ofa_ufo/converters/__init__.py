@@ -1,6 +1,6 @@
 """Converters from other OFA checkpoint formats into `OFAUFOForConditionalGeneration`."""
 
-from ofa_ufo.convert.hf_port import (
+from ofa_ufo.converters.hf_port import (
     config_from_hf_port,
     convert_hf_port_checkpoint,
     convert_hf_port_state_dict,

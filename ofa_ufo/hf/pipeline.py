@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from transformers import Pipeline
 
-from ofa_ufo.image_processing import ImageLoadError, load_image
-from ofa_ufo.prompts import DEFAULT_STYLE
+from ofa_ufo.core.images import ImageLoadError, load_image
+from ofa_ufo.core.prompts import DEFAULT_STYLE
 from ofa_ufo.tasks import FREE_PROMPT, Task, get_task, task_id
 
 
