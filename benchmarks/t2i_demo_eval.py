@@ -209,7 +209,7 @@ def derangement(n: int, rng: np.random.Generator) -> list[int]:
 def code_nll(model, processor, vqgan, scenes, captions: list[str], batch_size: int) -> torch.Tensor:
     """Teacher-forced negative log-likelihood (nats, summed over the image's codes and </s>) of each
     scene's VQGAN codes given `captions` (N,)."""
-    from ofa_ufo.training.data import build_batch
+    from ofa_ufo.training.mixture import build_batch
 
     totals = []
     for start in range(0, len(scenes), batch_size):

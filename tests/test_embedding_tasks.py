@@ -133,7 +133,7 @@ def test_each_task_routes_on_its_own_id(supernet, processor):
 def test_image_readout_is_the_mean_image_token_and_keeps_metric_losses_out_of_shared_layers(processor):
     """embedding_readout="image": the embedding is the routed image tokens' mean before the text-image
     encoder, the same in training and at inference, and its losses train only the image side."""
-    from ofa_ufo.training.data import build_batch
+    from ofa_ufo.training.mixture import build_batch
     from ofa_ufo.training.objectives import cross_entropy_and_features
 
     torch.manual_seed(0)
@@ -343,7 +343,7 @@ def _write_jsonl(path, rows):
 
 
 def test_training_features_are_the_inference_read_out(model, processor, tmp_path):
-    from ofa_ufo.training.data import build_batch
+    from ofa_ufo.training.mixture import build_batch
     from ofa_ufo.training.objectives import cross_entropy_and_features
 
     rows = _identity_rows(tmp_path, identities=1, per_identity=2)
@@ -395,7 +395,7 @@ def test_embedding_task_data_errors(tmp_path):
     from ofa_ufo.data import DemoScenes
     from ofa_ufo.training import ConfigError, Trainer
     from ofa_ufo.training.config import config_from_dict
-    from ofa_ufo.training.data import DemoSource
+    from ofa_ufo.training.mixture import DemoSource
 
     base = dict(model_overrides=dict(TINY), tasks={"reid_person": 1}, batch_size=8, max_steps=1, eval_examples=0,
                 demo_train_scenes=4, num_threads=1, output_dir=str(tmp_path / "run"))

@@ -17,7 +17,7 @@ from ofa_ufo.layers.position import code_position_ids
 from ofa_ufo.metrics import get_metric
 from ofa_ufo.tasks import get_task
 from ofa_ufo.tasks.image_gen import CodeSamples, image_to_pixels
-from ofa_ufo.training.data import build_batch
+from ofa_ufo.training.mixture import build_batch
 
 SIDE = 8  # vqgan_tiny: 64 px / f=8 -> 8x8 codes; infill generates the central 4x4
 
@@ -311,7 +311,7 @@ def test_text_to_image_pipeline_guidance_scale(pipe, vqgan):
 
 def test_caption_dropout_trains_the_unconditional_prompt(processor, vqgan, photo):
     from ofa_ufo.training.config import ConfigError, config_from_dict
-    from ofa_ufo.training.data import build_sources
+    from ofa_ufo.training.mixture import build_sources
 
     prompt, target = get_task("text_to_image").build_example(dict(task="text_to_image", image=photo, text=""),
                                                            dict(vqgan=vqgan), "ofa")
@@ -329,3 +329,17 @@ def test_caption_dropout_trains_the_unconditional_prompt(processor, vqgan, photo
         config_from_dict({**fields, "caption_dropout": 1.0}, "test")
     with pytest.raises(ConfigError, match="no text_to_image"):
         config_from_dict({"tasks": {"caption": 1}, "caption_dropout": 0.1}, "test")
+
+
+def test_tasks_know_the_vqgan_model_type_they_load_through_the_auto_class(tmp_path):
+    from ofa_ufo.tasks.image_gen import VQGAN_MODEL_TYPE, resolve_vqgan
+
+    assert VQGAN_MODEL_TYPE == ofa_ufo.VQGANConfig.model_type
+    vqgan = ofa_ufo.create_vqgan("vqgan_tiny")
+    vqgan.save_pretrained(tmp_path / "vqgan")
+    assert type(resolve_vqgan(tmp_path / "vqgan")) is ofa_ufo.VQGANModel
+    model = ofa_ufo.create_model("ofa_ufo_tiny", d_model=32, encoder_layers=1, decoder_layers=1,
+                                 encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                 decoder_ffn_dim=64, image_size=64)
+    with pytest.raises(ValueError, match="not a VQGANModel"):
+        resolve_vqgan(model)

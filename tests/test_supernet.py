@@ -172,7 +172,7 @@ def test_subnet_checkpoint_into_supernet_config_is_a_clear_error(supernet, tmp_p
 
 
 def test_subnet_report_command(supernet, tmp_path, capsys):
-    from ofa_ufo.deploy.report import main
+    from ofa_ufo.deploy.subnet_report import main
 
     supernet.save_pretrained(tmp_path)
     main(["--model", str(tmp_path), "--repeats", "1"])

@@ -31,7 +31,7 @@ from ofa_ufo.training import ConfigError, Trainer, TrainingError, load_config
 from ofa_ufo.training import checkpoint as ckpt
 from ofa_ufo.training.__main__ import main
 from ofa_ufo.training.config import CONFIG_DIR, config_from_dict
-from ofa_ufo.training.data import DataSourceError, build_sources, eval_examples
+from ofa_ufo.training.mixture import DataSourceError, build_sources, eval_examples
 
 REPO = Path(__file__).resolve().parents[1]
 # sensitive to the gradient's scale (see the module docstring); one thread for bitwise repeatability

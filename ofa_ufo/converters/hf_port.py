@@ -22,6 +22,10 @@ from typing import Any, Mapping
 import torch
 
 from ofa_ufo.hf.configuration import RESNET_LAYERS, OFAUFOConfig
+from ofa_ufo.hf.image_processing import OFAUFOImageProcessor
+from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
+from ofa_ufo.hf.processing import OFAUFOProcessor
+from ofa_ufo.hf.tokenization import build_tokenizer
 
 # OFA's unified vocabulary ends with 8192 VQGAN codes then 1000 location bins.
 OFA_NUM_CODES = 8192
@@ -153,8 +157,6 @@ def convert_hf_port_state_dict(
 
 def expected_shapes(config: OFAUFOConfig) -> dict[str, tuple[int, ...]]:
     """Key -> shape of our model's state dict for `config` (built on the meta device, no memory)."""
-    from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
-
     with torch.device("meta"):
         model = OFAUFOForConditionalGeneration(config)
     return {key: tuple(value.shape) for key, value in model.state_dict().items() if key not in TIED_TARGETS}
@@ -224,11 +226,6 @@ def convert_hf_port_checkpoint(input_dir: str | Path, output_dir: str | Path, im
 def save_converted(config: OFAUFOConfig, converted: Mapping[str, torch.Tensor], vocab_file: str | Path,
                    merges_file: str | Path, output_dir: str | Path):
     """Load converted weights into a model, build OFA's tokenizer, check they agree, save both."""
-    from ofa_ufo.hf.image_processing import OFAUFOImageProcessor
-    from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
-    from ofa_ufo.hf.processing import OFAUFOProcessor
-    from ofa_ufo.hf.tokenization import build_tokenizer
-
     tokenizer = build_tokenizer(vocab_file, merges_file, num_codes=OFA_NUM_CODES, num_bins=OFA_NUM_BINS)
     layout = (len(tokenizer), tokenizer.code_offset, tokenizer.bin_offset)
     if layout != (config.vocab_size, config.code_offset, config.bin_offset):

@@ -12,6 +12,10 @@ from functools import lru_cache
 from typing import Any
 
 from ofa_ufo.hf.configuration import OFAUFOConfig
+from ofa_ufo.hf.image_processing import OFAUFOImageProcessor
+from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
+from ofa_ufo.hf.processing import OFAUFOProcessor
+from ofa_ufo.hf.tokenization import build_tokenizer
 
 # Sizes from OFA's `register_model_architecture` presets (reference/ofa.md, section 2.1).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -55,8 +59,6 @@ def _preset(name: str) -> dict[str, Any]:
 
 @lru_cache(maxsize=1)
 def _default_tokenizer():
-    from ofa_ufo.hf.tokenization import build_tokenizer
-
     return build_tokenizer()
 
 
@@ -88,16 +90,11 @@ def create_config(name: str, tokenizer=None, **overrides: Any) -> OFAUFOConfig:
 
 def create_model(name: str, tokenizer=None, **overrides: Any):
     """Randomly initialised `OFAUFOForConditionalGeneration` of preset `name` (no download)."""
-    from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
-
     return OFAUFOForConditionalGeneration(create_config(name, tokenizer, **overrides))
 
 
 def create_processor(name: str = "ofa_ufo_base", **overrides: Any):
     """Processor (default tokenizer + image processor) matching preset `name`; offline."""
-    from ofa_ufo.hf.image_processing import OFAUFOImageProcessor
-    from ofa_ufo.hf.processing import OFAUFOProcessor
-
     config = create_config(name, **overrides)
     tokenizer = copy.deepcopy(_default_tokenizer())  # callers may change settings on their copy
     tokenizer.model_max_length = config.max_position_embeddings

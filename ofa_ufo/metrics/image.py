@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ofa_ufo.core.images import load_image
+
 
 def psnr(predictions: Sequence[Any], references: Sequence[Any]) -> dict[str, float]:
     """Mean PSNR in dB over (generated, reference) image pairs; each reference is resized (bicubic) to
@@ -23,14 +25,9 @@ def psnr(predictions: Sequence[Any], references: Sequence[Any]) -> dict[str, flo
         if prediction is None:
             values.append(0.0)
             continue
-        prediction, reference = _rgb(prediction), _rgb(reference)
+        prediction, reference = load_image(prediction), load_image(reference)
         reference = reference.resize(prediction.size, Image.BICUBIC)
         error = np.mean((np.asarray(prediction, np.float64) - np.asarray(reference, np.float64)) ** 2)
         values.append(100.0 if error == 0 else float(10 * np.log10(255.0**2 / error)))
     return {"psnr": float(np.mean(values)) if values else 0.0}
 
-
-def _rgb(image: Any) -> Image.Image:
-    from ofa_ufo.core.images import load_image
-
-    return load_image(image)

@@ -20,7 +20,10 @@ from typing import Any
 import torch
 
 from ofa_ufo.core.prompts import DEFAULT_STYLE
+from ofa_ufo.layers.metric_learning import CosFaceHead, batch_hard_triplet_loss
 from ofa_ufo.tasks.base import Task
+from ofa_ufo.tasks.identities import IDENTITIES_FILE, load_identities
+from ofa_ufo.tasks.pk_sampler import PKSource
 
 __all__ = ["EmbeddingTask", "identities_of", "identity_of"]
 
@@ -109,8 +112,6 @@ class EmbeddingTask(Task):
         raise ValueError(f"identify must be True or a positive number of candidates, got {value!r}")
 
     def _classifier(self, model):
-        from ofa_ufo.tasks.identities import IDENTITIES_FILE, load_identities
-
         directory = str(getattr(model, "name_or_path", "") or "")
         classifiers = load_identities(directory) if directory else {}
         if self.name not in classifiers:
@@ -143,22 +144,16 @@ class EmbeddingTask(Task):
         if not hasattr(source, "examples"):
             raise ValueError(f"task {self.name!r} trains on identity-labelled data, not demo scenes: set "
                              f"data={{{self.name}: FILE.jsonl or a spec}} (see docs/retrieval.md)")
-        from ofa_ufo.tasks.pk_sampler import PKSource
-
         identities = identities_of(source.examples)
         return PKSource(self.name, source.examples, identities, self.instances_per_identity, seed)
 
     def training_head(self, examples: Sequence[dict[str, Any]], dim: int):
         """A CosFace head whose class-weight matrix has one row per training identity."""
-        from ofa_ufo.layers.metric_learning import CosFaceHead
-
         classes = sorted(set(identities_of(examples)), key=repr)
         return CosFaceHead(classes, dim, self.cosface_scale, self.cosface_margin)
 
     def head_loss(self, head, features: torch.Tensor, examples: Sequence[dict[str, Any]]) -> torch.Tensor:
         """CosFace over the head's identities + `triplet_weight` x batch-hard triplet, on raw (B, D) read-outs."""
-        from ofa_ufo.layers.metric_learning import batch_hard_triplet_loss
-
         labels = head.labels([identity_of(e) for e in examples]).to(features.device)
         loss = head(features, labels)
         if self.triplet_weight:

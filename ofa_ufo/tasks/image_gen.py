@@ -16,20 +16,25 @@ import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers import AutoModel, PreTrainedModel
 
-from ofa_ufo.generation.codes import generate_codes, tokens_to_codes
+from ofa_ufo.core.images import load_image
 from ofa_ufo.core.prompts import DEFAULT_STYLE, format_prompt
+from ofa_ufo.generation.codes import generate_codes, tokens_to_codes
 from ofa_ufo.tasks.base import Task
-from ofa_ufo.hf.modeling_vqgan import VQGANModel
+
+if TYPE_CHECKING:  # tasks/ sits below hf/: the VQGAN is loaded through the Auto class registered there
+    from ofa_ufo.hf.modeling_vqgan import VQGANModel
 
 __all__ = ["CodeSamples", "ImageInfillTask", "TextToImageTask", "VQGAN_SUBDIR", "resolve_vqgan"]
 
 VQGAN_SUBDIR = "vqgan"  # a VQGAN saved next to the model: <model dir>/vqgan (VQGANModel.save_pretrained)
+VQGAN_MODEL_TYPE = "ofa-ufo-vqgan"  # VQGANConfig.model_type
 _OFA_DECODING = dict(do_sample=True, top_k=256, num_beams=1)  # OFA's T2I sampling (reference 4.2, 9)
 
 
@@ -44,7 +49,9 @@ def resolve_vqgan(source: VQGANModel | str | os.PathLike | None, model=None) -> 
             "image generation needs a VQGAN to turn codes into pixels: pass vqgan=<a VQGANModel or a directory "
             "saved with VQGANModel.save_pretrained>, or save one as <model dir>/vqgan (see docs/vqgan.md)"
         )
-    vqgan = source if isinstance(source, VQGANModel) else _load_vqgan(str(Path(source).resolve()))
+    vqgan = source if isinstance(source, PreTrainedModel) else _load_vqgan(str(Path(source).resolve()))
+    if getattr(vqgan.config, "model_type", None) != VQGAN_MODEL_TYPE:
+        raise ValueError(f"vqgan={source!r} is a {type(vqgan).__name__}, not a VQGANModel")
     if model is not None:
         if vqgan.config.n_embed > model.config.num_codes:
             raise ValueError(f"the VQGAN has {vqgan.config.n_embed} codes but the model's vocabulary only "
@@ -57,7 +64,7 @@ def resolve_vqgan(source: VQGANModel | str | os.PathLike | None, model=None) -> 
 def _load_vqgan(path: str) -> VQGANModel:
     if not (Path(path) / "config.json").is_file():
         raise ValueError(f"vqgan={path!r} is not a VQGANModel.save_pretrained directory (no config.json)")
-    return VQGANModel.from_pretrained(path)
+    return AutoModel.from_pretrained(path)
 
 
 def image_to_pixels(image: Image.Image, size: int, vqgan: VQGANModel) -> torch.Tensor:
@@ -161,7 +168,7 @@ class ImageGenTask(Task):
         if example.get("image") is None:
             raise ValueError(f"task {self.name!r}: a training example needs its image (the target)")
         size = self.image_size(vqgan, meta.get("options") or {})
-        codes = vqgan.encode(image_to_pixels(_as_image(example["image"]), size, vqgan))[0]  # (n, n)
+        codes = vqgan.encode(image_to_pixels(load_image(example["image"]), size, vqgan))[0]  # (n, n)
         return code_text(self.target_codes(codes))
 
     def target_codes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -271,8 +278,3 @@ def _need_vqgan(task: Task, meta: dict[str, Any]) -> VQGANModel:
                          "build_batch(..., vqgan=VQGANModel)")
     return meta["vqgan"]
 
-
-def _as_image(image: Any) -> Image.Image:
-    from ofa_ufo.core.images import load_image
-
-    return load_image(image)

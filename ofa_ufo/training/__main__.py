@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from ofa_ufo.training.checkpoint import CheckpointError
 from ofa_ufo.training.config import ConfigError, load_config
-from ofa_ufo.training.data import DataSourceError
+from ofa_ufo.training.mixture import DataSourceError
 from ofa_ufo.training.trainer import TrainingError, train
 
 

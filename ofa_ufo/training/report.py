@@ -47,7 +47,7 @@ def encoder_image_signal(model, processor, examples: list[dict[str, Any]]) -> fl
     None when fewer than two examples have an image."""
     import torch
 
-    from ofa_ufo.training.data import build_batch
+    from ofa_ufo.training.mixture import build_batch
 
     examples = [e for e in examples if e.get("image") is not None][:32]
     if len(examples) < 2:

@@ -40,7 +40,7 @@ from ofa_ufo.training import checkpoint as ckpt
 from ofa_ufo.training import objectives
 from ofa_ufo.training.box_mask import box_mask_loss
 from ofa_ufo.training.config import ConfigError, TrainConfig
-from ofa_ufo.training.data import Mixture, build_batch, build_sources, eval_examples, task_quotas
+from ofa_ufo.training.mixture import Mixture, build_batch, build_sources, eval_examples, task_quotas
 from ofa_ufo.training.report import (
     encoder_image_signal, evaluate_model, format_metric_table, plot_history, show_real_photos,
 )

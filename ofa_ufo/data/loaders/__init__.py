@@ -10,14 +10,14 @@ passed) and logs one warning with the first few reasons when the load ends.
 from ofa_ufo.data.loaders._common import LoadReport, OnError
 from ofa_ufo.data.loaders.coco import load_coco_captions, load_coco_instances, load_refcoco
 from ofa_ufo.data.loaders.folder import IMAGE_EXTENSIONS, load_image_folder
-from ofa_ufo.data.loaders.hf import load_hf_dataset
+from ofa_ufo.data.loaders.hf_datasets import load_hf_dataset
 from ofa_ufo.data.loaders.jsonl import load_jsonl
 from ofa_ufo.data.loaders.reid import (
     load_identity_folder, load_lfw_pairs, load_market1501, load_msmt17, load_sop, load_veri776,
 )
 from ofa_ufo.data.loaders.snli_ve import load_snli_ve
 from ofa_ufo.data.loaders.tsv import TSV_LAYOUTS, load_ofa_tsv
-from ofa_ufo.data.loaders.vqa import load_vqa_v2
+from ofa_ufo.data.loaders.vqa_v2 import load_vqa_v2
 
 __all__ = [
     "IMAGE_EXTENSIONS",

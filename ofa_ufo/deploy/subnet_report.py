@@ -1,6 +1,6 @@
 """Parameters and measured latency of a supernet checkpoint, each task subnet and a chip subnet.
 
-    python -m ofa_ufo.deploy.report --model DIR [--repeats 3] [--image-size 384]
+    python -m ofa_ufo.deploy.subnet_report --model DIR [--repeats 3] [--image-size 384]
 
 Latency is the median wall time of one image-and-prompt forward (encoder + one decoder step)
 at batch 1 on this machine, after a warmup.
@@ -49,7 +49,7 @@ def report(model, image_size: int, repeats: int) -> list[tuple[str, float, float
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ofa_ufo.deploy.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ofa_ufo.deploy.subnet_report", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="a save_pretrained directory with a routed supernet")
     parser.add_argument("--image-size", type=int, help="input size (default: the model config's)")
     parser.add_argument("--repeats", type=int, default=3)
