@@ -6,17 +6,14 @@ Parameter names follow the OFA Hugging Face port (`encoder.*`, `decoder.*`) unde
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
+from transformers import GenerationMixin, PreTrainedModel, initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import Seq2SeqLMOutput, Seq2SeqModelOutput
 
@@ -24,6 +21,7 @@ from ofa_ufo.hf.configuration import OFAUFOConfig
 from ofa_ufo.layers.attention import OFAAttention
 from ofa_ufo.layers.kv_cache import OFAUFOCache
 from ofa_ufo.layers.moe import TaskMoEFFN
+from ofa_ufo.layers.tied_embedding import training_lookups, vocab_logits
 from ofa_ufo.models.ofa import OFADecoder, OFAEncoder, OFAUFOEncoderOutput
 
 
@@ -50,88 +48,6 @@ def embedding_readout(config: OFAUFOConfig, decoder_states: torch.Tensor | None,
             raise ValueError("the 'image' embedding read-out needs pixel_values")
         return image_embedding
     return decoder_states[:, 0]
-
-
-# Up to this many positions, logits are computed as (W @ states^T)^T: one pass down the rows of the
-# (V, D) output matrix. oneDNN/MKL run x @ W^T for a few rows 2-3x slower (the decoding case: one row
-# per beam; benchmarks/README.md); for many rows (training batches) the usual layout wins.
-_FEW_ROWS = 128
-
-
-def _vocab_logits(states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """states (..., D) @ weight (V, D)^T -> logits (..., V)."""
-    flat = states.reshape(-1, states.shape[-1])  # (N, D)
-    if flat.shape[0] > _FEW_ROWS:
-        return F.linear(states, weight)
-    return torch.mm(weight, flat.T).T.contiguous().view(*states.shape[:-1], weight.shape[0])  # (N, V) -> (..., V)
-
-
-def _densify_grad(param: torch.Tensor) -> None:
-    if param.grad is not None and param.grad.is_sparse:
-        param.grad = param.grad.to_dense()
-
-
-class _LookupIntoGrad(torch.autograd.Function):
-    """Embedding lookup whose backward adds its rows straight into `embedding.weight.grad`.
-
-    The weight enters detached, so autograd has no edge from the lookup to it: the output
-    projection's dense gradient lands in `.grad` first (AccumulateGrad runs as soon as that one
-    edge is done) and the lookups' few rows are then added in place, instead of autograd summing
-    a dense and a sparse gradient out of place (a fresh (V, D) buffer and a copy per lookup).
-    `anchor` is a grad-requiring scalar that makes autograd call this backward at all.
-    """
-
-    @staticmethod
-    def forward(ctx, ids: torch.Tensor, anchor: torch.Tensor, embedding: nn.Embedding) -> torch.Tensor:
-        ctx.embedding = embedding
-        ctx.save_for_backward(ids)
-        return F.embedding(ids, embedding.weight.detach(), embedding.padding_idx)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, None]:
-        (ids,) = ctx.saved_tensors
-        weight = ctx.embedding.weight
-        ids = ids.reshape(-1)
-        rows = grad.reshape(ids.shape[0], -1)  # (N, D)
-        if ctx.embedding.padding_idx is not None:  # nn.Embedding gives the padding row no gradient
-            rows = rows.masked_fill(ids.eq(ctx.embedding.padding_idx).unsqueeze(1), 0.0)
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
-        weight.grad.index_add_(0, ids, rows.to(weight.grad.dtype))
-        return None, None, None
-
-
-@contextlib.contextmanager
-def _training_lookups(embedding: nn.Embedding, mode: str | None) -> Iterator[None]:
-    """How token lookups inside send their gradients into the tied (V, D) matrix.
-
-    The matrix also gets the output projection's dense gradient in the same backward. "sparse":
-    the lookups send sparse rows, which autograd adds to that dense gradient (out of place, but
-    without zero-filling a dense (V, D) buffer per lookup: about 0.2 s each at Base on 2 cores);
-    a hook turns a gradient that stayed sparse (a loss that never used the logits) dense, so
-    optimizers see dense. "in_place": `_LookupIntoGrad`, which also saves the out-of-place sums
-    but writes `.grad` outside autograd (see `tied_gradients_in_place`). None: plain lookups.
-    """
-    weight = embedding.weight
-    if mode is None or embedding.sparse or not weight.requires_grad:  # frozen embeddings get no gradient
-        yield
-        return
-    if mode == "in_place":
-        anchor = torch.zeros((), device=weight.device, requires_grad=True)
-        embedding.forward = lambda ids: _LookupIntoGrad.apply(ids, anchor, embedding)
-        try:
-            yield
-        finally:
-            del embedding.forward
-        return
-    if not getattr(weight, "_ofa_ufo_densify", False):
-        weight.register_post_accumulate_grad_hook(_densify_grad)
-        weight._ofa_ufo_densify = True
-    embedding.sparse = True
-    try:
-        yield
-    finally:
-        embedding.sparse = False
 
 
 @dataclass
@@ -396,7 +312,7 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
         lookups = None
         if self.training and torch.is_grad_enabled() and full_logits:
             lookups = "in_place" if self.tied_gradients_in_place else "sparse"
-        with _training_lookups(self.model.shared, lookups):
+        with training_lookups(self.model.shared, lookups):
             outputs = self.model(
                 input_ids, attention_mask, pixel_values, image_mask, task_ids, decoder_input_ids, encoder_outputs,
                 cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states, code_grid=code_grid,
@@ -450,12 +366,12 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
         samplers see ordinary vocabulary logits.
         """
         if logits_range is None:
-            return _vocab_logits(states, self.lm_head.weight)
+            return vocab_logits(states, self.lm_head.weight)
         start, end = logits_range
         if not 0 <= start < end <= self.config.vocab_size:
             raise ValueError(f"logits_range must satisfy 0 <= start < end <= vocab_size={self.config.vocab_size}, "
                              f"got {logits_range}")
-        sliced = _vocab_logits(states, self.lm_head.weight[start:end])  # (B, T, end - start)
+        sliced = vocab_logits(states, self.lm_head.weight[start:end])  # (B, T, end - start)
         logits = sliced.new_full((*sliced.shape[:-1], self.config.vocab_size), float("-inf"))
         logits[..., start:end] = sliced
         return logits

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ofa_ufo.layers.elastic import ElasticMLP
+
 GUMBEL_TAU = 5.0
 
 
@@ -26,20 +28,6 @@ def route(logits: torch.Tensor, task_ids: torch.Tensor, training: bool, tau: flo
     soft = F.softmax((rows - torch.log(-torch.log(uniform))) / tau, dim=-1)
     hard = F.one_hot(soft.argmax(-1), 2).to(soft.dtype)
     return hard + soft - soft.detach()
-
-
-class ElasticMLP(nn.Module):
-    """fc1 -> GELU -> fc2 whose hidden width can be cut to its first `hidden` units."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor, hidden: int | None = None) -> torch.Tensor:
-        hidden = hidden or self.fc1.out_features
-        h = F.gelu(F.linear(x, self.fc1.weight[:hidden], self.fc1.bias[:hidden]))
-        return F.linear(h, self.fc2.weight[:, :hidden], self.fc2.bias)
 
 
 class TaskExperts(nn.Module):

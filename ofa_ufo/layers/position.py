@@ -5,8 +5,8 @@ Index tables are pure functions of their sizes, cached per process rather than s
 buffers, so checkpoints do not carry them (OFA's port persisted ~66 MB of them).
 """
 
-from functools import lru_cache
 import math
+from functools import lru_cache
 
 import torch
 from torch import nn

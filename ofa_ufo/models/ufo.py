@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ofa_ufo.layers.moe import ElasticMLP, TaskMoEFFN
+from ofa_ufo.layers.elastic import ElasticAttention, ElasticMLP
+from ofa_ufo.layers.moe import TaskMoEFFN
 
 
 @dataclass(frozen=True)
@@ -29,33 +29,6 @@ class SupernetArch:
     depth: int
     heads: tuple[int, ...]
     hidden: tuple[int, ...]
-
-
-class ElasticAttention(nn.Module):
-    """Multi-head self-attention whose head count can be cut to the first k heads (fixed head dim)."""
-
-    def __init__(self, dim: int, heads: int, head_dim: int):
-        super().__init__()
-        self.heads, self.head_dim = heads, head_dim
-        self.qkv = nn.Linear(dim, 3 * heads * head_dim)
-        self.proj = nn.Linear(heads * head_dim, dim)
-
-    def forward(self, x: torch.Tensor, heads: int | None = None) -> torch.Tensor:
-        """x (B, N, D) -> (B, N, D) using the first `heads` heads."""
-        heads = heads or self.heads
-        width = heads * self.head_dim
-        weight, bias = self.sliced_qkv(width)
-        batch, length, _ = x.shape
-        qkv = F.linear(x, weight, bias).view(batch, length, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, hd)
-        out = out.transpose(1, 2).reshape(batch, length, width)
-        return F.linear(out, self.proj.weight[:, :width], self.proj.bias)
-
-    def sliced_qkv(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Leading `width` rows of each of the Q, K and V chunks, kept aligned head by head."""
-        full = self.heads * self.head_dim
-        weight = self.qkv.weight.view(3, full, -1)[:, :width].reshape(3 * width, -1)
-        return weight, self.qkv.bias.view(3, full)[:, :width].reshape(3 * width)
 
 
 class SupernetBlock(nn.Module):
