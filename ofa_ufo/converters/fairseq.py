@@ -45,7 +45,7 @@ ARG_FIELDS = {
 def allowed_globals() -> list:
     allowed: list = [argparse.Namespace]
     try:
-        from omegaconf import DictConfig, ListConfig, nodes
+        from omegaconf import DictConfig, ListConfig, nodes  # fairseq's config types, only present with fairseq
         from omegaconf.base import ContainerMetadata, Metadata
     except ImportError:
         return allowed

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors.torch import load_file
 
 from ofa_ufo.hf.configuration import RESNET_LAYERS, OFAUFOConfig
 from ofa_ufo.hf.image_processing import OFAUFOImageProcessor
@@ -202,8 +203,6 @@ def load_converted_state_dict(model, converted: Mapping[str, torch.Tensor]) -> N
 def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     safetensors = sorted(directory.glob("*.safetensors"))
     if safetensors:
-        from safetensors.torch import load_file
-
         state_dict: dict[str, torch.Tensor] = {}
         for path in safetensors:
             state_dict.update(load_file(str(path)))

@@ -20,13 +20,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from ofa_ufo.converters.fairseq import allowed_globals as _fairseq_allowed_globals
 from ofa_ufo.converters.hf_port import check_state_dict
-from ofa_ufo.models.vqgan import level_resolutions
 from ofa_ufo.hf.modeling_vqgan import VQGANConfig, VQGANModel, create_vqgan_config
+from ofa_ufo.models.vqgan import level_resolutions
 
 DROPPED_PREFIXES = ("loss.",)  # VQLPIPSWithDiscriminator: discriminator and LPIPS weights
 RENAMES = {"quantize.embed.weight": "quantize.embedding.weight"}  # GumbelQuantize's codebook
@@ -52,8 +54,6 @@ class LightningPlaceholder:
 
 def _numpy_globals() -> list:
     """numpy scalars and dtypes (Lightning may store metric values as numpy scalars)."""
-    import numpy as np
-
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
     scalar = [(multiarray.scalar, f"numpy.{core}.multiarray.scalar") for core in ("core", "_core")]
     return scalar + [np.dtype] + [type(np.dtype(code)) for code in "?bhilqBHILQefdFD"]
@@ -88,8 +88,6 @@ def read_taming_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     checkpoint = _load_pickle(path)
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):

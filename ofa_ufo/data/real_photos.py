@@ -37,7 +37,7 @@ def photo_labels() -> dict[str, dict[str, Any]]:
 def _skimage_data() -> Any:
     """`skimage.data`, or an ImportError that says which extra to install."""
     try:
-        import skimage.data
+        import skimage.data  # the optional [demo] extra
     except ImportError as error:
         raise ImportError(
             f"real photos come from scikit-image: pip install 'ofa-ufo[{EXTRA}]' "

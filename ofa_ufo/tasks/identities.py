@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 __all__ = ["IDENTITIES_FILE", "IdentityClassifier", "identity_label", "load_identities", "save_identities"]
@@ -101,8 +102,6 @@ def load_identities(directory: str | os.PathLike) -> dict[str, IdentityClassifie
 
 @lru_cache(maxsize=4)
 def _load(path: str, mtime: int) -> tuple[tuple[str, IdentityClassifier], ...]:
-    from safetensors import safe_open
-
     with safe_open(path, framework="pt") as handle:
         raw = (handle.metadata() or {}).get("identities")
     if raw is None:
