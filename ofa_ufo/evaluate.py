@@ -4,95 +4,32 @@ spec's metric, a printed table and the predictions written as JSON.
     python -m ofa_ufo.evaluate --spec demo_vqa --model checkpoints/ofa_ufo_base.pretrain_demo
     COCO_ROOT=/data/coco python -m ofa_ufo.evaluate --spec coco_caption --model DIR --limit 500
 
-Data locations in specs may use environment variables (`${COCO_ROOT}`); an unset one is an
-error naming it.
+The spec's data are opened by `ofa_ufo.data.sources`; their locations may use environment variables
+(`${COCO_ROOT}`), and an unset one is an error naming it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any
 
 from tqdm.auto import tqdm
+from transformers import pipeline
 
-from ofa_ufo.data import DemoScenes, make_examples
-from ofa_ufo.data.demo_scenes import DEFAULT_OBJECT_SIZE
-from ofa_ufo.data.convert import FORMATS
-from ofa_ufo.data.loaders import LoadReport
-from ofa_ufo.metrics import get_metric
+from ofa_ufo.data.sources import open_examples
 from ofa_ufo.data.specs import TaskSpec, load_spec
+from ofa_ufo.metrics import get_metric
 from ofa_ufo.tasks import get_task
-
-_DEMO_DEFAULTS = {"val_scenes": 200, "size": 256, "seed": 0}
-_DEMO_IDENTITY_DEFAULTS = {"train_identities": 1000, "views": 8, "val_examples": 200, "size": 128, "seed": 0}
-_CONVERT_OPTIONS = ("input", "images", "annotations", "layout", "selected_cols", "split", "image_pattern",
-                    "task", "columns", "id_column", "on_error")
-
-
-def expand_env(value: Any) -> Any:
-    """Substitute environment variables in a spec path; an unset one is named in the error."""
-    if not isinstance(value, str):
-        return value
-    expanded = os.path.expandvars(value)
-    unset = re.findall(r"\$\{?(\w+)\}?", expanded)
-    if unset:
-        raise ValueError(f"set the environment variable(s) {unset} used by the data path {value!r}")
-    return expanded
-
-
-def open_examples(spec: TaskSpec, split: str = "val") -> Iterator[dict[str, Any]]:
-    """Canonical examples of a spec's evaluation data (generated demo scenes or a dataset format)."""
-    data = spec.data
-    if data.get("source") == "demo_identities":
-        yield from _demo_identities(spec, split)
-        return
-    if data.get("source") == "demo_scenes":
-        settings = {**_DEMO_DEFAULTS, **data}
-        scenes = DemoScenes(split, settings["val_scenes"], size=settings["size"], seed=settings["seed"],
-                            max_objects=settings.get("max_objects", 3),
-                            object_size=tuple(settings.get("object_size", DEFAULT_OBJECT_SIZE)))
-        for index in range(len(scenes)):
-            (example,) = make_examples(scenes[index], scenes.example_rng(index), (spec.task,))
-            yield {**example, "id": f"{split}-{index}"}
-        return
-    if data.get("format") not in FORMATS:
-        raise ValueError(f"spec {spec.name!r}: data.format must be one of {sorted(FORMATS)} or source: demo_scenes")
-    if split == "train":
-        if not isinstance(data.get("train"), dict):
-            raise ValueError(f"spec {spec.name!r} names no training data: add data.train with the training split's "
-                             f"locations (the keys of data: {sorted(_CONVERT_OPTIONS)})")
-        data = {**data, **data["train"]}
-    options = {key: expand_env(data.get(key)) for key in _CONVERT_OPTIONS}
-    options["on_error"] = options["on_error"] or "skip"
-    yield from FORMATS[data["format"]](argparse.Namespace(**options), LoadReport())
-
-
-def _demo_identities(spec: TaskSpec, split: str) -> Iterator[dict[str, Any]]:
-    """Generated identities (`ofa_ufo.data.demo_identities`): the training images, or held-out identities
-    laid out for the task's metric (query/gallery, face pairs, product groups)."""
-    from ofa_ufo.data.demo_identities import DemoIdentities, held_out_examples
-
-    settings = {**_DEMO_IDENTITY_DEFAULTS, **spec.data}
-    if split == "train":
-        yield from DemoIdentities(spec.task, "train", settings["train_identities"], settings["views"],
-                                  settings["size"], settings["seed"])
-        return
-    yield from held_out_examples(spec.task, settings["val_examples"], settings["size"], settings["seed"])
 
 
 def evaluate(spec: TaskSpec, model: str, limit: int | None = None, output: str | None = None) -> dict[str, float]:
     """Run the spec's task on its evaluation data and score it; returns the metric values."""
-    from transformers import pipeline
-
     task = get_task(spec.task)
-    examples = list(islice(open_examples(spec), limit))
+    examples = list(islice(open_examples(spec.data, spec.task), limit))
     if not examples:
         raise ValueError(f"spec {spec.name!r}: no evaluation examples")
     labels = spec.data.get("labels") or sorted({e["target"] for e in examples if e.get("target")})

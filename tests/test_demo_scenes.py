@@ -40,6 +40,7 @@ from ofa_ufo.data.demo_scenes import (
     referring_expression,
     vqa_example,
 )
+from ofa_ufo.tasks import list_tasks
 
 SIZE = 128
 
@@ -207,6 +208,11 @@ def test_make_examples_covers_every_task(scenes: list[Scene]) -> None:
     assert [e["task"] for e in examples] == list(TASKS)
     assert set(TASKS) == {"caption", "vqa", "grounding", "detection", "classification",
                           "entailment", "itm", "grounded_caption"}
+    assert list(TASKS) == [task for task in list_tasks() if task in TASKS]  # the registry's names, in its order
+    generation = make_examples(ds[0], ds.example_rng(0), ("text_to_image", "image_infill"))
+    assert [e["task"] for e in generation] == ["text_to_image", "image_infill"]
+    for example in generation:
+        _validate(example)
     for example in examples:
         _validate(example)
     assert all(e["image"] is examples[0]["image"] for e in examples)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ofa_ufo.evaluate import main, open_examples
+from ofa_ufo.data.sources import DataSourceError, open_examples
 from ofa_ufo.data.specs import load_spec
+from ofa_ufo.evaluate import main
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples" / "data"
 
@@ -42,5 +43,5 @@ def test_unset_data_variable_is_named(tmp_path, monkeypatch):
     monkeypatch.delenv("NO_SUCH_ROOT", raising=False)
     spec = tmp_path / "s.yaml"
     spec.write_text("name: s\ntask: caption\nmetric: cider\ndata: {format: coco_captions, input: '${NO_SUCH_ROOT}/c.json', images: x}\n")
-    with pytest.raises(ValueError, match="NO_SUCH_ROOT"):
-        next(open_examples(load_spec(spec)))
+    with pytest.raises(DataSourceError, match="NO_SUCH_ROOT"):
+        next(open_examples(load_spec(spec).data, "caption"))

@@ -281,9 +281,9 @@ def test_convert_every_reid_format(tmp_path, capsys):
     faces = [json.loads(line) for line in (tmp_path / "out" / "identity_folder.jsonl").read_text().splitlines()]
     assert [(f["id"], f["task"], f["meta"]) for f in faces[:1]] == [
         ("m.0001/x.jpeg", "face", {"dataset": "ms1m", "identity": "m.0001", "split": "train"})]
-    with pytest.raises(SystemExit, match="--format identity_folder needs --task"):
-        convert.main(["--format", "identity_folder", "--input", str(tmp_path / "ms1m"),
-                      "--output", str(tmp_path / "x.jsonl"), "--quiet"])
+    assert convert.main(["--format", "identity_folder", "--input", str(tmp_path / "ms1m"),
+                         "--output", str(tmp_path / "x.jsonl"), "--quiet"]) == 1
+    assert "convert: --format identity_folder needs --task (the embedding task" in capsys.readouterr().err
     assert convert.main(["--format", "identity_folder", "--input", str(tmp_path / "nope"), "--task", "face",
                          "--output", str(tmp_path / "x.jsonl"), "--quiet"]) == 1
     assert convert.main(["--format", "identity_folder", "--input", str(tmp_path / "ms1m"), "--task", "caption",

@@ -1,4 +1,5 @@
-"""Data: the canonical example format, loaders for dataset formats, and offline demo scenes."""
+"""Data: the canonical example format, loaders for dataset formats, offline demo scenes and identities,
+and the registry that opens any of them by name (:mod:`ofa_ufo.data.sources`)."""
 
 from ofa_ufo.data.canonical import CANONICAL_TASKS, FIELDS, DataError, new_example, validate_example
 from ofa_ufo.data.demo_scenes import (

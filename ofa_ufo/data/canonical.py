@@ -8,7 +8,8 @@ present (``None`` when it does not apply):
 key            type                        meaning
 =============  ==========================  ================================================
 ``id``         ``str``                     unique sample id within its source
-``task``       ``str``                     one of :data:`CANONICAL_TASKS`
+``task``       ``str``                     one of :data:`CANONICAL_TASKS` (the task registry);
+                                           the task's ``example_fields`` must be set
 ``image``      ``str`` | PIL | ``None``    image file path, or a decoded RGB PIL image
                                            (text_to_image: the image to generate)
 ``text``       ``str`` | ``None``          prompt side: question, referring expression or
@@ -36,32 +37,22 @@ from typing import Any, NoReturn
 
 from PIL import Image
 
-__all__ = ["CANONICAL_TASKS", "ENTAILMENT_LABELS", "FIELDS", "DataError", "new_example", "validate_example"]
+from ofa_ufo.tasks import get_task, list_tasks
+from ofa_ufo.tasks.embedding import EmbeddingTask
 
-CANONICAL_TASKS: tuple[str, ...] = (
-    "caption", "vqa", "grounding", "grounded_caption", "detection", "classification", "entailment", "itm",
-    "text_infill", "text_to_image", "image_infill", "reid_person", "reid_vehicle", "face", "product",
-)
+__all__ = [
+    "CANONICAL_TASKS", "ENTAILMENT_LABELS", "FIELDS", "IDENTITY_TASKS", "DataError", "new_example", "validate_example",
+]
+
+CANONICAL_TASKS: tuple[str, ...] = tuple(list_tasks())  # the registry's tasks (free prompts are no dataset task)
+# Embedding tasks (the AllInOne retrieval tasks) -> the kind of object whose identity they learn
+IDENTITY_TASKS: dict[str, str] = {
+    name: get_task(name).identity_kind for name in CANONICAL_TASKS if isinstance(get_task(name), EmbeddingTask)
+}
 ENTAILMENT_LABELS: tuple[str, ...] = ("entailment", "neutral", "contradiction")
 FIELDS: tuple[str, ...] = (
     "id", "task", "image", "text", "target", "references", "box", "boxes", "labels", "premise", "meta",
 )
-# Fields each task cannot do without (beyond id/task); a tuple means "one of these".
-_REQUIRED: dict[str, tuple[str | tuple[str, ...], ...]] = {
-    "caption": ("target",),
-    "vqa": ("text", "target"),
-    "grounding": ("text", ("box", "boxes")),  # `boxes` may be empty: the phrase matches nothing
-    "grounded_caption": ("box", "target"),
-    "detection": ("boxes", "labels"),
-    "classification": ("target",),
-    "entailment": ("text", "target"),
-    "itm": ("text", "target"),
-    "text_infill": ("text", "target"),
-    "text_to_image": ("text", "image"),  # the image is the target (encoded to VQGAN codes)
-    "image_infill": ("image",),
-    # Retrieval tasks: identity, camera, split, pair... live in `meta` (see loaders.reid).
-    **{task: ("meta",) for task in ("reid_person", "reid_vehicle", "face", "product")},
-}
 # Tasks whose target is one of a fixed set of class names.
 _TARGET_CHOICES: dict[str, tuple[str, ...]] = {"entailment": ENTAILMENT_LABELS, "itm": ("yes", "no")}
 _STRING_FIELDS = ("id", "task", "text", "target", "premise")
@@ -151,7 +142,7 @@ def _check_task(example: Mapping[str, Any], fail: _Fail) -> None:
     task = example["task"]
     if task not in CANONICAL_TASKS:
         fail("task", f"unknown task {task!r}; expected one of {list(CANONICAL_TASKS)}")
-    for need in _REQUIRED[task]:
+    for need in get_task(task).example_fields:
         names = need if isinstance(need, tuple) else (need,)
         if all(example[name] is None for name in names):
             fail(names[0], f"is required for task {task!r}" + (f" (or {names[1:]})" if len(names) > 1 else ""))

@@ -49,15 +49,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from ofa_ufo.data.canonical import new_example
+from ofa_ufo.data.canonical import IDENTITY_TASKS, new_example
 
 __all__ = [
-    "CAMERAS", "HELD_OUT_OFFSET", "IDENTITY_TASKS", "PRODUCT_CLASSES", "TRAIN_VIEWS", "DemoIdentities",
-    "appearance", "held_out_examples", "render_view",
+    "CAMERAS", "HELD_OUT_OFFSET", "PRODUCT_CLASSES", "TRAIN_VIEWS", "DemoIdentities", "appearance",
+    "held_out_examples", "render_view",
 ]
 
-IDENTITY_TASKS: dict[str, str] = {"reid_person": "person", "reid_vehicle": "vehicle", "face": "face",
-                                  "product": "product"}  # task -> kind of identity
 CAMERAS: dict[str, int] = {"person": 6, "vehicle": 8, "face": 4, "product": 4}  # Market-1501 has 6 cameras
 PRODUCT_CLASSES: tuple[str, ...] = ("bottle", "box", "mug", "can", "lamp", "chair")
 VEHICLE_TYPES: tuple[str, ...] = ("sedan", "hatchback", "suv", "van", "truck")
@@ -87,8 +85,10 @@ def _jitter(rng: np.random.Generator, base: RGB, amount: int = 18) -> RGB:
 
 
 def _kind(task: str) -> str:
-    if task not in IDENTITY_TASKS:
-        raise ValueError(f"no demo identities for task {task!r}; they exist for {sorted(IDENTITY_TASKS)}")
+    """The kind of object `task` identifies (the task's `identity_kind`), when identities of it are drawn here."""
+    if IDENTITY_TASKS.get(task) not in _LOOKS:
+        known = sorted(t for t, kind in IDENTITY_TASKS.items() if kind in _LOOKS)
+        raise ValueError(f"no demo identities for task {task!r}; they exist for {known}")
     return IDENTITY_TASKS[task]
 
 
@@ -134,7 +134,10 @@ _LOOKS = {"person": _person_look, "vehicle": _vehicle_look, "face": _face_look, 
 
 def appearance(task: str, identity: int, seed: int = 0) -> dict[str, Any]:
     """The look identity `identity` of `task` has in every image (a pure function of its arguments)."""
-    kind = _kind(task)
+    return _look(_kind(task), identity, seed)
+
+
+def _look(kind: str, identity: int, seed: int) -> dict[str, Any]:
     return _LOOKS[kind](_rng(seed, kind, "look", identity))
 
 
@@ -339,8 +342,7 @@ _DRAW = {"person": _person, "vehicle": _vehicle, "face": _face, "product": _prod
 
 @lru_cache(maxsize=2048)
 def _template(kind: str, identity: int, size: int, seed: int) -> Image.Image:
-    task = next(t for t, k in IDENTITY_TASKS.items() if k == kind)
-    return _DRAW[kind](appearance(task, identity, seed), size)
+    return _DRAW[kind](_look(kind, identity, seed), size)
 
 
 # ---- cameras and views ------------------------------------------------------------------------------

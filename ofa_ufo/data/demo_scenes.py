@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from ofa_ufo.tasks import list_tasks
+
 RGB = tuple[int, int, int]
 Box = tuple[float, float, float, float]
 
@@ -65,11 +67,6 @@ VQA_TEMPLATES: dict[str, str] = {
     "count": "how many objects are there?",
     "exists": "is there {article} {color} {shape}?",
 }
-
-TASKS: tuple[str, ...] = (
-    "caption", "vqa", "grounding", "detection", "classification", "entailment", "itm",
-    "grounded_caption",
-)
 
 MIN_SIDE, MAX_SIDE = 0.15, 0.45  # object side as a fraction of the image side
 DEFAULT_OBJECT_SIZE: tuple[float, float] = (MIN_SIDE, MAX_SIDE)
@@ -525,11 +522,15 @@ _BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {
     "entailment": entailment_example,
     "itm": itm_example,
     "grounded_caption": grounded_caption_example,
-    # image generation: the scene is the target (text_to_image: from its caption)
+}
+# Image generation: the scene is the target (text_to_image: from its caption).
+_IMAGE_TARGET_BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {
     "text_to_image": lambda scene, rng: {"task": "text_to_image", "image": scene.image,
                                          "text": _describe(scene.objects)},
     "image_infill": lambda scene, rng: {"task": "image_infill", "image": scene.image},
 }
+# The tasks a scene answers about itself (every one `make_examples` makes by default), in registry order.
+TASKS: tuple[str, ...] = tuple(task for task in list_tasks() if task in _BUILDERS)
 
 
 def make_examples(
@@ -541,11 +542,12 @@ def make_examples(
 ) -> list[dict[str, Any]]:
     """One example per requested task, in the order given; the probabilities go to
     :func:`grounding_example` (several / no matching objects)."""
-    unknown = [t for t in tasks if t not in _BUILDERS]
+    builders = {**_BUILDERS, **_IMAGE_TARGET_BUILDERS}
+    unknown = [t for t in tasks if t not in builders]
     if unknown:
-        raise KeyError(f"unknown demo tasks {unknown}; known: {list(_BUILDERS)}")
+        raise KeyError(f"unknown demo tasks {unknown}; known: {list(builders)}")
     grounding = dict(multi_prob=multi_prob, none_prob=none_prob)
-    return [_BUILDERS[t](scene, rng, **(grounding if t == "grounding" else {})) for t in tasks]
+    return [builders[t](scene, rng, **(grounding if t == "grounding" else {})) for t in tasks]
 
 
 def class_names() -> list[str]:

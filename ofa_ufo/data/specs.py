@@ -13,13 +13,11 @@ from typing import Any
 
 import yaml
 
-from ofa_ufo.metrics import list_metrics
 from ofa_ufo.core.prompts import DEFAULT_STYLE, list_styles
+from ofa_ufo.data.sources import DataSourceError, source_of
+from ofa_ufo.metrics import list_metrics
 from ofa_ufo.resources import resource_dir
 from ofa_ufo.tasks import get_task
-
-
-DEMO_SOURCES = ("demo_scenes", "demo_identities")  # generated data (ofa_ufo.data.demo_scenes, .demo_identities)
 
 
 @dataclass(frozen=True)
@@ -74,11 +72,8 @@ def _validate(raw: dict[str, Any], path: Path) -> TaskSpec:
 
 
 def _check_data(data: Any, path: Path) -> None:
-    """`data` names generated demo scenes or identities, or one of the loader formats of `ofa_ufo.data.convert`."""
-    from ofa_ufo.data.convert import FORMATS
-
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: field 'data' must be a mapping, got {type(data).__name__}")
-    if data.get("source") not in DEMO_SOURCES and data.get("format") not in FORMATS:
-        raise ValueError(f"{path}: field 'data' needs source: demo_scenes (or demo_identities) or format: one of "
-                         f"{sorted(FORMATS)}")
+    """`data` names a registered source: generated demo data or a dataset format (`ofa_ufo.data.sources`)."""
+    try:
+        source_of(data)
+    except DataSourceError as error:
+        raise ValueError(f"{path}: field {error}") from None

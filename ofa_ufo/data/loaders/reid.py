@@ -27,17 +27,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ofa_ufo.data.canonical import DataError, new_example
+from ofa_ufo.data.canonical import IDENTITY_TASKS, DataError, new_example
 from ofa_ufo.data.loaders._common import LoadReport, OnError, Size, check_on_error, drive, image_path, iter_lines
 from ofa_ufo.data.loaders.folder import IMAGE_EXTENSIONS, folder_files
 
 __all__ = [
-    "IDENTITY_TASKS", "LFW_IMAGE_PATTERN", "MARKET1501_FOLDERS", "REID_SPLITS", "VERI776_FOLDERS", "load_identity_folder",
+    "LFW_IMAGE_PATTERN", "MARKET1501_FOLDERS", "REID_SPLITS", "VERI776_FOLDERS", "load_identity_folder",
     "load_lfw_pairs", "load_market1501", "load_msmt17", "load_sop", "load_veri776",
 ]
 
 REID_SPLITS: tuple[str, ...] = ("train", "query", "gallery")
-IDENTITY_TASKS: tuple[str, ...] = ("reid_person", "reid_vehicle", "face", "product")
 MARKET1501_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 VERI776_FOLDERS = {"train": "image_train", "query": "image_query", "gallery": "image_test"}
 LFW_IMAGE_PATTERN = "{name}/{name}_{number:04d}.jpg"
