@@ -13,19 +13,20 @@ import pytest
 import torch
 from conftest import TINY
 
-from ofa_ufo.data.canonical import validate_example
+from ofa_ufo.data.canonical import IDENTITY_TASKS, validate_example
 from ofa_ufo.data.demo_identities import (
     CAMERAS,
     HELD_OUT_OFFSET,
-    IDENTITY_TASKS,
     DemoIdentities,
     appearance,
     held_out_examples,
     render_view,
 )
+from ofa_ufo.data.sources import open_examples
+from ofa_ufo.data.specs import load_spec
 from ofa_ufo.metrics import get_metric
 from ofa_ufo.tasks import get_task
-from ofa_ufo.tasks.embedding import identities_of
+from ofa_ufo.tasks.embedding import EmbeddingTask, identities_of
 
 TASKS = list(IDENTITY_TASKS)
 
@@ -190,18 +191,22 @@ def test_trainer_accepts_demo_for_the_four_embedding_tasks(tmp_path):
         assert scores == sorted(scores, reverse=True) and sum(scores) <= 1 + 1e-6
 
 
-def test_demo_specs_name_the_generated_identities():
-    from ofa_ufo.evaluate import open_examples
-    from ofa_ufo.data.specs import load_spec
+def test_identity_tasks_are_the_registered_embedding_tasks():
+    assert IDENTITY_TASKS == {"reid_person": "person", "reid_vehicle": "vehicle", "face": "face", "product": "product"}
+    assert all(isinstance(get_task(task), EmbeddingTask) and get_task(task).identity_kind == kind
+               for task, kind in IDENTITY_TASKS.items())
+    assert set(CAMERAS) == set(IDENTITY_TASKS.values())  # every kind is drawn here
 
+
+def test_demo_specs_name_the_generated_identities():
     for task in TASKS:
         spec = load_spec(f"demo_{task}")
         assert spec.task == task and spec.metric == get_task(task).metric
         assert spec.data["source"] == "demo_identities"
     spec = load_spec("demo_product")
-    first = next(open_examples(spec, split="train"))
+    first = next(open_examples(spec.data, spec.task, split="train"))
     assert first["meta"]["identity"] == 1 and first["meta"]["split"] == "train"
-    held_out = list(open_examples(spec))
+    held_out = list(open_examples(spec.data, spec.task))
     assert len(held_out) == spec.data["val_examples"] and held_out[0]["meta"]["identity"] > HELD_OUT_OFFSET
 
 
@@ -210,7 +215,6 @@ def test_allinone_and_ofa_tasks_train_together_on_the_supernet(tmp_path):
     (heterogeneous), each row carries its own task id, and both kinds of loss train."""
     from test_supernet import SUPERNET
 
-    from ofa_ufo.tasks import task_id
     from ofa_ufo.training import Trainer
     from ofa_ufo.training.config import load_config
 
@@ -228,7 +232,8 @@ def test_allinone_and_ofa_tasks_train_together_on_the_supernet(tmp_path):
         examples = trainer.mixture.micro_batch(0, 0, 1)
         assert {e["task"] for e in examples} == set(config.tasks) and len(examples) == config.batch_size
         batch, _ = trainer._micro_batches()[0]
-        assert batch["task_ids"].tolist() == [task_id(e["task"]) for e in examples]
+        names = trainer.unwrapped.config.vision_config.task_names
+        assert batch["task_ids"].tolist() == [names.index(e["task"]) for e in examples]
         heads_before = {t: h.weight.detach().clone() for t, h in trainer.heads.items()}
         losses = []
         for step in range(2):

@@ -202,8 +202,8 @@ def test_training_batch_mixes_code_and_text_targets(model, processor, vqgan, pho
         dict(task="caption", image=photo, text=None, target="a photo"),
     ]
     with pytest.raises(ValueError, match="build_batch"):
-        build_batch(processor, examples)
-    batch = build_batch(processor, examples, vqgan=vqgan)
+        build_batch(processor, examples, model.config)
+    batch = build_batch(processor, examples, model.config, vqgan=vqgan)
     assert batch["code_grid"].tolist() == [SIDE, SIDE // 2, 0]
     assert batch["image_mask"].tolist() == [False, True, True]  # text_to_image: the image is the target
     centre = batch["pixel_values"][:, :, 16:48, 16:48].abs().sum((1, 2, 3))

@@ -9,7 +9,6 @@ from transformers import pipeline
 
 import ofa_ufo
 from ofa_ufo.deploy.subnets import largest_arch, smallest_arch
-from ofa_ufo.tasks import task_id
 
 SUPERNET = dict(
     supernet_layers=2, supernet_dim=32, supernet_heads=4, supernet_head_dim=8, supernet_mlp_ratio=2.0,
@@ -33,9 +32,10 @@ def supernet_model(seed: int = 0) -> ofa_ufo.OFAUFOForConditionalGeneration:
 def test_fresh_supernet_blocks_are_the_identity():
     """Residual outputs start at 0, so fresh blocks pass the stem's grid through unchanged; the other
     weights are random, so training moves the residual outputs off 0 at once."""
-    supernet = tiny_model(0, vision_config=SUPERNET).get_encoder().supernet
+    model = tiny_model(0, vision_config=SUPERNET)
+    supernet = model.get_encoder().supernet
     x = torch.randn(2, 5, SUPERNET["supernet_dim"])
-    tasks = torch.tensor([task_id("caption"), task_id("face")])
+    tasks = routes(model, "caption", "face")
     for block in supernet.blocks:
         assert not block.attn.proj.weight.any() and not block.ffn.shared.fc2.weight.any()
         assert not block.ffn.experts.fc2_weight.any() and block.ffn.shared.fc1.weight.std() > 0
@@ -53,6 +53,11 @@ def inputs(processor):
     images = [(torch.rand(48, 64, 3) * 255).to(torch.uint8).numpy() for _ in range(3)]
     batch = processor(images=images, text=[" what does the image describe?", " a b c", " what?"], return_tensors="pt")
     return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_mask")}
+
+
+def routes(model, *tasks: str) -> torch.Tensor:
+    """Each task's route id in `model`'s own task vocabulary."""
+    return torch.tensor([model.config.vision_config.route_id(task) for task in tasks])
 
 
 def _logits(model, inputs, task_ids=None):
@@ -73,7 +78,7 @@ def test_routed_supernet_needs_task_ids(supernet, inputs):
 
 
 def test_mixed_task_batch_equals_each_sample_alone(supernet, inputs):
-    tasks = torch.tensor([task_id("caption"), task_id("grounding"), task_id("vqa")])
+    tasks = routes(supernet, "caption", "grounding", "vqa")
     mixed = _logits(supernet, inputs, tasks)
     for i in range(3):
         alone = _logits(supernet, {k: v[i : i + 1] for k, v in inputs.items()}, tasks[i : i + 1])
@@ -93,7 +98,7 @@ def test_extracted_subnet_matches_routed_supernet(supernet, inputs, task):
     dense = ofa_ufo.extract_subnet(supernet, task)
     assert dense.get_encoder().supernet.routed is False
     assert not any("router" in k or "experts" in k for k in dense.state_dict())
-    ids = torch.full((3,), task_id(task))
+    ids = routes(supernet, task, task, task)
     diff = (_logits(supernet, inputs, ids) - _logits(dense, inputs)).abs().max()
     assert diff < 1e-5, diff
 
@@ -108,7 +113,7 @@ def test_extracted_subnet_gives_the_supernets_embeddings(supernet, inputs, task,
         dense = ofa_ufo.extract_subnet(supernet, task)
         encoder_inputs = (inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
         with torch.no_grad():
-            routed = supernet.embed(*encoder_inputs, torch.full((3,), task_id(task)), inputs["image_mask"])
+            routed = supernet.embed(*encoder_inputs, routes(supernet, task, task, task), inputs["image_mask"])
             extracted = dense.embed(*encoder_inputs, None, inputs["image_mask"])
     finally:
         supernet.config.embedding_readout = "decoder"
@@ -123,7 +128,7 @@ def test_extracted_elastic_subnet_matches(supernet, inputs, step):
     assert arch == ofa_ufo.sample_arch(supernet.config, step)  # reproducible per step
     ofa_ufo.set_arch(supernet, arch)
     try:
-        routed = _logits(supernet, inputs, torch.full((3,), task_id("vqa")))
+        routed = _logits(supernet, inputs, routes(supernet, "vqa", "vqa", "vqa"))
     finally:
         ofa_ufo.set_arch(supernet, None)
     chip = ofa_ufo.extract_subnet(supernet, "vqa", arch=arch)
@@ -194,8 +199,8 @@ def test_routers_learn_which_task_conflicts(tmp_path):
 
     torch.manual_seed(0)
     tasks, dim = 4, 16
-    vision = SimpleNamespace(supernet_dim=dim, supernet_routed=True, supernet_num_tasks=tasks, supernet_head_dim=4,
-                             layer_heads=[2], layer_hidden=[32], supernet_layers=1)
+    vision = ofa_ufo.OFAUFOVisionConfig(supernet_layers=1, supernet_dim=dim, supernet_heads=2, supernet_head_dim=4,
+                                        supernet_mlp_ratio=2.0, task_names=["caption", "vqa", "grounding", "face"])
     net, head, target_map = UFOSupernet(vision, dim, 4), torch.nn.Linear(dim, 4), torch.randn(dim, 4)
     ffn: TaskMoEFFN = net.blocks[0].ffn
     with torch.no_grad():
@@ -204,7 +209,8 @@ def test_routers_learn_which_task_conflicts(tmp_path):
     net.task_embed.weight.requires_grad_(False)
     others = [p for p in list(net.parameters()) + list(head.parameters()) if p.requires_grad and p is not ffn.router]
     optimizer = torch.optim.Adam([{"params": others, "lr": 3e-3}, {"params": [ffn.router], "lr": 3e-2}])
-    holder = SimpleNamespace(get_encoder=lambda: SimpleNamespace(supernet=net))
+    holder = SimpleNamespace(get_encoder=lambda: SimpleNamespace(supernet=net),
+                             config=SimpleNamespace(vision_config=vision))
     writer = SummaryWriter(tmp_path)
     for step in range(200):
         x, task_ids = torch.randn(8 * tasks, 4, dim), torch.arange(8 * tasks) % tasks

@@ -97,6 +97,8 @@ def test_caption_information_sees_a_model_that_reads_its_caption(t2i_eval, model
     assert ignores["information_nats_per_image"] != 0.0  # a random model reacts to the words a little
 
     class Blind(torch.nn.Module):  # the same logits whatever the prompt
+        config = model.config  # build_batch routes rows by the model's task vocabulary
+
         def forward(self, labels=None, **batch):
             logits = torch.zeros(*labels.shape, model.config.vocab_size)
             return type("Out", (), {"logits": logits})()

@@ -16,7 +16,6 @@ import torch
 
 from ofa_ufo.hf.configuration import OFAUFOConfig
 from ofa_ufo.models.ufo import SupernetArch, UFOSupernet
-from ofa_ufo.tasks import list_tasks, task_id
 
 __all__ = [
     "SupernetArch", "extract_subnet", "largest_arch", "log_router_probabilities", "router_probabilities",
@@ -88,12 +87,13 @@ def extract_subnet(model, task: str, arch: SupernetArch | None = None):
     `task` under `arch`: no routers, only the expert each block routes `task` to, sliced dims.
 
     Everything outside the supernet is copied unchanged. The result saves with `save_pretrained`
-    and serves `pipeline("ofa-ufo")`; its config records the task in `vision_config.supernet_task`.
+    and serves `pipeline("ofa-ufo")`; its config records the task in `vision_config.supernet_task`
+    and as its task vocabulary (`task_names`, the one route its single task embedding keeps).
     """
     supernet = _supernet(model)
     if not supernet.routed:
         raise ValueError(f"this model is already an extracted subnet (task {model.config.vision_config.supernet_task!r})")
-    index = task_id(task)
+    index = model.config.vision_config.route_id(task)
     arch = arch or supernet.arch or supernet.largest_arch()
     _check_arch(supernet, arch)
     if all(float(b.ffn.router[index].detach().abs().max()) == 0.0 for b in supernet.blocks[: arch.depth]):
@@ -116,7 +116,7 @@ def _subnet_config(config: OFAUFOConfig, task: str, arch: SupernetArch) -> OFAUF
     config = copy.deepcopy(config)
     vision = config.vision_config
     vision.supernet_layers, vision.supernet_routed, vision.supernet_num_tasks = arch.depth, False, 1
-    vision.supernet_task = task
+    vision.supernet_task, vision.task_names = task, [task]
     vision.supernet_layer_heads = list(arch.heads[: arch.depth])
     vision.supernet_layer_hidden = list(arch.hidden[: arch.depth])
     vision.supernet_heads = max(vision.supernet_layer_heads)
@@ -156,11 +156,12 @@ def _routed_expert(ffn, task: int, hidden: int) -> dict[str, torch.Tensor]:
 
 
 def router_probabilities(model) -> dict[str, list[float]]:
-    """Per task, the probability of routing to its own expert in each block (softmax of the logits)."""
-    blocks = _supernet(model).blocks
-    names = list_tasks()[: blocks[0].ffn.router.shape[0]] if blocks else []
+    """Per task of the model's vocabulary, the probability of routing to its own expert in each block
+    (softmax of the logits)."""
+    blocks, vision = _supernet(model).blocks, model.config.vision_config
     with torch.no_grad():
-        return {name: [float(b.ffn.router[i].softmax(-1)[1]) for b in blocks] for i, name in enumerate(names)}
+        return {name: [float(b.ffn.router[vision.route_id(name)].softmax(-1)[1]) for b in blocks]
+                for name in vision.task_names}
 
 
 def log_router_probabilities(writer, model, step: int) -> None:

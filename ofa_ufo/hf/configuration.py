@@ -7,8 +7,12 @@ converted OFA `config.json` maps onto this class by a short rename table. The vi
 
 from __future__ import annotations
 
+import warnings
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+
+from ofa_ufo.tasks import FREE_PROMPT, list_tasks
 
 # How retrieval tasks (ReID, face, product) read an embedding out of the model (`OFAUFOModel.embed`):
 # "decoder": the final decoder state at the first step (image and prompt through every layer);
@@ -42,7 +46,11 @@ def reject_unknown_fields(config: PreTrainedConfig, kwargs: dict) -> None:
 
 @strict(accept_kwargs=True)
 class OFAUFOVisionConfig(PreTrainedConfig):
-    """Vision section: ResNet stages 1-3 (stride 16) and the UFO supernet blocks after it."""
+    """Vision section: ResNet stages 1-3 (stride 16) and the UFO supernet blocks after it.
+
+    `task_names` is the model's task vocabulary, saved with its weights: a routed supernet routes a task
+    on its position there (`route_id`), so registering or reordering tasks never re-routes a checkpoint.
+    """
 
     model_type = "ofa-ufo-vision"
 
@@ -53,7 +61,7 @@ class OFAUFOVisionConfig(PreTrainedConfig):
     supernet_heads: int = 16
     supernet_head_dim: int = 64
     supernet_mlp_ratio: float = 4.0
-    supernet_num_tasks: int = 0  # 0: one per registered task
+    supernet_num_tasks: int = 0  # routers per block; a routed supernet has one per name in task_names
     supernet_routed: bool = True  # False: an extracted dense subnet (no routers, one FFN per block)
     supernet_task: str | None = None  # the task an extracted subnet serves
     supernet_layer_heads: list[int] | None = None  # per-block sizes of an extracted subnet
@@ -63,6 +71,7 @@ class OFAUFOVisionConfig(PreTrainedConfig):
     supernet_elastic_depths: list[int] | None = None
     supernet_sample_arch: bool = False  # sample an elastic arch every training step
     supernet_sandwich: bool = False  # also train the largest and smallest arch each step
+    task_names: list[str] | None = None  # the task vocabulary (None: saved before it existed, see _legacy_task_names)
 
     def __post_init__(self, **kwargs):
         if self.resnet_type not in RESNET_LAYERS:
@@ -71,13 +80,60 @@ class OFAUFOVisionConfig(PreTrainedConfig):
             )
         if self.supernet_layers < 0:
             raise ValueError(f"supernet_layers must be >= 0, got {self.supernet_layers}")
-        if self.supernet_layers and not self.supernet_num_tasks:
-            from ofa_ufo.tasks import list_tasks
-
-            self.supernet_num_tasks = len(list_tasks()) if self.supernet_routed else 1
         reject_unknown_fields(self, kwargs)
         super().__post_init__(**kwargs)
         self._check_supernet()
+        if self.task_names is None:
+            self.task_names = self._legacy_task_names()
+        self._check_task_names()
+        if self.supernet_layers and not self.supernet_num_tasks:
+            self.supernet_num_tasks = len(self.task_names) if self.supernet_routed else 1
+
+    @property
+    def routes_tasks(self) -> bool:
+        """Whether the model has a routed supernet, the one part whose output depends on the task id."""
+        return bool(self.supernet_layers and self.supernet_routed)
+
+    def route_id(self, task: str) -> int:
+        """The id the supernet routes `task` on: its position in `task_names` (free prompts route as
+        captioning). The one name -> id map; a model without a routed supernet ignores the id (0)."""
+        if not self.routes_tasks:
+            return 0
+        name = "caption" if task == FREE_PROMPT else task
+        if name not in self.task_names:
+            raise ValueError(f"Unknown task {task!r} for this model; its tasks (task_names): "
+                             f"{', '.join(self.task_names)}")
+        return self.task_names.index(name)
+
+    def _legacy_task_names(self) -> list[str]:
+        """What a config saved without `task_names` meant: an extracted subnet serves its one task; a routed
+        supernet routed on positions in the registry's order (now as then, cut to its router count), so only
+        there is taking today's order a guess worth a warning."""
+        if self.supernet_task is not None:
+            return [self.supernet_task]
+        names = list_tasks()
+        if not self.routes_tasks:
+            return names
+        if self.supernet_num_tasks > len(names):
+            raise ValueError(f"this supernet routes {self.supernet_num_tasks} tasks but only {len(names)} are "
+                             "registered and its config has no task_names: register its tasks, in their old order, "
+                             "before loading")
+        warnings.warn("config has no vision_config.task_names (saved before task vocabularies): routing by "
+                      "today's registry order; save the model again to pin it", UserWarning)
+        return names[: self.supernet_num_tasks or None]
+
+    def _check_task_names(self) -> None:
+        """Every name must be a registered task (its prompt and decoding are code) and routers must match."""
+        unknown = [name for name in self.task_names if name not in (*list_tasks(), FREE_PROMPT)]
+        if unknown:
+            raise ValueError(f"this model's task_names include unregistered task(s) {unknown}: register them "
+                             "(ofa_ufo.tasks.register_task) before loading the model")
+        if len(set(self.task_names)) != len(self.task_names):
+            raise ValueError(f"task_names has repeated names: {self.task_names}")
+        routers = len(self.task_names) if self.supernet_routed else 1
+        if self.supernet_layers and self.supernet_num_tasks not in (0, routers):
+            raise ValueError(f"supernet_num_tasks={self.supernet_num_tasks} does not match the {routers} router(s) "
+                             f"task_names {self.task_names} gives")
 
     def _check_supernet(self) -> None:
         """Per-block sizes and elastic choices must fit the stored (largest) weights."""

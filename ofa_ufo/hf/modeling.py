@@ -104,7 +104,7 @@ class OFAUFOPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.BatchNorm2d) and getattr(module, "zero_init", False):
             # The last BN of each residual block starts at scale 0, so the block starts as the identity
             # (Goyal et al. 2017): a ResNet stem trained from scratch on demo shapes reached held-out
-            # accuracy 0.54 instead of 0.24 after 6,400 images (benchmarks/README.md). Checkpoints
+            # accuracy 0.54 instead of 0.24 after 6,400 images (benchmarks/LOG.md). Checkpoints
             # load their own values.
             super()._init_weights(module)
             init.zeros_(module.weight)
@@ -116,7 +116,7 @@ class OFAUFOPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.Linear) and getattr(module, "zero_init", False):
             # A supernet block's residual outputs start at 0, so the freshly added ViT blocks start as the
             # identity over the (warmed-up) stem's grid instead of washing its image signal out
-            # (benchmarks/README.md, "With the OFA tasks"). Checkpoints load their own values.
+            # (benchmarks/LOG.md, "With the OFA tasks"). Checkpoints load their own values.
             super()._init_weights(module)
             init.zeros_(module.weight)
         elif isinstance(module, TaskMoEFFN):

@@ -14,7 +14,7 @@ from transformers import Pipeline
 
 from ofa_ufo.core.images import ImageLoadError, load_image
 from ofa_ufo.core.prompts import DEFAULT_STYLE
-from ofa_ufo.tasks import FREE_PROMPT, Task, get_task, task_id
+from ofa_ufo.tasks import FREE_PROMPT, Task, get_task
 
 
 class OFAUFOPipeline(Pipeline):
@@ -91,8 +91,9 @@ class OFAUFOPipeline(Pipeline):
 
     def _run_chunk(self, task: Task, chunk: list[tuple], options: dict, generate_kwargs: dict) -> list[dict[str, Any]]:
         model_inputs = self.preprocess(chunk)
-        if "pixel_values" in model_inputs and self.model.config.vision_config.supernet_layers:
-            ids = torch.full((len(chunk),), task_id(task.name), dtype=torch.long, device=self.device)
+        vision = self.model.config.vision_config
+        if "pixel_values" in model_inputs and vision.supernet_layers:
+            ids = torch.full((len(chunk),), vision.route_id(task.name), dtype=torch.long, device=self.device)
             model_inputs["task_ids"] = ids  # the supernet routes on the task
         raw = self._forward(model_inputs, task=task, options=options, generate_kwargs=generate_kwargs)
         return self.postprocess(raw, task=task, metas=[meta for _, _, meta, _ in chunk])

@@ -11,11 +11,14 @@ import copy
 from functools import lru_cache
 from typing import Any
 
+import torch
+
 from ofa_ufo.hf.configuration import OFAUFOConfig
 from ofa_ufo.hf.image_processing import OFAUFOImageProcessor
 from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
 from ofa_ufo.hf.processing import OFAUFOProcessor
 from ofa_ufo.hf.tokenization import build_tokenizer
+from ofa_ufo.tasks import list_tasks
 
 # Sizes from OFA's `register_model_architecture` presets (reference/ofa.md, section 2.1).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -72,14 +75,15 @@ def vocab_fields(tokenizer=None) -> dict[str, int]:
 
 
 def create_config(name: str, tokenizer=None, **overrides: Any) -> OFAUFOConfig:
-    """Config of preset `name`; keyword overrides win (unknown fields raise)."""
+    """Config of preset `name`, its task vocabulary the tasks registered now; keyword overrides win
+    (unknown fields raise)."""
     preset = _preset(name)
     dim, heads = preset["d_model"], preset["heads"]
     fields: dict[str, Any] = dict(
         d_model=dim, encoder_layers=preset["layers"][0], decoder_layers=preset["layers"][1],
         encoder_attention_heads=heads, decoder_attention_heads=heads,
         encoder_ffn_dim=4 * dim, decoder_ffn_dim=4 * dim,
-        vision_config={"resnet_type": preset["resnet"], **preset.get("supernet", {})},
+        vision_config={"resnet_type": preset["resnet"], **preset.get("supernet", {}), "task_names": list_tasks()},
     )
     fields.update(vocab_fields(tokenizer))
     vision_overrides = overrides.pop("vision_config", None) or {}
@@ -107,8 +111,6 @@ def create_processor(name: str = "ofa_ufo_base", **overrides: Any):
 
 def preset_table() -> str:
     """Markdown table of every preset with its parameter count, computed on the meta device."""
-    import torch
-
     ofa_vocab = dict(vocab_size=59457, code_offset=50265, bin_offset=58457)
     rows = [
         "| preset | d_model | layers (enc/dec) | heads | ResNet | UFO supernet | params (default vocab) | params (OFA vocab 59,457) |",

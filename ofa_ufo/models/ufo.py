@@ -71,7 +71,7 @@ class UFOSupernet(nn.Module):
         if not self.routed:  # an extracted subnet serves one task: its embedding is row 0
             task_ids = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
         elif task_ids is None:
-            raise ValueError("this model has a task-routed supernet: pass task_ids (see ofa_ufo.tasks.task_id)")
+            raise ValueError("this model has a task-routed supernet: pass task_ids (vision_config.route_id per sample)")
         x = self.in_proj(tokens) + self.pos_embed(position_ids) + self.task_embed(task_ids)[:, None]
         arch = self.arch
         depth = len(self.blocks) if arch is None else arch.depth

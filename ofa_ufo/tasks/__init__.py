@@ -37,38 +37,40 @@ def list_tasks() -> list[str]:
     return [name for name in _REGISTRY if name != FREE_PROMPT]
 
 
-def task_id(name: str) -> int:
-    """The id the UFO supernet routes `name` on: its position in the registry (free prompts route as
-    captioning). Registration order is therefore part of a routed checkpoint's meaning: append only."""
-    names = list_tasks()
-    if name == FREE_PROMPT:
-        name = "caption"
-    if name not in names:
-        raise ValueError(f"Unknown task {name!r}. Available: {', '.join(names)}")
-    return names.index(name)
-
-
 _TEXT = dict(num_beams=5, max_new_tokens=16, no_repeat_ngram_size=3)
-register_task(Task("caption", generation=_TEXT))
+register_task(Task("caption", generation=_TEXT, headline="cider", example_fields=("target",)))
 register_task(VQATask("vqa", generation=dict(num_beams=5, min_new_tokens=1, max_new_tokens=8, length_penalty=0.0),
-                       metric="vqa_accuracy"))
-register_task(GroundingTask("grounding", generation=dict(num_beams=5), metric="acc@0.5"))
-register_task(GroundedCaptionTask("grounded_caption", generation=_TEXT))
-register_task(ITMTask("itm", metric="top1", classes={"yes": "yes", "no": "no"}))
-register_task(EntailmentTask("entailment", metric="top1", classes={"entailment": "yes", "contradiction": "no", "neutral": "maybe"}))
-register_task(ClassificationTask("classification", generation=dict(num_beams=5), metric="top1"))
-register_task(DetectionTask("detection", generation=dict(num_beams=1, max_new_tokens=64), metric="coco_map"))
-register_task(Task("text_infill", generation=dict(num_beams=5, max_new_tokens=32, no_repeat_ngram_size=3)))
+                       metric="vqa_accuracy", example_fields=("text", "target")))
+# grounding: `boxes` may be empty (the phrase matches nothing)
+register_task(GroundingTask("grounding", generation=dict(num_beams=5), metric="acc@0.5",
+                            example_fields=("text", ("box", "boxes"))))
+register_task(GroundedCaptionTask("grounded_caption", generation=_TEXT, example_fields=("box", "target")))
+register_task(ITMTask("itm", metric="top1", classes={"yes": "yes", "no": "no"}, example_fields=("text", "target")))
+register_task(EntailmentTask("entailment", metric="top1", example_fields=("text", "target"),
+                             classes={"entailment": "yes", "contradiction": "no", "neutral": "maybe"}))
+register_task(ClassificationTask("classification", generation=dict(num_beams=5), metric="top1",
+                                 example_fields=("target",)))
+register_task(DetectionTask("detection", generation=dict(num_beams=1, max_new_tokens=64), metric="coco_map",
+                            example_fields=("boxes", "labels")))
+register_task(Task("text_infill", generation=dict(num_beams=5, max_new_tokens=32, no_repeat_ngram_size=3),
+                   headline="cider", example_fields=("text", "target")))
 register_task(FreePromptTask(FREE_PROMPT, generation=dict(num_beams=5, max_new_tokens=32, no_repeat_ngram_size=3)))
 # AllInOne embedding tasks: CosFace s / m per task (face 50/0.3, person 30/0.2, vehicle 20/0.2,
-# product 30/0.2); batch-hard triplet on P x 4 batches except face (CosFace only).
-register_task(EmbeddingTask("reid_person", metric="reid", cosface_scale=30.0, cosface_margin=0.2))
-register_task(EmbeddingTask("reid_vehicle", metric="reid", cosface_scale=20.0, cosface_margin=0.2))
+# product 30/0.2); batch-hard triplet on P x 4 batches except face (CosFace only). Identity, camera, split,
+# pair... live in an example's `meta` (see ofa_ufo.data.loaders.reid).
+_IDENTITY = ("meta",)
+register_task(EmbeddingTask("reid_person", metric="reid", cosface_scale=30.0, cosface_margin=0.2,
+                            identity_kind="person", example_fields=_IDENTITY))
+register_task(EmbeddingTask("reid_vehicle", metric="reid", cosface_scale=20.0, cosface_margin=0.2,
+                            identity_kind="vehicle", example_fields=_IDENTITY))
 register_task(EmbeddingTask("face", metric="verification", cosface_scale=50.0, cosface_margin=0.3,
-                            triplet_weight=0.0, instances_per_identity=0))
-register_task(EmbeddingTask("product", metric="recall@k", cosface_scale=30.0, cosface_margin=0.2))
+                            triplet_weight=0.0, instances_per_identity=0, identity_kind="face",
+                            example_fields=_IDENTITY))
+register_task(EmbeddingTask("product", metric="recall@k", cosface_scale=30.0, cosface_margin=0.2,
+                            identity_kind="product", example_fields=_IDENTITY))
 # Image generation as VQGAN code sequences (OFA): top-k 256 sampling, options vqgan / image_size.
-register_task(TextToImageTask("text_to_image"))
-register_task(ImageInfillTask("image_infill"))
+# The image is the target: text_to_image draws it from the text, image_infill restores its centre.
+register_task(TextToImageTask("text_to_image", example_fields=("text", "image")))
+register_task(ImageInfillTask("image_infill", example_fields=("image",)))
 
-__all__ = ["Decoded", "Task", "get_task", "list_tasks", "register_task", "task_id"]
+__all__ = ["Decoded", "Task", "get_task", "list_tasks", "register_task"]
