@@ -1,11 +1,15 @@
-"""Grounding's auxiliary box-mask loss (`ofa_ufo.training.box_mask`): cell targets and the loss."""
+"""Grounding's auxiliary box-mask loss (`ofa_ufo.tasks.box_mask`, the `GroundingTask.auxiliary` hook):
+cell targets and the loss."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ofa_ufo.training.box_mask import box_mask_loss, cell_coverage, referred_boxes
+from ofa_ufo.tasks import get_task, list_tasks
+from ofa_ufo.tasks.box_mask import cell_coverage, referred_boxes
+
+GROUNDING = get_task("grounding")
 
 
 def test_cell_coverage_is_the_share_of_each_cell_in_the_box():
@@ -37,7 +41,7 @@ def test_box_mask_loss_reads_only_grounding_rows_and_their_image_tokens():
     examples = [{"task": "vqa", "image_size": (64, 64)},
                 {"task": "grounding", "image_size": (64, 64), "box": [0, 0, 16, 16]},
                 {"task": "grounding", "image_size": (64, 64), "boxes": []}]
-    loss = box_mask_loss(head, states, pixels, examples)
+    loss = GROUNDING.auxiliary_loss(head, states, pixels, examples)
     targets = torch.zeros(2, 16)
     targets[0, 0] = 1.0
     expected = torch.nn.functional.binary_cross_entropy_with_logits(
@@ -52,5 +56,16 @@ def test_box_mask_loss_reads_only_grounding_rows_and_their_image_tokens():
 def test_box_mask_loss_is_zero_without_grounding_rows():
     head = torch.nn.Linear(8, 1)
     states = torch.randn(1, 20, 8)
-    assert box_mask_loss(head, states, torch.zeros(1, 3, 64, 64), [{"task": "vqa", "image_size": (9, 9)}]) == 0
-    assert box_mask_loss(head, states, None, [{"task": "grounding", "box": [0, 0, 1, 1]}]) == 0
+    pixels = torch.zeros(1, 3, 64, 64)
+    assert GROUNDING.auxiliary_loss(head, states, pixels, [{"task": "vqa", "image_size": (9, 9)}]) == 0
+    assert GROUNDING.auxiliary_loss(head, states, None, [{"task": "grounding", "box": [0, 0, 1, 1]}]) == 0
+
+
+def test_only_grounding_declares_an_auxiliary_loss_with_its_config_field_and_state_key():
+    auxiliary = {name: get_task(name).auxiliary for name in list_tasks() if get_task(name).auxiliary is not None}
+    assert list(auxiliary) == ["grounding"]
+    assert (auxiliary["grounding"].weight_field, auxiliary["grounding"].state_key) == ("box_mask_weight", "box_head")
+    head = GROUNDING.auxiliary_head(8)
+    assert isinstance(head, torch.nn.Linear) and (head.in_features, head.out_features) == (8, 1)
+    with pytest.raises(NotImplementedError, match="'caption' has no auxiliary loss"):
+        get_task("caption").auxiliary_head(8)

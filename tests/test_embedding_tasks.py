@@ -22,7 +22,7 @@ from ofa_ufo.layers.metric_learning import (
     cosface_loss,
     pairwise_distances,
 )
-from ofa_ufo.tasks import get_task, task_id
+from ofa_ufo.tasks import get_task
 from ofa_ufo.tasks.pk_sampler import PKSource
 
 EMBEDDING_TASKS = ["reid_person", "reid_vehicle", "face", "product"]
@@ -94,8 +94,9 @@ def test_tasks_have_their_allinone_settings_and_metrics():
                     get_task(t).instances_per_identity, get_task(t).metric) for t in EMBEDDING_TASKS}
     assert settings == {"reid_person": (30.0, 0.2, True, 4, "reid"), "reid_vehicle": (20.0, 0.2, True, 4, "reid"),
                         "face": (50.0, 0.3, False, 0, "verification"), "product": (30.0, 0.2, True, 4, "recall@k")}
-    ids = [task_id(t) for t in EMBEDDING_TASKS]
-    assert len(set(ids)) == 4 and min(ids) > task_id("caption")
+    routes = ofa_ufo.create_config("ofa_ufo_tiny_ufo", **TINY, vision_config=SUPERNET).vision_config
+    ids = [routes.route_id(t) for t in EMBEDDING_TASKS]
+    assert len(set(ids)) == 4 and min(ids) > routes.route_id("caption")
 
 
 # ---- routing on a supernet ----------------------------------------------------------------------
@@ -112,7 +113,7 @@ def supernet(processor, tmp_path_factory):
 
 def _embed(model, processor, task: str, ids: torch.Tensor | None = None) -> torch.Tensor:
     batch = processor(images=[_image(0)], text=[get_task(task).prompt()], return_tensors="pt")
-    ids = torch.tensor([task_id(task)]) if ids is None else ids
+    ids = torch.tensor([model.config.vision_config.route_id(task)]) if ids is None else ids
     with torch.no_grad():
         return model.embed(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], ids,
                            batch["image_mask"])[0]
@@ -126,7 +127,8 @@ def test_each_task_routes_on_its_own_id(supernet, processor):
                                    atol=1e-5)
     # same prompt and image, only the task id differs: the route (task embedding, experts) changes the vector
     prompt_of_person = _embed(model, processor, "reid_person")
-    routed_as_vehicle = _embed(model, processor, "reid_person", torch.tensor([task_id("reid_vehicle")]))
+    vehicle = torch.tensor([model.config.vision_config.route_id("reid_vehicle")])
+    routed_as_vehicle = _embed(model, processor, "reid_person", vehicle)
     assert (prompt_of_person - routed_as_vehicle).abs().max() > 1e-4
 
 
@@ -143,7 +145,7 @@ def test_image_readout_is_the_mean_image_token_and_keeps_metric_losses_out_of_sh
         for p in model.get_encoder().supernet.parameters():  # fresh blocks are the identity; make them route
             p.add_(0.05 * torch.randn_like(p))
     batch = processor(images=[_image(0), _image(1)], text=[get_task("face").prompt()] * 2, return_tensors="pt")
-    ids = torch.tensor([task_id("face")] * 2)
+    ids = torch.tensor([model.config.vision_config.route_id("face")] * 2)
     with torch.no_grad():
         tokens, _ = model.get_encoder().embed_image(batch["pixel_values"], ids)  # (2, N, D)
         embedded = model.embed(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], ids,
@@ -153,7 +155,7 @@ def test_image_readout_is_the_mean_image_token_and_keeps_metric_losses_out_of_sh
 
     rows = [{"id": str(i), "task": "face", "image": Image.fromarray(_image(i)), "meta": {"identity": i}}
             for i in range(2)]
-    train_batch = build_batch(processor, rows)
+    train_batch = build_batch(processor, rows, model.config)
     model.train()
     _, tokens_counted, features, _ = cross_entropy_and_features(model, train_batch, 0.0)
     assert tokens_counted == 0
@@ -170,7 +172,7 @@ def test_image_readout_is_the_mean_image_token_and_keeps_metric_losses_out_of_sh
 def test_a_task_expert_changes_only_its_task(processor):
     torch.manual_seed(0)
     model = ofa_ufo.create_model("ofa_ufo_tiny_ufo", **TINY, vision_config=SUPERNET).eval()
-    face, person = task_id("face"), task_id("reid_person")
+    face, person = (model.config.vision_config.route_id(t) for t in ("face", "reid_person"))
     with torch.no_grad():
         for block in model.get_encoder().supernet.blocks:
             block.ffn.router[face] = torch.tensor([0.0, 1.0])  # face takes its own expert
@@ -349,7 +351,7 @@ def test_training_features_are_the_inference_read_out(model, processor, tmp_path
     rows = _identity_rows(tmp_path, identities=1, per_identity=2)
     examples = [{**row, "image": Image.open(tmp_path / row["image"]).convert("RGB")} for row in rows]
     caption = {"id": "c", "task": "caption", "image": examples[0]["image"], "target": "a picture of a thing"}
-    batch = build_batch(processor, [caption, *examples])
+    batch = build_batch(processor, [caption, *examples], model.config)
     assert (batch["labels"][1:] == -100).all() and (batch["labels"][0] != -100).any()
     with torch.no_grad():
         _, tokens, features, _ = cross_entropy_and_features(model, batch, 0.0)
@@ -403,7 +405,7 @@ def test_embedding_task_data_errors(tmp_path):
     try:
         scenes = DemoSource("reid_person", DemoScenes("train", 4, seed=0), seed=0)  # scenes have no identities
         with pytest.raises(ValueError, match="'reid_person' trains on identity-labelled data, not demo scenes"):
-            ofa_ufo.get_task("reid_person").training_source(scenes, seed=0)
+            ofa_ufo.get_task("reid_person").training_source(scenes, seed=0, options={})
         data = _write_jsonl(tmp_path / "reid.jsonl", _identity_rows(tmp_path, identities=2))
         with pytest.raises(ConfigError, match="chunks of K=4 but gets 6 samples"):
             Trainer(config_from_dict({**base, "batch_size": 6, "data": {"reid_person": str(data)}}, "test"),

@@ -27,11 +27,13 @@ from conftest import TINY
 from PIL import Image
 from safetensors.torch import load_file
 
+import ofa_ufo
+from ofa_ufo.data.sources import DataSourceError
 from ofa_ufo.training import ConfigError, Trainer, TrainingError, load_config
 from ofa_ufo.training import checkpoint as ckpt
 from ofa_ufo.training.__main__ import main
 from ofa_ufo.training.config import CONFIG_DIR, config_from_dict
-from ofa_ufo.training.mixture import DataSourceError, build_sources, eval_examples
+from ofa_ufo.training.mixture import build_sources, eval_examples
 
 REPO = Path(__file__).resolve().parents[1]
 # sensitive to the gradient's scale (see the module docstring); one thread for bitwise repeatability
@@ -224,7 +226,7 @@ def test_box_mask_head_trains_and_resumes_exactly(tmp_path):
                   box_mask_weight=2.0, **EXACT)
     states = []
     reference = fit(make_config(tmp_path / "reference", **fields),
-                    hook=lambda trainer: states.append(trainer.box_head.weight.detach().clone()))
+                    hook=lambda trainer: states.append(trainer.auxiliary_heads["grounding"].weight.detach().clone()))
     trained = ckpt.load_state(ckpt.checkpoint_dir(tmp_path / "reference") / "step-0000003")["box_head"]
     assert not torch.equal(trained["weight"], states[0])  # the head is optimised with the model
     without = fit(make_config(tmp_path / "without", **{**fields, "box_mask_weight": 0.0}))
@@ -316,6 +318,19 @@ def test_resume_from_another_architecture_is_refused(one_batch_run, change, fiel
     with pytest.raises(ckpt.CheckpointError, match=message + r".* vs config .*\); nothing was written"):
         Trainer(other, resume="auto" if resume == "auto" else str(checkpoint))
     assert snapshot(output_dir) == before
+
+
+def test_task_vocabulary_is_architecture_only_for_a_routed_supernet():
+    """A task registered after a run started changes `task_names` of a rebuilt model: that blocks the
+    resume of a routed supernet (its rows and routes follow the list) and of nothing else."""
+    def config(names, **vision):
+        return ofa_ufo.create_config("ofa_ufo_tiny", **TINY, vision_config={"task_names": names, **vision})
+
+    names = ofa_ufo.list_tasks()
+    plain = [ckpt.architecture(config(names)), ckpt.architecture(config(names[::-1]))]
+    assert plain[0] == plain[1]
+    routed = dict(supernet_layers=1, supernet_dim=32, supernet_heads=2, supernet_head_dim=16)
+    assert ckpt.architecture(config(names, **routed)) != ckpt.architecture(config(names[::-1], **routed))
 
 
 # ---- per-parameter learning rates ---------------------------------------------------------
@@ -483,6 +498,34 @@ def test_run_outputs_and_serving(ema_run):
     assert isinstance(answer, dict) and isinstance(answer["text"], str)
 
 
+def test_tensorboard_logs_router_probabilities_of_a_routed_supernet(ema_run, tmp_path):
+    """A routed UFO supernet's router probabilities go to TensorBoard every step next to the loss
+    (`router/<task>/block<i>`, after the step's update); a model without a supernet logs none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ofa_ufo.deploy.subnets import router_probabilities
+
+    supernet = dict(supernet_layers=2, supernet_dim=32, supernet_heads=4, supernet_head_dim=8, supernet_mlp_ratio=2.0)
+    config = make_config(tmp_path, tasks={"caption": 1, "vqa": 1}, max_steps=2, lr=1e-2,
+                         model_overrides={**TINY, "vision_config": supernet})
+    with torch_threads():
+        trainer = Trainer(config, resume="never")
+        trainer.fit()
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    final = router_probabilities(trainer.unwrapped)
+    assert {"caption", "vqa"} <= set(final)
+    assert {f"router/{task}/block{i}" for task in final for i in range(2)} <= set(events.Tags()["scalars"])
+    for task, probabilities in final.items():
+        for i, probability in enumerate(probabilities):
+            logged = events.Scalars(f"router/{task}/block{i}")
+            assert [event.step for event in logged] == [1, 2]  # the cadence of train/loss
+            assert logged[-1].value == pytest.approx(probability, abs=1e-6)
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2]
+    dense = EventAccumulator(str(Path(ema_run[0].output_dir) / "tensorboard")).Reload()
+    tags = dense.Tags()["scalars"]
+    assert "train/loss" in tags and not any(tag.startswith("router/") for tag in tags)
+
+
 def test_encoder_image_signal_sees_an_encoder_that_ignores_the_image(model, processor):
     """The diagnostic is clearly positive for a random model and 0 once the image tokens carry
     nothing image-specific (here: the image projection zeroed, as after a collapse)."""
@@ -531,6 +574,35 @@ def test_head_loss_weight_scales_the_embedding_losses(tmp_path):
         heads_moved[weight] = not torch.equal(head, trainer.heads["face"].weight)
     assert first[1.0] - first[0.5] == pytest.approx(first[0.5] - first[0.0], rel=1e-4)
     assert first[1.0] > first[0.0] and heads_moved == {0.0: False, 0.5: True, 1.0: True}
+
+
+def test_the_report_shows_each_tasks_headline_metric():
+    from ofa_ufo.training.report import format_metric_table, headline
+
+    caption = {"bleu4": 0.1, "meteor": 0.2, "rouge_l": 0.3, "cider": 0.4}
+    assert headline("caption", caption) == ("cider", 0.4)  # `Task.headline`
+    assert headline("detection", {"map": 0.2, "map50": 0.5}) == ("map50", 0.5)
+    assert headline("reid_person", {"rank1": 0.7, "mAP": 0.3}) == ("rank1", 0.7)  # none declared: the first
+    assert headline("caption", {"bleu4": 0.1}) == ("bleu4", 0.1)  # another metric than the task's own
+    table = format_metric_table({"caption": {**caption, "cider": 0.0}}, {"caption": caption})
+    assert table.splitlines()[-1] == "| caption | cider | 0.000 | 0.400 |"
+
+
+def test_training_code_names_no_task():
+    """Task-specific training behaviour lives in the Task classes' hooks: no module of the trainer
+    compares with or indexes by a registered task's name."""
+    import ast
+
+    import ofa_ufo
+
+    names, found = set(ofa_ufo.list_tasks()), []
+    for path in sorted((REPO / "ofa_ufo" / "training").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            operands = [node.left, *node.comparators] if isinstance(node, ast.Compare) else []
+            operands += [node.slice] if isinstance(node, ast.Subscript) else []
+            found += [f"{path.name}:{node.lineno} {operand.value!r}" for operand in operands
+                      if isinstance(operand, ast.Constant) and operand.value in names]
+    assert found == []
 
 
 # ---- stem warm-up ------------------------------------------------------------------------

@@ -5,6 +5,7 @@ The pipeline only calls these methods; what differs between tasks lives in the s
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,18 @@ import torch
 from ofa_ufo.generation.scoring import Decoded, generate_decoded
 from ofa_ufo.core.prompts import DEFAULT_STYLE, format_prompt
 
-__all__ = ["Decoded", "Task"]
+__all__ = ["AuxiliaryLoss", "Decoded", "Task"]
+
+
+@dataclass(frozen=True)
+class AuxiliaryLoss:
+    """A training-only loss a task adds on the encoder states of its rows (`Task.auxiliary_loss`),
+    through a head (`Task.auxiliary_head`) that the trainer optimises with the model and keeps in
+    its checkpoints' trainer state, and never exports."""
+
+    name: str  # how messages call it ("box-mask")
+    weight_field: str  # the training config field that weights it; 0 turns it off
+    state_key: str  # its head's entry in trainer_state.pt
 
 
 @dataclass
@@ -29,6 +41,17 @@ class Task:
     metric: str = "caption"  # default metric (a name from ofa_ufo.metrics); specs may choose another
     options: tuple[str, ...] = ()
     required: dict[str, str] = field(default_factory=dict)  # option -> example value, for the error
+    # canonical fields an example of this task cannot do without (a tuple: one of them); ofa_ufo.data checks them
+    example_fields: tuple[str | tuple[str, ...], ...] = ()
+    # the value of the metric's result that a training run's before/after table shows ("": the first)
+    headline: str = ""
+    # the generated data a "demo" training source draws: "scenes" (ofa_ufo.data.demo_scenes) or
+    # "identities" (ofa_ufo.data.demo_identities)
+    demo_data: str = "scenes"
+    # training config fields that only `training_source` of this task reads: setting one in a run
+    # without this task is a config error
+    source_options: tuple[str, ...] = ()
+    auxiliary: AuxiliaryLoss | None = None  # an extra training loss on the encoder states, off by default
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Fail once per call, before any work, when a required option is missing."""
@@ -91,10 +114,11 @@ class Task:
         text = tokenizer.decode(decoded.tokens, skip_special_tokens=True).strip()
         return {"text": text, "score": decoded.probability}
 
-    # ---- training hooks (ofa_ufo.training); tasks with a feature head override them --------
+    # ---- training hooks (ofa_ufo.training); a task overrides those it needs ------------------
 
-    def training_source(self, source, seed: int):
-        """The source the trainer draws this task's examples from (a task may reorder it, e.g. P x K)."""
+    def training_source(self, source, seed: int, options: Mapping[str, Any]):
+        """The source the trainer draws this task's examples from (a task may reorder it, e.g. P x K,
+        or alter draws); `options` holds the run's values of `source_options`."""
         return source
 
     def training_head(self, examples, dim: int):
@@ -105,3 +129,14 @@ class Task:
     def head_loss(self, head, features, examples):
         """Mean loss of this task's rows: `features` (B, D) raw read-outs, `examples` their dicts."""
         raise NotImplementedError(f"task {self.name!r} has no feature head")
+
+    def auxiliary_head(self, dim: int) -> torch.nn.Module:
+        """The training-only head of this task's `auxiliary` loss over d_model-`dim` encoder states."""
+        raise NotImplementedError(f"task {self.name!r} has no auxiliary loss")
+
+    def auxiliary_loss(self, head: torch.nn.Module, encoder_states: torch.Tensor, pixel_values: torch.Tensor | None,
+                       examples: Sequence[dict[str, Any]]) -> torch.Tensor:
+        """The unweighted `auxiliary` loss summed over this task's rows of a batch (0 without any), so
+        that the trainer normalises it by the step's target tokens like the token loss; encoder_states
+        (B, L, D), `examples` the whole batch's dicts with their original `image_size`."""
+        raise NotImplementedError(f"task {self.name!r} has no auxiliary loss")

@@ -13,7 +13,7 @@ triplet loss on P x K batches (K = 4), with AllInOne's per-task scale / margin.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,8 @@ class EmbeddingTask(Task):
 
     metric: str = "reid"
     options: tuple[str, ...] = ("identify",)
+    demo_data: str = "identities"  # demo runs train on generated identities, not scenes
+    identity_kind: str = ""  # what it tells apart: person, vehicle, face, product (ofa_ufo.data.demo_identities)
     cosface_scale: float = 30.0
     cosface_margin: float = 0.2
     triplet_weight: float = 1.0
@@ -137,7 +139,7 @@ class EmbeddingTask(Task):
         """(prompt, None): no token target; the example trains through `head_loss`."""
         return self.prompt(None, style), None
 
-    def training_source(self, source, seed: int):
+    def training_source(self, source, seed: int, options: Mapping[str, Any]):
         """P x K identity chunks (K = `instances_per_identity`) over the source's examples."""
         if not self.instances_per_identity:
             return source

@@ -13,6 +13,8 @@ Both need a `VQGANModel` to turn codes into pixels (and images into training tar
 from __future__ import annotations
 
 import os
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -31,7 +33,7 @@ from ofa_ufo.tasks.base import Task
 if TYPE_CHECKING:  # tasks/ sits below hf/: the VQGAN is loaded through the Auto class registered there
     from ofa_ufo.hf.modeling_vqgan import VQGANModel
 
-__all__ = ["CodeSamples", "ImageInfillTask", "TextToImageTask", "VQGAN_SUBDIR", "resolve_vqgan"]
+__all__ = ["CaptionDropout", "CodeSamples", "ImageInfillTask", "TextToImageTask", "VQGAN_SUBDIR", "resolve_vqgan"]
 
 VQGAN_SUBDIR = "vqgan"  # a VQGAN saved next to the model: <model dir>/vqgan (VQGANModel.save_pretrained)
 VQGAN_MODEL_TYPE = "ofa-ufo-vqgan"  # VQGANConfig.model_type
@@ -187,6 +189,7 @@ class TextToImageTask(ImageGenTask):
     """
 
     options: tuple[str, ...] = ("vqgan", "image_size", "guidance_scale")
+    source_options: tuple[str, ...] = ("caption_dropout",)
 
     def prompt(self, text: str | None = None, style: str = DEFAULT_STYLE) -> str:
         if not text or not text.strip():
@@ -223,6 +226,29 @@ class TextToImageTask(ImageGenTask):
 
     def grid_side(self, vqgan: VQGANModel, options: dict[str, Any]) -> int:
         return self.image_size(vqgan, options) // vqgan.downsample_factor
+
+    def training_source(self, source, seed: int, options: Mapping[str, Any]):
+        """`source` with `caption_dropout` of its draws turned into unconditional examples."""
+        rate = options["caption_dropout"]
+        return CaptionDropout(source, rate, seed) if rate else source
+
+
+class CaptionDropout:
+    """Draw k of `source` with its caption replaced by "" (text_to_image's unconditional prompt) for a
+    fixed `rate` of the draws, chosen by (seed, k) so that a resumed run drops the same ones."""
+
+    def __init__(self, source, rate: float, seed: int) -> None:
+        self.source, self.rate, self.seed = source, rate, seed
+        self.task = source.task
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def draw(self, k: int) -> dict[str, Any]:
+        example = self.source.draw(k)
+        if np.random.default_rng((self.seed, zlib.crc32(b"caption_dropout"), k)).random() < self.rate:
+            return {**example, "text": ""}
+        return example
 
 
 @dataclass

@@ -3,16 +3,19 @@ captioning (a region in the prompt) and detection (boxes, labels and per-box sco
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from ofa_ufo.core.prompts import DEFAULT_STYLE, format_prompt
 from ofa_ufo.generation import Trie
 from ofa_ufo.generation.constraints import BoxSequenceLogitsProcessor, DetectionLogitsProcessor
 from ofa_ufo.generation.scoring import Decoded
-from ofa_ufo.tasks.base import Task
+from ofa_ufo.tasks.base import AuxiliaryLoss, Task
+from ofa_ufo.tasks.box_mask import box_mask_loss
 
 NO_OBJECT = " none"  # grounding target when the phrase matches nothing
 
@@ -41,10 +44,12 @@ class GroundingTask(Task):
 
     Options: `max_boxes` (default 1, as OFA's RefCOCO), `allow_none` (default True; False gives
     OFA's always-a-box behaviour for converted checkpoints). Each box is scored by the
-    probability of its four bin tokens.
+    probability of its four bin tokens. Training may add the box-mask loss on the image tokens
+    (`box_mask_weight`, `ofa_ufo.tasks.box_mask`).
     """
 
     options: tuple[str, ...] = ("max_boxes", "allow_none")
+    auxiliary: AuxiliaryLoss | None = AuxiliaryLoss("box-mask", "box_mask_weight", "box_head")
 
     def prompt(self, text: str | None = None, style: str = DEFAULT_STYLE) -> str:
         if not text or not text.strip():
@@ -83,12 +88,23 @@ class GroundingTask(Task):
         scores = [float(np.exp(sum(decoded.token_logprobs[i : i + 4]))) for i in range(0, count, 4)]
         return {"boxes": boxes, "labels": [meta["text"]] * len(boxes), "scores": scores}
 
+    def auxiliary_head(self, dim: int) -> torch.nn.Module:
+        """One logit per image token: how much of its cell the referred box(es) cover."""
+        return torch.nn.Linear(dim, 1)
+
+    def auxiliary_loss(self, head: torch.nn.Module, encoder_states: torch.Tensor, pixel_values: torch.Tensor | None,
+                       examples: Sequence[dict[str, Any]]) -> torch.Tensor:
+        """The box-mask loss over this task's rows that have an image."""
+        rows = [i for i, e in enumerate(examples) if e["task"] == self.name and e.get("image_size")]
+        return box_mask_loss(head, encoder_states, pixel_values, examples, rows)
+
 
 @dataclass
 class GroundedCaptionTask(Task):
     """Describe a region given as `box=[x0, y0, x1, y1]` (original pixels), written into the prompt as bins."""
 
     options: tuple[str, ...] = ("box",)
+    headline: str = "cider"
     required: dict[str, str] = field(default_factory=lambda: {"box": "[10, 20, 110, 90]"})
 
     def request_prompt(self, meta: dict[str, Any], style: str = DEFAULT_STYLE) -> str:
@@ -115,6 +131,7 @@ class DetectionTask(Task):
     """
 
     options: tuple[str, ...] = ("labels",)
+    headline: str = "map50"
     dedupe_iou: float = 0.7
 
     def build_example(self, example: dict[str, Any], meta: dict[str, Any], style: str = DEFAULT_STYLE) -> tuple[str, str]:

@@ -11,10 +11,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ofa_ufo.data.sources import DataSourceError
 from ofa_ufo.training.checkpoint import CheckpointError
 from ofa_ufo.training.config import ConfigError, load_config
-from ofa_ufo.training.mixture import DataSourceError
-from ofa_ufo.training.trainer import TrainingError, train
+from ofa_ufo.training.step_batches import TrainingError
+from ofa_ufo.training.trainer import train
 
 
 def main(argv: Sequence[str] | None = None) -> int:

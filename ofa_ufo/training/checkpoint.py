@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_model
+
+from ofa_ufo.hf.configuration import OFAUFOConfig
 
 PREFIX = "step-"
 STATE_FILE = "trainer_state.pt"
@@ -39,6 +42,20 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def resume_path(output_dir: str | Path, resume: str | None) -> Path | None:
+    """The checkpoint a run resumes from: `resume` "auto" (the newest in `output_dir`, if any), "never"
+    or None (none), or a checkpoint directory, which must exist."""
+    if resume in (None, "never"):
+        return None
+    if resume == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"resume checkpoint {path} does not exist")
+    return path
 
 
 def rng_states() -> dict[str, Any]:
@@ -103,8 +120,6 @@ def save_checkpoint(output_dir: str | Path, step: int, model, processor, state: 
         processor.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)
         if ema is not None:
-            from safetensors.torch import save_model
-
             save_model(ema, str(tmp / EMA_FILE))
         (tmp / CONFIG_FILE).write_text(config_yaml)
 
@@ -120,8 +135,12 @@ def architecture(config) -> dict[str, Any]:
                "decoder_drop_path_rate", "label_smoothing", "transformers_version", "torch_dtype", "dtype",
                "architectures", "_name_or_path"}  # metadata save_pretrained/from_pretrained fill in
     fields = config.to_dict()
-    vision = {k: v for k, v in fields.pop("vision_config", {}).items()
-              if k not in {"supernet_sample_arch", "supernet_sandwich", "drop_path_rate"}}
+    # the task vocabulary decides parameter rows and routes only in a routed supernet: elsewhere a task
+    # registered since the run started must not block its resume
+    vision_ignored = {"supernet_sample_arch", "supernet_sandwich", "drop_path_rate"}
+    if not config.vision_config.routes_tasks:
+        vision_ignored.add("task_names")
+    vision = {k: v for k, v in fields.pop("vision_config", {}).items() if k not in vision_ignored}
     return {**{k: v for k, v in fields.items() if k not in ignored}, "vision_config": vision}
 
 
@@ -130,8 +149,6 @@ def check_compatible(path: Path, model_config) -> None:
     saved_file = path / "config.json"
     if not saved_file.is_file():
         raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
-    from ofa_ufo.hf.configuration import OFAUFOConfig
-
     saved = architecture(OFAUFOConfig.from_dict(json.loads(saved_file.read_text())))
     wanted = architecture(model_config)
     differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
@@ -142,8 +159,6 @@ def check_compatible(path: Path, model_config) -> None:
 
 def load_weights(module: torch.nn.Module, file: Path) -> None:
     """Load safetensors weights into `module`; tied weights may be absent, anything else must match."""
-    from safetensors.torch import load_file
-
     weights = load_file(str(file))
     missing, unexpected = module.load_state_dict(weights, strict=False)
     state = module.state_dict()

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from ofa_ufo.data.demo_scenes import DEFAULT_OBJECT_SIZE, check_object_size
+from ofa_ufo.tasks import get_task, list_tasks
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -34,7 +35,8 @@ _YamlLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def _read_yaml(text: str) -> Any:
+def read_yaml(text: str) -> Any:
+    """YAML as configs and `key=value` overrides mean it (safe loading; `5e-4` is a float)."""
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
@@ -80,7 +82,7 @@ class TrainConfig:
     # weight of the embedding tasks' head losses (CosFace + triplet, summed over tasks) against the mean
     # token loss of the generative tasks, when a run mixes both
     head_loss_weight: float = 1.0
-    # weight of grounding's auxiliary box-mask loss (training/box_mask.py: a linear head on the encoder's
+    # weight of grounding's auxiliary box-mask loss (ofa_ufo/tasks/box_mask.py: a linear head on the encoder's
     # image tokens predicts how much of each token's cell the referred box covers), added to the summed
     # token loss; 0: off, as in OFA
     box_mask_weight: float = 0.0
@@ -186,8 +188,6 @@ def _check_ranges(config: TrainConfig) -> None:
             raise ConfigError(f"field {name!r} must be > 0, got {getattr(config, name)!r}")
     if not config.tasks or any(r <= 0 for r in config.tasks.values()):
         raise ConfigError(f"field 'tasks' needs at least one task with a ratio > 0, got {config.tasks!r}")
-    from ofa_ufo.tasks import list_tasks
-
     unknown_tasks = sorted(set(config.tasks) - set(list_tasks()))
     if unknown_tasks:
         raise ConfigError(f"field 'tasks' names unknown task(s) {unknown_tasks}; registered tasks: {list_tasks()}")
@@ -210,10 +210,22 @@ def _check_ranges(config: TrainConfig) -> None:
     except ValueError as error:
         raise ConfigError(f"field 'demo_object_size': {error}") from None
     if config.caption_dropout >= 1:
-        raise ConfigError(f"field 'caption_dropout' must be < 1 (a fraction of the text_to_image examples), "
+        raise ConfigError(f"field 'caption_dropout' must be < 1 (a fraction of the examples), "
                           f"got {config.caption_dropout}")
-    if config.caption_dropout and "text_to_image" not in config.tasks:
-        raise ConfigError("field 'caption_dropout' applies to text_to_image examples, but tasks has no text_to_image")
+    _check_source_options(config)
+
+
+def _check_source_options(config: TrainConfig) -> None:
+    """A field that only some tasks' training sources read (`Task.source_options`, e.g. caption_dropout)
+    is a mistake in a run without any of those tasks."""
+    owners: dict[str, list[str]] = {}
+    for name in list_tasks():
+        for option in get_task(name).source_options:
+            owners.setdefault(option, []).append(name)
+    for option, tasks in owners.items():
+        if getattr(config, option) and not set(tasks) & set(config.tasks):
+            raise ConfigError(f"field {option!r} applies to {' / '.join(tasks)} examples, but tasks has no "
+                              f"{' or '.join(tasks)}")
 
 
 def checked_dataclass(cls: type, raw: dict[str, Any], source: str, check: Callable[[Any], None]) -> Any:
@@ -253,7 +265,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r} is not of the form key=value")
-    return key.strip(), _read_yaml(value)
+    return key.strip(), read_yaml(value)
 
 
 def load_config(name_or_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -263,7 +275,7 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | t
     if name_or_path is not None:
         path = resolve_config_path(name_or_path)
         source = str(path)
-        raw = _read_yaml(path.read_text(encoding="utf-8")) or {}
+        raw = read_yaml(path.read_text(encoding="utf-8")) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a config must be a YAML mapping, got {type(raw).__name__}")
     for text in overrides:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -21,15 +21,14 @@ import numpy as np
 import torch
 
 from ofa_ufo.data import DemoScenes, make_examples
-from ofa_ufo.data.demo_identities import IDENTITY_TASKS, DemoIdentities
-from ofa_ufo.tasks import get_task, task_id
+from ofa_ufo.data.demo_identities import DemoIdentities
+from ofa_ufo.data.sources import DataSourceError, expand_env, open_examples
+from ofa_ufo.data.specs import TaskSpec, list_specs, load_spec
+from ofa_ufo.hf.configuration import OFAUFOConfig
+from ofa_ufo.tasks import get_task
 from ofa_ufo.training.config import ConfigError, TrainConfig
 
 DEMO = "demo"
-
-
-class DataSourceError(ValueError):
-    """Training data that cannot be found or read; the message names the expected location and format."""
 
 
 def task_quotas(ratios: dict[str, float], batch_size: int) -> dict[str, int]:
@@ -77,38 +76,18 @@ class ListSource:
         return self.examples[int(_permutation(self.seed, self.task, epoch, len(self.examples))[pos])]
 
 
-class CaptionDropout:
-    """Draw k of `source` with its caption replaced by "" (text_to_image's unconditional prompt) for a
-    fixed `rate` of the draws, chosen by (seed, k) so that a resumed run drops the same ones."""
-
-    def __init__(self, source, rate: float, seed: int) -> None:
-        self.source, self.rate, self.seed = source, rate, seed
-        self.task = source.task
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def draw(self, k: int) -> dict[str, Any]:
-        example = self.source.draw(k)
-        if np.random.default_rng((self.seed, zlib.crc32(b"caption_dropout"), k)).random() < self.rate:
-            return {**example, "text": ""}
-        return example
-
-
 def _permutation(seed: int, task: str, epoch: int, size: int) -> np.ndarray:
     key = np.random.SeedSequence((seed, zlib.crc32(task.encode()), epoch))
     return np.random.default_rng(key).permutation(size)
 
 
 def _spec_source(task: str, spec_name: str, seed: int) -> ListSource:
-    from ofa_ufo.evaluate import open_examples
-    from ofa_ufo.data.specs import load_spec
-
+    """The training side of a spec's data (`data.train`, see `ofa_ufo.data.sources.open_examples`)."""
     spec = load_spec(spec_name)
     if spec.task != task:
         raise ConfigError(f"data for task {task!r} names spec {spec.name!r}, which is a {spec.task!r} spec")
     try:
-        examples = list(open_examples(spec, split="train"))
+        examples = list(open_examples(spec.data, task, split="train"))
     except (FileNotFoundError, OSError, ValueError) as error:
         train = spec.data.get("train")
         options = {**spec.data, **(train if isinstance(train, dict) else {})}
@@ -120,50 +99,74 @@ def _spec_source(task: str, spec_name: str, seed: int) -> ListSource:
     return ListSource(task, examples, seed, f"spec {spec.name!r}")
 
 
+def _jsonl_examples(path: str, task: str) -> Iterator[dict[str, Any]]:
+    """The rows of `task` in a canonical `.jsonl` file, read as a spec's `data: {format: jsonl}` is."""
+    data = {"format": "jsonl", "input": path, "on_error": "raise"}
+    return (example for example in open_examples(data, task) if example["task"] == task)
+
+
 def _jsonl_source(task: str, path: str, seed: int) -> ListSource:
     """A canonical `.jsonl` file (docs/data.md); only its rows of `task` are used."""
-    from ofa_ufo.data.loaders.jsonl import load_jsonl
-    from ofa_ufo.evaluate import expand_env
-
     try:
         path = expand_env(path)
-    except ValueError as error:
+    except DataSourceError as error:
         raise DataSourceError(f"task {task!r}: {error}") from None
     if not Path(path).is_file():
         raise DataSourceError(f"training data file {path} for task {task!r} does not exist; expected canonical "
                               "JSON Lines (one example per line, see docs/data.md)")
-    examples = [e for e in load_jsonl(path) if e["task"] == task]
-    return ListSource(task, examples, seed, str(path))
+    return ListSource(task, list(_jsonl_examples(path, task)), seed, str(path))
 
 
-def build_sources(config: TrainConfig) -> dict[str, DemoSource | ListSource]:
-    """One example source per configured task: `data[task]` is "demo" (default: generated scenes, or
-    generated identities for the embedding tasks), a spec name or spec file from tasks/, or a canonical
-    `.jsonl` file."""
+def _demo_scenes(task: str, config: TrainConfig, scenes: DemoScenes) -> DemoSource:
+    """The run's generated scenes, drawn in this task's own order."""
+    if len(scenes) == 0:
+        raise DataSourceError("demo_train_scenes is 0: the demo training set is empty")
+    return DemoSource(task, scenes, config.seed)
+
+
+def _demo_identities(task: str, config: TrainConfig, scenes: DemoScenes) -> ListSource:
+    """Generated identities of this task's kind (`demo_train_identities` of them)."""
+    try:
+        identities = DemoIdentities(task, "train", config.demo_train_identities, seed=config.seed)
+    except ValueError as error:  # a task without generated identities
+        raise DataSourceError(str(error)) from None
+    return ListSource(task, identities, config.seed, "demo_train_identities")
+
+
+DEMO_SOURCES = {"scenes": _demo_scenes, "identities": _demo_identities}  # by `Task.demo_data`
+
+
+def build_sources(config: TrainConfig) -> dict[str, Any]:
+    """One example source per configured task: `data[task]` is "demo" (default: the generated data the
+    task draws, `Task.demo_data`), a spec name or spec file from tasks/, or a canonical `.jsonl` file;
+    each passed through its task's `training_source` (e.g. P x K draws, caption dropout)."""
     scenes = DemoScenes("train", config.demo_train_scenes, seed=config.seed, max_objects=config.demo_max_objects,
                         object_size=config.demo_object_size)
-    sources: dict[str, DemoSource | ListSource] = {}
-    for task in config.tasks:
-        get_task(task)  # unknown task names fail here, listing the registered ones
-        data = config.data.get(task, DEMO)
-        if data == DEMO and task in IDENTITY_TASKS:  # embedding tasks: generated identities, not scenes
-            identities = DemoIdentities(task, "train", config.demo_train_identities, seed=config.seed)
-            sources[task] = ListSource(task, identities, config.seed, "demo_train_identities")
-        elif data == DEMO:
-            if len(scenes) == 0:
-                raise DataSourceError("demo_train_scenes is 0: the demo training set is empty")
-            sources[task] = DemoSource(task, scenes, config.seed)
+    sources: dict[str, Any] = {}
+    for name in config.tasks:
+        task = get_task(name)  # unknown task names fail here, listing the registered ones
+        data = config.data.get(name, DEMO)
+        if data == DEMO:
+            source = DEMO_SOURCES[task.demo_data](name, config, scenes)
         elif data.endswith(".jsonl"):
-            sources[task] = _jsonl_source(task, data, config.seed)
+            source = _jsonl_source(name, data, config.seed)
         else:
-            sources[task] = _spec_source(task, data, config.seed)
+            source = _spec_source(name, data, config.seed)
+        options = {option: getattr(config, option) for option in task.source_options}
         try:
-            sources[task] = get_task(task).training_source(sources[task], config.seed)  # e.g. P x K draws
+            sources[name] = task.training_source(source, config.seed, options)
         except ValueError as error:
             raise DataSourceError(str(error)) from None
-    if config.caption_dropout:
-        sources["text_to_image"] = CaptionDropout(sources["text_to_image"], config.caption_dropout, config.seed)
     return sources
+
+
+def check_identity_quotas(sources: dict[str, Any], quotas: dict[str, int]) -> None:
+    """A P x K source needs a per-step quota of whole identity chunks (a multiple of K)."""
+    for task, source in sources.items():
+        k = getattr(source, "k", 1)
+        if quotas[task] % k:
+            raise ConfigError(f"task {task!r} draws identities in chunks of K={k} but gets {quotas[task]} samples "
+                              "per micro-batch; choose batch_size and task ratios that give it a multiple of K")
 
 
 def eval_examples(config: TrainConfig, task: str) -> tuple[list[dict[str, Any]], Any]:
@@ -178,29 +181,25 @@ def eval_examples(config: TrainConfig, task: str) -> tuple[list[dict[str, Any]],
 
 
 def _held_out(config: TrainConfig, task: str, data: str) -> tuple[list[dict[str, Any]], Any]:
-    from ofa_ufo.evaluate import open_examples
-    from ofa_ufo.data.specs import TaskSpec, list_specs, load_spec
-
+    """The validation side of `data` (a `.jsonl` file only when given as eval_data; "demo": the task's
+    `demo_<task>` spec sized by the run's demo settings; a spec) and the spec that scores it."""
     if data.endswith(".jsonl"):
-        from ofa_ufo.data.loaders.jsonl import load_jsonl
-
         if task not in config.eval_data:
             return [], None  # a training file has no held-out side
-        examples = [e for e in load_jsonl(data) if e["task"] == task][: config.eval_examples]
+        examples = list(islice(_jsonl_examples(data, task), config.eval_examples))
         return examples, TaskSpec(name=data, task=task, data={}, metric=get_task(task).metric)
     if data == DEMO:
         name = f"demo_{task}"
         if name not in list_specs():
             return [], None
         spec = load_spec(name)
-        size = {"val_scenes": config.eval_examples, "max_objects": config.demo_max_objects,
-                "object_size": list(config.demo_object_size)}
-        if spec.data.get("source") == "demo_identities":
-            size = {"val_examples": config.eval_examples}
+        # each generated source reads the settings it has (scenes: val_scenes..., identities: val_examples)
+        size = {"val_scenes": config.eval_examples, "val_examples": config.eval_examples,
+                "max_objects": config.demo_max_objects, "object_size": list(config.demo_object_size)}
         spec = replace(spec, data={**spec.data, **size})
     else:
         spec = load_spec(data)
-    return list(islice(open_examples(spec, split="val"), config.eval_examples)), spec
+    return list(islice(open_examples(spec.data, spec.task, split="val"), config.eval_examples)), spec
 
 
 @dataclass
@@ -219,10 +218,11 @@ class Mixture:
         return examples
 
 
-def build_batch(processor, examples: Sequence[dict[str, Any]], style: str = "ofa",
+def build_batch(processor, examples: Sequence[dict[str, Any]], config: OFAUFOConfig, style: str = "ofa",
                 vqgan=None) -> dict[str, torch.Tensor]:
     """Examples of any tasks -> one padded batch (prompts and targets from each task's builder);
     a task without a token target (target None, e.g. embedding tasks) gets an all-ignored label row.
+    `config` is the model's: each row's `task_ids` entry is its route in that model's task vocabulary.
 
     Image-generation tasks (text_to_image, image_infill) need `vqgan` (a `VQGANModel`) to encode their
     targets; their rows are marked in `code_grid` (B,) (0 for text rows), which the model takes."""
@@ -247,5 +247,5 @@ def build_batch(processor, examples: Sequence[dict[str, Any]], style: str = "ofa
     if any(sides):
         inputs["code_grid"] = torch.tensor(sides)
     inputs["labels"][torch.tensor([target is None for target in targets])] = -100  # (B, T) rows
-    inputs["task_ids"] = torch.tensor([task_id(e["task"]) for e in examples])  # routes a UFO supernet
+    inputs["task_ids"] = torch.tensor([config.vision_config.route_id(e["task"]) for e in examples])  # (B,) routes
     return inputs

@@ -33,7 +33,7 @@ def cross_entropy_and_features(model, batch: dict[str, torch.Tensor],
     """`cross_entropy` plus every row's raw embedding read-out (B, D) from the same forward pass
     (`embedding_readout`: the decoder is causal, so step 0 sees only the start token; or the mean
     image token), for the feature heads of embedding tasks, whose label rows are all ignored, and
-    the encoder's output states (B, L, D), for the grounding box-mask loss (`box_mask`)."""
+    the encoder's output states (B, L, D), for the tasks' auxiliary losses (`Task.auxiliary_loss`)."""
     config = getattr(model, "module", model).config
     labels = batch["labels"]
     decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)

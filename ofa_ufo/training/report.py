@@ -5,18 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import pipeline
+
+from ofa_ufo.data.real_photos import load_real_photos, photo_labels
+from ofa_ufo.hf.pipeline import OFAUFOPipeline
 from ofa_ufo.metrics import get_metric
 from ofa_ufo.tasks import get_task
-
-# the figure each task is judged by in the table (all of a metric's values go to metrics.json)
-HEADLINE = {"cider": "cider", "vqa_accuracy": "vqa_accuracy", "acc@0.5": "acc@0.5", "top1": "top1",
-            "map50": "map50", "accuracy": "accuracy"}
+from ofa_ufo.training.mixture import build_batch
 
 
 def evaluate_model(model, processor, spec, examples: list[dict[str, Any]], batch_size: int = 16) -> dict[str, float]:
     """Score `model` (in memory) on `examples` the way `ofa_ufo.evaluate` scores a saved one."""
-    from ofa_ufo.hf.pipeline import OFAUFOPipeline
-
     task = get_task(spec.task)
     labels = spec.data.get("labels") or sorted({e["target"] for e in examples if e.get("target")})
     pipe = OFAUFOPipeline(model=model, processor=processor, tokenizer=processor.tokenizer,
@@ -45,14 +45,10 @@ def encoder_image_signal(model, processor, examples: list[dict[str, Any]]) -> fl
     the output's total std. About 0.1 at random init; near 0 means the encoder has stopped
     carrying the image and the decoder answers from the prompt alone (see docs/training.md).
     None when fewer than two examples have an image."""
-    import torch
-
-    from ofa_ufo.training.mixture import build_batch
-
     examples = [e for e in examples if e.get("image") is not None][:32]
     if len(examples) < 2:
         return None
-    batch = build_batch(processor, examples)
+    batch = build_batch(processor, examples, model.config)
     with torch.no_grad():
         encoder = model.get_encoder()
         states = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -63,10 +59,12 @@ def encoder_image_signal(model, processor, examples: list[dict[str, Any]]) -> fl
         return float(image.std(0).mean() / image.std().clamp_min(1e-12))
 
 
-def headline(values: dict[str, float]) -> tuple[str, float] | None:
-    for name in values:
-        if name in HEADLINE:
-            return name, values[name]
+def headline(task: str, values: dict[str, float]) -> tuple[str, float] | None:
+    """(name, value) of the figure `task` is judged by in the table (`Task.headline`, else the first);
+    every value goes to metrics.json."""
+    name = get_task(task).headline
+    if name in values:
+        return name, values[name]
     return next(iter(values.items()), None)
 
 
@@ -76,17 +74,17 @@ def format_metric_table(before: dict[str, dict[str, float]], after: dict[str, di
     for a fresh preset, "start" for a loaded checkpoint) vs after training."""
     rows = [f"| task | metric | {start} | trained |", "|---|---|---|---|"]
     for task, values in after.items():
-        name, value = headline(values) or ("-", float("nan"))
+        name, value = headline(task, values) or ("-", float("nan"))
         rows.append(f"| {task} | {name} | {before.get(task, {}).get(name, float('nan')):.3f} | {value:.3f} |")
     return "\n".join(rows)
 
 
 def plot_history(history: dict[str, Any], path: Path) -> None:
     """PNG with the training loss (left) and each task's headline metric over evaluations (right)."""
-    import matplotlib
+    import matplotlib  # heavy, and needed only when a run ends
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # only after the backend is chosen
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     losses = history["losses"]
@@ -94,7 +92,7 @@ def plot_history(history: dict[str, Any], path: Path) -> None:
     left.set(xlabel="step", ylabel="training loss (token CE)", title="loss")
     tasks = {task for entry in history["eval"] for task in entry["metrics"]}
     for task in sorted(tasks):
-        points = [(e["step"], headline(e["metrics"][task])) for e in history["eval"] if task in e["metrics"]]
+        points = [(e["step"], headline(task, e["metrics"][task])) for e in history["eval"] if task in e["metrics"]]
         right.plot([s for s, _ in points], [h[1] for _, h in points], marker="o", label=f"{task} ({points[0][1][0]})")
     right.set(xlabel="step", ylabel="metric", title="held-out metrics")
     if tasks:
@@ -107,17 +105,13 @@ def plot_history(history: dict[str, Any], path: Path) -> None:
 def show_real_photos(model_dir: Path, tasks: list[str], limit: int = 3) -> None:
     """Reload the exported model through `pipeline("ofa-ufo")` and print its answers on the
     bundled real photos (needs scikit-image, the `demo` extra) next to the hand-written labels."""
-    from transformers import pipeline
-
     try:
-        from ofa_ufo.data.real_photos import load_real_photos
-
         examples = load_real_photos()
     except ImportError as error:
         print(f"real photos skipped ({error}); install with pip install 'ofa-ufo[demo]'")
         return
     pipe = pipeline("ofa-ufo", model=str(model_dir))
-    classes = sorted({e["target"] for e in examples if e["task"] == "classification"})
+    classes = sorted({labels["class"] for labels in photo_labels().values()})  # the photos' class names
     photos = list(dict.fromkeys(e["meta"]["photo"] for e in examples))[:limit]
     for photo in photos:
         print(f"photo {photo}:")

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from ofa_ufo.data.demo_scenes import DEFAULT_OBJECT_SIZE, SHAPES, DemoScenes, Scene, detection_labels
 from ofa_ufo.models.resnet import ResNetStem
-from ofa_ufo.training.box_mask import cell_coverage
+from ofa_ufo.tasks.box_mask import cell_coverage
+from ofa_ufo.training.config import TrainConfig
 
 BATCH_SIZE = 32
 LR = 1e-3
@@ -122,3 +123,17 @@ def warm_up_stem(model, processor, images: int, seed: int = 0, max_objects: int 
     for param in stem.parameters():
         param.grad = None
     return {"images": images, "label_grid": grid, "final_loss": loss.item(), **result}
+
+
+def warm_up_run_stem(model, processor, config: TrainConfig, device: torch.device, main: bool) -> dict[str, Any]:
+    """`warm_up_stem` with a run's settings (`stem_warmup_*`, `demo_*`, `seed`), its result printed by
+    the main process. Every process runs the same seeded warm-up; DDP then broadcasts rank 0's weights."""
+    result = warm_up_stem(model, processor, config.stem_warmup_images, config.seed, config.demo_max_objects, device,
+                          show_progress=main, subcells=config.stem_warmup_subcells,
+                          object_size=config.demo_object_size)
+    if main:
+        print(f"stem warm-up on {result['images']} generated scenes: held-out cell accuracy "
+              f"{result['object_cell_accuracy']:.3f} on objects (shape {result['shape_cell_accuracy']:.3f}, colour "
+              f"{result['colour_cell_accuracy']:.3f}), {result['background_cell_accuracy']:.3f} on background",
+              flush=True)
+    return result

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -46,8 +48,11 @@ from tqdm.auto import tqdm
 
 from ofa_ufo.data.demo_scenes import DEFAULT_OBJECT_SIZE, DemoScenes, check_object_size
 from ofa_ufo.hf.modeling_vqgan import VQGANModel, create_vqgan_config
+from ofa_ufo.metrics.image import psnr
+from ofa_ufo.tasks.image_gen import pixels_to_images
 from ofa_ufo.training.checkpoint import export_into
-from ofa_ufo.training.config import ConfigError, _read_yaml, checked_dataclass
+from ofa_ufo.training.config import ConfigError, checked_dataclass, read_yaml
+from ofa_ufo.training.optimization import linear_schedule
 
 CONFIG_FILE = "vqgan_train_config.yaml"
 GRID_FILE = "reconstructions.png"
@@ -127,8 +132,6 @@ def demo_pixels(split: str, count: int, size: int, seed: int, max_objects: int,
 
 def _to_pixels(image: Image.Image, size: int) -> torch.Tensor:
     """The pixel conversion of `ofa_ufo.tasks.image_gen.image_to_pixels`, without a model: (3, S, S)."""
-    import numpy as np
-
     array = np.asarray(image.convert("RGB").resize((size, size), Image.LANCZOS), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)
 
@@ -236,9 +239,6 @@ def evaluate_vqgan(vqgan: VQGANModel, pixels: torch.Tensor, batch_size: int = 32
 
     `psnr` (dB) compares the 8-bit images (the `psnr` metric); `l1` is the mean absolute error in [-1, 1]
     units; codebook usage as `codebook_usage` on the codes of all images (the deterministic `encode`)."""
-    from ofa_ufo.metrics.image import psnr
-    from ofa_ufo.tasks.image_gen import pixels_to_images
-
     was_training = vqgan.training
     vqgan.eval()
     codes, recons = [], []
@@ -278,8 +278,6 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] = ()
 
 
 def _wrap(text: str, width: int) -> list[str]:
-    import textwrap
-
     return textwrap.wrap(text, width) or [""]
 
 
@@ -384,8 +382,6 @@ class VQGANTrainer:
     def _export(self, before: dict[str, float], after: dict[str, float], rows: list[torch.Tensor],
                 seconds: float) -> None:
         """The VQGAN (save_pretrained), metrics.json, reconstructions.png and the config, written atomically."""
-        from ofa_ufo.tasks.image_gen import pixels_to_images
-
         config = self.config
         report = {"steps": config.steps, "seconds": round(seconds, 1), "metrics_untrained": before,
                   "metrics_trained": after, "losses": self.losses, "config": yaml.safe_load(config.to_yaml())}
@@ -405,9 +401,8 @@ class VQGANTrainer:
 
 
 def _lr_schedule(optimizer: torch.optim.Optimizer, config: VQGANTrainConfig):
-    from ofa_ufo.training.trainer import _schedule
-
-    schedule = partial(_schedule, warmup=config.warmup_steps, total=config.steps, floor=config.end_lr / config.lr)
+    """The OFA trainer's schedule (`linear_schedule`) over this run's steps."""
+    schedule = partial(linear_schedule, warmup=config.warmup_steps, total=config.steps, floor=config.end_lr / config.lr)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
@@ -436,14 +431,14 @@ def parse_args(argv: Sequence[str] | None = None) -> VQGANTrainConfig:
     args = vars(parser.parse_args(argv))
     path = args.pop("config")
     raw = _read_config_file(Path(path)) if path else {}
-    raw.update({k: _read_yaml(v) for k, v in args.items() if v is not None})
+    raw.update({k: read_yaml(v) for k, v in args.items() if v is not None})
     return make_config(raw, path or "command line")
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"no config file {str(path)!r}")
-    raw = _read_yaml(path.read_text(encoding="utf-8")) or {}
+    raw = read_yaml(path.read_text(encoding="utf-8")) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a YAML mapping, got {type(raw).__name__}")
     return raw

@@ -1,4 +1,4 @@
-"""Auxiliary box-mask loss for grounding: which image tokens a referring expression names.
+"""Grounding's auxiliary box-mask loss: which image tokens a referring expression names.
 
 OFA ties an expression to its object through millions of pretraining pairs. A small model trained
 from scratch on the demo scenes learns to box a lone object but, with several in the scene, picks
@@ -6,7 +6,9 @@ one at chance: the loss on four location bins says nothing about *which* image t
 refer to (benchmarks/README.md). This loss says it directly: on grounding rows a linear head over
 the encoder's image tokens predicts the share of each token's grid cell that the referred box(es)
 cover (binary cross-entropy), so the named object's tokens must take in the text and stand out,
-and the decoder can find them. The head is training-only; the exported model is unchanged.
+and the decoder can find them. The head is training-only (`GroundingTask.auxiliary_head`); the
+exported model is unchanged. `cell_coverage` is also the stem warm-up's rule for which cells an
+object labels (`ofa_ufo.training.stem_warmup`).
 """
 
 from __future__ import annotations
@@ -31,8 +33,7 @@ def _overlap(lo: float, hi: float, cells: int) -> np.ndarray:
 def cell_coverage(boxes: Sequence[Sequence[float]], image_size: tuple[int, int], rows: int, cols: int) -> np.ndarray:
     """(rows, cols) share of each grid cell inside any of `boxes` (x0, y0, x1, y1 in pixels of an
     image of `image_size` = (width, height)); row-major like the image tokens. The encoder sees the
-    image resized to a square, so the cells split each axis of the original evenly. Also the stem
-    warm-up's rule for which cells an object labels (`stem_warmup.cell_labels`)."""
+    image resized to a square, so the cells split each axis of the original evenly."""
     width, height = image_size
     cover = np.zeros((rows, cols))
     for x0, y0, x1, y1 in boxes:
@@ -50,12 +51,12 @@ def referred_boxes(example: dict[str, Any]) -> list[Sequence[float]]:
 
 
 def box_mask_loss(head: torch.nn.Module, encoder_states: torch.Tensor, pixel_values: torch.Tensor | None,
-                  examples: Sequence[dict[str, Any]]) -> torch.Tensor:
-    """Binary cross-entropy summed over the image tokens of the grounding rows (0 without any).
+                  examples: Sequence[dict[str, Any]], rows: Sequence[int]) -> torch.Tensor:
+    """Binary cross-entropy summed over the image tokens of batch rows `rows` (0 without any).
 
-    encoder_states (B, L, D) hold the image tokens first (OFA's encoder order); `examples` carry
-    `image_size` (width, height) of their original image, as `StepBatches` gives them."""
-    rows = [i for i, e in enumerate(examples) if e["task"] == "grounding" and e.get("image_size")]
+    encoder_states (B, L, D) hold the image tokens first (OFA's encoder order); `examples` (the
+    whole batch's) carry `image_size` (width, height) of their original image, as the trainer's
+    batches give them."""
     if pixel_values is None or not rows:
         return encoder_states.new_zeros((), dtype=torch.float32)
     grid_rows, grid_cols = (math.ceil(side / STRIDE) for side in pixel_values.shape[-2:])

@@ -1,0 +1,54 @@
+"""The end of a run (main process): the final model as a servable `save_pretrained` directory in
+`output_dir`, and the report (`metrics.json`, `training.png`, the printed before/after table)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ofa_ufo.tasks.identities import IdentityClassifier, save_identities
+from ofa_ufo.tasks.image_gen import VQGAN_SUBDIR
+from ofa_ufo.training import checkpoint as ckpt
+from ofa_ufo.training.config import TrainConfig
+from ofa_ufo.training.report import format_metric_table, plot_history, show_real_photos
+
+
+def export_model(output_dir: Path, model, processor, vqgan, heads: torch.nn.ModuleDict) -> None:
+    """Write `model` and `processor`, the VQGAN (<model dir>/vqgan: the pipeline finds it there for
+    image generation) and the embedding tasks' closed sets of identities (pipe(..., identify=True)),
+    replacing whatever a previous export left, all or nothing."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if vqgan is not None:
+            vqgan.save_pretrained(tmp / VQGAN_SUBDIR)
+        if len(heads):
+            save_identities(tmp, {task: IdentityClassifier.from_head(head) for task, head in heads.items()})
+
+    ckpt.export_into(output_dir, write)
+
+
+def write_report(output_dir: Path, history: dict[str, Any], steps: int, config: TrainConfig) -> None:
+    """metrics.json (first and last evaluation, every evaluation, losses, LRs), training.png and the
+    printed metric table; with `show_photos`, the exported model's answers on the bundled real photos."""
+    before, after = history["eval"][0]["metrics"], history["eval"][-1]["metrics"]
+    start = "start" if Path(config.model).is_dir() else "untrained"
+    if history.get("stem_warmup"):
+        start += " (stem warmed up)"
+    report = {"steps": steps, "metrics_untrained": before, "metrics_trained": after,
+              "stem_warmup": history.get("stem_warmup"),
+              "eval": history["eval"], "losses": history["losses"], "lr": history["lr"]}
+    (output_dir / "metrics.json").write_text(json.dumps(report, indent=1))
+    plot_history(history, output_dir / "training.png")
+    print(format_metric_table(before, after, start))
+    signals = [entry.get("image_signal") for entry in (history["eval"][0], history["eval"][-1])]
+    if None not in signals:
+        print(f"encoder image signal {signals[0]:.3f} -> {signals[1]:.3f} (share of the encoder output at image "
+              "positions that differs between images; near 0: answers come from the prompt alone)")
+    print(f"model, metrics.json and training.png written to {output_dir}")
+    if config.show_photos:
+        show_real_photos(output_dir, list(config.tasks))
