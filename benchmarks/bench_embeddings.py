@@ -16,12 +16,12 @@ import argparse
 import warnings
 
 import torch
-from bench_supernet import median_time
 
 import ofa_ufo
+from ofa_ufo.core.timing import device_name, median_time
 from ofa_ufo.deploy.subnets import extract_subnet
 from ofa_ufo.hf.configuration import EMBEDDING_READOUTS
-from ofa_ufo.tasks import get_task, task_id
+from ofa_ufo.tasks import get_task
 
 EMBEDDING_TASKS = ("reid_person", "reid_vehicle", "face", "product")
 
@@ -41,11 +41,11 @@ def main() -> None:
     processor = ofa_ufo.create_processor(args.model, image_size=args.image_size)
     pixels = torch.rand(args.batch, 3, args.image_size, args.image_size) * 2 - 1  # (B, 3, S, S), normalised range
     print(f"{args.model} at {args.image_size} px, {args.readout} read-out, gallery batch {args.batch}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+          f"median of {args.repeats}; {device_name()}")
     print("| task | supernet (emb/s) | subnet (emb/s) | subnet / supernet | max abs diff |\n|---|---|---|---|---|")
     for task in args.tasks:
         prompt = processor.tokenizer([get_task(task).prompt()] * args.batch, return_tensors="pt")
-        ids = torch.full((args.batch,), task_id(task))
+        ids = torch.full((args.batch,), model.config.vision_config.route_id(task))
         subnet = extract_subnet(model, task)
 
         def routed() -> torch.Tensor:
@@ -56,7 +56,7 @@ def main() -> None:
 
         with torch.inference_mode():
             diff = (routed() - dense()).abs().max().item()
-        routed_s, dense_s = median_time(routed, args.repeats), median_time(dense, args.repeats)
+            routed_s, dense_s = median_time(routed, args.repeats), median_time(dense, args.repeats)
         print(f"| {task} | {args.batch / routed_s:.1f} | {args.batch / dense_s:.1f} | {routed_s / dense_s:.2f}x "
               f"| {diff:.1e} |")
 

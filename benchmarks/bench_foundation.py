@@ -15,7 +15,8 @@ Measures, side by side in one process, for each model preset:
 
 Prints progress lines as measurements complete, then ONE table with the goals next to the ratios.
 On a shared machine, timed runs during which other processes used the CPU are detected (Linux
-/proc/stat) and repeated after a short wait; see benchmarks/README.md.
+/proc/stat) and repeated after a short wait; see benchmarks/LOG.md, "Shared machines". Every wall
+time comes from `ofa_ufo.core.timing.time_call`, the timer the other benchmarks share.
 
     python benchmarks/bench_foundation.py            # tiny and base, 384 px, batch 8 (~5 min on 2 cores)
     python benchmarks/bench_foundation.py --quick    # smoke run: tiny, 128 px, small sizes (< 1 min)
@@ -42,6 +43,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.flop_counter import FlopCounterMode
 
 import ofa_ufo
+from ofa_ufo.core.timing import device_name, time_call
 from ofa_ufo.models.ofa import OFAUFOEncoderOutput
 
 CAPTION_PROMPT = " what does the image describe?"
@@ -171,9 +173,7 @@ class Bench:
         while len(timing.times) < repeats and attempts < repeats + args.retries:
             attempts += 1
             since = monitor.sample()
-            start = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - start
+            elapsed = time_call(fn)
             others = monitor.others(since)
             if others >= monitor.threshold:
                 timing.disturbed.append(elapsed)
@@ -236,9 +236,7 @@ def matmul_reference(bench: Bench) -> tuple[float, Timing]:
     out = torch.empty(size, size)
     for _ in range(2):
         torch.mm(a, b, out=out)
-    start = time.perf_counter()
-    torch.mm(a, b, out=out)
-    count = max(1, round(0.3 / max(time.perf_counter() - start, 1e-6)))
+    count = max(1, round(0.3 / max(time_call(lambda: torch.mm(a, b, out=out)), 1e-6)))
 
     def products():
         for _ in range(count):
@@ -321,9 +319,8 @@ def bench_encoder(bench: Bench, model, batch) -> dict[str, Any]:
         )
 
         def forward():
-            start = time.perf_counter()
-            encoder(**inputs)
-            shares.append(marks["stem"] / (time.perf_counter() - start))
+            seconds = time_call(lambda: encoder(**inputs))  # the hooks set marks["stem"] during the call
+            shares.append(marks["stem"] / seconds)
 
         try:
             timing = bench.measure("encoder forward", forward)
@@ -401,7 +398,6 @@ def bench_pipeline(bench: Bench, model, processor, images: list[Image.Image]) ->
 
     batched_t = bench.measure(f"pipeline batch_size={len(images)}", batched)
     single_t = bench.measure(f"pipeline {len(images)} single calls", single)
-    del pipe
     rate_batched, rate_single = len(images) / batched_t.median, len(images) / single_t.median
     log(f"  pipeline: {rate_batched:.2f} img/s batched, {rate_single:.2f} img/s single -> "
         f"{rate_batched / rate_single:.2f}x")
@@ -519,17 +515,6 @@ def build_table(results: dict[str, dict], args: argparse.Namespace) -> tuple[str
     return "\n".join(out), misses
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for text in info:
-                if text.startswith("model name"):
-                    return text.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -576,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"OFA-UFO foundation benchmark: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, ofa_ufo {ofa_ufo.__version__}, "
           f"python {platform.python_version()}")
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
+    print(device_name())
     print(f"settings: models {', '.join(args.models)}; {args.image_size}px; batch {args.batch}; "
           f"{args.new_tokens} new tokens (generate), {args.pipeline_new_tokens} (pipeline); "
           f"{args.warmup} warmup + {args.repeats} timed run(s); seed {args.seed}", flush=True)

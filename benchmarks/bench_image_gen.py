@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 
 import ofa_ufo
+from ofa_ufo.core.timing import device_name, time_call
 from ofa_ufo.generation.codes import generate_codes
 
 OFA_VOCAB = dict(vocab_size=59457, code_offset=50265, bin_offset=58457, num_codes=8192)
@@ -59,10 +59,11 @@ def run_once(model, inputs, args, side: int, code_slice: bool, use_cache: bool) 
     config = model.config
     code_range = (config.code_offset, config.code_offset + config.num_codes)
     torch.manual_seed(1)
-    start = time.perf_counter()
-    tokens, _ = generate_codes(model, inputs, code_range, side, config.eos_token_id, code_slice=code_slice,
-                               do_sample=True, top_k=256, num_return_sequences=args.samples, use_cache=use_cache)
-    return time.perf_counter() - start, tokens
+    codes = []
+    seconds = time_call(lambda: codes.append(generate_codes(
+        model, inputs, code_range, side, config.eos_token_id, code_slice=code_slice, do_sample=True, top_k=256,
+        num_return_sequences=args.samples, use_cache=use_cache)[0]))
+    return seconds, codes[0]
 
 
 def measure(model, inputs, args) -> dict[tuple[bool, bool], float]:
@@ -93,7 +94,7 @@ def main(argv=None) -> None:
     codes = args.side**2 * args.samples
     print(f"{args.model}: d_model {config.d_model}, layers {config.encoder_layers}/{config.decoder_layers}, "
           f"vocabulary {config.vocab_size} ({config.num_codes} codes), {args.side}x{args.side} codes x "
-          f"{args.samples} sample(s), {args.threads} threads, torch {torch.__version__}", flush=True)
+          f"{args.samples} sample(s), torch {torch.__version__}; {device_name()}", flush=True)
     load = os.getloadavg()[0]
     best = measure(model, inputs, args)
     rows = [(code_slice, use_cache, best[(code_slice, use_cache)], codes / best[(code_slice, use_cache)])

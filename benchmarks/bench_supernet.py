@@ -5,37 +5,25 @@ full task subnet; a mixed-task batch of 8 vs 8 single-task calls.
     .venv/bin/python benchmarks/bench_supernet.py [--model ofa_ufo_tiny_ufo] [--image-size 256] [--repeats 5]
 
 Latency is the median wall time of one forward (encoder + one decoder step) after a warmup, in
-`torch.inference_mode()`, on this machine's CPU. The chip comparison times the supernet module
-alone (ResNet + OFA layers are identical in both and would hide it); FLOPs are counted with
-`torch.utils.flop_counter` plus attention (2 * B * H * N^2 * head_dim * 2).
+`torch.inference_mode()`, on this machine's CPU (`ofa_ufo.core.timing`, which also names the CPU).
+The chip comparison times the supernet module alone (ResNet + OFA layers are identical in both and
+would hide it); FLOPs are counted with `torch.utils.flop_counter` plus attention
+(2 * B * H * N^2 * head_dim * 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 import warnings
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ofa_ufo
+from ofa_ufo.core.timing import device_name, median_time
 from ofa_ufo.deploy.subnets import extract_subnet
 from ofa_ufo.models.ufo import SupernetArch
-from ofa_ufo.tasks import list_tasks, task_id
-
-
-def median_time(fn, repeats: int) -> float:
-    with torch.inference_mode():
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def full_forward(model, batch: int, image_size: int, task_ids: torch.Tensor | None):
@@ -81,13 +69,14 @@ def main() -> None:
     torch.manual_seed(0)
     warnings.simplefilter("ignore")
     model = ofa_ufo.create_model(args.model, image_size=args.image_size).eval()
-    one = torch.tensor([task_id(args.task)])
+    one = torch.tensor([model.config.vision_config.route_id(args.task)])
     subnet, twin = extract_subnet(model, args.task), dense_twin(model, args.task)
     rows = []
-    print(f"{args.model} at {args.image_size} px, task {args.task!r}, median of {args.repeats}")
-    routed = median_time(full_forward(model, 1, args.image_size, one), args.repeats)
-    extracted = median_time(full_forward(subnet, 1, args.image_size, None), args.repeats)
-    direct = median_time(full_forward(twin, 1, args.image_size, None), args.repeats)
+    print(f"{args.model} at {args.image_size} px, task {args.task!r}, median of {args.repeats}; {device_name()}")
+    with torch.inference_mode():
+        routed = median_time(full_forward(model, 1, args.image_size, one), args.repeats)
+        extracted = median_time(full_forward(subnet, 1, args.image_size, None), args.repeats)
+        direct = median_time(full_forward(twin, 1, args.image_size, None), args.repeats)
     rows += [("routed supernet (1 task), ms", routed * 1e3, ""), ("extracted task subnet, ms", extracted * 1e3, ""),
              ("dense model of the same dims, ms", direct * 1e3, ""),
              ("routed / extracted", routed / extracted, "<= 1.05"), ("extracted / dense", extracted / direct, "<= 1.03")]
@@ -98,16 +87,19 @@ def main() -> None:
     chip = extract_subnet(model, args.task, quarter_arch(model.get_encoder().supernet)).get_encoder().supernet
     zero = torch.zeros(1, dtype=torch.long)
     full_flops, chip_flops = supernet_flops(supernet, tokens, ids, zero), supernet_flops(chip, tokens, ids, zero)
-    full_time = median_time(lambda: supernet(tokens, ids, zero), args.repeats * 4)
-    chip_time = median_time(lambda: chip(tokens, ids, zero), args.repeats * 4)
+    with torch.inference_mode():
+        full_time = median_time(lambda: supernet(tokens, ids, zero), args.repeats * 4)
+        chip_time = median_time(lambda: chip(tokens, ids, zero), args.repeats * 4)
     rows += [("chip / task subnet, supernet FLOPs", chip_flops / full_flops, "about 0.25"),
              ("chip / task subnet, supernet latency", chip_time / full_time, "<= 0.35")]
 
-    tasks = list_tasks()
-    mixed_ids = torch.tensor([task_id(tasks[i % len(tasks)]) for i in range(8)])
-    mixed = median_time(full_forward(model, 8, args.image_size, mixed_ids), args.repeats)
-    singles = median_time(lambda: [full_forward(model, 1, args.image_size, mixed_ids[i : i + 1])() for i in range(8)],
-                          max(1, args.repeats // 2))
+    tasks = model.config.vision_config.task_names
+    mixed_ids = torch.tensor([model.config.vision_config.route_id(tasks[i % len(tasks)]) for i in range(8)])
+    with torch.inference_mode():
+        mixed = median_time(full_forward(model, 8, args.image_size, mixed_ids), args.repeats)
+        singles = median_time(
+            lambda: [full_forward(model, 1, args.image_size, mixed_ids[i : i + 1])() for i in range(8)],
+            max(1, args.repeats // 2))
     rows += [("mixed-task batch of 8, ms", mixed * 1e3, ""), ("8 single-task calls, ms", singles * 1e3, ""),
              ("singles / mixed batch", singles / mixed, "")]
     print("| metric | value | goal |\n|---|---|---|")

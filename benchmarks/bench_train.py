@@ -33,6 +33,7 @@ def measure(model: str, image_size: int, batch_size: int, steps: int, warmup: in
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ofa_ufo.core.timing import device_name
     from ofa_ufo.training import TrainConfig, Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +80,7 @@ def measure(model: str, image_size: int, batch_size: int, steps: int, warmup: in
     return {"params_m": params / 1e6, "step_s": seconds, "samples_s": batch_size / seconds,
             "model_step_s": model_seconds, "gflop_step": flops / 1e9, "gflops_s": flops / seconds / 1e9,
             "model_gflops_s": flops / model_seconds / 1e9, "peak_mib": peak,
-            "device": torch.cuda.get_device_name() if gpu else "cpu", "threads": torch.get_num_threads()}
+            "device": device_name("cuda" if gpu else "cpu"), "gpu": gpu}
 
 
 def main() -> None:
@@ -114,10 +115,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for model, r in rows:
         mfu = "-"
-        if r["device"] != "cpu":
+        if r["gpu"]:
             peak = args.peak_tflops * 1e3
             mfu = f"{r['gflops_s'] / peak:.1%} / {r['model_gflops_s'] / peak:.1%}"
-        print(f"| {model} | {r['params_m']:.1f} | {r['device']} ({r['threads']} threads) | {r['step_s']:.3f} | "
+        print(f"| {model} | {r['params_m']:.1f} | {r['device']} | {r['step_s']:.3f} | "
               f"{r['model_step_s']:.3f} | {r['samples_s']:.2f} | {r['gflop_step']:.1f} | {r['gflops_s']:.1f} | "
               f"{r['peak_mib']:.0f} | {mfu} |")
     if args.json:

@@ -28,8 +28,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -41,6 +43,7 @@ logging.disable(logging.WARNING)  # fairseq's import-time INFO/WARNING chatter
 import torch  # noqa: E402
 
 import ofa_ufo  # noqa: E402
+from ofa_ufo.core.timing import device_name, run_times, time_call  # noqa: E402
 import test_parity_modelscope as parity  # noqa: E402  (reuses the parity test's builders and decoders)
 from ofa_ufo.hf.modeling import shift_tokens_right  # noqa: E402
 
@@ -72,16 +75,11 @@ def caption_inputs(size: int):
     return ids, torch.ones_like(ids), parity._images(size, 1), torch.ones(1, dtype=torch.bool)
 
 
-def timed(fn, repeats: int, warmup: int = 1):
-    result = None
-    for _ in range(warmup):
-        result = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, result
+def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, list[float], Any]:
+    """(median seconds, every timed run's seconds, the last call's result) of `fn`."""
+    results = []
+    times = run_times(lambda: results.append(fn()), repeats, warmup)
+    return statistics.median(times), times, results[-1]
 
 
 def profile(fn, label: str, rows: int = 12) -> str:
@@ -133,8 +131,6 @@ def bench_generation(name: str, repeats: int, profile_on_miss: bool) -> dict:
     if profile_on_miss and ms_median / our_median < 4.0:
         result["profile"] = profile(run_ours, f"ofa_ufo generate, {name}")
         result["profile_ms"] = profile(run_ms, f"ModelScope SequenceGenerator, {name}")
-    del reference, ours
-    gc.collect()
     return result
 
 
@@ -224,9 +220,7 @@ def alternating_worker(repeats: int, warmup: int) -> None:
     times: dict[str, list[float]] = {"ms": [], "ours": []}
     for round_ in range(warmup + repeats):
         for impl in (("ms", "ours") if round_ % 2 == 0 else ("ours", "ms")):
-            start = time.perf_counter()
-            steps[impl]()
-            times[impl].append(time.perf_counter() - start)
+            times[impl].append(time_call(steps[impl]))
     ratios = [m / o for m, o in zip(times["ms"][warmup:], times["ours"][warmup:])]
     out = dict(times=times, ratio=statistics.median(ratios), ratios=ratios,
                median={k: statistics.median(v[warmup:]) for k, v in times.items()})
@@ -257,9 +251,7 @@ def train_worker(impl: str, repeats: int, warmup: int, do_profile: bool) -> None
     # raises its mmap threshold so that freed activations are reused instead of mapped afresh
     # (the steady state of a training run; both sides' first steps take 1.3-1.5x longer).
     for _ in range(warmup + repeats):
-        start = time.perf_counter()
-        losses.append(step())
-        times.append(time.perf_counter() - start)
+        times.append(time_call(lambda: losses.append(step())))
     if sampler:
         sampler.stop.set()
         sampler.join()
@@ -309,7 +301,7 @@ def main() -> None:
         train_worker(args.train_worker, args.train_repeats, args.train_warmup, args.profile)
         return
 
-    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    log(f"torch {torch.__version__}; {device_name()}")
     gens = [] if args.skip_gen else [bench_generation(n, args.gen_repeats, not args.no_profile) for n in args.sizes]
     train = {}
     if not args.skip_train:

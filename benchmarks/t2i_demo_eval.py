@@ -215,7 +215,7 @@ def code_nll(model, processor, vqgan, scenes, captions: list[str], batch_size: i
     for start in range(0, len(scenes), batch_size):
         examples = [{"task": "text_to_image", "image": scene.image, "text": caption}
                     for scene, caption in zip(scenes[start : start + batch_size], captions[start : start + batch_size])]
-        batch = build_batch(processor, examples, vqgan=vqgan)
+        batch = build_batch(processor, examples, model.config, vqgan=vqgan)
         labels = batch.pop("labels")
         with torch.inference_mode():
             logits = model(**batch, labels=labels).logits  # (B, T, V)

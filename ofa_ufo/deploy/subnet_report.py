@@ -9,15 +9,13 @@ at batch 1 on this machine, after a warmup.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
 
+from ofa_ufo.core.timing import device_name, median_time
 from ofa_ufo.deploy.subnets import extract_subnet, smallest_arch
 from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
-from ofa_ufo.tasks import list_tasks, task_id
 
 
 def _latency(model, task_ids: torch.Tensor | None, image_size: int, repeats: int) -> float:
@@ -25,14 +23,8 @@ def _latency(model, task_ids: torch.Tensor | None, image_size: int, repeats: int
                   decoder_input_ids=torch.zeros(1, 1, dtype=torch.long))
     if task_ids is not None:
         inputs["task_ids"] = task_ids
-    times = []
     with torch.inference_mode():
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            model(**inputs, use_cache=False)
-            if i:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return median_time(lambda: model(**inputs, use_cache=False), repeats)
 
 
 def report(model, image_size: int, repeats: int) -> list[tuple[str, float, float]]:
@@ -40,10 +32,11 @@ def report(model, image_size: int, repeats: int) -> list[tuple[str, float, float
     def row(name, net, ids=None):
         return name, sum(p.numel() for p in net.parameters()) / 1e6, 1e3 * _latency(net, ids, image_size, repeats)
 
-    rows = [row("supernet (routed, caption)", model, torch.tensor([task_id("caption")]))]
+    vision = model.config.vision_config
+    rows = [row("supernet (routed, caption)", model, torch.tensor([vision.route_id("caption")]))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained routers are reported once below, not per task
-        rows += [row(f"subnet {task}", extract_subnet(model, task)) for task in list_tasks()]
+        rows += [row(f"subnet {task}", extract_subnet(model, task)) for task in vision.task_names]
         rows.append(row("chip subnet caption (smallest arch)", extract_subnet(model, "caption", smallest_arch(model.config))))
     return rows
 
@@ -56,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model = OFAUFOForConditionalGeneration.from_pretrained(args.model).eval()
     image_size = args.image_size or model.config.image_size
+    print(f"measured on {device_name()}")
     print(f"| model ({image_size} px, batch 1) | params (M) | latency (ms) |\n|---|---|---|")
     for name, params, latency in report(model, image_size, args.repeats):
         print(f"| {name} | {params:.2f} | {latency:.1f} |")

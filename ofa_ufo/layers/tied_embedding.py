@@ -1,6 +1,6 @@
 """The tied (V, D) token matrix: the output projection's logits and the gradient modes of its lookups.
 
-Both are speed tricks measured on CPU (benchmarks/README.md): a few-row layout for decoding logits,
+Both are speed tricks measured on CPU (benchmarks/LOG.md): a few-row layout for decoding logits,
 and lookups whose gradients reach the matrix without a dense (V, D) buffer per lookup in training.
 """
 
@@ -18,7 +18,7 @@ __all__ = ["training_lookups", "vocab_logits"]
 
 # Up to this many positions, logits are computed as (W @ states^T)^T: one pass down the rows of the
 # (V, D) output matrix. oneDNN/MKL run x @ W^T for a few rows 2-3x slower (the decoding case: one row
-# per beam; benchmarks/README.md); for many rows (training batches) the usual layout wins.
+# per beam; benchmarks/LOG.md); for many rows (training batches) the usual layout wins.
 _FEW_ROWS = 128
 
 
