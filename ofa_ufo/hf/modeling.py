@@ -308,11 +308,7 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
                     labels, self.config.pad_token_id, self.config.decoder_start_token_id
                 )
         keep_all = not (logits_to_keep and labels is None)
-        full_logits = keep_all and logits_range is None and self.lm_head.weight is self.model.shared.weight
-        lookups = None
-        if self.training and torch.is_grad_enabled() and full_logits:
-            lookups = "in_place" if self.tied_gradients_in_place else "sparse"
-        with training_lookups(self.model.shared, lookups):
+        with training_lookups(self.model.shared, self._lookup_mode(keep_all and logits_range is None)):
             outputs = self.model(
                 input_ids, attention_mask, pixel_values, image_mask, task_ids, decoder_input_ids, encoder_outputs,
                 cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states, code_grid=code_grid,
@@ -330,11 +326,7 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
         if labels is not None:
             if logits_range is not None:
                 raise ValueError("logits_range is for generation; the training loss needs every logit")
-            smoothing = self.config.label_smoothing if label_smoothing is None else label_smoothing
-            targets = labels.flatten() if logits_mask is None else labels[logits_mask]
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100, label_smoothing=smoothing
-            )
+            loss = self._token_loss(logits, labels if logits_mask is None else labels[logits_mask], label_smoothing)
         return OFAUFOSeq2SeqLMOutput(
             loss=loss,
             logits=logits,
@@ -344,6 +336,20 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
             decoder_last_hidden_state=outputs.last_hidden_state,
             image_embedding=outputs.image_embedding,
         )
+
+    def _lookup_mode(self, full_logits: bool) -> str | None:
+        """How training lookups send gradients into the tied matrix (`training_lookups`): only when every
+        logit is computed does the output projection give that matrix the dense gradient they join."""
+        tied = self.lm_head.weight is self.model.shared.weight
+        if not (self.training and torch.is_grad_enabled() and full_logits and tied):
+            return None
+        return "in_place" if self.tied_gradients_in_place else "sparse"
+
+    def _token_loss(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float | None) -> torch.Tensor:
+        """Mean cross-entropy (fp32) of logits (..., V) against labels (...), -100 ignored."""
+        smoothing = self.config.label_smoothing if label_smoothing is None else label_smoothing
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.flatten(), ignore_index=-100,
+                               label_smoothing=smoothing)
 
     def embed(
         self,
