@@ -52,6 +52,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ofa_ufo.data.demo_examples import caption_example, make_examples  # noqa: E402
 from ofa_ufo.data.demo_scenes import (  # noqa: E402
     BACKGROUNDS,
     COLORS,
@@ -60,8 +61,6 @@ from ofa_ufo.data.demo_scenes import (  # noqa: E402
     DemoScenes,
     Scene,
     SceneObject,
-    caption_example,
-    make_examples,
 )
 from ofa_ufo.tasks.image_gen import image_to_pixels  # noqa: E402
 

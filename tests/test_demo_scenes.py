@@ -11,34 +11,36 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from ofa_ufo.data.canonical import new_example, validate_example
+from ofa_ufo.data.demo_examples import (
+    TASKS,
+    UNKNOWABLE,
+    caption_example,
+    classification_example,
+    detection_example,
+    entailment_example,
+    grounded_caption_example,
+    grounding_example,
+    itm_example,
+    make_examples,
+    referring_expression,
+    vqa_example,
+)
 from ofa_ufo.data.demo_scenes import (
     BACKGROUNDS,
     COLORS,
     GAP,
-    UNKNOWABLE,
     MAX_SIDE,
     MIN_SIDE,
     NUMBER_WORDS,
     POSITION_WORDS,
     SHAPES,
-    TASKS,
     DemoScenes,
     Scene,
     SceneObject,
-    caption_example,
     class_names,
-    classification_example,
-    detection_example,
     detection_labels,
-    entailment_example,
     generate_scene,
-    grounded_caption_example,
-    grounding_example,
     hidden_fraction,
-    itm_example,
-    make_examples,
-    referring_expression,
-    vqa_example,
 )
 from ofa_ufo.tasks import list_tasks
 
@@ -353,7 +355,9 @@ def test_occluding_shape_is_drawn_on_top() -> None:
     assert checked > 0
 
 
-def test_make_examples_passes_grounding_mix(scenes: list[Scene]) -> None:
+def test_make_examples_passes_builder_options(scenes: list[Scene]) -> None:
     rng = np.random.default_rng(0)
-    found = [make_examples(s, rng, ("grounding",), none_prob=1.0)[0] for s in scenes[:5]]
-    assert all(ex["boxes"] == [] for ex in found)
+    found = [make_examples(s, rng, ("caption", "grounding"), {"grounding": {"none_prob": 1.0}}) for s in scenes[:5]]
+    assert all(caption["task"] == "caption" and grounding["boxes"] == [] for caption, grounding in found)
+    with pytest.raises(KeyError, match=r"unknown demo tasks \['nope'\]"):
+        make_examples(scenes[0], rng, ("caption",), {"nope": {}})

@@ -75,7 +75,8 @@ def test_scene_settings_default_to_the_models_training_config(t2i_eval, tmp_path
 
 
 def test_swapped_caption_changes_one_word_of_the_first_object(t2i_eval):
-    from ofa_ufo.data.demo_scenes import DemoScenes, SceneObject, caption_example
+    from ofa_ufo.data.demo_examples import caption_example
+    from ofa_ufo.data.demo_scenes import DemoScenes, SceneObject
 
     scene = DemoScenes("val", 1, seed=0)[0]
     scene.objects = [SceneObject("star", "red", (0, 0, 9, 9)), SceneObject("circle", "white", (20, 0, 29, 9))]

@@ -529,7 +529,8 @@ def test_tensorboard_logs_router_probabilities_of_a_routed_supernet(ema_run, tmp
 def test_encoder_image_signal_sees_an_encoder_that_ignores_the_image(model, processor):
     """The diagnostic is clearly positive for a random model and 0 once the image tokens carry
     nothing image-specific (here: the image projection zeroed, as after a collapse)."""
-    from ofa_ufo.data.demo_scenes import DemoScenes, caption_example
+    from ofa_ufo.data.demo_examples import caption_example
+    from ofa_ufo.data.demo_scenes import DemoScenes
     from ofa_ufo.training.report import encoder_image_signal
 
     scenes = DemoScenes("validation", 6, size=64)

@@ -2,27 +2,29 @@
 and the registry that opens any of them by name (:mod:`ofa_ufo.data.sources`)."""
 
 from ofa_ufo.data.canonical import CANONICAL_TASKS, FIELDS, DataError, new_example, validate_example
-from ofa_ufo.data.demo_scenes import (
-    BACKGROUNDS,
-    COLORS,
-    SHAPES,
+from ofa_ufo.data.demo_examples import (
     TASKS,
-    DemoScenes,
-    Scene,
-    SceneObject,
     caption_example,
-    class_names,
     classification_example,
     detection_example,
-    detection_labels,
     entailment_example,
-    generate_scene,
     grounded_caption_example,
     grounding_example,
     itm_example,
     make_examples,
     referring_expression,
     vqa_example,
+)
+from ofa_ufo.data.demo_scenes import (
+    BACKGROUNDS,
+    COLORS,
+    SHAPES,
+    DemoScenes,
+    Scene,
+    SceneObject,
+    class_names,
+    detection_labels,
+    generate_scene,
 )
 from ofa_ufo.data.loaders import (
     LoadReport,

@@ -38,10 +38,11 @@ from typing import Any, NoReturn
 from PIL import Image
 
 from ofa_ufo.tasks import get_task, list_tasks
+from ofa_ufo.tasks.choice import ChoiceTask
 from ofa_ufo.tasks.embedding import EmbeddingTask
 
 __all__ = [
-    "CANONICAL_TASKS", "ENTAILMENT_LABELS", "FIELDS", "IDENTITY_TASKS", "DataError", "new_example", "validate_example",
+    "CANONICAL_TASKS", "FIELDS", "IDENTITY_TASKS", "DataError", "new_example", "validate_example",
 ]
 
 CANONICAL_TASKS: tuple[str, ...] = tuple(list_tasks())  # the registry's tasks (free prompts are no dataset task)
@@ -49,12 +50,13 @@ CANONICAL_TASKS: tuple[str, ...] = tuple(list_tasks())  # the registry's tasks (
 IDENTITY_TASKS: dict[str, str] = {
     name: get_task(name).identity_kind for name in CANONICAL_TASKS if isinstance(get_task(name), EmbeddingTask)
 }
-ENTAILMENT_LABELS: tuple[str, ...] = ("entailment", "neutral", "contradiction")
 FIELDS: tuple[str, ...] = (
     "id", "task", "image", "text", "target", "references", "box", "boxes", "labels", "premise", "meta",
 )
-# Tasks whose target is one of a fixed set of class names.
-_TARGET_CHOICES: dict[str, tuple[str, ...]] = {"entailment": ENTAILMENT_LABELS, "itm": ("yes", "no")}
+# Tasks whose target is one of a fixed set of class names: the labels of the registered choice tasks.
+_TARGET_CHOICES: dict[str, tuple[str, ...]] = {
+    name: tuple(get_task(name).classes) for name in CANONICAL_TASKS if isinstance(get_task(name), ChoiceTask)
+}
 _STRING_FIELDS = ("id", "task", "text", "target", "premise")
 _Fail = Callable[[str, str], NoReturn]
 

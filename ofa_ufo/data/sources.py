@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from ofa_ufo.data.canonical import IDENTITY_TASKS
+from ofa_ufo.data.demo_examples import make_examples
 from ofa_ufo.data.demo_identities import DemoIdentities, held_out_examples
-from ofa_ufo.data.demo_scenes import DEFAULT_OBJECT_SIZE, DemoScenes, make_examples
+from ofa_ufo.data.demo_scenes import DEFAULT_OBJECT_SIZE, DemoScenes
 from ofa_ufo.data.loaders import (
     TSV_LAYOUTS, LoadReport, load_coco_captions, load_coco_instances, load_hf_dataset, load_identity_folder,
     load_image_folder, load_jsonl, load_lfw_pairs, load_market1501, load_msmt17, load_ofa_tsv, load_refcoco,

@@ -45,8 +45,8 @@ class Task:
     example_fields: tuple[str | tuple[str, ...], ...] = ()
     # the value of the metric's result that a training run's before/after table shows ("": the first)
     headline: str = ""
-    # the generated data a "demo" training source draws: "scenes" (ofa_ufo.data.demo_scenes) or
-    # "identities" (ofa_ufo.data.demo_identities)
+    # the generated data a "demo" training source draws: "scenes" (ofa_ufo.data.demo_scenes, examples
+    # by ofa_ufo.data.demo_examples) or "identities" (ofa_ufo.data.demo_identities)
     demo_data: str = "scenes"
     # training config fields that only `training_source` of this task reads: setting one in a run
     # without this task is a config error
