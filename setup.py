@@ -38,6 +38,7 @@ setup(
         "tensorboard>=2.15",
         "matplotlib>=3.8",
     ],
+    entry_points={"console_scripts": ["ofa-ufo = ofa_ufo.cli.main:run"]},
     extras_require={
         "test": ["pytest>=8.0", "hypothesis>=6.100", "scikit-image>=0.22"],
         "demo": ["scikit-image>=0.22"],

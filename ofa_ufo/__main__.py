@@ -1,16 +1,6 @@
-"""Command line: `python -m ofa_ufo presets` prints the preset table (parameter counts computed)."""
+"""`python -m ofa_ufo COMMAND ...`: the same command line as the `ofa-ufo` console script."""
 
-import argparse
-
-from ofa_ufo.hf.presets import preset_table
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m ofa_ufo", description=__doc__)
-    parser.add_argument("command", choices=["presets"])
-    parser.parse_args()
-    print(preset_table())
-
+from ofa_ufo.cli.main import run
 
 if __name__ == "__main__":
-    main()
+    run()
