@@ -36,7 +36,7 @@ def evaluate(spec: TaskSpec, model: str, limit: int | None = None, output: str |
     pipe = pipeline("ofa-ufo", model=model)
     predictions, pairs = [], []
     for example in tqdm(examples, desc=f"evaluate {spec.name}", unit="example"):
-        result = pipe(example["image"], task=spec.task, style=spec.prompt_style,
+        result = pipe(example["image"], task=spec.task, style=spec.prompt_style, on_error="record",  # scored as wrong
                       **spec.generation, **task.pipeline_call(example, labels))
         predictions.append({"id": example["id"], **result})
         pairs.append(task.metric_pair(result, example))

@@ -78,8 +78,11 @@ def test_text_generation_requests_on_an_embedding_task_are_clear_errors(pipe, mo
         pipe(_image(0), task="reid_person", num_beams=3)
     with pytest.raises(ValueError, match="'product' returns an embedding, not text: it has no text generation"):
         get_task("product").generate_kwargs(model.config, processor.tokenizer, {})
-    assert "takes no text" in pipe(_image(0), task="face", text="who is it?")["error"]
-    assert "embeds an image" in pipe(None, task="face")["error"]
+    with pytest.raises(ValueError, match="'face' takes no text"):
+        pipe(_image(0), task="face", text="who is it?")
+    with pytest.raises(ValueError, match="'face' needs an input image: the `image` argument is None"):
+        pipe(None, task="face")
+    assert "takes no text" in pipe([_image(0)], task="face", text="who is it?")[0]["error"]
 
 
 def test_prompts_exist_in_every_style():

@@ -188,7 +188,9 @@ def test_bad_code_sequences_and_sizes(pipe, photo, processor, vqgan, model):
         pipe(None, task="text_to_image", text="a dot")
     with pytest.raises(ValueError, match="code count is fixed by the image size"):
         pipe(None, task="text_to_image", text="a dot", vqgan=vqgan, max_new_tokens=12)
-    assert "takes no input image" in pipe(photo, task="text_to_image", text="a dot", vqgan=vqgan)["error"]
+    with pytest.raises(ValueError, match="takes no input image"):
+        pipe(photo, task="text_to_image", text="a dot", vqgan=vqgan)
+    assert "takes no input image" in pipe([photo], task="text_to_image", text="a dot", vqgan=vqgan)[0]["error"]
     assert "needs an input image" in pipe([None], task="image_infill", vqgan=vqgan)[0]["error"]
     big = ofa_ufo.create_vqgan("vqgan_tiny", n_embed=model.config.num_codes + 1)
     with pytest.raises(ValueError, match="codes but the model's vocabulary only"):

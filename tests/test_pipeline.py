@@ -1,4 +1,5 @@
-"""pipeline('ofa-ufo'): registration in a fresh process, task outputs, batching, bad input."""
+"""pipeline('ofa-ufo'): registration in a fresh process, task outputs, batching through transformers'
+loop (lists, generators, datasets, workers), dtype and device, bad input and bad settings."""
 
 from __future__ import annotations
 
@@ -6,12 +7,18 @@ import json
 import subprocess
 import sys
 
+import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers import pipeline
+from transformers.pipelines.pt_utils import KeyDataset
 
 import ofa_ufo
+from ofa_ufo import ImageLoadError
+from ofa_ufo.generation.settings import check_generation_settings
+from ofa_ufo.tasks import FREE_PROMPT, get_task
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +91,16 @@ def test_bad_arguments(pipe, photos):
         pipe(photos[0], task="segmentation")
     with pytest.raises(ValueError, match="task=.*prompt"):
         pipe(photos[0])
-    result = pipe(photos[0], task="vqa")
-    assert "question" in result["error"]
+    with pytest.raises(ValueError, match="question"):
+        pipe(photos[0], task="vqa")
+    with pytest.raises(ValueError, match="not both"):
+        pipe(photos[0], task="caption", prompt=" what?")
+    with pytest.raises(ValueError, match="on_error must be one of"):
+        pipe([photos[0]], task="caption", on_error="ignore")
+    with pytest.raises(ValueError, match="Unknown prompt style 'poetic'"):
+        pipe(photos[0], task="caption", style="poetic")
+    with pytest.raises(ValueError, match="got 3 values for text but 2 inputs"):
+        pipe(photos[:2], task="vqa", text=["a?", "b?", "c?"])
 
 
 def test_list_tasks_covers_pipeline_tasks():
@@ -95,3 +110,152 @@ def test_list_tasks_covers_pipeline_tasks():
 def test_vqa_answer_is_never_empty(pipe, photos):
     """Unnormalised beam scores favour stopping at once; an answer needs at least one token."""
     assert pipe(photos[2], task="vqa", text="is there a red circle?")["text"].strip()
+
+
+# ---- transformers' loop: lists, generators, datasets, workers, dtype ----------------------------
+
+QUESTIONS = ["what?", "what color is the big square in the corner?", "is it red", "how many circles are there?", "who"]
+
+
+@pytest.fixture(scope="module")
+def five(photos):
+    return photos + [Image.fromarray(np.full((33, 21, 3), 90, dtype=np.uint8))]
+
+
+@pytest.fixture(scope="module")
+def one_by_one(pipe, five):
+    """Reference answers: each input alone (no padding, no batching)."""
+    return [pipe(photo, task="vqa", text=question, max_new_tokens=5) for photo, question in zip(five, QUESTIONS)]
+
+
+def _same(results, reference):
+    assert [r["text"] for r in results] == [r["text"] for r in reference]
+    np.testing.assert_allclose([r["score"] for r in results], [r["score"] for r in reference], rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_lists_generators_and_dict_items_match_one_by_one(pipe, five, one_by_one, batch_size):
+    """Prompts of different lengths: batches are right-padded with <pad> and give the answers of single calls."""
+    listed = pipe(five, task="vqa", text=QUESTIONS, batch_size=batch_size, max_new_tokens=5)
+    assert isinstance(listed, list)
+    _same(listed, one_by_one)
+    generated = pipe((photo for photo in five), task="vqa", text=QUESTIONS, batch_size=batch_size, max_new_tokens=5)
+    assert not isinstance(generated, list)  # streamed, as transformers streams generators
+    _same(list(generated), one_by_one)
+    items = [{"image": photo, "text": question} for photo, question in zip(five, QUESTIONS)]
+    _same(pipe(items, task="vqa", batch_size=batch_size, max_new_tokens=5), one_by_one)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_datasets_through_key_dataset(pipe, five, batch_size):
+    dataset = datasets.Dataset.from_dict({"image": five})
+    singles = [pipe(photo, task="caption", max_new_tokens=5) for photo in five]
+    results = list(pipe(KeyDataset(dataset, "image"), task="caption", batch_size=batch_size, max_new_tokens=5))
+    assert len(results) == 5
+    _same(results, singles)
+
+
+def test_num_workers(pipe, five, one_by_one):
+    _same(pipe(five, task="vqa", text=QUESTIONS, batch_size=2, num_workers=1, max_new_tokens=5), one_by_one)
+
+
+@pytest.mark.parametrize("argument", ["dtype", "torch_dtype"])
+def test_device_and_dtype(tiny_checkpoint, photos, argument):
+    pipe = pipeline("ofa-ufo", model=str(tiny_checkpoint), device="cpu", **{argument: torch.bfloat16})
+    assert pipe.model.dtype == torch.bfloat16 and pipe.device.type == "cpu"
+    answer = pipe(photos[0], task="caption", max_new_tokens=4)
+    assert isinstance(answer["text"], str) and 0.0 <= answer["score"] <= 1.0
+
+
+def test_text_only_batches_and_mixed_free_prompts(pipe, photos):
+    infill = pipe([None, None], task="text_infill", text=["a red <mask>", "the <mask> on a gray background"],
+                  batch_size=2, max_new_tokens=4)
+    assert [set(r) for r in infill] == [{"text", "score"}] * 2
+    alone = pipe(None, prompt=" what is the complete text of \" a red <mask> \"?", max_new_tokens=4)
+    prompts = [" what is in the image?", " what is the complete text of \" a red <mask> \"?"]
+    mixed = pipe([photos[0], None], prompt=prompts, batch_size=2, max_new_tokens=4)
+    assert mixed[1]["text"] == alone["text"] and "text" in mixed[0]
+
+
+# ---- errors: a single input raises, several give records ---------------------------------------
+
+
+def test_single_bad_input_raises(pipe, photos, tmp_path):
+    not_image = tmp_path / "notes.txt"
+    not_image.write_text("hello")
+    with pytest.raises(ImageLoadError, match="notes.txt"):
+        pipe(str(not_image), task="caption")
+    with pytest.raises(ValueError, match="'caption' needs an input image: the `image` argument is None"):
+        pipe(None, task="caption")
+    with pytest.raises(TypeError, match="text must be a string.*got int: 5"):
+        pipe(photos[0], task="vqa", text=5)
+    with pytest.raises(TypeError, match="prompt must be a string.*got list"):
+        pipe([photos[0]], prompt=[[" what?"]], on_error="raise")
+    with pytest.raises(ValueError, match="prompt= is a list of 2 but there is one input"):
+        pipe(photos[0], prompt=[" what?", " where?"])
+    with pytest.raises(TypeError, match="prompt must be a string.*got int"):
+        pipe(photos[0], prompt=5)
+    assert "notes.txt" in pipe(str(not_image), task="caption", on_error="record")["error"]
+
+
+def test_several_inputs_give_error_records_or_raise(pipe, photos):
+    inputs = [photos[0], "no/such/file.png", None, {"image": photos[1], "text": 5}, photos[2]]
+    for batch_size in (1, 3):
+        results = pipe(inputs, task="vqa", text="what is it?", batch_size=batch_size, max_new_tokens=3)
+        assert "file not found" in results[1]["error"] and "no/such/file.png" in results[1]["error"]
+        assert "'vqa' needs an input image" in results[2]["error"]
+        assert "text must be a string" in results[3]["error"]
+        assert [set(results[i]) for i in (0, 4)] == [{"text", "score"}] * 2
+        streamed = list(pipe(iter(inputs), task="vqa", text="what is it?", batch_size=batch_size, max_new_tokens=3))
+        assert [set(r) for r in streamed] == [set(r) for r in results]
+    with pytest.raises(ImageLoadError, match="no/such/file.png"):
+        pipe(inputs, task="vqa", text="what is it?", on_error="raise")
+
+
+def test_only_text_tasks_and_free_prompts_go_without_an_image():
+    no_image = {name for name in ofa_ufo.list_tasks() if not get_task(name).needs_image}
+    assert no_image == {"text_infill", "text_to_image"} and not get_task(FREE_PROMPT).needs_image
+
+
+@pytest.mark.parametrize("settings, name", [
+    (dict(num_beams=0), "num_beams"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=-3), "max_new_tokens"), (dict(num_return_sequences=0), "num_return_sequences"),
+    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+    (dict(do_sample=True, temperature=0.0), "temperature"), (dict(do_sample=True, temperature=-1), "temperature"),
+    (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+])
+def test_invalid_generation_settings_fail_before_any_model_work(pipe, photos, monkeypatch, settings, name):
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(pipe, "preprocess", no_model_work)
+    monkeypatch.setattr(pipe.model, "generate", no_model_work)
+    with pytest.raises(ValueError, match=name):
+        pipe(photos[0], task="caption", **settings)
+    with pytest.raises(ValueError, match=name):  # a per-call error: raised for lists too, not recorded
+        pipe(photos[:2], task="caption", batch_size=2, **settings)
+
+
+def test_generation_settings_of_the_wrong_type(pipe, photos):
+    with pytest.raises(TypeError, match="num_beams must be an integer >= 1, got 2.5"):
+        pipe(photos[0], task="caption", num_beams=2.5)
+    with pytest.raises(TypeError, match="top_p must be a number, got '0.5'"):
+        pipe(photos[0], task="caption", do_sample=True, top_p="0.5")
+
+
+def test_valid_generation_settings_pass():
+    for settings in (dict(num_beams=5, num_return_sequences=5, max_new_tokens=1, top_k=0),
+                     dict(do_sample=True, num_return_sequences=4, temperature=0.5, top_p=1.0),
+                     dict(num_beams=1, temperature=0.0), dict(min_new_tokens=2, max_new_tokens=2), {}):
+        check_generation_settings(settings)
+    with pytest.raises(ValueError, match="min_new_tokens=3 is more than max_new_tokens=2"):
+        check_generation_settings(dict(min_new_tokens=3, max_new_tokens=2))
+
+
+def test_settings_given_to_pipeline_are_every_calls_defaults(tiny_checkpoint):
+    image = np.zeros((20, 30, 3), np.uint8)
+    short = pipeline("ofa-ufo", model=str(tiny_checkpoint), max_new_tokens=2, num_beams=1)
+    plain = pipeline("ofa-ufo", model=str(tiny_checkpoint))
+    expected = plain(image, task="caption", max_new_tokens=2, num_beams=1)
+    assert short(image, task="caption") == expected
+    assert short(image, task="caption", max_new_tokens=3) == plain(image, task="caption", max_new_tokens=3, num_beams=1)

@@ -53,8 +53,9 @@ register_task(ClassificationTask("classification", generation=dict(num_beams=5),
 register_task(DetectionTask("detection", generation=dict(num_beams=1, max_new_tokens=64), metric="coco_map",
                             example_fields=("boxes", "labels")))
 register_task(Task("text_infill", generation=dict(num_beams=5, max_new_tokens=32, no_repeat_ngram_size=3),
-                   headline="cider", example_fields=("text", "target")))
-register_task(FreePromptTask(FREE_PROMPT, generation=dict(num_beams=5, max_new_tokens=32, no_repeat_ngram_size=3)))
+                   headline="cider", example_fields=("text", "target"), needs_image=False))
+register_task(FreePromptTask(FREE_PROMPT, generation=dict(num_beams=5, max_new_tokens=32, no_repeat_ngram_size=3),
+                             needs_image=False))
 # AllInOne embedding tasks: CosFace s / m per task (face 50/0.3, person 30/0.2, vehicle 20/0.2,
 # product 30/0.2); batch-hard triplet on P x 4 batches except face (CosFace only). Identity, camera, split,
 # pair... live in an example's `meta` (see ofa_ufo.data.loaders.reid).
@@ -70,7 +71,7 @@ register_task(EmbeddingTask("product", metric="recall@k", cosface_scale=30.0, co
                             identity_kind="product", example_fields=_IDENTITY))
 # Image generation as VQGAN code sequences (OFA): top-k 256 sampling, options vqgan / image_size.
 # The image is the target: text_to_image draws it from the text, image_infill restores its centre.
-register_task(TextToImageTask("text_to_image", example_fields=("text", "image")))
+register_task(TextToImageTask("text_to_image", example_fields=("text", "image"), needs_image=False))
 register_task(ImageInfillTask("image_infill", example_fields=("image",)))
 
 __all__ = ["Decoded", "Task", "get_task", "list_tasks", "register_task"]

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ofa_ufo.generation.scoring import Decoded, generate_decoded
+from ofa_ufo.generation.settings import check_generation_settings
 from ofa_ufo.core.prompts import DEFAULT_STYLE, format_prompt
 
 __all__ = ["AuxiliaryLoss", "Decoded", "Task"]
@@ -52,12 +53,18 @@ class Task:
     # without this task is a config error
     source_options: tuple[str, ...] = ()
     auxiliary: AuxiliaryLoss | None = None  # an extra training loss on the encoder states, off by default
+    needs_image: bool = True  # the pipeline refuses a None image (text-only tasks and free prompts set False)
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Fail once per call, before any work, when a required option is missing."""
         missing = [f"{name}={example}" for name, example in self.required.items() if options.get(name) is None]
         if missing:
             raise ValueError(f"task {self.name!r} needs {', '.join(missing)}")
+
+    def check_generate_kwargs(self, generate_kwargs: Mapping[str, Any]) -> None:
+        """Fail once per call, before any work, on invalid decoding settings (judged with this task's
+        defaults merged in, as `run` merges them)."""
+        check_generation_settings({**self.generation, **generate_kwargs})
 
     def prompt(self, text: str | None = None, style: str = DEFAULT_STYLE) -> str:
         return format_prompt(self.name, style, text=self.normalize(text) if text is not None else None)
