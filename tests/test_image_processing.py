@@ -1,6 +1,11 @@
-"""Image loading (every PIL mode, EXIF, arrays, errors) and OFA's square resize + normalisation."""
+"""Image loading (every PIL mode, EXIF, arrays, URLs, errors) and OFA's square resize + normalisation."""
 
 from __future__ import annotations
+
+import functools
+import socket
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -108,8 +113,11 @@ def test_output_shapes_and_normalisation(tmp_path):
     processor = OFAUFOImageProcessor(size=48)
     out = processor([path, np.zeros((7, 9, 3), np.uint8), Image.new("L", (3, 4), 128)])
     assert out["pixel_values"].shape == (3, 3, 48, 48) and out["pixel_values"].dtype == torch.float32
-    assert out["original_sizes"].tolist() == [[30, 10], [9, 7], [3, 4]]
-    assert out["original_sizes"].dtype == torch.int64
+    assert set(out) == {"pixel_values"}  # only what the model takes, unless asked
+    sizes = processor([path, np.zeros((7, 9, 3), np.uint8), Image.new("L", (3, 4), 128)], return_original_sizes=True)
+    assert sizes["original_sizes"].tolist() == [[30, 10], [9, 7], [3, 4]]
+    assert sizes["original_sizes"].dtype == torch.int64
+    assert torch.equal(sizes["pixel_values"], out["pixel_values"])
     assert torch.all(out["pixel_values"][0] == 1.0) and torch.all(out["pixel_values"][1] == -1.0)
     assert torch.allclose(out["pixel_values"][2], torch.tensor(128 / 255 * 2 - 1), atol=1e-6)
     single = processor(np.zeros((7, 9, 3), np.uint8), return_tensors="np")
@@ -182,3 +190,84 @@ def test_error_type_and_empty_batch():
         OFAUFOImageProcessor()([])
     with pytest.raises(ValueError, match="size must be a positive number"):
         OFAUFOImageProcessor(size=0)
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep the test output clean
+        pass
+
+
+def _without_proxy(monkeypatch) -> None:
+    """A proxy from the environment must not stand between the tests and 127.0.0.1."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _png_bytes(folder) -> bytes:
+    path = folder / "full.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """`tmp_path` served over HTTP by a thread on 127.0.0.1: yields (folder, base URL)."""
+    _without_proxy(monkeypatch)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield tmp_path, f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_url_loads_the_files_pixels(served):
+    folder, base = served
+    array = np.random.default_rng(0).integers(0, 256, (12, 17, 4), dtype=np.uint8)
+    array[..., 3] = 255  # opaque RGBA: the same RGB rules as a file apply
+    Image.fromarray(array).save(folder / "photo.png")
+    from_url = load_image(f"{base}/photo.png")
+    assert from_url.mode == "RGB" and from_url.size == (17, 12)
+    assert np.array_equal(np.asarray(from_url), np.asarray(load_image(folder / "photo.png")))
+    assert np.array_equal(np.asarray(from_url), array[..., :3])
+    pixels = OFAUFOImageProcessor(size=8)([f"{base}/photo.png"], return_original_sizes=True)
+    assert pixels["original_sizes"].tolist() == [[17, 12]]
+
+
+def test_url_errors_name_the_url(served):
+    folder, base = served
+    with pytest.raises(ImageLoadError, match=rf"could not fetch image URL {base}/missing\.png: HTTP 404"):
+        load_image(f"{base}/missing.png")
+    (folder / "notes.png").write_text("not an image")
+    with pytest.raises(ImageLoadError, match=rf"{base}/notes\.png: not an image file that PIL can read"):
+        load_image(f"{base}/notes.png")
+    (folder / "cut.png").write_bytes(_png_bytes(folder)[:200])
+    with pytest.raises(ImageLoadError, match=rf"{base}/cut\.png: cannot decode image"):
+        load_image(f"{base}/cut.png")
+
+
+def test_unreachable_url_says_it_could_not_be_fetched(monkeypatch):
+    _without_proxy(monkeypatch)
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/photo.jpg"
+    with pytest.raises(ImageLoadError, match=rf"could not fetch image URL {url} \(offline or refused\?\)"):
+        load_image(url)
+    with socket.socket() as silent:  # accepts the connection, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/photo.jpg"
+        with pytest.raises(ImageLoadError, match=rf"could not fetch image URL {url}: no answer within 0.3 s"):
+            load_image(url, timeout=0.3)
+
+
+def test_only_http_schemes_are_urls(tmp_path, monkeypatch):
+    """A local file whose name merely starts like a URL is a file (as in transformers)."""
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (3, 2), "red").save(tmp_path / "http_example.png")
+    assert load_image("http_example.png").size == (3, 2)
+    with pytest.raises(ImageLoadError, match="image file not found: ftp:/host/photo.png"):
+        load_image("ftp://host/photo.png")

@@ -298,3 +298,47 @@ def test_generate_keeps_one_encoder_row_per_input(model, processor, images):
     finally:
         hook.remove()
     assert rows and set(rows) == {len(PROMPTS)}
+
+
+ROUTED = dict(supernet_layers=1, supernet_dim=32, supernet_heads=4, supernet_head_dim=8, supernet_mlp_ratio=2.0)
+
+
+@pytest.fixture(scope="module")
+def routed_supernet():
+    return tiny_model(vision_config=ROUTED)
+
+
+def _processor_inputs(processor, images, kind: str) -> dict:
+    """The processor's output, untouched, for prompts with images, a mix of None and images, or prompts only."""
+    chosen = {"images": images, "mixed": [None, images[1], None], "prompts only": None}[kind]
+    return processor(images=chosen, text=PROMPTS, return_tensors="pt")
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("kind", ["images", "mixed", "prompts only"])
+def test_generate_takes_the_processor_output_as_is(model, processor, images, kind, num_beams):
+    inputs = _processor_inputs(processor, images, kind)
+    out = model.generate(**inputs, num_beams=num_beams, max_new_tokens=5)
+    assert out.shape[0] == len(PROMPTS) and (out[:, 0] == model.config.decoder_start_token_id).all()
+    by_hand = {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_mask")}
+    assert torch.equal(out, model.generate(**by_hand, num_beams=num_beams, max_new_tokens=5))
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("kind", ["images", "mixed", "prompts only"])
+def test_routed_supernet_generates_from_the_processor_output_with_task_ids(routed_supernet, processor, images, kind,
+                                                                           num_beams):
+    inputs = _processor_inputs(processor, images, kind)
+    vision = routed_supernet.config.vision_config
+    task_ids = torch.tensor([vision.route_id(task) for task in ("caption", "vqa", "grounding")])
+    out = routed_supernet.generate(**inputs, task_ids=task_ids, num_beams=num_beams, max_new_tokens=5)
+    assert out.shape[0] == len(PROMPTS)
+    alone = routed_supernet.generate(**{k: v[1:2] for k, v in inputs.items()}, task_ids=task_ids[1:2],
+                                     num_beams=num_beams, max_new_tokens=5)[0]
+    assert torch.equal(out[1, : alone.shape[0]], alone)  # task_ids stay with their rows through beam expansion
+
+
+def test_routed_supernet_without_task_ids_says_to_pass_them(routed_supernet, processor, images):
+    """No silent default route: a grounding prompt routed as a caption would answer plausibly but wrongly."""
+    with pytest.raises(ValueError, match=r"task-routed supernet: pass task_ids \(vision_config.route_id"):
+        routed_supernet.generate(**_processor_inputs(processor, images, "images"), max_new_tokens=3)

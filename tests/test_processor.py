@@ -45,15 +45,13 @@ def test_batched_prompts_are_right_padded(processor, tokenizer, image):
         assert out["attention_mask"][i].sum() == len(row) and out["attention_mask"][i, : len(row)].all()
     assert out["pixel_values"].shape == (2, 3, SIZE, SIZE) and out["pixel_values"].dtype == torch.float32
     assert out["image_mask"].tolist() == [True, True]
-    assert out["original_sizes"].tolist() == [[30, 20], [30, 20]]
-    assert "labels" not in out
+    assert "labels" not in out and "original_sizes" not in out
 
 
 def test_samples_without_an_image(processor, image):
     out = processor(images=[None, image], text=PROMPTS)
     assert out["image_mask"].dtype == torch.bool and out["image_mask"].tolist() == [False, True]
     assert out["pixel_values"][0].eq(0).all() and not out["pixel_values"][1].eq(0).all()
-    assert out["original_sizes"].tolist() == [[0, 0], [30, 20]]
     text_only = processor(text=PROMPTS)
     assert text_only["image_mask"].tolist() == [False, False]
     assert text_only["pixel_values"].shape == (2, 3, SIZE, SIZE) and text_only["pixel_values"].eq(0).all()
@@ -63,9 +61,22 @@ def test_single_inputs_and_image_only(processor, image):
     out = processor(images=image, text=PROMPTS[0])
     assert out["input_ids"].shape[0] == 1 and out["image_mask"].tolist() == [True]
     images_only = processor(images=[image, image])
-    assert set(images_only) == {"pixel_values", "image_mask", "original_sizes"}
+    assert set(images_only) == {"pixel_values", "image_mask"}
     np_out = processor(images=image, text=PROMPTS[0], return_tensors="np")
     assert isinstance(np_out["input_ids"], np.ndarray)
+
+
+@pytest.mark.parametrize("images", [[None, "image"], ["image", "image"], None])
+def test_only_model_inputs_unless_original_sizes_are_asked_for(processor, image, images):
+    """By default the keys are exactly what the model takes, so `model.generate(**inputs)` works;
+    box post-processing asks for the original sizes, (0, 0) where a sample has no image."""
+    images = None if images is None else [image if entry == "image" else None for entry in images]
+    out = processor(images=images, text=PROMPTS)
+    assert sorted(out) == sorted(processor.model_input_names)
+    sized = processor(images=images, text=PROMPTS, return_original_sizes=True)
+    expected = [[0, 0] if images is None or entry is None else [30, 20] for entry in images or [None, None]]
+    assert sized["original_sizes"].tolist() == expected and sized["original_sizes"].dtype == torch.int64
+    assert all(torch.equal(sized[key], out[key]) for key in out)
 
 
 def test_labels(processor, tokenizer, image):

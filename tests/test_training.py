@@ -194,7 +194,7 @@ def test_two_processes_match_one(one_batch_run, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # two processes parsed the config, one (the main process) wrote the model and report
     assert done.stdout.count("config (defaults)") == 2, done.stdout
-    assert done.stdout.count("model, metrics.json and training.png written to") == 1, done.stdout
+    assert done.stdout.count("model, model card (README.md), metrics.json and training.png written to") == 1, done.stdout
     # DDP's gradients all go through autograd (sparse lookup rows), the reference's in place
     assert saved_losses(output_dir) == pytest.approx(reference.losses, abs=1e-5)
 

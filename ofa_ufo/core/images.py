@@ -1,4 +1,4 @@
-"""Image loading: any path, PIL image or uint8 array -> an RGB PIL image, or a clear `ImageLoadError`.
+"""Image loading: any path, URL, PIL image or uint8 array -> an RGB PIL image, or a clear `ImageLoadError`.
 
 Shared by the processor, the pipeline, the data loaders and the metrics, so every entry point
 accepts the same inputs and fails with the same messages.
@@ -6,36 +6,62 @@ accepts the same inputs and fails with the same messages.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+from huggingface_hub.utils import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageLike", "ImageLoadError", "load_image"]
+__all__ = ["URL_TIMEOUT_S", "ImageLike", "ImageLoadError", "load_image"]
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 _ALPHA_MODES = {"LA", "PA", "RGBA", "RGBa", "La"}
+_URL_SCHEMES = ("http://", "https://")
+URL_TIMEOUT_S = 10.0
 
 
 class ImageLoadError(ValueError):
     """An input could not be turned into an RGB image; the message names the input and why."""
 
 
+def _decode(source: Path | BinaryIO, where: str) -> Image.Image:
+    """Open and fully decode an image, so truncated data fails here and not later."""
+    try:
+        with Image.open(source) as image:
+            image.load()  # decodes everything; PIL raises on truncated data (LOAD_TRUNCATED_IMAGES stays False)
+            return image
+    except UnidentifiedImageError as err:
+        raise ImageLoadError(f"{where}: not an image file that PIL can read") from err
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+        raise ImageLoadError(f"{where}: cannot decode image (truncated or corrupt file?): {err}") from err
+
+
 def _open_file(path: Path) -> Image.Image:
-    """Open and fully decode an image file, so truncated files fail here and not later."""
+    """Decode an image file, naming the path when it is missing or not a file."""
     if not path.exists():
         raise ImageLoadError(f"image file not found: {path}")
     if not path.is_file():
         raise ImageLoadError(f"image path is not a file: {path}")
+    return _decode(path, str(path))
+
+
+def _fetch(url: str, timeout: float | None) -> Image.Image:
+    """Download and decode an image URL with the HTTP client transformers' `load_image` uses
+    (redirects followed); any failure names the URL and why it could not be fetched."""
     try:
-        with Image.open(path) as image:
-            image.load()  # decodes everything; PIL raises on truncated data (LOAD_TRUNCATED_IMAGES stays False)
-            return image
-    except UnidentifiedImageError as err:
-        raise ImageLoadError(f"{path}: not an image file that PIL can read") from err
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
-        raise ImageLoadError(f"{path}: cannot decode image (truncated or corrupt file?): {err}") from err
+        response = httpx.get(url, timeout=timeout, follow_redirects=True)
+        response.raise_for_status()
+    except httpx.HTTPStatusError as err:
+        raise ImageLoadError(f"could not fetch image URL {url}: HTTP {err.response.status_code} "
+                             f"{err.response.reason_phrase}") from err
+    except httpx.TimeoutException as err:
+        raise ImageLoadError(f"could not fetch image URL {url}: no answer within {timeout} s") from err
+    except httpx.HTTPError as err:
+        raise ImageLoadError(f"could not fetch image URL {url} (offline or refused?): {err}") from err
+    return _decode(io.BytesIO(response.content), url)
 
 
 def _from_array(array: np.ndarray) -> Image.Image:
@@ -83,9 +109,12 @@ def _to_rgb(image: Image.Image, where: str) -> Image.Image:
         raise ImageLoadError(f"{where}: cannot convert PIL mode {image.mode!r} to RGB ({err})") from err
 
 
-def load_image(image: ImageLike) -> Image.Image:
-    """Turn a path, PIL image or uint8 array into an upright RGB PIL image.
+def load_image(image: ImageLike, timeout: float | None = URL_TIMEOUT_S) -> Image.Image:
+    """Turn a path, an ``http://`` or ``https://`` URL, a PIL image or a uint8 array into an
+    upright RGB PIL image.
 
+    URLs are accepted as transformers' ``load_image`` accepts them (fetched with the same client,
+    waiting at most ``timeout`` seconds; None waits forever), then decoded like files.
     EXIF orientation is applied and every PIL mode is converted:
 
     * alpha and palette transparency are composited onto white (a transparent region reads
@@ -97,9 +126,12 @@ def load_image(image: ImageLike) -> Image.Image:
       negative values and NaN become 0.
 
     Raises :class:`ImageLoadError` naming the input on anything that is not a readable,
-    non-empty image.
+    non-empty image, and naming the URL when one could not be fetched (offline, refused,
+    an HTTP error status, a timeout).
     """
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, str) and image.startswith(_URL_SCHEMES):
+        pil, where = _fetch(image, timeout), image
+    elif isinstance(image, (str, os.PathLike)):
         pil, where = _open_file(Path(image)), str(image)
     elif isinstance(image, Image.Image):
         pil, where = image, f"PIL image (mode {image.mode}, size {image.size})"
@@ -108,7 +140,7 @@ def load_image(image: ImageLike) -> Image.Image:
     else:
         raise ImageLoadError(
             f"unsupported image input of type {type(image).__name__}: "
-            "expected a file path, a PIL image or an HxWxC uint8 numpy array"
+            "expected a file path, an http(s) URL, a PIL image or an HxWxC uint8 numpy array"
         )
     if pil.width == 0 or pil.height == 0:
         raise ImageLoadError(f"{where}: image has no pixels (width x height = {pil.width} x {pil.height})")

@@ -2,7 +2,7 @@
 
 OFA feeds the encoder a square, aspect-ratio-ignoring BICUBIC resize of the whole image,
 scaled to [0, 1] and normalised with mean = std = 0.5 (so pixels lie in [-1, 1]). Boxes are
-kept in original-image pixels elsewhere, so the processor also returns each original size.
+kept in original-image pixels elsewhere, so the processor can also return each original size.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ OFA_STD = (0.5, 0.5, 0.5)
 class OFAUFOImageProcessor(BaseImageProcessor):
     """OFA's image transform: square BICUBIC resize to ``size``, [0, 1], normalise by mean/std.
 
-    Returns ``pixel_values`` (B, 3, size, size) float32 and ``original_sizes`` (B, 2) int64
-    as (width, height), which the box codec needs to map bins back to original pixels.
+    Returns ``pixel_values`` (B, 3, size, size) float32, and with ``return_original_sizes=True``
+    also ``original_sizes`` (B, 2) int64 as (width, height), which the box codec needs to map bins
+    back to original pixels (see ``OFAUFOProcessor.__call__`` for why it is not returned by default).
     """
 
     model_input_names = ["pixel_values"]
@@ -57,14 +58,18 @@ class OFAUFOImageProcessor(BaseImageProcessor):
         pixels = (pixels - np.array(self.image_mean, np.float32)) / np.array(self.image_std, np.float32)
         return pixels.transpose(2, 0, 1)  # (3, S, S)
 
-    def preprocess(self, images: ImageLike | Sequence[ImageLike], return_tensors: str | None = "pt") -> BatchFeature:
-        """Load and transform one image or a list of images (paths, PIL images, uint8 arrays)."""
+    def preprocess(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        return_tensors: str | None = "pt",
+        return_original_sizes: bool = False,
+    ) -> BatchFeature:
+        """Load and transform one image or a list of images (paths, URLs, PIL images, uint8 arrays)."""
         batch = list(images) if isinstance(images, (list, tuple)) else [images]
         if not batch:
             raise ValueError("no images given")
         loaded = [load_image(image) for image in batch]
-        data = {
-            "pixel_values": np.stack([self._transform(image) for image in loaded]),  # (B, 3, S, S)
-            "original_sizes": np.array([image.size for image in loaded], dtype=np.int64),  # (B, 2) as (w, h)
-        }
+        data = {"pixel_values": np.stack([self._transform(image) for image in loaded])}  # (B, 3, S, S)
+        if return_original_sizes:
+            data["original_sizes"] = np.array([image.size for image in loaded], dtype=np.int64)  # (B, 2) as (w, h)
         return BatchFeature(data=data, tensor_type=return_tensors)

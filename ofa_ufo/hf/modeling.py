@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import Seq2SeqLMOutput, Seq2SeqModelOutput
 
 from ofa_ufo.hf.configuration import OFAUFOConfig
+from ofa_ufo.hf.model_card import write_model_card
 from ofa_ufo.layers.attention import OFAAttention
 from ofa_ufo.layers.kv_cache import OFAUFOCache
 from ofa_ufo.layers.moe import TaskMoEFFN
@@ -96,6 +97,14 @@ class OFAUFOPreTrainedModel(PreTrainedModel):
         if isinstance(config, OFAUFOConfig):
             _check_supernet_kind(pretrained_model_name_or_path, config)
         return super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
+        """As transformers', plus a model card (README.md: tasks, architecture, usage; see
+        `ofa_ufo.hf.model_card`), which never replaces a README.md this library did not write.
+        transformers writes no card here, only for `push_to_hub` (its own, which is then kept)."""
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            write_model_card(save_directory, self.config)
 
     def _init_weights(self, module: nn.Module) -> None:
         """BERT-style normal(0, init_std) for linears and embeddings (as OFA); He init for the ResNet convs."""

@@ -59,7 +59,7 @@ class OFAUFOProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        """What the model's forward takes; ``original_sizes`` only serves box post-processing."""
+        """What the model's forward takes, and all ``__call__`` returns unless asked for ``original_sizes``."""
         return ["input_ids", "attention_mask", "pixel_values", "image_mask"]
 
     def __call__(
@@ -69,13 +69,20 @@ class OFAUFOProcessor(ProcessorMixin):
         text_target: str | Sequence[str] | None = None,
         return_tensors: str | None = "pt",
         max_length: int | None = None,
+        return_original_sizes: bool = False,
     ) -> BatchFeature:
         """Batch prompts (``input_ids``, ``attention_mask``), images and optional targets.
 
         ``images`` is one image or a list with one entry per prompt, ``None`` entries (or
         ``images=None``) marking samples without an image. Always returned: ``pixel_values``
-        (B, 3, S, S), ``image_mask`` (B,) bool and ``original_sizes`` (B, 2) as (width, height),
-        (0, 0) without an image. ``labels`` are added for ``text_target`` (padded with -100).
+        (B, 3, S, S) and ``image_mask`` (B,) bool. ``labels`` are added for ``text_target``
+        (padded with -100).
+
+        Only what the model takes is returned by default, as transformers processors do, so
+        ``model(**inputs)`` and ``model.generate(**inputs)`` work as is (generate rejects keys the
+        model does not take). ``return_original_sizes=True`` adds ``original_sizes`` (B, 2) as
+        (width, height), (0, 0) without an image: box post-processing needs them, the model never
+        does, so it does not take them as an ignored argument either.
 
         Sequences are right-padded with ``<pad>``. A prompt or target longer than ``max_length``
         tokens (default: ``tokenizer.model_max_length``) is truncated, keeping its final
@@ -89,7 +96,7 @@ class OFAUFOProcessor(ProcessorMixin):
             raise ValueError("empty batch: no prompts and no images")
         limit = max_length if max_length is not None else self.tokenizer.model_max_length
 
-        data = self._images(image_list)
+        data = self._images(image_list, return_original_sizes)
         if prompts is not None:
             rows = self._token_rows(prompts, "prompt", limit)
             data["input_ids"] = self._pad(rows, self.tokenizer.pad_token_id)
@@ -113,19 +120,21 @@ class OFAUFOProcessor(ProcessorMixin):
             )
         return image_list
 
-    def _images(self, image_list: list) -> dict[str, np.ndarray]:
-        """Pixel values, image mask and original sizes, with zeros where a sample has no image."""
+    def _images(self, image_list: list, return_original_sizes: bool) -> dict[str, np.ndarray]:
+        """Pixel values, image mask and (if asked) original sizes, with zeros where a sample has no image."""
         size = self.image_processor.size
         present = [i for i, image in enumerate(image_list) if image is not None]
         pixel_values = np.zeros((len(image_list), 3, size, size), dtype=np.float32)  # (B, 3, S, S)
         original_sizes = np.zeros((len(image_list), 2), dtype=np.int64)  # (B, 2) as (w, h)
         if present:
-            processed = self.image_processor([image_list[i] for i in present], return_tensors="np")
+            processed = self.image_processor([image_list[i] for i in present], return_tensors="np",
+                                             return_original_sizes=True)
             pixel_values[present] = processed["pixel_values"]
             original_sizes[present] = processed["original_sizes"]
         image_mask = np.zeros(len(image_list), dtype=bool)
         image_mask[present] = True
-        return {"pixel_values": pixel_values, "image_mask": image_mask, "original_sizes": original_sizes}
+        data = {"pixel_values": pixel_values, "image_mask": image_mask}
+        return {**data, "original_sizes": original_sizes} if return_original_sizes else data
 
     def _token_rows(self, texts: list[str], kind: str, limit: int) -> list[list[int]]:
         """Token ids per text: ``<s> text </s>`` for prompts, ``text </s>`` for targets.
