@@ -40,8 +40,10 @@ setup(
     ],
     entry_points={"console_scripts": ["ofa-ufo = ofa_ufo.cli.main:run"]},
     extras_require={
-        "test": ["pytest>=8.0", "hypothesis>=6.100", "scikit-image>=0.22"],
+        # gradio + selenium: the web demo's tests (the browser test also needs Debian's chromium + chromium-driver)
+        "test": ["pytest>=8.0", "hypothesis>=6.100", "scikit-image>=0.22", "gradio>=6.0,<7", "selenium>=4.20"],
         "demo": ["scikit-image>=0.22"],
+        "serve": ["gradio>=6.0,<7", "scikit-image>=0.22"],  # `ofa-ufo serve`: the web demo and its bundled photos
         "oracle": [
             "modelscope==1.40.2",
             "addict",

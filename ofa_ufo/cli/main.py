@@ -1,4 +1,4 @@
-"""`ofa-ufo COMMAND ...`: predict, evaluate, train, convert, extract, presets.
+"""`ofa-ufo COMMAND ...`: predict, evaluate, train, convert, extract, presets, serve.
 
 Every command has `--help`. Exit codes: 0 done, 1 bad input (a file, an image, data or a model that
 cannot be used; the error on one line), 2 usage (unknown command or option). `--debug` anywhere shows
@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ofa_ufo.cli import extract, predict
+from ofa_ufo.cli import extract, predict, serve
 from ofa_ufo.converters import fairseq, hf_port, taming
 from ofa_ufo.data import convert as data_convert
 from ofa_ufo.evaluate import main as evaluate_main
@@ -63,6 +63,7 @@ COMMANDS: dict[str, Command] = {
     "convert": Command(_convert, "convert datasets to canonical JSON Lines, or OFA / taming checkpoints"),
     "extract": Command(extract.main, "cut a dense per-task subnet out of a UFO supernet"),
     "presets": Command(_presets, "list the named architectures with parameter counts"),
+    "serve": Command(serve.main, "web demo of a model directory (Gradio) on 127.0.0.1"),
 }
 
 
