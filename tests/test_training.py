@@ -418,9 +418,9 @@ def test_empty_or_missing_data_is_a_data_source_error(tmp_path, capsys):
     with pytest.raises(DataSourceError, match="demo_train_scenes is 0: the demo training set is empty"):
         Trainer(make_config(tmp_path, demo_train_scenes=0), resume="never")
 
-    # the command line reports it as one line and exit status 2
+    # the command line reports it as one line and exit status 1
     overrides = as_overrides(make_config(tmp_path, tasks={"vqa": 1}, data={"vqa": str(missing)}))
-    assert main(overrides) == 2
+    assert main(overrides) == 1
     err = capsys.readouterr().err
     assert f"error: training data file {missing}" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == [captions_only]  # no run directory was started

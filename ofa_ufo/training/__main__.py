@@ -2,7 +2,8 @@
 
 Runs the trainer on an experiment config (`ofa_ufo/training/configs/*.yaml`, or any YAML file);
 `key=value` pairs override config fields (values read as YAML). `--demo` trains every task on
-generated demo scenes instead of the config's datasets.
+generated demo scenes instead of the config's datasets. Exit codes: 0 done, 1 data or a checkpoint
+that cannot be used (or a run stopped on a non-finite loss), 2 a bad config or command line.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"config {args.config or '(defaults)'}: model {config.model}, {size}, tasks "
               f"{config.tasks}, {config.max_steps} steps x {config.global_batch} samples, output {config.output_dir}")
         train(config, resume=args.resume)
-    except (ConfigError, DataSourceError, CheckpointError, TrainingError) as error:
+    except ConfigError as error:  # the command line or config is wrong: a usage error
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (DataSourceError, CheckpointError, TrainingError) as error:  # the data or a checkpoint cannot be used
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
