@@ -25,7 +25,8 @@ import torch
 import yaml
 from conftest import TINY
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSeq2SeqLM
 
 import ofa_ufo
 from ofa_ufo.data.sources import DataSourceError
@@ -696,3 +697,37 @@ def test_stem_warmup_trains_only_the_stem_and_is_reported(tmp_path):
     assert 0 <= report["background_cell_accuracy"] <= 1 and math.isfinite(report["final_loss"])
     for part in ("shape_cell_accuracy", "colour_cell_accuracy"):  # a right label has both parts right
         assert report["object_cell_accuracy"] <= report[part] <= 1
+
+
+def test_checkpoint_rename_is_synced_with_its_directory(tmp_path, monkeypatch):
+    """After the atomic rename the parent directory is fsynced too: only then is the rename on disk."""
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    final = tmp_path / "checkpoints" / "step-0000001"
+    final.parent.mkdir()
+    ckpt.write_atomically(final, lambda tmp: (tmp / "weights.bin").write_bytes(b"x" * 10))
+    assert (final / "weights.bin").read_bytes() == b"x" * 10
+    assert synced[-1] == final.parent.stat().st_ino  # the last sync is the directory holding the rename
+    assert (final / "weights.bin").stat().st_ino in synced
+
+
+def test_truncated_weights_name_the_file(tmp_path):
+    """A truncated model.safetensors: resuming and from_pretrained both name the file."""
+    model = ofa_ufo.create_model("ofa_ufo_tiny", **TINY)
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"cannot read {weights}")):
+        ckpt.load_weights(model, weights)
+    with pytest.raises(OSError, match=re.escape(str(weights)) + ".*truncated or corrupt"):
+        AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    save_file({"x": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match="unexpected keys"):
+        ckpt.load_weights(model, tmp_path / "other.safetensors")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
@@ -96,7 +97,12 @@ class OFAUFOPreTrainedModel(PreTrainedModel):
         supernet config (or the reverse), instead of silently re-initialising routers and experts."""
         if isinstance(config, OFAUFOConfig):
             _check_supernet_kind(pretrained_model_name_or_path, config)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+        except SafetensorError as error:  # safetensors' message names no file: a truncated download or copy
+            files = ", ".join(sorted(str(f) for f in Path(str(pretrained_model_name_or_path)).glob("*.safetensors")))
+            raise OSError(f"cannot read the weights of {pretrained_model_name_or_path} ({files or 'not a local folder'}): "
+                          f"{error}; the file is truncated or corrupt, save or copy it again") from None
 
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
         """As transformers', plus a model card (README.md: tasks, architecture, usage; see

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
 from ofa_ufo.hf.configuration import OFAUFOConfig
@@ -90,6 +91,19 @@ def write_atomically(final: Path, write: Any) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(final)
+    fsync_directory(final.parent)  # the rename itself survives a power cut only once its directory is synced
+
+
+def fsync_directory(path: Path) -> None:
+    """Flush a directory's entries (renames, new files) to disk (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def export_into(output_dir: str | Path, write: Any) -> None:
@@ -105,6 +119,7 @@ def export_into(output_dir: str | Path, write: Any) -> None:
             shutil.rmtree(target)
         os.replace(path, target)
     staging.rmdir()
+    fsync_directory(output_dir)
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model, processor, state: dict[str, Any], config_yaml: str,
@@ -159,7 +174,10 @@ def check_compatible(path: Path, model_config) -> None:
 
 def load_weights(module: torch.nn.Module, file: Path) -> None:
     """Load safetensors weights into `module`; tied weights may be absent, anything else must match."""
-    weights = load_file(str(file))
+    try:
+        weights = load_file(str(file))
+    except (SafetensorError, OSError) as error:  # truncated or missing: name the file
+        raise CheckpointError(f"cannot read {file}: {error}") from None
     missing, unexpected = module.load_state_dict(weights, strict=False)
     state = module.state_dict()
     loaded = {state[k].data_ptr() for k in weights if k in state}
