@@ -24,6 +24,11 @@ from test_import_graph import cycles  # noqa: E402  (the test's cycle finder, on
 COMMAND_LINES = {"evaluate", "__main__", "training.__main__", "data.convert"}
 
 
+def is_command_line(module: str) -> bool:
+    """The listed command-line modules and everything in `cli/` (the `ofa-ufo` command)."""
+    return module in COMMAND_LINES or module == "cli" or module.startswith("cli.")
+
+
 def modules(package: Path) -> dict[str, Path]:
     names = {}
     for path in sorted(package.rglob("*.py")):
@@ -71,10 +76,10 @@ def report(package: Path) -> dict[str, object]:
             body += in_function
             body_package += in_function and bool(targets)
             for target in targets:
-                into_top = target in COMMAND_LINES or (target.startswith("training") and target != "training")
-                if into_top and not (module in COMMAND_LINES or module.startswith("training")):
+                into_top = is_command_line(target) or (target.startswith("training") and target != "training")
+                if into_top and not (is_command_line(module) or module.startswith("training")):
                     upward.add(f"{module} -> {target}")
-                elif target in COMMAND_LINES and module not in COMMAND_LINES:
+                elif is_command_line(target) and not is_command_line(module):
                     upward.add(f"{module} -> {target}")
             for target in targets:
                 parts = target.split(".")
