@@ -6,6 +6,11 @@ spec's metric, a printed table and the predictions written as JSON.
 
 The spec's data are opened by `ofa_ufo.data.sources`; their locations may use environment variables
 (`${COCO_ROOT}`), and an unset one is an error naming it.
+
+An example that cannot be answered (an unreadable or missing image) is not scored: the table says how many
+examples were scored and how many failed, with the first errors, and the predictions JSON keeps every error
+record. When every example fails, or more than `--max-failures` of them (default 0.05), the command prints
+the table and exits 1: a metric over a data problem is no result of the model.
 """
 
 from __future__ import annotations
@@ -20,37 +25,56 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import pipeline
 
-from ofa_ufo.data.sources import open_examples
+from ofa_ufo.data.sources import decoding_options, open_examples
 from ofa_ufo.data.specs import TaskSpec, load_spec
-from ofa_ufo.metrics import get_metric
+from ofa_ufo.hf.saved_files import check_saved_model
 from ofa_ufo.tasks import get_task
+from ofa_ufo.tasks.scored_results import DEFAULT_MAX_FAILURES, ScoredResults, check_share, score_results
 
 
-def evaluate(spec: TaskSpec, model: str, limit: int | None = None, output: str | None = None) -> dict[str, float]:
-    """Run the spec's task on its evaluation data and score it; returns the metric values."""
+def evaluate(spec: TaskSpec, model: str, limit: int | None = None, output: str | None = None) -> ScoredResults:
+    """Run the spec's task on its evaluation data and score it: the metric over the examples that got an
+    answer, with the ones that failed counted (their error records stay in the predictions JSON)."""
+    check_saved_model(model)  # a spoilt file is named here, not deep inside the pipeline's model loader
     task = get_task(spec.task)
     examples = list(islice(open_examples(spec.data, spec.task), limit))
     if not examples:
         raise ValueError(f"spec {spec.name!r}: no evaluation examples")
     labels = spec.data.get("labels") or sorted({e["target"] for e in examples if e.get("target")})
+    generation = {**spec.generation, **decoding_options(spec.data)}  # e.g. VQA's answer trie (data.answers)
     pipe = pipeline("ofa-ufo", model=model)
-    predictions, pairs = [], []
+    predictions, results = [], []
     for example in tqdm(examples, desc=f"evaluate {spec.name}", unit="example"):
-        result = pipe(example["image"], task=spec.task, style=spec.prompt_style, on_error="record",  # scored as wrong
-                      **spec.generation, **task.pipeline_call(example, labels))
+        result = pipe(example["image"], task=spec.task, style=spec.prompt_style, on_error="record",  # counted, not scored
+                      **generation, **task.pipeline_call(example, labels))
         predictions.append({"id": example["id"], **result})
-        pairs.append(task.metric_pair(result, example))
-    scores = get_metric(spec.metric)([p for p, _ in pairs], [r for _, r in pairs])
+        results.append(result)
+    scored = score_results(task, spec.metric, examples, results)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps({"spec": spec.name, "scores": scores, "predictions": predictions}, indent=1))
-    return scores
+        Path(output).write_text(json.dumps({"spec": spec.name, "scores": scored.values, "scored": scored.scored,
+                                            "failed": scored.failed, "predictions": predictions}, indent=1))
+    return scored
 
 
-def format_table(spec: TaskSpec, scores: dict[str, float], count: int) -> str:
-    rows = [f"| {spec.name} ({count} examples) | value |", "|---|---|"]
-    rows += [f"| {name} | {value:.4f} |" for name, value in scores.items()]
+def format_table(spec: TaskSpec, scored: ScoredResults) -> str:
+    """The metric over the scored examples, the scored and failed counts, then the first errors."""
+    rows = [f"| {spec.name} ({scored.total} examples) | value |", "|---|---|"]
+    rows += [f"| {name} | {value:.4f} |" for name, value in scored.values.items()] or [f"| {spec.metric} | - |"]
+    rows += [f"| scored | {scored.scored} |", f"| failed | {scored.failed} |"]
+    if scored.failed:
+        shown = f" (the first {len(scored.errors)} below)" if scored.failed > len(scored.errors) else ""
+        rows += ["", f"{scored.failed} of {scored.total} examples failed and are not in the metric{shown}:",
+                 *(f"  {line}" for line in scored.error_lines())]
     return "\n".join(rows)
+
+
+def _share(text: str) -> float:
+    """argparse type of --max-failures: a share in [0, 1]."""
+    try:
+        return check_share(float(text), "--max-failures")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,17 +83,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="a save_pretrained model directory")
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
     parser.add_argument("--output", help="predictions JSON (default: <model>/eval_<spec>.json)")
+    parser.add_argument("--max-failures", type=_share, default=DEFAULT_MAX_FAILURES, metavar="SHARE",
+                        help="the share of examples that may fail (e.g. an unreadable image) before the command "
+                             f"exits 1 (default {DEFAULT_MAX_FAILURES}); every example failing always exits 1")
     args = parser.parse_args(argv)
     spec = load_spec(args.spec)
     output = args.output or str(Path(args.model) / f"eval_{spec.name}.json")
     try:
-        scores = evaluate(spec, args.model, args.limit, output)
-    except (ValueError, FileNotFoundError) as error:
+        scored = evaluate(spec, args.model, args.limit, output)
+    except (ValueError, OSError) as error:  # OSError: a file of the model directory (SavedFileError) or data
         print(f"evaluate: {error}", file=sys.stderr)
         return 1
-    count = len(json.loads(Path(output).read_text())["predictions"])
-    print(format_table(spec, scores, count))
+    print(format_table(spec, scored))
     print(f"predictions written to {output}")
+    problem = scored.problem(args.max_failures)
+    if problem:
+        allow = f" (--max-failures {args.max_failures}): the metric is no result of the model" if scored.scored else ""
+        more = " or allow more with --max-failures" if scored.scored else ""
+        print(f"evaluate: {problem}{allow}; fix the data (every error is in {output}){more}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,11 +1,16 @@
-"""The HF-port / ModelScope converter on a synthetic port-layout state dict (no oracle needed).
+"""The HF-port / ModelScope converter on the official key layout and on synthetic port-layout state dicts
+(no oracle needed).
 
+tests/fixtures/ofa_base_hf_port_keys.json lists every key and shape of the port's OFA-Base `OFAModel`,
+written by tests/fixtures/make_ofa_key_fixtures.py from the port's module definitions (not from our code).
 Numerical parity with ModelScope itself is in test_parity_modelscope.py (oracle marker).
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +19,9 @@ import ofa_ufo
 from ofa_ufo.converters.hf_port import config_from_hf_port, convert_hf_port_state_dict, load_converted_state_dict
 from ofa_ufo.hf.tokenization import DEFAULT_VOCAB_DIR
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))  # the official layouts' generator
+import make_ofa_key_fixtures as official  # noqa: E402
+
 PORT_CONFIG = dict(
     vocab_size=59457, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, resnet_type="resnet50",
@@ -21,6 +29,78 @@ PORT_CONFIG = dict(
     encoder_normalize_before=True, decoder_normalize_before=True, add_type_embedding=True,
     architectures=["OFAModel"], model_type="ofa",
 )
+
+
+# The released Base shape in the port's config names (reference/ofa.md 12.2).
+BASE_PORT_CONFIG = {**PORT_CONFIG, "d_model": 768, "encoder_layers": 6, "decoder_layers": 6,
+                    "encoder_attention_heads": 12, "decoder_attention_heads": 12, "encoder_ffn_dim": 3072,
+                    "decoder_ffn_dim": 3072, "resnet_type": "resnet101"}
+# Official keys the converters drop on purpose (reference/ofa.md 12.3): the index tables we rebuild
+# (fairseq's image_position_idx even differs in length from the port's), and the two aliases of the
+# shared token table, which must equal it and become ties of model.shared.weight.
+DROPPED = {"encoder.token_rp_bucket", "encoder.image_rp_bucket", "decoder.token_rp_bucket", "decoder.image_rp_bucket",
+           "decoder.image_position_idx", "decoder.embed_tokens.weight", "decoder.output_projection.weight"}
+
+
+def port_target(key: str) -> str | None:
+    """Where the reference puts a port key in our model: under `model.`, the shared table as `model.shared`."""
+    if key in DROPPED:
+        return None
+    return "model.shared.weight" if key == "encoder.embed_tokens.weight" else f"model.{key}"
+
+
+def our_layout(config) -> dict[str, tuple[int, ...]]:
+    """Our model's state-dict keys and shapes for `config` (built on the meta device), leaving out the names
+    that are ties of `model.shared.weight` (found by identity, as the model builds them)."""
+    with torch.device("meta"):
+        model = ofa_ufo.OFAUFOForConditionalGeneration(config)
+    shared = model.model.shared.weight
+    state = model.state_dict(keep_vars=True)
+    return {key: tuple(value.shape) for key, value in state.items()
+            if key == "model.shared.weight" or value is not shared}
+
+
+def assert_converted_exactly(
+    converted: dict[str, torch.Tensor], source: dict[str, torch.Tensor], config, target_of
+) -> None:
+    """`converted` has exactly our model's keys and shapes, and each tensor is the one of the official key
+    that `target_of` (the reference's mapping) sends there; only keys mapped to None are absent.
+
+    `source` comes from `official.constant_state_dict`: one distinct value per key, read back at [0, ..., 0]."""
+    first = lambda tensor: tensor[(0,) * tensor.dim()].item()  # noqa: E731
+    assert {key: tuple(value.shape) for key, value in converted.items()} == our_layout(config)
+    landed = {}
+    for key, tensor in source.items():
+        target = target_of(key)
+        if target is None:
+            continue
+        assert target in converted, f"{key}: expected at {target}"
+        assert first(converted[target]) == first(tensor), f"{key} did not land at {target}"
+        landed[target] = key
+    assert set(landed) == set(converted), sorted(set(converted) - set(landed))
+
+
+def test_fixtures_are_what_their_generator_writes():
+    """The checked-in layouts equal the generator's rules, whose key counts match the published ones."""
+    counts = {name: len(official.hf_port_keys(size)) for name, size in official.SIZES.items()}
+    assert counts == official.PUBLISHED_HF_PORT_KEY_COUNTS
+    base = official.SIZES["base"]
+    for name, rules in (("fairseq", official.fairseq_keys), ("hf_port", official.hf_port_keys)):
+        assert official.load_layout(name) == {key: tuple(shape) for key, shape in rules(base).items()}, name
+
+
+def test_official_base_layout_converts_exactly():
+    """Every key of the port's OFA-Base state dict (965, buffers included) lands where the reference says,
+    or is one of the documented drops; the result is exactly our Base model's state dict."""
+    layout = official.load_layout("hf_port")
+    assert len(layout) == official.PUBLISHED_HF_PORT_KEY_COUNTS["base"]
+    source = official.constant_state_dict(layout)
+    config = config_from_hf_port(BASE_PORT_CONFIG)
+    converted = convert_hf_port_state_dict(source, config)
+    assert_converted_exactly(converted, source, config, port_target)
+    assert converted["model.encoder.layers.0.self_attn_mid_layer_norm.weight"] is source[
+        "encoder.layers.0.self_attn_mid_layer_norm.weight"]
+    assert converted["model.shared.weight"] is source["encoder.embed_tokens.weight"]
 
 
 def port_state_dict(model: ofa_ufo.OFAUFOForConditionalGeneration) -> dict[str, torch.Tensor]:
@@ -110,6 +190,7 @@ def test_command_writes_loadable_checkpoint(port, tmp_path):
     loaded = ofa_ufo.OFAUFOForConditionalGeneration.from_pretrained(target).eval()
     processor = ofa_ufo.OFAUFOProcessor.from_pretrained(target)
     assert processor.box_mode == "ofa" and processor.image_processor.size == 64
+    assert loaded.generation_config.fairseq_max_len_eos is True  # OFA's decoding rule (test_fairseq_decoding.py)
     ids = torch.tensor([[0, 10, 11, 2]])
     with torch.no_grad():
         a = model(input_ids=ids, decoder_input_ids=ids[:, :2], use_cache=False).logits

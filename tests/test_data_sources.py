@@ -26,6 +26,7 @@ DATASETS = {
     "ofa_tsv": ({"input": "caption.tsv", "layout": "caption"}, "caption"),
     "coco_captions": ({"input": "captions.json", "images": IMAGES}, "caption"),
     "coco_instances": ({"input": "instances.json", "images": IMAGES}, "detection"),
+    "coco_karpathy": ({"input": "dataset_coco.json", "images": str(EXAMPLES)}, "caption"),
     "vqa_v2": ({"input": "vqa_questions.json", "annotations": "vqa_annotations.json", "images": IMAGES}, "vqa"),
     "refcoco": ({"input": "refs.json", "annotations": "instances.json", "images": IMAGES}, "grounding"),
     "image_folder": ({"input": "image_folder"}, "classification"),

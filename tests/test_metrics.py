@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -123,6 +124,24 @@ def test_wrong_captions_score_zero() -> None:
     references = [[c] for c in CAPTIONS]
     assert get_metric("cider")(predictions, references) == {"cider": 0.0}
     assert get_metric("bleu4")(predictions, references)["bleu4"] == pytest.approx(0.0, abs=1e-6)
+
+
+@needs_java
+def test_partial_captions_by_hand() -> None:
+    """ROUGE-L: each image's F-measure (beta 1.2) of LCS precision and recall, averaged over images.
+    BLEU-4: geometric mean of the clipped 1..4-gram precisions times the brevity penalty."""
+    predictions = ["A man riding a bicycle.", CAPTIONS[1], "a plate of rice"]
+
+    def rouge_f(precision: float, recall: float) -> float:
+        return (1 + 1.2**2) * precision * recall / (recall + 1.2**2 * precision)
+
+    # LCS 5 of 5 predicted and 9 reference words; identical; "a plate of": 3 of 4 and of 9
+    expected = (rouge_f(1.0, 5 / 9) + 1.0 + rouge_f(3 / 4, 3 / 9)) / 3
+    assert get_metric("rouge_l")(predictions, [[c] for c in CAPTIONS]) == {"rouge_l": pytest.approx(expected)}
+    # 8 words against 9: 1-grams 8/8, 2-grams 6/7 ("a bicycle" is not in the reference), 3-grams 4/6,
+    # 4-grams 2/5 ("a man riding a", "bicycle down the street"); brevity penalty exp(1 - 9/8)
+    bleu = get_metric("bleu4")(["a man riding a bicycle down the street"], [[CAPTIONS[0]]])["bleu4"]
+    assert bleu == pytest.approx(math.exp(1 - 9 / 8) * (1 * 6 / 7 * 4 / 6 * 2 / 5) ** 0.25, rel=1e-6)
 
 
 def test_caption_input_errors() -> None:

@@ -17,10 +17,11 @@ transformers 4 API and is not used. Settings are matched as follows:
 setting                ModelScope SequenceGenerator             ours (HF generate)
 =====================  =======================================  ===========================================
 beams                  beam_size=1 / 5                          num_beams=1 / 5 (no sampling)
-length                 max_len_a=0, max_len_b=N: at step N all  max_new_tokens=N+1 and FairseqMaxLenEOS:
-                       tokens but EOS get -inf; EOS keeps its   the same masking at the last position.
-                       log-prob (it counts in the score)        (HF's forced_eos_token_id would set EOS's
-                                                                log-prob to 0 and rank beams differently)
+length                 max_len_a=0, max_len_b=N: at step N all  max_new_tokens=N+1 and the library option
+                       tokens but EOS get -inf; EOS keeps its   fairseq_max_len_eos=True (ofa_ufo.generation.
+                       log-prob (it counts in the score)        fairseq_rules): the same masking at the last
+                                                                position. (HF's forced_eos_token_id would set
+                                                                EOS's log-prob to 0 and rank beams differently)
 min length             min_len=0                                min_new_tokens=0
 score normalisation    score / len (len_penalty=1, len incl.    length_penalty=1.0 (same length count)
                        EOS)
@@ -36,12 +37,9 @@ is compared token for token, EOS included.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessorList
 
 pytestmark = pytest.mark.oracle
 pytest.importorskip("modelscope")
@@ -264,29 +262,11 @@ def _fairseq_generate(reference, ids, pixels, image_mask, beams: int) -> list[li
     return [hypos[0]["tokens"].tolist() for hypos in finalized]
 
 
-class FairseqMaxLenEOS:
-    """Logits processor: at the last allowed position only EOS survives, with its own log-prob.
-
-    This is what fairseq's SequenceGenerator does at step == max_len; transformers'
-    ForcedEOSTokenLogitsProcessor instead sets EOS's score to 0, which drops log p(EOS) from the
-    final beam scores and can pick a different best hypothesis (seen on Base: 2/10 differed)."""
-
-    def __init__(self, max_length: int):
-        self.max_length = max_length
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[-1] == self.max_length - 1:
-            eos = scores[:, EOS].clone()
-            scores = torch.full_like(scores, -math.inf)
-            scores[:, EOS] = eos
-        return scores
-
-
 def _our_generate(ours, ids, mask, pixels, image_mask, beams: int) -> list[list[int]]:
     out = ours.generate(
         input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask,
         num_beams=beams, do_sample=False, max_new_tokens=MAX_LEN + 1, min_new_tokens=0,
-        logits_processor=LogitsProcessorList([FairseqMaxLenEOS(1 + MAX_LEN + 1)]), length_penalty=1.0, early_stopping=True, no_repeat_ngram_size=3,
+        fairseq_max_len_eos=True, length_penalty=1.0, early_stopping=True, no_repeat_ngram_size=3,
         suppress_tokens=[PAD], num_return_sequences=1,
     )
     results = []

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import pipeline
+from transformers import LogitsProcessorList, pipeline
 from transformers.pipelines.pt_utils import KeyDataset
 
 import ofa_ufo
 from ofa_ufo import ImageLoadError
+from ofa_ufo.generation.constraints import BanTokenRangeLogitsProcessor, BoxSequenceLogitsProcessor
 from ofa_ufo.generation.settings import check_generation_settings
 from ofa_ufo.tasks import FREE_PROMPT, get_task
 
@@ -32,7 +33,7 @@ def photos():
     return [Image.fromarray(rng.integers(0, 255, (40 + 10 * i, 70 - 5 * i, 3), dtype=np.uint8)) for i in range(4)]
 
 
-def test_pipeline_after_import_in_fresh_process(tiny_checkpoint, tmp_path):
+def test_pipeline_after_import_in_fresh_process(pipe, tiny_checkpoint, tmp_path):
     image_path = tmp_path / "photo.png"
     Image.new("RGB", (50, 30), (200, 10, 10)).save(image_path)
     code = (
@@ -44,26 +45,91 @@ def test_pipeline_after_import_in_fresh_process(tiny_checkpoint, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     answer = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(answer) == {"text", "score"} and 0.0 <= answer["score"] <= 1.0
+    here = pipe(str(image_path), task="caption", max_new_tokens=4)  # registered and loaded the same way
+    assert set(answer) == {"text", "score"} and answer["text"] == here["text"]
+    assert answer["score"] == pytest.approx(here["score"], rel=1e-4)
+
+
+# ---- answers against model.generate with the task's settings (prompts as in prompts/ofa.json) ---
+
+START, EOS = 0, 2
+
+
+def _model_inputs(processor, image, prompt: str) -> dict[str, torch.Tensor]:
+    inputs = processor(images=None if image is None else [image], text=[prompt], return_tensors="pt")
+    keys = ("input_ids", "attention_mask") if image is None else ("input_ids", "attention_mask", "pixel_values",
+                                                                  "image_mask")
+    return {key: inputs[key] for key in keys}
+
+
+def _answer(model, inputs: dict[str, torch.Tensor], processors: list, **settings) -> tuple[list[int], float]:
+    """(answer tokens after <s>, </s> excluded; probability of the answer and its </s>, teacher forced over
+    the whole vocabulary) of `model.generate`'s best sequence."""
+    with torch.no_grad():
+        sequence = model.generate(**inputs, logits_processor=LogitsProcessorList(processors), **settings)[0].tolist()
+        tokens = sequence[1:sequence.index(EOS) + 1] if EOS in sequence else sequence[1:]
+        logits = model(**inputs, decoder_input_ids=torch.tensor([[START, *tokens[:-1]]])).logits[0]  # (T, V)
+    logp = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None]).sum()
+    return [t for t in tokens if t != EOS], float(logp.exp())
+
+
+def _no_codes_or_bins(tokenizer) -> BanTokenRangeLogitsProcessor:
+    return BanTokenRangeLogitsProcessor(tokenizer.convert_tokens_to_ids("<code_0>"))
 
 
 def test_task_outputs_are_json_ready(pipe, photos):
-    caption = pipe(photos[0], task="caption", max_new_tokens=5)
-    vqa = pipe(photos[0], task="vqa", text="What color is the square")
-    free = pipe(photos[0], prompt=" what is in the corner?", max_new_tokens=5)
-    grounding = pipe(photos[1], task="grounding", text="the red circle")
-    for result in (caption, vqa, free, grounding):
-        json.dumps(result)
-    assert 0.0 <= caption["score"] <= 1.0 and isinstance(caption["text"], str)
-    assert set(grounding) == {"boxes", "labels", "scores"}
-    (x0, y0, x1, y1), (w, h) = grounding["boxes"][0], photos[1].size
-    assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h
-    assert grounding["labels"] == ["the red circle"] and 0.0 <= grounding["scores"][0] <= 1.0
+    results = [pipe(photos[0], task="caption", max_new_tokens=5), pipe(photos[0], task="vqa", text="What is it"),
+               pipe(photos[0], prompt=" what is in the corner?", max_new_tokens=5),
+               pipe(photos[1], task="grounding", text="the red circle")]
+    for result in results:
+        assert json.loads(json.dumps(result)) == result
 
 
-def test_text_only_prompt(pipe):
-    result = pipe(None, prompt=" what is the complete text of \" a red <mask> \"?", max_new_tokens=4)
-    assert isinstance(result["text"], str)
+@pytest.mark.parametrize("task, text, prompt, settings", [
+    ("caption", None, " what does the image describe?", dict(num_beams=5, max_new_tokens=5, no_repeat_ngram_size=3)),
+    ("vqa", "What color is the square", " what color is the square?",
+     dict(num_beams=5, min_new_tokens=1, max_new_tokens=8, length_penalty=0.0)),
+])
+def test_text_answer_is_what_generate_gives(pipe, model, processor, photos, task, text, prompt, settings):
+    """OFA's prompt, beam 5, no code or bin tokens: the decoded text of generate's best sequence,
+    scored by its probability (answer tokens and </s>)."""
+    call = {"text": text} if text else {"max_new_tokens": settings["max_new_tokens"]}
+    result = pipe(photos[0], task=task, **call)
+    tokens, probability = _answer(model, _model_inputs(processor, photos[0], prompt),
+                                  [_no_codes_or_bins(processor.tokenizer)], **settings)
+    assert tokens and set(result) == {"text", "score"}
+    assert result["text"] == processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    assert result["score"] == pytest.approx(probability, rel=1e-3)
+
+
+def test_grounding_box_is_what_generate_gives(pipe, model, processor, photos):
+    """Beam 5 constrained to four bins (x0 < x1, y0 < y1) then </s>, or " none": the bins back in
+    pixels of the original image (normalised mode: bin / 999 x side), scored by their probability."""
+    tokenizer, (width, height) = processor.tokenizer, photos[1].size
+    first_bin = tokenizer.convert_tokens_to_ids("<bin_0>")
+    none_id, = tokenizer(" none", add_special_tokens=False).input_ids
+    constraint = BoxSequenceLogitsProcessor(first_bin, first_bin + 1000, EOS, 1, none_id)
+    prompt = ' which region does the text " the red circle " describe?'
+    tokens, probability = _answer(model, _model_inputs(processor, photos[1], prompt), [constraint], num_beams=5,
+                                  max_new_tokens=5)
+    result = pipe(photos[1], task="grounding", text="the red circle")
+    assert len(tokens) == 4, tokens  # a box, not " none": the comparison has something to see
+    assert set(result) == {"boxes", "labels", "scores"}
+    x0, y0, x1, y1 = (t - first_bin for t in tokens)
+    expected = [round(x0 / 999 * width, 2), round(y0 / 999 * height, 2), round(x1 / 999 * width, 2),
+                round(y1 / 999 * height, 2)]
+    assert result["boxes"] == [pytest.approx(expected, abs=0.006)] and result["labels"] == ["the red circle"]
+    assert result["scores"] == [pytest.approx(probability, rel=1e-3)]
+
+
+def test_text_only_prompt(pipe, model, processor):
+    prompt = " what is the complete text of \" a red <mask> \"?"
+    result = pipe(None, prompt=prompt, max_new_tokens=4)
+    tokens, probability = _answer(model, _model_inputs(processor, None, prompt),
+                                  [_no_codes_or_bins(processor.tokenizer)], num_beams=5, max_new_tokens=4,
+                                  no_repeat_ngram_size=3)
+    assert tokens and result["text"] == processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    assert result["score"] == pytest.approx(probability, rel=1e-3)
 
 
 def test_batch_returns_one_result_per_input_in_order(pipe, photos):

@@ -90,27 +90,33 @@ def _allowed(processor, ids):
 
 
 def test_box_sequence_constraint():
-    bins = list(range(20, 30))
+    corners = list(range(20, 29))  # x0 / y0: any bin but the last, so that x1 > x0 and y1 > y0 can follow
     proc = BoxSequenceLogitsProcessor(20, 30, eos_token_id=2, max_boxes=2, none_token_id=7)
-    assert _allowed(proc, []) == [7] + bins
+    assert _allowed(proc, []) == [7] + corners
     assert _allowed(proc, [7]) == [2]
-    assert _allowed(proc, [21, 22]) == bins
-    assert _allowed(proc, [21, 22, 23, 24]) == [2] + bins
+    assert _allowed(proc, [21]) == corners
+    assert _allowed(proc, [21, 22]) == list(range(22, 30))  # x1 > x0 = 21
+    assert _allowed(proc, [21, 22, 23]) == list(range(23, 30))  # y1 > y0 = 22
+    assert _allowed(proc, [28, 28, 29]) == [29]
+    assert _allowed(proc, [21, 22, 23, 24]) == [2] + corners
+    assert _allowed(proc, [21, 22, 23, 24, 25, 26]) == list(range(26, 30))  # the second box: x1 > 25
     assert _allowed(proc, [21, 22, 23, 24, 25, 26, 27, 28]) == [2]
 
 
 def test_detection_constraint_with_label_trie():
     trie = ofa_ufo.generation.Trie([[10, 11, 2], [12, 2]])
     proc = DetectionLogitsProcessor(20, 30, eos_token_id=2, text_end=15, special_ids=[0, 1, 2, 3], label_trie=trie)
-    bins = list(range(20, 30))
-    assert _allowed(proc, []) == [2] + bins
-    assert _allowed(proc, [21, 22, 23]) == bins
+    corners = list(range(20, 29))  # x0 / y0 leave room for x1 > x0, y1 > y0
+    assert _allowed(proc, []) == [2] + corners
+    assert _allowed(proc, [21, 22]) == list(range(22, 30))  # x1 > x0 = 21
+    assert _allowed(proc, [21, 22, 23]) == list(range(23, 30))  # y1 > y0 = 22
     assert _allowed(proc, [21, 22, 23, 24]) == [10, 12]
     assert _allowed(proc, [21, 22, 23, 24, 10]) == [11]
-    assert _allowed(proc, [21, 22, 23, 24, 10, 11]) == [2] + bins
+    assert _allowed(proc, [21, 22, 23, 24, 10, 11]) == [2] + corners
+    assert _allowed(proc, [21, 22, 23, 24, 10, 11, 25, 27]) == list(range(26, 30))  # the second box: x1 > 25
     free = DetectionLogitsProcessor(20, 30, eos_token_id=2, text_end=15, special_ids=[0, 1, 2, 3])
     assert _allowed(free, [21, 22, 23, 24]) == list(range(4, 15))
-    assert _allowed(free, [21, 22, 23, 24, 9]) == [2] + list(range(4, 15)) + bins
+    assert _allowed(free, [21, 22, 23, 24, 9]) == [2] + list(range(4, 15)) + corners
 
 
 def test_detection_parsing_scores_and_dedupe(processor):
@@ -181,3 +187,75 @@ def test_real_photos_smoke_every_task(pipe, task):
         assert set(result) == CALLS[task][1], result
         prediction, reference = spec.metric_pair(result, example)
         assert reference is not None
+
+
+def test_text_tasks_ban_codes_and_bins(model, processor):
+    """Caption / VQA / grounded caption / text infill / free prompts decode text only: every id from the
+    first <code_N> on is -inf (the free prompt lifts the ban on request)."""
+    config, tok = model.config, processor.tokenizer
+    scores = torch.zeros(2, config.vocab_size)
+    for name, options in [("caption", {}), ("vqa", {}), ("grounded_caption", {}), ("text_infill", {}), ("prompt", {})]:
+        (ban,) = get_task(name).generate_kwargs(config, tok, options)["logits_processor"]
+        kept = torch.isfinite(ban(torch.zeros(2, 1, dtype=torch.long), scores))
+        assert kept[:, : config.code_offset].all() and not kept[:, config.code_offset :].any(), name
+    assert "logits_processor" not in get_task("prompt").generate_kwargs(config, tok, {"text_only": False})
+
+
+def test_callers_logits_processor_runs_after_the_task_constraints(pipe, photo, model):
+    seen = []
+
+    def record(input_ids, scores):
+        seen.append(torch.isfinite(scores[:, model.config.code_offset :]).any().item())
+        return scores
+
+    pipe(photo, task="caption", max_new_tokens=3, num_beams=1, logits_processor=[record])
+    assert seen and not any(seen)  # the ban ran before the caller's processor, and still runs
+
+
+def _detection_tokens(tok, objects):
+    """(tokens, logprobs) of `<bin>x4 label` objects given as (bins, label, label probability)."""
+    tokens, logprobs = [], []
+    for bins, label, probability in objects:
+        ids = tok(" " + label, add_special_tokens=False)["input_ids"]
+        tokens += [tok.bin_offset + b for b in bins] + ids
+        logprobs += [0.0] * 4 + [float(np.log(probability))] + [0.0] * (len(ids) - 1)
+    return Decoded(tokens, logprobs)
+
+
+def test_detection_nms_option_and_degenerate_boxes(processor):
+    """Bins on a 1000 x 1000 image: [0,0,499,499] -> [0,0,499.5,499.5]; [0,0,499,249] -> [0,0,499.5,249.25],
+    IoU 249.25 / 499.5 = 0.499 with the first; [500,500,500,600] has no width."""
+    tok, task = processor.tokenizer, get_task("detection")
+    decoded = _detection_tokens(tok, [([0, 0, 499, 499], "red circle", 0.9), ([0, 0, 499, 249], "red circle", 0.7),
+                                      ([0, 0, 499, 249], "blue star", 0.6), ([500, 500, 500, 600], "red circle", 0.8)])
+    meta = dict(original_size=(1000, 1000), input_size=(64, 64), box_codec=processor.box_codec, text=None)
+    default = task.answer(decoded, tok, {**meta, "options": {}})
+    assert default["labels"] == ["red circle", "red circle", "blue star"]  # 0.499 <= 0.7; the flat box dropped
+    strict = task.answer(decoded, tok, {**meta, "options": {"nms_iou": 0.3}})
+    assert strict["labels"] == ["red circle", "blue star"] and strict["scores"] == pytest.approx([0.9, 0.6])
+    assert strict["boxes"] == [[0.0, 0.0, 499.5, 499.5], [0.0, 0.0, 499.5, 249.25]]  # class-aware: blue star kept
+
+
+def test_grounding_drops_repeated_and_flat_boxes(processor):
+    tok, task = processor.tokenizer, get_task("grounding")
+    boxes = [[0, 0, 499, 499], [600, 600, 999, 999], [1, 1, 499, 499], [700, 700, 700, 800]]
+    tokens = [tok.bin_offset + b for box in boxes for b in box]
+    probabilities = (0.5, 0.9, 0.8, 0.9)  # one per box, carried by its first bin
+    logprobs = [float(np.log(probabilities[i // 4])) if i % 4 == 0 else 0.0 for i in range(16)]
+    meta = dict(original_size=(1000, 1000), input_size=(64, 64), box_codec=processor.box_codec, text="the circles")
+    result = task.answer(Decoded(tokens, logprobs), tok, {**meta, "options": {}})
+    # box 3 repeats box 1 (IoU 0.996) with a better score: box 1 goes; box 4 is flat; the order generated stays
+    assert result["boxes"] == [[600.6, 600.6, 1000.0, 1000.0], [1.0, 1.0, 499.5, 499.5]]
+    assert result["scores"] == pytest.approx([0.9, 0.8]) and result["labels"] == ["the circles"] * 2
+
+
+@pytest.mark.parametrize("value, error", [("high", TypeError), (True, TypeError), (1.5, ValueError)])
+def test_bad_nms_iou_fails_the_call(pipe, photo, value, error):
+    with pytest.raises(error, match="nms_iou must be"):
+        pipe(photo, task="detection", nms_iou=value)
+
+
+def test_closed_set_answers_come_back_as_written(pipe, photo):
+    labels = ["Red Star", "circle"]
+    result = pipe(photo, task="classification", labels=labels, top_k=2)
+    assert result["label"] in labels and {r["label"] for r in result["top_k"]} == set(labels)

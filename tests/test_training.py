@@ -690,13 +690,24 @@ def test_stem_warmup_trains_only_the_stem_and_is_reported(tmp_path):
         for name, param in warm.unwrapped.named_parameters():
             assert torch.equal(param, initial[name]) != name.startswith("model.encoder.embed_images."), name
         warm.fit()
+    from ofa_ufo.data.demo_scenes import DemoScenes, detection_labels
+    from ofa_ufo.training.stem_warmup import HELD_OUT, cell_labels
+
     report = json.loads((tmp_path / "warm" / "metrics.json").read_text())["stem_warmup"]
-    assert report["images"] == 64 and 0 <= report["object_cell_accuracy"] <= 1
     stem_grid = config.model_overrides["image_size"] // 16
-    assert report["label_grid"] == 2 * stem_grid  # each stem cell labelled as 2 x 2 sub-cells
-    assert 0 <= report["background_cell_accuracy"] <= 1 and math.isfinite(report["final_loss"])
+    assert report["images"] == 64 and report["label_grid"] == 2 * stem_grid  # each stem cell as 2 x 2 sub-cells
+    assert math.isfinite(report["final_loss"])
+    # each accuracy is a whole number of the held-out scenes' object (or background) cells, counted here
+    scenes = DemoScenes("stem_warmup_eval", HELD_OUT, seed=config.seed, max_objects=config.demo_max_objects,
+                        object_size=config.demo_object_size)
+    labels = np.stack([cell_labels(scenes[i], report["label_grid"], detection_labels()) for i in range(HELD_OUT)])
+    objects = int((labels != len(detection_labels())).sum())
+    for name, cells in (("object_cell_accuracy", objects), ("shape_cell_accuracy", objects),
+                        ("colour_cell_accuracy", objects), ("background_cell_accuracy", labels.size - objects)):
+        hits = report[name] * cells
+        assert 0 <= round(hits) <= cells and abs(hits - round(hits)) < 1e-2, (name, report[name], cells)
     for part in ("shape_cell_accuracy", "colour_cell_accuracy"):  # a right label has both parts right
-        assert report["object_cell_accuracy"] <= report[part] <= 1
+        assert report["object_cell_accuracy"] <= report[part]
 
 
 def test_checkpoint_rename_is_synced_with_its_directory(tmp_path, monkeypatch):

@@ -2,8 +2,9 @@
 
 The file is read with `torch.load(weights_only=True)` and an explicit allow-list (argparse's
 Namespace, and omegaconf's containers when omegaconf is installed): a pickle that would run
-code is refused, never executed. Weights are renamed to the HF-port layout (five renames,
-reference/ofa.md 12.3) and then converted like an HF-port checkpoint.
+code is refused, never executed. Weights are renamed to the HF-port layout (the renames of
+reference/ofa.md 12.3; `encoder.version` / `decoder.version` dropped) and then converted like an
+HF-port checkpoint; tests/test_convert_fairseq.py pins this on the released OFA-Base key list.
 
     python -m ofa_ufo.converters.fairseq --input ofa_base.pt --vocab vocab.json --merges merges.txt --output DIR
 """
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from ofa_ufo.converters.hf_port import config_from_hf_port, convert_hf_port_state_dict, save_converted
+from ofa_ufo.hf.configuration import OFAUFOConfig
 
 # fairseq name piece -> HF-port name piece; order matters (the longer encoder_attn name first).
 RENAMES = (
@@ -39,7 +41,15 @@ ARG_FIELDS = {
     "resnet_type": "resnet_type", "token_bucket_size": "token_bucket_size",
     "image_bucket_size": "image_bucket_size", "attn_scale_factor": "attn_scale_factor",
     "max_source_positions": "max_position_embeddings", "code_image_size": "code_image_size",
+    # architecture switches with the same name in the port's config (config_from_hf_port refuses other values)
+    **{name: name for name in (
+        "encoder_normalize_before", "decoder_normalize_before", "layernorm_embedding", "patch_layernorm_embedding",
+        "code_layernorm_embedding", "add_type_embedding", "share_decoder_input_output_embed",
+        "entangle_position_embedding")},
 }
+# fairseq flags of OFA's released NormFormer setting (every run script passes them): without them the
+# checkpoint lacks the mid/FFN LayerNorms or the head scales that our layers always have.
+REQUIRED_FLAGS = ("scale_attn", "scale_fc", "scale_heads")
 
 
 def allowed_globals() -> list:
@@ -95,18 +105,32 @@ def settings(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 
 def config_dict(args: Mapping[str, Any], vocab_size: int) -> dict[str, Any]:
     """HF-port style config fields from fairseq arguments (OFA's released NormFormer setting)."""
+    off = [f"--{flag.replace('_', '-')}" for flag in REQUIRED_FLAGS if args.get(flag) is False]
+    if off:
+        raise ValueError(f"fairseq checkpoint trained without {', '.join(off)} (args.{'/'.join(REQUIRED_FLAGS)} "
+                         "must be True, OFA's released NormFormer setting): not supported")
     fields = {field: args[arg] for arg, field in ARG_FIELDS.items() if args.get(arg) is not None}
+    if args.get("no_scale_embedding") is not None:
+        fields["scale_embedding"] = not args["no_scale_embedding"]
     return {**fields, "vocab_size": vocab_size}
+
+
+def load_fairseq_checkpoint(path: str | Path, image_size: int = 384) -> tuple[OFAUFOConfig, dict[str, torch.Tensor]]:
+    """Our config and state dict for a fairseq `.pt`, checked key by key against that config's model."""
+    checkpoint = read_checkpoint(path)
+    state_dict = fairseq_to_hf_port(checkpoint["model"])
+    if "encoder.embed_tokens.weight" not in state_dict:
+        raise ValueError(f"{path}: 'model' has no encoder.embed_tokens.weight: not an OFA fairseq checkpoint")
+    vocab_size = state_dict["encoder.embed_tokens.weight"].shape[0]
+    config = config_from_hf_port(config_dict(settings(checkpoint), vocab_size), image_size=image_size)
+    return config, convert_hf_port_state_dict(state_dict, config)
 
 
 def convert_fairseq_checkpoint(path: str | Path, vocab_file: str | Path, merges_file: str | Path,
                                output_dir: str | Path, image_size: int = 384):
     """Convert a fairseq `.pt` into a `save_pretrained` directory; returns model and processor."""
-    checkpoint = read_checkpoint(path)
-    state_dict = fairseq_to_hf_port(checkpoint["model"])
-    vocab_size = state_dict["encoder.embed_tokens.weight"].shape[0]
-    config = config_from_hf_port(config_dict(settings(checkpoint), vocab_size), image_size=image_size)
-    return save_converted(config, convert_hf_port_state_dict(state_dict, config), vocab_file, merges_file, output_dir)
+    config, converted = load_fairseq_checkpoint(path, image_size)
+    return save_converted(config, converted, vocab_file, merges_file, output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

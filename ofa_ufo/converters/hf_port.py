@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file
 
+from ofa_ufo.generation.fairseq_rules import with_fairseq_rules
 from ofa_ufo.hf.configuration import RESNET_LAYERS, OFAUFOConfig
 from ofa_ufo.hf.image_processing import OFAUFOImageProcessor
 from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
@@ -224,7 +225,8 @@ def convert_hf_port_checkpoint(input_dir: str | Path, output_dir: str | Path, im
 
 def save_converted(config: OFAUFOConfig, converted: Mapping[str, torch.Tensor], vocab_file: str | Path,
                    merges_file: str | Path, output_dir: str | Path):
-    """Load converted weights into a model, build OFA's tokenizer, check they agree, save both."""
+    """Load converted weights into a model, build OFA's tokenizer, check they agree, save both; the saved
+    generation config turns on OFA's length-limit rule (`fairseq_max_len_eos`)."""
     tokenizer = build_tokenizer(vocab_file, merges_file, num_codes=OFA_NUM_CODES, num_bins=OFA_NUM_BINS)
     layout = (len(tokenizer), tokenizer.code_offset, tokenizer.bin_offset)
     if layout != (config.vocab_size, config.code_offset, config.bin_offset):
@@ -237,6 +239,7 @@ def save_converted(config: OFAUFOConfig, converted: Mapping[str, torch.Tensor], 
     model = OFAUFOForConditionalGeneration(config)
     load_converted_state_dict(model, converted)
     model.eval()
+    model.generation_config = with_fairseq_rules(model.generation_config)  # OFA's beams through generate
     processor = OFAUFOProcessor(
         image_processor=OFAUFOImageProcessor(size=config.image_size), tokenizer=tokenizer, box_mode="ofa",
         max_image_size=config.max_image_size,

@@ -9,13 +9,14 @@ turning them into prompts is the task layer's job.
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ofa_ufo.data.demo_scenes import COLORS, NUMBER_WORDS, POSITION_WORDS, SHAPES, Scene, SceneObject
+from ofa_ufo.data.demo_scenes import COLORS, NUMBER_WORDS, POSITION_WORDS, SHAPES, DemoScenes, Scene, SceneObject
 from ofa_ufo.tasks import list_tasks
 
 VQA_TEMPLATES: dict[str, str] = {
@@ -131,7 +132,7 @@ def grounding_example(
     draw nothing extra from `rng`; a scene without a group falls back to one object.
     """
     if not (0 <= multi_prob and 0 <= none_prob and multi_prob + none_prob <= 1):
-        raise ValueError(f"need probabilities summing to <= 1, got {multi_prob}, {none_prob}")
+        raise ValueError(f"multi_prob and none_prob must be >= 0 and sum to <= 1, got {multi_prob}, {none_prob}")
     draw = rng.random() if multi_prob or none_prob else 1.0
     groups = _groups(scene)
     if draw < none_prob:
@@ -306,7 +307,29 @@ def make_examples(
     """
     builders = {**_BUILDERS, **_IMAGE_TARGET_BUILDERS}
     options = options or {}
-    unknown = [t for t in (*tasks, *options) if t not in builders]
+    unknown = list(dict.fromkeys(t for t in (*tasks, *options) if t not in builders))
     if unknown:
         raise KeyError(f"unknown demo tasks {unknown}; known: {list(builders)}")
     return [builders[t](scene, rng, **options.get(t, {})) for t in tasks]
+
+
+def check_demo_options(options: Mapping[str, Mapping[str, Any]]) -> None:
+    """ValueError naming the task and the problem when `options` (as `make_examples` takes them) names a
+    task scenes make no examples of, a keyword its builder does not take, or a value it refuses; tried
+    on one generated scene, so a training config fails when it is read rather than at its first draw."""
+    if not options:
+        return
+    builders = {**_BUILDERS, **_IMAGE_TARGET_BUILDERS}
+    scene, rng = DemoScenes("check", 1)[0], np.random.default_rng(0)
+    for task, kwargs in options.items():
+        if task not in builders:
+            raise ValueError(f"no demo examples for task {task!r}; tasks with demo examples: {list(builders)}")
+        accepted = list(inspect.signature(builders[task]).parameters)[2:]  # after (scene, rng)
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise ValueError(f"task {task!r}: unknown demo option(s) {unknown}; its demo examples take "
+                             f"{accepted or 'no options'}")
+        try:
+            make_examples(scene, rng, (task,), {task: kwargs})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"task {task!r}: {error}") from None

@@ -5,7 +5,8 @@ One registry, :data:`SOURCES`, holds the dataset formats read from disk (a spec'
 --format coco_captions --input ... --images ...``) and the generated demo sources
 (``data: {source: demo_scenes}``). :func:`open_examples` opens a spec's ``data:`` mapping for the
 ``train`` or ``val`` split; evaluation, training and the convert command all read data through this
-module. Paths in a spec may use environment variables (``${COCO_ROOT}``).
+module. Paths in a spec may use environment variables (``${COCO_ROOT}``). :func:`decoding_options`
+gives what a spec's data add to decoding: the closed answer set of ``answers:`` (VQA v2's 3,129).
 
 A source that cannot be opened raises :class:`DataSourceError` (a ``ValueError``) naming the format
 or source, the option or file at fault and the form expected; bad rows raise the loaders'
@@ -17,7 +18,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -26,15 +28,17 @@ from ofa_ufo.data.demo_examples import make_examples
 from ofa_ufo.data.demo_identities import DemoIdentities, held_out_examples
 from ofa_ufo.data.demo_scenes import DEFAULT_OBJECT_SIZE, DemoScenes
 from ofa_ufo.data.loaders import (
-    TSV_LAYOUTS, LoadReport, load_coco_captions, load_coco_instances, load_hf_dataset, load_identity_folder,
-    load_image_folder, load_jsonl, load_lfw_pairs, load_market1501, load_msmt17, load_ofa_tsv, load_refcoco,
-    load_snli_ve, load_sop, load_veri776, load_vqa_v2,
+    KARPATHY_UNITS, TSV_LAYOUTS, LoadReport, build_answer_vocabulary, karpathy_splits, load_coco_captions,
+    load_coco_instances, load_coco_karpathy, load_hf_dataset, load_identity_folder, load_image_folder, load_jsonl,
+    load_lfw_pairs, load_market1501, load_msmt17, load_ofa_tsv, load_refcoco, load_snli_ve, load_sop, load_veri776,
+    load_vqa_v2, read_answer_vocabulary,
 )
 from ofa_ufo.data.loaders.reid import LFW_IMAGE_PATTERN, REID_SPLITS
 
 __all__ = [
     "SOURCES", "SPLITS", "DataSourceError", "DemoIdentitiesOptions", "DemoScenesOptions", "Format", "FormatOptions",
-    "Generated", "MissingOptionError", "expand_env", "list_sources", "open_examples", "source_of",
+    "Generated", "MissingOptionError", "answer_vocabulary", "decoding_options", "expand_env", "list_sources",
+    "open_examples", "source_of",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "val")
@@ -67,7 +71,10 @@ class FormatOptions:
     annotations: str | None = None  # vqa_v2: the annotations file; refcoco: instances.json
     layout: str | None = None  # ofa_tsv: which OFA TSV (one of TSV_LAYOUTS)
     selected_cols: str | None = None  # ofa_tsv: OFA-style column ids, e.g. 0,4,2
-    split: str | None = None  # refcoco: one split; ReID roots: some splits (query,gallery); sop: the meta split
+    # refcoco: one split; coco_karpathy and ReID roots: some splits (train,restval / query,gallery); sop: the meta split
+    split: str | None = None
+    per: str | None = None  # coco_karpathy: one example per "image" (default) or per "caption"
+    answers: str | None = None  # closed answer set for decoding: top<N> (vqa_v2 training answers) or a vocabulary file
     image_pattern: str | None = None  # vqa_v2, lfw_pairs: image file name pattern
     task: str | None = None  # hf: the canonical task; identity_folder: the embedding task
     columns: str | None = None  # hf: field=column pairs, e.g. image=img,text=question,target=answer
@@ -85,6 +92,9 @@ class DemoScenesOptions:
     seed: int = 0
     max_objects: int = 3
     object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE
+    # keyword arguments of the task's example builder (ofa_ufo.data.demo_examples), e.g. grounding's
+    # {multi_prob: 0.3, none_prob: 0.2}
+    task_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -175,6 +185,10 @@ def _checked(value: Any, default: Any, what: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         expected = "an integer"
+    elif isinstance(default, dict):
+        if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        expected = "a mapping of names to values"
     elif isinstance(value, str):
         return value
     else:
@@ -184,7 +198,9 @@ def _checked(value: Any, default: Any, what: str) -> Any:
 
 def _typed(cls: type[_Options], values: Mapping[str, Any], where: str) -> _Options:
     """Dataclass `cls` from those keys of `values` that are its fields (None: the default), type-checked."""
-    chosen = {option.name: _checked(values[option.name], option.default, f"{where} option {option.name!r}")
+    defaults = {option.name: option.default_factory() if option.default is MISSING else option.default
+                for option in fields(cls)}
+    chosen = {option.name: _checked(values[option.name], defaults[option.name], f"{where} option {option.name!r}")
               for option in fields(cls) if values.get(option.name) is not None}
     return cls(**chosen)
 
@@ -232,6 +248,18 @@ def _reid(loader: Callable[..., Examples]) -> Callable[[FormatOptions, LoadRepor
     return load
 
 
+def _karpathy(options: FormatOptions, report: LoadReport) -> Examples:
+    """Karpathy's dataset_coco.json: `split` (default test), one example per image unless `per: caption`."""
+    per = options.per or "image"
+    try:
+        splits = karpathy_splits(options.split or "test")
+    except ValueError as error:
+        raise DataSourceError(f"format 'coco_karpathy' option 'split': {error}") from None
+    if per not in KARPATHY_UNITS:
+        raise DataSourceError(f"format 'coco_karpathy' option 'per' must be one of {list(KARPATHY_UNITS)}, got {per!r}")
+    return load_coco_karpathy(options.input, options.images, splits, per, options.on_error, report)
+
+
 def _lfw(options: FormatOptions, report: LoadReport) -> Examples:
     pattern = options.image_pattern or LFW_IMAGE_PATTERN
     return load_lfw_pairs(options.input, options.images, pattern, on_error=options.on_error, report=report)
@@ -245,9 +273,12 @@ def _demo_scenes(settings: DemoScenesOptions, task: str, split: str) -> Examples
                         max_objects=settings.max_objects, object_size=settings.object_size)
     for index in range(len(scenes)):
         try:
-            (example,) = make_examples(scenes[index], scenes.example_rng(index), (task,))
+            options = {task: settings.task_options}
+            (example,) = make_examples(scenes[index], scenes.example_rng(index), (task,), options)
         except KeyError as error:  # a task scenes make no examples of
             raise DataSourceError(f"source 'demo_scenes': {error.args[0]}") from None
+        except (TypeError, ValueError) as error:  # task_options its builder does not take
+            raise DataSourceError(f"source 'demo_scenes' option 'task_options' for task {task!r}: {error}") from None
         yield {**example, "id": f"{split}-{index}"}
 
 
@@ -268,12 +299,15 @@ SOURCES: dict[str, Format | Generated] = {source.name: source for source in (
            {"input": "a COCO captions_*.json file", "images": _IMAGES}),
     Format("coco_instances", _with_images(load_coco_instances),
            {"input": "a COCO instances_*.json file", "images": _IMAGES}),
+    Format("coco_karpathy", _karpathy,
+           {"input": "Karpathy's dataset_coco.json", "images": "the COCO root folder (holding train2014/, val2014/)"}),
     Format("vqa_v2", lambda o, report: load_vqa_v2(o.input, o.annotations, o.images, o.image_pattern, o.on_error,
                                                    report),
            {"input": "a VQA v2 questions .json file", "annotations": "the VQA v2 annotations .json file",
             "images": _IMAGES}),
     Format("refcoco", lambda o, report: load_refcoco(o.input, o.annotations, o.images, o.split, o.on_error, report),
-           {"input": "a RefCOCO refs.json file", "annotations": "its COCO instances.json file", "images": _IMAGES}),
+           {"input": "a RefCOCO refs file as distributed, refs(unc).p or refs(umd).p (or its .json export)",
+            "annotations": "its COCO instances.json file", "images": _IMAGES}),
     Format("image_folder", lambda o, report: load_image_folder(o.input, on_error=o.on_error, report=report),
            {"input": "a folder of <class>/<image> files"}),
     Format("snli_ve", _with_images(load_snli_ve),
@@ -335,3 +369,62 @@ def open_examples(data: Mapping[str, Any], task: str, split: str = "val",
         data = _train_side(data)
         source = source_of(data)
     return source.open(data, task, split, report)
+
+
+# ---- closed answer sets -------------------------------------------------------------------------
+
+_TOP = re.compile(r"top(\d+)")
+_ANSWERS_FORM = "top<N> (the N most frequent training answers, e.g. top3129) or an answer vocabulary file"
+
+
+@lru_cache(maxsize=4)
+def _counted_vocabulary(path: str, modified_ns: int, size: int) -> tuple[str, ...]:
+    """`build_answer_vocabulary`, kept while the file is unchanged (evaluation during training asks each time)."""
+    return tuple(build_answer_vocabulary(path, size))
+
+
+def _top_answers(data: Mapping[str, Any], size: int, where: str) -> list[str]:
+    """The `size` most frequent answers of the training annotations (``data.train`` over ``data``)."""
+    side = {**data, **data["train"]} if isinstance(data.get("train"), Mapping) else data
+    if side.get("format") != "vqa_v2":
+        raise DataSourceError(f"{where} option 'answers': top{size} counts the answers of VQA v2 training "
+                              f"annotations (format 'vqa_v2'); give another format an answer vocabulary file")
+    if side.get("annotations") is None:
+        raise DataSourceError(f"{where} option 'answers': top{size} needs the training annotations "
+                              f"(data.train.annotations, the VQA v2 train annotations .json file)")
+    path = expand_env(side["annotations"])
+    if not Path(path).is_file():
+        raise DataSourceError(f"{where} option 'answers': the training annotations {path} do not exist; "
+                              f"expected the VQA v2 train annotations .json file")
+    return list(_counted_vocabulary(path, os.stat(path).st_mtime_ns, size))
+
+
+def answer_vocabulary(data: Mapping[str, Any]) -> list[str] | None:
+    """The closed answer set a spec's ``data: {answers: ...}`` names, or None where it names none.
+
+    ``top<N>``: the N most frequent normalised answers of the training annotations (``data.train``'s
+    ``annotations`` over ``data``'s; format vqa_v2), built on the fly (`build_answer_vocabulary`);
+    any other value: a vocabulary file (`read_answer_vocabulary`: a JSON list, or an ``{answer:
+    label}`` mapping such as OFA's trainval_ans2label.pkl)."""
+    value = data.get("answers") if isinstance(data, Mapping) else None
+    if value is None:
+        return None
+    where = f"format {data.get('format')!r}" if data.get("format") else "'data'"
+    if not isinstance(value, str) or not value.strip():
+        raise DataSourceError(f"{where} option 'answers' must be {_ANSWERS_FORM}, got {value!r}")
+    value = expand_env(value).strip()
+    top = _TOP.fullmatch(value)
+    if top is not None:
+        if int(top.group(1)) < 1:
+            raise DataSourceError(f"{where} option 'answers' must be {_ANSWERS_FORM}, got {value!r}")
+        return _top_answers(data, int(top.group(1)), where)
+    if not Path(value).is_file():
+        raise DataSourceError(f"{where} option 'answers': {value} does not exist; expected {_ANSWERS_FORM}")
+    return read_answer_vocabulary(value)
+
+
+def decoding_options(data: Mapping[str, Any]) -> dict[str, Any]:
+    """What a spec's data add to its pipeline calls: the ``answers:`` vocabulary as the task's
+    ``candidates``, so answers are decoded through the trie over it (`ofa_ufo.tasks.choice`)."""
+    answers = answer_vocabulary(data)
+    return {} if answers is None else {"candidates": answers}

@@ -1,8 +1,13 @@
 """Constrained decoding as `LogitsProcessor`s: a prefix trie over allowed sequences, or an id range.
 
 The trie serves closed-set answers (VQA answer lists, class names); the range serves bins-only
-(grounding) and codes-only (image generation) decoding. Both mask disallowed tokens to -inf
+(grounding) and codes-only (image generation) decoding, and its complement text-only decoding
+(no `<code_N>` / `<bin_N>` in a caption or an answer). All mask disallowed tokens to -inf
 before the softmax, so beam scores are renormalised over the allowed set, as in OFA.
+
+Boxes are well formed by construction: inside a box of four bins (x0 y0 x1 y1) x0 and y0 leave
+room for a larger corner and x1 > x0, y1 > y0 (`allow_box_bins`), so a decoded box always has
+positive area whatever the weights.
 """
 
 from __future__ import annotations
@@ -78,6 +83,30 @@ class TokenRangeLogitsProcessor(LogitsProcessor):
         return scores.masked_fill(~allowed, float("-inf"))
 
 
+class BanTokenRangeLogitsProcessor(LogitsProcessor):
+    """Forbid ids in [start, end) (`end` None: to the end of the vocabulary). Text tasks ban from the
+    first `<code_N>` on: image codes, location bins and any task tokens after them."""
+
+    def __init__(self, start: int, end: int | None = None):
+        if start < 0 or (end is not None and end <= start):
+            raise ValueError(f"empty or negative token range [{start}, {end})")
+        self.start, self.end = start, end
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        scores[:, self.start : self.end] = float("-inf")
+        return scores
+
+
+def allow_box_bins(allowed: torch.Tensor, bin_start: int, bin_end: int, box: Sequence[int]) -> None:
+    """Set in `allowed` (V,) the bin ids that may follow the open box's first bin ids `box` (0 to 3 of
+    them): x0 and y0 below the last bin, x1 above x0, y1 above y0."""
+    if len(box) < 2:
+        allowed[bin_start : bin_end - 1] = True
+    else:
+        allowed[box[len(box) - 2] + 1 : bin_end] = True
+
+
 class CodeSequenceLogitsProcessor(LogitsProcessor):
     """Exactly `count` tokens from [start, end) (VQGAN code tokens), then </s> (OFA's codes-only
     `constraint_range` with the length fixed by the code grid).
@@ -107,8 +136,9 @@ class CodeSequenceLogitsProcessor(LogitsProcessor):
 class BoxSequenceLogitsProcessor(LogitsProcessor):
     """Zero to `max_boxes` boxes of four bin tokens, or one "no object" token, then </s>.
 
-    Inside a box only bins are allowed; after each complete box, another box or </s>; at the
-    start, a box or `none_token_id` (when given), which must be followed by </s>.
+    Inside a box only bins are allowed, with positive width and height (`allow_box_bins`); after
+    each complete box, another box or </s>; at the start, a box or `none_token_id` (when given),
+    which must be followed by </s>.
     """
 
     def __init__(self, bin_start: int, bin_end: int, eos_token_id: int, max_boxes: int = 1,
@@ -126,7 +156,7 @@ class BoxSequenceLogitsProcessor(LogitsProcessor):
                 allowed[row, self.eos] = True
                 continue
             if done % 4 or done // 4 < self.max_boxes:
-                allowed[row, self.bins[0] : self.bins[1]] = True
+                allow_box_bins(allowed[row], *self.bins, ids[done - done % 4 :])
             if done and done % 4 == 0:
                 allowed[row, self.eos] = True
             if done == 0 and self.none is not None:
@@ -137,8 +167,9 @@ class BoxSequenceLogitsProcessor(LogitsProcessor):
 class DetectionLogitsProcessor(LogitsProcessor):
     """Pix2Seq-style object sequences: `<bin> x4 label <bin> x4 label ... </s>`.
 
-    Four bins open an object; its label follows (from `label_trie` when given, else any non-bin
-    text token) and is complete before the next object or </s> may start.
+    Four bins open an object (a box of positive area, `allow_box_bins`); its label follows (from
+    `label_trie` when given, else any non-bin text token) and is complete before the next object
+    or </s> may start.
     """
 
     def __init__(self, bin_start: int, bin_end: int, eos_token_id: int, text_end: int, special_ids: Sequence[int],
@@ -153,23 +184,23 @@ class DetectionLogitsProcessor(LogitsProcessor):
             self._allow(allowed[row], *self._state(ids))
         return scores.masked_fill(~allowed, float("-inf"))
 
-    def _state(self, ids: list[int]) -> tuple[int, list[int]]:
-        """(bins in the open box, label tokens after the last complete box)."""
-        bins, label = 0, []
+    def _state(self, ids: list[int]) -> tuple[list[int], list[int]]:
+        """(bin ids of the last box, label tokens after it when it is complete)."""
+        box, label = [], []
         for token in ids:
             if self.bin_start <= token < self.bin_end:
-                bins, label = (bins % 4) + 1 if not label else 1, []
+                box, label = ([token] if label or len(box) == 4 else box + [token]), []
             else:
                 label.append(token)
-        return bins, label
+        return box, label
 
-    def _allow(self, allowed: torch.Tensor, bins: int, label: list[int]) -> None:
-        if bins == 0 or (bins == 4 and label and self._label_complete(label)):
-            allowed[self.bin_start : self.bin_end] = True  # a new box
+    def _allow(self, allowed: torch.Tensor, box: list[int], label: list[int]) -> None:
+        if not box or (len(box) == 4 and label and self._label_complete(label)):
+            allow_box_bins(allowed, self.bin_start, self.bin_end, [])  # a new box
             allowed[self.eos] = True
-        if 0 < bins < 4:
-            allowed[self.bin_start : self.bin_end] = True
-        elif bins == 4:
+        if 0 < len(box) < 4:
+            allow_box_bins(allowed, self.bin_start, self.bin_end, box)
+        elif len(box) == 4:
             self._allow_label(allowed, label)
 
     def _label_complete(self, label: list[int]) -> bool:
@@ -182,5 +213,5 @@ class DetectionLogitsProcessor(LogitsProcessor):
         allowed[: self.text_end] = True  # free text labels: text tokens, no specials
         allowed[self.special_ids] = False
         if label:
-            allowed[self.bin_start : self.bin_end] = True
+            allow_box_bins(allowed, self.bin_start, self.bin_end, [])
             allowed[self.eos] = True

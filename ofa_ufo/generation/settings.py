@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from numbers import Real
 from typing import Any
 
+from ofa_ufo.generation.fairseq_rules import FAIRSEQ_MAX_LEN_EOS, check_fairseq_option
+
 __all__ = ["check_generation_settings"]
 
 _COUNTS = {"num_beams": 1, "max_new_tokens": 1, "num_return_sequences": 1, "min_new_tokens": 0, "top_k": 0}
@@ -36,8 +38,10 @@ def check_generation_settings(settings: Mapping[str, Any]) -> None:
 
     Checked: the counts above (num_beams, max_new_tokens, num_return_sequences >= 1; min_new_tokens,
     top_k >= 0), num_return_sequences <= num_beams without sampling, min_new_tokens <= max_new_tokens,
-    temperature > 0 when sampling, top_p in (0, 1]. Settings not named here are left to `generate`.
+    temperature > 0 when sampling, top_p in (0, 1], fairseq_max_len_eos True or False. Settings not named
+    here are left to `generate`.
     """
+    check_fairseq_option(settings.get(FAIRSEQ_MAX_LEN_EOS))
     for name, least in _COUNTS.items():
         if settings.get(name) is not None:
             _count(settings, name, least)

@@ -7,11 +7,14 @@ converted OFA `config.json` maps onto this class by a short rename table. The vi
 
 from __future__ import annotations
 
+import numbers
+import os
 import warnings
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from ofa_ufo.hf.saved_files import CONFIG_FILES, check_files, local_directory, naming_files
 from ofa_ufo.tasks import FREE_PROMPT, list_tasks
 
 # How retrieval tasks (ReID, face, product) read an embedding out of the model (`OFAUFOModel.embed`):
@@ -32,6 +35,43 @@ _BASE_KEYS = {
     "experts_implementation", "per_layer_config", "transformers_version", "model_type",
     "_attn_implementation_internal", "_experts_implementation_internal", "num_labels",
 }
+
+
+# The annotations the fields use (strings: `from __future__ import annotations`) -> (accepted type, wording).
+# bool is checked apart: JSON `true` is no number, and 1 is no flag.
+_FIELD_TYPES = {
+    "int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"), "bool": (bool, "true or false"),
+    "str": (str, "a string"), "None": (type(None), "null"), "dict": (dict, "an object"),
+    "PreTrainedConfig": (PreTrainedConfig, "a config"),
+}
+
+_PLURALS = {"int": "integers", "float": "numbers", "str": "strings"}
+
+
+def _fits(value: object, annotation: str) -> bool:
+    """Whether `value` fits one alternative of a field annotation (`int`, `list[int]`, ...); unknown forms pass."""
+    if annotation.startswith("list[") and annotation.endswith("]"):
+        return isinstance(value, (list, tuple)) and all(_fits(v, annotation[5:-1]) for v in value)
+    if annotation not in _FIELD_TYPES:
+        return True
+    if isinstance(value, bool) != (annotation == "bool") and annotation != "None":
+        return False
+    return isinstance(value, _FIELD_TYPES[annotation][0])
+
+
+def check_field_types(config: PreTrainedConfig) -> None:
+    """Raise a TypeError naming the field and the type it needs for a value of the wrong type (e.g. a
+    config.json with `"d_model": "768"`), which would otherwise fail later inside an arithmetic or torch."""
+    for name in type(config).__annotations__:
+        field = type(config).__dataclass_fields__.get(name)
+        if field is None or not isinstance(field.type, str):
+            continue
+        options = [option.strip() for option in field.type.split("|")]
+        value = getattr(config, name)
+        if not any(_fits(value, option) for option in options):
+            wanted = " or ".join(_FIELD_TYPES[o][1] if o in _FIELD_TYPES else f"a list of {_PLURALS.get(o[5:-1], o)}"
+                                 for o in options)
+            raise TypeError(f"{type(config).__name__} field {name} must be {wanted}, got {value!r}")
 
 
 def reject_unknown_fields(config: PreTrainedConfig, kwargs: dict) -> None:
@@ -74,6 +114,7 @@ class OFAUFOVisionConfig(PreTrainedConfig):
     task_names: list[str] | None = None  # the task vocabulary (None: saved before it existed, see _legacy_task_names)
 
     def __post_init__(self, **kwargs):
+        check_field_types(self)
         if self.resnet_type not in RESNET_LAYERS:
             raise ValueError(
                 f"Unknown resnet_type {self.resnet_type!r}; expected one of {sorted(RESNET_LAYERS)}"
@@ -228,9 +269,21 @@ class OFAUFOConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
+        check_field_types(self)
         reject_unknown_fields(self, kwargs)
         super().__post_init__(**kwargs)
         self._check()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> OFAUFOConfig:
+        """As transformers', but a config.json that is truncated, not JSON or not a JSON object, or holds a
+        field of the wrong type or value, fails with an error naming the file (a `SavedFileError`)."""
+        directory = local_directory(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        check_files(directory, CONFIG_FILES)
+        overrides = sorted(set(kwargs) & set(cls.__dataclass_fields__))  # a bad override is not the file's fault
+        what = "the model config" + (f" (with the overrides {', '.join(overrides)})" if overrides else "")
+        with naming_files(directory, CONFIG_FILES, what):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def _check(self) -> None:
         """Catch shapes that would only fail deep inside torch."""

@@ -7,6 +7,8 @@ kept in original-image pixels elsewhere, so the processor can also return each o
 
 from __future__ import annotations
 
+import numbers
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +17,7 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import PILImageResampling
 
 from ofa_ufo.core.images import ImageLike, load_image
+from ofa_ufo.hf.saved_files import IMAGE_PROCESSOR_FILES, check_files, local_directory, naming_files
 
 __all__ = ["OFAUFOImageProcessor"]
 
@@ -32,6 +35,15 @@ class OFAUFOImageProcessor(BaseImageProcessor):
 
     model_input_names = ["pixel_values"]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> OFAUFOImageProcessor:
+        """As transformers', but a truncated, non-JSON or wrong-type processor_config.json (or
+        preprocessor_config.json), or a setting of the wrong value, fails with an error naming the file."""
+        directory = local_directory(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        check_files(directory, IMAGE_PROCESSOR_FILES)
+        with naming_files(directory, IMAGE_PROCESSOR_FILES, "the image processor"):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def __init__(
         self,
         size: int = 384,
@@ -42,8 +54,8 @@ class OFAUFOImageProcessor(BaseImageProcessor):
     ) -> None:
         kwargs.pop("image_processor_type", None)  # written by to_dict, not a setting
         super().__init__(**kwargs)
-        if int(size) < 1:
-            raise ValueError(f"size must be a positive number of pixels, got {size}")
+        if isinstance(size, bool) or not isinstance(size, numbers.Real) or int(size) != size or size < 1:
+            raise ValueError(f"size must be a positive number of pixels (an integer), got {size!r}")
         if len(image_mean) != 3 or len(image_std) != 3 or min(image_std) <= 0:
             raise ValueError(f"need 3 means and 3 positive stds, got {image_mean} and {image_std}")
         self.size = int(size)

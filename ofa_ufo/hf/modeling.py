@@ -6,7 +6,6 @@ Parameter names follow the OFA Hugging Face port (`encoder.*`, `decoder.*`) unde
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,12 +13,16 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel, initialization as init
+from transformers import AutoModelForSeq2SeqLM
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel, initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.modeling_outputs import Seq2SeqLMOutput, Seq2SeqModelOutput
 
+from ofa_ufo.generation.fairseq_rules import FAIRSEQ_MAX_LEN_EOS, check_fairseq_option, fairseq_max_len_eos_processor
 from ofa_ufo.hf.configuration import OFAUFOConfig
 from ofa_ufo.hf.model_card import write_model_card
+from ofa_ufo.hf.saved_files import GENERATION_FILES, check_files, check_saved_model, local_directory, read_json_object
 from ofa_ufo.layers.attention import OFAAttention
 from ofa_ufo.layers.kv_cache import OFAUFOCache
 from ofa_ufo.layers.moe import TaskMoEFFN
@@ -72,7 +75,7 @@ def _check_supernet_kind(path, config: OFAUFOConfig) -> None:
     saved_file = Path(str(path)) / "config.json"
     if not saved_file.is_file():
         return
-    saved = json.loads(saved_file.read_text()).get("vision_config") or {}
+    saved = read_json_object(saved_file).get("vision_config") or {}
     wanted = config.vision_config
     if saved.get("supernet_layers", 0) and wanted.supernet_layers and saved.get("supernet_routed", True) != wanted.supernet_routed:
         kinds = {True: "a routed supernet", False: f"an extracted subnet (task {saved.get('supernet_task')!r})"}
@@ -80,6 +83,19 @@ def _check_supernet_kind(path, config: OFAUFOConfig) -> None:
             f"{path} holds {kinds[saved.get('supernet_routed', True)]} but the given config describes "
             f"{kinds[wanted.supernet_routed]}; load it with its own config.json"
         )
+
+
+def _registered_subclass(directory: Path | None, cls: type) -> type | None:
+    """The subclass of `cls` that AutoModelForSeq2SeqLM has registered for the model type `directory`'s
+    config.json names, when that is another type than `cls`'s; None otherwise. `pipeline("ofa-ufo")` loads
+    through `OFAUFOForConditionalGeneration`, which so hands such a directory to its own class."""
+    if directory is None or not (directory / "config.json").is_file():
+        return None
+    model_type = read_json_object(directory / "config.json").get("model_type")
+    if model_type == cls.config_class.model_type or model_type not in CONFIG_MAPPING:
+        return None
+    model_class = AutoModelForSeq2SeqLM._model_mapping.get(CONFIG_MAPPING[model_type], None)
+    return model_class if isinstance(model_class, type) and issubclass(model_class, cls) else None
 
 
 class OFAUFOPreTrainedModel(PreTrainedModel):
@@ -94,9 +110,21 @@ class OFAUFOPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
         """As transformers', plus a clear error when a dense extracted subnet is loaded into a routed
-        supernet config (or the reverse), instead of silently re-initialising routers and experts."""
+        supernet config (or the reverse), instead of silently re-initialising routers and experts, and errors
+        that name the file for truncated or corrupt files (`ofa_ufo.hf.saved_files`): the config (see
+        `OFAUFOConfig.from_pretrained`), generation_config.json (which transformers would skip in silence) and
+        the weights. Called by `pipeline("ofa-ufo", model=DIR)` (transformers passes `_from_pipeline`), it
+        first checks every file the pipeline loads next: the Auto classes read tokenizer_config.json and
+        processor_config.json before any OFA-UFO code runs, and their errors name no file."""
         if isinstance(config, OFAUFOConfig):
             _check_supernet_kind(pretrained_model_name_or_path, config)
+        directory = local_directory(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        if directory is not None and kwargs.get("_from_pipeline"):
+            check_saved_model(directory)
+        check_files(directory, GENERATION_FILES)
+        loader = _registered_subclass(directory, cls)
+        if loader is not None:  # e.g. exported ONNX graphs (`ofa-ufo-onnx`, registered by ofa_ufo.deploy.ort_model)
+            return loader.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
         except SafetensorError as error:  # safetensors' message names no file: a truncated download or copy
@@ -413,6 +441,28 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
         if encoder_outputs is not None:
             model_kwargs["encoder_outputs"] = encoder_outputs
         return input_ids, model_kwargs
+
+    def _prepare_generation_config(
+        self, generation_config: GenerationConfig | None, **kwargs
+    ) -> tuple[GenerationConfig, dict]:
+        """Also take `fairseq_max_len_eos=...` as a `generate` keyword (transformers would pass an unknown
+        field on to the model); with the rule on, it supersedes `forced_eos_token_id` (same position)."""
+        rule = kwargs.pop(FAIRSEQ_MAX_LEN_EOS, None)
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        if rule is not None:
+            setattr(generation_config, FAIRSEQ_MAX_LEN_EOS, check_fairseq_option(rule))
+        if check_fairseq_option(getattr(generation_config, FAIRSEQ_MAX_LEN_EOS, None)):
+            generation_config.forced_eos_token_id = None
+        return generation_config, model_kwargs
+
+    def _get_logits_processor(self, generation_config: GenerationConfig, *args, **kwargs) -> LogitsProcessorList:
+        """transformers' processors plus, with `fairseq_max_len_eos` on, OFA's rule at the length limit
+        (see `ofa_ufo.generation.fairseq_rules`), after the caller's own processors (constraints) and
+        before the sampling warpers."""
+        rule = fairseq_max_len_eos_processor(generation_config)
+        if rule is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), rule])
+        return super()._get_logits_processor(generation_config, *args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """Let `generate` build its usual cache, then switch it to `OFAUFOCache` (see there)."""

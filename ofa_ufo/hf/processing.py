@@ -7,6 +7,7 @@ zeros and ``image_mask`` is False, so one batch can mix both kinds.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -17,6 +18,9 @@ from transformers.processing_utils import ProcessorMixin
 from ofa_ufo.core.box_codec import BoxCodec, BoxMode
 from ofa_ufo.core.images import ImageLike
 from ofa_ufo.hf.image_processing import OFAUFOImageProcessor
+from ofa_ufo.hf.saved_files import (
+    CONFIG_FILES, IMAGE_PROCESSOR_FILES, check_files, local_directory, naming_files, tokenizer_files,
+)
 from ofa_ufo.hf.tokenization import OFAUFOTokenizer
 
 __all__ = ["OFAUFOProcessor"]
@@ -51,6 +55,16 @@ class OFAUFOProcessor(ProcessorMixin):
         self.max_image_size = max_image_size
         super().__init__(image_processor, tokenizer, **kwargs)
         BoxCodec(mode=box_mode, max_image_size=max_image_size)  # fail now on a bad box_mode, not at first use
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> OFAUFOProcessor:
+        """As transformers', but every file it reads is checked first (processor_config.json, the tokenizer
+        files, and config.json, which AutoTokenizer reads to pick the class), so a truncated, non-JSON or
+        wrong-type one fails with an error naming the file; so does a processor setting of the wrong value."""
+        directory = local_directory(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        check_files(directory, IMAGE_PROCESSOR_FILES + tokenizer_files(directory) + CONFIG_FILES)
+        with naming_files(directory, IMAGE_PROCESSOR_FILES, "the processor"):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def box_codec(self) -> BoxCodec:

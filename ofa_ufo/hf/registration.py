@@ -30,6 +30,8 @@ def register() -> None:
     AutoTokenizer.register(OFAUFOConfig, fast_tokenizer_class=OFAUFOTokenizer, exist_ok=True)
     AutoImageProcessor.register(OFAUFOConfig, slow_image_processor_class=OFAUFOImageProcessor, exist_ok=True)
     AutoProcessor.register(OFAUFOConfig, OFAUFOProcessor, exist_ok=True)
+    # The class itself, not AutoModelForSeq2SeqLM: the Auto class drops `_from_pipeline` before calling it,
+    # and with it `from_pretrained` checks the tokenizer and processor files the pipeline loads next.
     PIPELINE_REGISTRY.register_pipeline(
-        PIPELINE_TASK, pipeline_class=OFAUFOPipeline, pt_model=AutoModelForSeq2SeqLM, type="multimodal"
+        PIPELINE_TASK, pipeline_class=OFAUFOPipeline, pt_model=OFAUFOForConditionalGeneration, type="multimodal"
     )

@@ -21,10 +21,13 @@ strings without BPE). ``<mask>`` also absorbs the space before it, as in BART.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from tokenizers import AddedToken
 from transformers.models.bart.tokenization_bart import BartTokenizer
+
+from ofa_ufo.hf.saved_files import check_files, local_directory, naming_files, tokenizer_files
 
 __all__ = ["DEFAULT_VOCAB_DIR", "OFAUFOTokenizer", "build_tokenizer"]
 
@@ -43,6 +46,18 @@ class OFAUFOTokenizer(BartTokenizer):
 
     model_input_names = ["input_ids", "attention_mask"]
     _layout_cache: tuple[int, dict[str, tuple[int, int]]] | None = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> OFAUFOTokenizer:
+        """As transformers', but a truncated, non-JSON or wrong-type tokenizer file (tokenizer.json,
+        tokenizer_config.json, special_tokens_map.json, added_tokens.json; vocab.json and merges.txt without
+        a tokenizer.json) fails with an error naming the file (`ofa_ufo.hf.saved_files.SavedFileError`)."""
+        directory = local_directory(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        files = tokenizer_files(directory)
+        check_files(directory, files)
+        # `tokenizers` raises a bare Exception for a tokenizer.json it cannot parse ("Model missing. at line 1 ...")
+        with naming_files(directory, files, "the tokenizer", errors=(Exception,)):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _run(self, prefix: str) -> tuple[int, int]:
         """(id of ``<prefix_0>``, length of the contiguous run ``<prefix_0>``, ``<prefix_1>``, ...)."""

@@ -9,8 +9,9 @@ name               predictions / references                returned keys
 ``caption``        ``list[str]`` / ``list[list[str]]``     ``bleu4 meteor rouge_l cider``
 ``bleu4`` ...      same (one caption metric each)          its own name
 ``vqa_accuracy``   ``list[str]`` / ``list[list[str]]``     ``vqa_accuracy`` (10 human answers)
-``acc@0.5``        ``list[[x0,y0,x1,y1] | [] | None]`` /   ``acc@0.5``
-                   ``list[[x0,y0,x1,y1]]``
+``acc@0.5``        box sets [#box]_ / box sets             ``acc@0.5`` (one-to-one at IoU >= 0.5)
+``grounding``      same                                    ``acc@0.5 none_precision none_recall
+                                                           none_f1`` ("none": no object)
 ``top1``/``top5``  ranked labels ``list[list[label]]`` /   ``top1`` / ``top5``
                    gold ``list[label]``
 ``coco_map``       ``[{"boxes","labels","scores"}]`` /     ``map`` (mAP@[.5:.95]), ``map50``
@@ -27,6 +28,8 @@ name               predictions / references                returned keys
                    paths or arrays)
 =================  ======================================  ======================================
 
+.. [#box] Per example one box ``[x0,y0,x1,y1]``, a list of boxes, or ``[]`` / ``None`` for no object;
+   see :mod:`ofa_ufo.metrics.grounding` for the matching rule.
 .. [#emb] One embedding per image: ``list[float]`` or the pipeline's ``{"embedding": [...]}``;
    the references are the examples' ``meta`` dicts (see ``ofa_ufo.data.loaders.reid``) and
    the distance is cosine. See :mod:`ofa_ufo.metrics.retrieval` for the protocols.
@@ -45,7 +48,7 @@ from typing import Any
 from ofa_ufo.metrics.captioning import CAPTION_METRICS, caption_scores
 from ofa_ufo.metrics.classification import topk_accuracy
 from ofa_ufo.metrics.detection import coco_map
-from ofa_ufo.metrics.grounding import box_iou, grounding_accuracy
+from ofa_ufo.metrics.grounding import box_iou, grounding_accuracy, grounding_scores
 from ofa_ufo.metrics.image import psnr
 from ofa_ufo.metrics.retrieval import (
     recall_at_k, recall_metric, reid_metric, reid_metrics, verification_accuracy, verification_metric,
@@ -60,6 +63,7 @@ __all__ = [
     "coco_map",
     "get_metric",
     "grounding_accuracy",
+    "grounding_scores",
     "list_metrics",
     "normalize_vqa_answer",
     "psnr",
@@ -78,6 +82,7 @@ _METRICS: dict[str, Metric] = {
     **{name: partial(caption_scores, metrics=(name,)) for name in CAPTION_METRICS},
     "vqa_accuracy": vqa_accuracy,
     "acc@0.5": partial(grounding_accuracy, threshold=0.5),
+    "grounding": partial(grounding_scores, threshold=0.5),
     "top1": partial(topk_accuracy, k=1),
     "top5": partial(topk_accuracy, k=5),
     "coco_map": coco_map,

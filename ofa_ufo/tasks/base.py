@@ -11,11 +11,17 @@ from typing import Any
 
 import torch
 
+from ofa_ufo.generation.constraints import BanTokenRangeLogitsProcessor
 from ofa_ufo.generation.scoring import Decoded, generate_decoded
 from ofa_ufo.generation.settings import check_generation_settings
 from ofa_ufo.core.prompts import DEFAULT_STYLE, format_prompt
 
-__all__ = ["AuxiliaryLoss", "Decoded", "Task"]
+__all__ = ["AuxiliaryLoss", "Decoded", "Task", "text_only_processor"]
+
+
+def text_only_processor(config) -> BanTokenRangeLogitsProcessor:
+    """Bans every id from the model's first `<code_N>` on (codes, then bins, then any task tokens)."""
+    return BanTokenRangeLogitsProcessor(config.code_offset)
 
 
 @dataclass(frozen=True)
@@ -104,12 +110,18 @@ class Task:
         return result.get("text", ""), example.get("references") or [example["target"]]
 
     def generate_kwargs(self, config, tokenizer, options: dict[str, Any]) -> dict[str, Any]:
-        """Decoding settings for `model.generate` (callers may override any of them)."""
-        return dict(self.generation)
+        """Decoding settings for `model.generate` (callers may override any of them); a text answer
+        never holds an image code or a location bin, whatever the weights (`text_only_processor`)."""
+        return {**self.generation, "logits_processor": [text_only_processor(config)]}
 
     def run(self, model, inputs: dict, tokenizer, options: dict[str, Any], generate_kwargs: dict[str, Any]) -> list:
-        """Model outputs for a batch, one entry per input (here: its list of scored answers)."""
-        kwargs = {**self.generate_kwargs(model.config, tokenizer, options), **generate_kwargs}
+        """Model outputs for a batch, one entry per input (here: its list of scored answers). A caller's
+        `logits_processor` list runs after the task's constraints instead of replacing them."""
+        task_kwargs = self.generate_kwargs(model.config, tokenizer, options)
+        ours, theirs = task_kwargs.get("logits_processor") or [], generate_kwargs.get("logits_processor") or []
+        kwargs = {**task_kwargs, **generate_kwargs}
+        if ours or theirs:
+            kwargs["logits_processor"] = [*ours, *theirs]
         return generate_decoded(model, inputs, tokenizer.eos_token_id, tokenizer.pad_token_id, **kwargs)
 
     def postprocess(self, raw: list[Decoded], tokenizer, meta: dict[str, Any]) -> dict[str, Any]:

@@ -117,6 +117,10 @@ class ImageGenTask(Task):
         vqgan.code_grid(size, size)
         return size
 
+    def generate_kwargs(self, config, tokenizer, options: dict[str, Any]) -> dict[str, Any]:
+        """The sampling settings alone: `generate_codes` restricts decoding to codes (no text-only ban)."""
+        return dict(self.generation)
+
     def grid_side(self, vqgan: VQGANModel, options: dict[str, Any]) -> int:
         """Side of the code grid the decoder generates."""
         raise NotImplementedError

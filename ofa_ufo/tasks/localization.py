@@ -27,8 +27,14 @@ def _box_text(codec, boxes, meta: dict[str, Any]) -> str:
 
 def _decode_boxes(tokens: list[int], tokenizer, meta: dict[str, Any]) -> list[list[float]]:
     codec = meta["box_codec"]
-    bins = codec.from_token_ids(np.asarray(tokens, dtype=np.int64).reshape(-1, 4), tokenizer.bin_offset)
+    bins = codec.from_token_ids(np.asarray(tokens, dtype=np.int64).reshape(-1, 4), tokenizer.bin_offset)  # (N, 4)
     return [[round(float(v), 2) for v in box] for box in codec.decode(bins, meta["original_size"], meta["input_size"])]
+
+
+def _has_area(box: list[float]) -> bool:
+    """Positive width and height. The decoding constraints order the bins, but corners can still meet
+    after clipping (OFA mode beyond `max_image_size`) or rounding to 0.01 px on a tiny image."""
+    return box[2] > box[0] and box[3] > box[1]
 
 
 def _iou(a: list[float], b: list[float]) -> float:
@@ -38,18 +44,51 @@ def _iou(a: list[float], b: list[float]) -> float:
     return w * h / union if union > 0 else 0.0
 
 
+def _suppress(found: list[tuple], threshold: float) -> list[tuple]:
+    """Class-aware NMS over (box, label, score, ...) tuples: going down the scores, an item is dropped
+    when a kept one of the same label overlaps it with IoU > `threshold`; the kept keep their order."""
+    kept: list[int] = []
+    for i in sorted(range(len(found)), key=lambda i: -found[i][2]):
+        if not any(found[k][1] == found[i][1] and _iou(found[k][0], found[i][0]) > threshold for k in kept):
+            kept.append(i)
+    return [found[i] for i in sorted(kept)]
+
+
+def _nms_iou(task: Task, options: dict[str, Any]) -> float:
+    """The call's `nms_iou` option, else the task's default."""
+    value = options.get("nms_iou")
+    return task.nms_iou if value is None else float(value)
+
+
+def _check_nms_iou(options: dict[str, Any]) -> None:
+    """TypeError for an `nms_iou` that is no number, ValueError for one outside [0, 1]."""
+    value = options.get("nms_iou")
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"nms_iou must be a number in [0, 1], got {value!r}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"nms_iou must be in [0, 1], got {value!r}")
+
+
 @dataclass
 class GroundingTask(Task):
     """Referring expression -> boxes. The target is one or more 4-bin groups, or " none".
 
     Options: `max_boxes` (default 1, as OFA's RefCOCO), `allow_none` (default True; False gives
-    OFA's always-a-box behaviour for converted checkpoints). Each box is scored by the
-    probability of its four bin tokens. Training may add the box-mask loss on the image tokens
-    (`box_mask_weight`, `ofa_ufo.tasks.box_mask`).
+    OFA's always-a-box behaviour for converted checkpoints), `nms_iou` (default 0.7: a box that
+    overlaps a better-scored one with IoU above it repeats it and is dropped; 1.0 keeps all). Each
+    box is scored by the probability of its four bin tokens; boxes keep the order generated.
+    Training may add the box-mask loss on the image tokens (`box_mask_weight`, `ofa_ufo.tasks.box_mask`).
     """
 
-    options: tuple[str, ...] = ("max_boxes", "allow_none")
+    options: tuple[str, ...] = ("max_boxes", "allow_none", "nms_iou")
     auxiliary: AuxiliaryLoss | None = AuxiliaryLoss("box-mask", "box_mask_weight", "box_head")
+    nms_iou: float = 0.7
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        super().check_options(options)
+        _check_nms_iou(options)
 
     def prompt(self, text: str | None = None, style: str = DEFAULT_STYLE) -> str:
         if not text or not text.strip():
@@ -74,19 +113,21 @@ class GroundingTask(Task):
         return {**self.generation, "max_new_tokens": 4 * max_boxes + 1, "logits_processor": [constraint]}
 
     def metric_pair(self, result: dict[str, Any], example: dict[str, Any]) -> tuple[Any, Any]:
-        """acc@0.5 judges the best box against the (single) annotated box."""
-        boxes = result.get("boxes") or []
-        reference = example["box"] if example.get("box") is not None else (example.get("boxes") or [None])[0]
-        return (boxes[0] if boxes else []), reference
+        """Every predicted box against every annotated one (`box`, or `boxes`, possibly none): the box
+        set metrics of `ofa_ufo.metrics.grounding`."""
+        reference = [example["box"]] if example.get("box") is not None else list(example.get("boxes") or [])
+        return list(result.get("boxes") or []), reference
 
     def answer(self, decoded: Decoded, tokenizer, meta: dict[str, Any]) -> dict[str, Any]:
         count = len(decoded.tokens) // 4 * 4
         bins = [t for t in decoded.tokens[:count] if tokenizer.bin_offset <= t < tokenizer.bin_offset + tokenizer.num_bins]
         if len(bins) != count:  # " none" (or nothing usable): no object
             return {"boxes": [], "labels": [], "scores": []}
-        boxes = _decode_boxes(bins, tokenizer, meta)
         scores = [float(np.exp(sum(decoded.token_logprobs[i : i + 4]))) for i in range(0, count, 4)]
-        return {"boxes": boxes, "labels": [meta["text"]] * len(boxes), "scores": scores}
+        found = [(box, meta["text"], score) for box, score in zip(_decode_boxes(bins, tokenizer, meta), scores)
+                 if _has_area(box)]
+        kept = _suppress(found, _nms_iou(self, meta.get("options") or {}))
+        return {"boxes": [f[0] for f in kept], "labels": [f[1] for f in kept], "scores": [f[2] for f in kept]}
 
     def auxiliary_head(self, dim: int) -> torch.nn.Module:
         """One logit per image token: how much of its cell the referred box(es) cover."""
@@ -125,14 +166,21 @@ class GroundedCaptionTask(Task):
 @dataclass
 class DetectionTask(Task):
     """Detection as generation (Pix2Seq / OFA): `<bin>x4 label ...`; each box is scored by the
-    probability of its label tokens, duplicates (same label, IoU > `dedupe_iou`) removed.
+    probability of its label tokens. Class-aware non-maximum suppression: going down the scores, a
+    box is dropped when a kept box of the same label overlaps it with IoU > `nms_iou` (a generated
+    sequence often repeats an object). Boxes without area and objects with an empty label are dropped.
 
-    Options: `labels` (restrict labels to a class list via a trie), `max_new_tokens` via generate.
+    Options: `labels` (restrict labels to a class list via a trie), `nms_iou` (default 0.7; 1.0 keeps
+    every box), `max_new_tokens` via generate.
     """
 
-    options: tuple[str, ...] = ("labels",)
+    options: tuple[str, ...] = ("labels", "nms_iou")
     headline: str = "map50"
-    dedupe_iou: float = 0.7
+    nms_iou: float = 0.7
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        super().check_options(options)
+        _check_nms_iou(options)
 
     def build_example(self, example: dict[str, Any], meta: dict[str, Any], style: str = DEFAULT_STYLE) -> tuple[str, str]:
         parts = [f"{_box_text(meta['box_codec'], [box], meta)} {self.normalize(label)}"
@@ -156,11 +204,15 @@ class DetectionTask(Task):
         return {**self.generation, "logits_processor": [constraint]}
 
     def answer(self, decoded: Decoded, tokenizer, meta: dict[str, Any]) -> dict[str, Any]:
+        options = meta.get("options") or {}
+        written = {self.normalize(name): name for name in reversed(options.get("labels") or [])}  # caller's spelling
         found = []
         for box_tokens, label_tokens, label_logprobs in self._objects(decoded, tokenizer):
             label = tokenizer.decode(label_tokens, skip_special_tokens=True).strip()
-            found.append((_decode_boxes(box_tokens, tokenizer, meta)[0], label, float(np.exp(sum(label_logprobs)))))
-        kept = self._dedupe(sorted(found, key=lambda f: -f[2]))
+            box = _decode_boxes(box_tokens, tokenizer, meta)[0]
+            if label and _has_area(box):
+                found.append((box, written.get(label, label), float(np.exp(sum(label_logprobs)))))
+        kept = _suppress(sorted(found, key=lambda f: -f[2]), _nms_iou(self, options))
         return {"boxes": [f[0] for f in kept], "labels": [f[1] for f in kept], "scores": [f[2] for f in kept]}
 
     @staticmethod
@@ -180,10 +232,3 @@ class DetectionTask(Task):
         if len(box) == 4 and label:
             objects.append((box, label, logprobs))
         return objects
-
-    def _dedupe(self, found: list[tuple]) -> list[tuple]:
-        kept: list[tuple] = []
-        for item in found:
-            if not any(k[1] == item[1] and _iou(k[0], item[0]) > self.dedupe_iou for k in kept):
-                kept.append(item)
-        return kept

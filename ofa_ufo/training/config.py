@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from ofa_ufo.data.demo_examples import check_demo_options
 from ofa_ufo.data.demo_scenes import DEFAULT_OBJECT_SIZE, check_object_size
 from ofa_ufo.tasks import get_task, list_tasks
 
@@ -65,6 +66,9 @@ class TrainConfig:
     # (min, max) side of a demo object's box as a fraction of the image side (training, held-out scenes and
     # the stem warm-up alike); larger objects keep shapes legible on coarse grids (8 x 8 VQGAN codes)
     demo_object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE
+    # task -> keyword arguments of its demo example builder (ofa_ufo.data.demo_examples), for the training
+    # draws and the held-out demo scenes alike, e.g. {grounding: {multi_prob: 0.3, none_prob: 0.2}}
+    demo_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     # identities of the generated demo data of each embedding task (reid_person, reid_vehicle, face,
     # product), 8 images each (ofa_ufo.data.demo_identities)
     demo_train_identities: int = 1000
@@ -194,10 +198,14 @@ def _check_ranges(config: TrainConfig) -> None:
     if config.batch_size < len(config.tasks):
         raise ConfigError(f"batch_size {config.batch_size} cannot hold one sample of each of the "
                           f"{len(config.tasks)} tasks {sorted(config.tasks)}")
-    stray = sorted((set(config.data) | set(config.eval_data)) - set(config.tasks))
+    stray = sorted((set(config.data) | set(config.eval_data) | set(config.demo_options)) - set(config.tasks))
     if stray:
-        raise ConfigError(f"fields 'data'/'eval_data' name task(s) {stray} that are not in 'tasks' "
+        raise ConfigError(f"fields 'data'/'eval_data'/'demo_options' name task(s) {stray} that are not in 'tasks' "
                           f"{sorted(config.tasks)}")
+    try:
+        check_demo_options(config.demo_options)
+    except ValueError as error:
+        raise ConfigError(f"field 'demo_options': {error}") from None
     bad_scales = {k: v for k, v in config.lr_scale.items() if v <= 0}
     if bad_scales:
         raise ConfigError(f"field 'lr_scale' needs multipliers > 0, got {bad_scales!r}")

@@ -45,10 +45,11 @@ def task_quotas(ratios: dict[str, float], batch_size: int) -> dict[str, int]:
 
 
 class DemoSource:
-    """Generated demo scenes for one task; draw k is scene perm[k mod n] with epoch k // n's questions."""
+    """Generated demo scenes for one task; draw k is scene perm[k mod n] with epoch k // n's questions,
+    built with `options` (keyword arguments of the task's demo example builder)."""
 
-    def __init__(self, task: str, scenes: DemoScenes, seed: int) -> None:
-        self.task, self.scenes, self.seed = task, scenes, seed
+    def __init__(self, task: str, scenes: DemoScenes, seed: int, options: dict[str, Any] | None = None) -> None:
+        self.task, self.scenes, self.seed, self.options = task, scenes, seed, options or {}
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -56,7 +57,8 @@ class DemoSource:
     def draw(self, k: int) -> dict[str, Any]:
         epoch, pos = divmod(k, len(self.scenes))
         index = int(_permutation(self.seed, self.task, epoch, len(self.scenes))[pos])
-        (example,) = make_examples(self.scenes[index], self.scenes.example_rng(index, epoch), (self.task,))
+        rng = self.scenes.example_rng(index, epoch)
+        (example,) = make_examples(self.scenes[index], rng, (self.task,), {self.task: self.options})
         return {**example, "id": f"demo-{index}"}
 
 
@@ -121,7 +123,7 @@ def _demo_scenes(task: str, config: TrainConfig, scenes: DemoScenes) -> DemoSour
     """The run's generated scenes, drawn in this task's own order."""
     if len(scenes) == 0:
         raise DataSourceError("demo_train_scenes is 0: the demo training set is empty")
-    return DemoSource(task, scenes, config.seed)
+    return DemoSource(task, scenes, config.seed, config.demo_options.get(task))
 
 
 def _demo_identities(task: str, config: TrainConfig, scenes: DemoScenes) -> ListSource:
@@ -195,7 +197,8 @@ def _held_out(config: TrainConfig, task: str, data: str) -> tuple[list[dict[str,
         spec = load_spec(name)
         # each generated source reads the settings it has (scenes: val_scenes..., identities: val_examples)
         size = {"val_scenes": config.eval_examples, "val_examples": config.eval_examples,
-                "max_objects": config.demo_max_objects, "object_size": list(config.demo_object_size)}
+                "max_objects": config.demo_max_objects, "object_size": list(config.demo_object_size),
+                "task_options": config.demo_options.get(task)}
         spec = replace(spec, data={**spec.data, **size})
     else:
         spec = load_spec(data)

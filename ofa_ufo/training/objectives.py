@@ -3,13 +3,15 @@
 Returning sums (not means) lets the trainer divide by the token count of the whole optimizer
 step over every micro-batch and process, so gradient accumulation and distributed runs give
 the same update as one big batch. Embedding tasks add per-task mean feature-head losses
-(CosFace + triplet, `head_losses`), read out of the same forward pass.
+(CosFace + triplet, `head_losses`), read out of the same forward pass. SCST comes in two halves
+(`scst_sample`, `scst_loss`) because its token count is only known once its captions are sampled.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -75,31 +77,61 @@ def cider_rewards(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequ
     return torch.tensor(scores, dtype=torch.float32).view(len(hypotheses), -1)  # (images, samples)
 
 
-def scst(model, batch: dict[str, torch.Tensor], examples: Sequence[dict[str, Any]], tokenizer,
-         beams: int, max_new_tokens: int) -> tuple[torch.Tensor, int, dict[str, float]]:
-    """Self-critical sequence training (OFA's caption stage 2): beam search returns `beams`
-    captions per image, each rewarded by CIDEr-D with the mean reward of the image's other
-    beams as baseline; loss = -sum over tokens of log p(token) * (reward - baseline)."""
+def leave_one_out_advantage(rewards: torch.Tensor) -> torch.Tensor:
+    """Each sample's reward minus the mean reward of its image's other samples (OFA's SCST baseline):
+    (images, samples) -> (images, samples); a single sample has no baseline (advantage 0)."""
+    samples = rewards.shape[1]
+    if samples == 1:
+        return torch.zeros_like(rewards)
+    return rewards - (rewards.sum(1, keepdim=True) - rewards) / (samples - 1)
+
+
+@dataclass
+class ScstSamples:
+    """One micro-batch's sampled captions, as the SCST loss reads them."""
+
+    labels: torch.Tensor  # (B * beams, T): sampled tokens after the start token, -100 at padding
+    advantage: torch.Tensor  # (B * beams,): reward - leave-one-out baseline
+    rewards: torch.Tensor  # (B, beams): CIDEr-D of each sample
+
+    @property
+    def tokens(self) -> int:
+        """Sampled target tokens (EOS included): the SCST loss's normaliser, as OFA's `ntokens`."""
+        return int((self.labels != -100).sum())
+
+
+def scst_sample(model, batch: dict[str, torch.Tensor], examples: Sequence[dict[str, Any]], tokenizer,
+                beams: int, max_new_tokens: int) -> ScstSamples:
+    """SCST's sampling half (OFA's caption stage 2): beam search in eval mode returns `beams`
+    captions per image, each rewarded by CIDEr-D against the image's references. Kept apart from
+    `scst_loss` so a trainer can sample a whole step first and know its token count before backward."""
     inner = getattr(model, "module", model)
-    encoder_inputs = {k: batch[k] for k in _ENCODER_KEYS}
-    was_training = inner.training
+    modes = {module: module.training for module in inner.modules()}  # e.g. BatchNorm kept in eval by the trainer
     inner.eval()
     with torch.no_grad():
-        sequences = inner.generate(**encoder_inputs, num_beams=beams, num_return_sequences=beams,
-                                   max_new_tokens=max_new_tokens, no_repeat_ngram_size=3)  # (B * beams, T)
-    inner.train(was_training)
+        sequences = inner.generate(**{k: batch[k] for k in _ENCODER_KEYS}, num_beams=beams,
+                                   num_return_sequences=beams, max_new_tokens=max_new_tokens,
+                                   no_repeat_ngram_size=3)  # (B * beams, T + 1)
+    for module, training in modes.items():
+        module.training = training
     texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
     hypotheses = [texts[i * beams:(i + 1) * beams] for i in range(len(examples))]
-    references = [e.get("references") or [e["target"]] for e in examples]
-    rewards = cider_rewards(hypotheses, references)  # (B, beams)
-    baseline = (rewards.sum(1, keepdim=True) - rewards) / max(beams - 1, 1)
-    advantage = (rewards - baseline).flatten().to(sequences.device)  # (B * beams,)
-    labels = sequences[:, 1:].clone()  # drop the decoder start token
-    labels[labels == inner.config.pad_token_id] = -100
-    repeated = {k: v.repeat_interleave(beams, dim=0) for k, v in encoder_inputs.items()}
-    decoder_input_ids = shift_tokens_right(labels, inner.config.pad_token_id, inner.config.decoder_start_token_id)
+    rewards = cider_rewards(hypotheses, [e.get("references") or [e["target"]] for e in examples])  # (B, beams)
+    labels = sequences[:, 1:].masked_fill(sequences[:, 1:] == inner.config.pad_token_id, -100)  # drop the start token
+    return ScstSamples(labels, leave_one_out_advantage(rewards).flatten().to(labels.device), rewards)
+
+
+def scst_loss(model, batch: dict[str, torch.Tensor], samples: ScstSamples) -> torch.Tensor:
+    """SCST's loss half: -sum over the sampled tokens of log p(token) * advantage, with the model
+    re-run (in its current mode) on the samples. A sum, as OFA's `scst_loss`: the caller divides by
+    the sampled tokens of the whole step (`ScstSamples.tokens`; OFA's sample_size is ntokens, a
+    per-token mean, since its caption stage 2 does not set sentence_avg)."""
+    config = getattr(model, "module", model).config
+    labels = samples.labels
+    beams = labels.shape[0] // batch["input_ids"].shape[0]
+    repeated = {k: batch[k].repeat_interleave(beams, dim=0) for k in _ENCODER_KEYS}  # (B * beams, ...)
+    decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
     targets = labels != -100  # (B * beams, T)
     logits = model(**repeated, decoder_input_ids=decoder_input_ids, logits_mask=targets).logits  # (N, V)
     token_logp = -F.cross_entropy(logits.float(), labels[targets], reduction="none")  # (N,)
-    loss = -(token_logp * advantage[:, None].expand_as(labels)[targets]).sum()
-    return loss, int(targets.sum()), {"reward": float(rewards.mean())}
+    return -(token_logp * samples.advantage[:, None].expand_as(labels)[targets]).sum()

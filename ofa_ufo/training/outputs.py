@@ -39,20 +39,22 @@ def export_model(output_dir: Path, model, processor, vqgan, heads: torch.nn.Modu
 
 def write_report(output_dir: Path, history: dict[str, Any], steps: int, config: TrainConfig) -> None:
     """metrics.json (first and last evaluation, every evaluation, losses, LRs), training.png, the
-    printed metric table and the exported model's card, which now has both the config and the metrics
-    to show; with `show_photos`, the exported model's answers on the bundled real photos."""
+    printed metric table (with what the trained metrics are over: "n scored, k failed" held-out examples)
+    and the exported model's card, which now has both the config and the metrics to show; with
+    `show_photos`, the exported model's answers on the bundled real photos."""
     before, after = history["eval"][0]["metrics"], history["eval"][-1]["metrics"]
+    examples = history["eval"][-1].get("examples")  # absent in a history saved before failures were counted
     start = "start" if Path(config.model).is_dir() else "untrained"
     if history.get("stem_warmup"):
         start += " (stem warmed up)"
-    report = {"steps": steps, "metrics_untrained": before, "metrics_trained": after,
+    report = {"steps": steps, "metrics_untrained": before, "metrics_trained": after, "examples_trained": examples,
               "stem_warmup": history.get("stem_warmup"),
               "eval": history["eval"], "losses": history["losses"], "lr": history["lr"]}
     (output_dir / "metrics.json").write_text(json.dumps(report, indent=1))
     plot_history(history, output_dir / "training.png")
     record = TrainingRecord(config.to_yaml(), steps, before, after)
     write_model_card(output_dir, OFAUFOConfig.from_pretrained(output_dir), record)
-    print(format_metric_table(before, after, start))
+    print(format_metric_table(before, after, start, examples))
     signals = [entry.get("image_signal") for entry in (history["eval"][0], history["eval"][-1])]
     if None not in signals:
         print(f"encoder image signal {signals[0]:.3f} -> {signals[1]:.3f} (share of the encoder output at image "

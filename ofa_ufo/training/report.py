@@ -9,16 +9,24 @@ import torch
 from transformers import pipeline
 
 from ofa_ufo.data.real_photos import load_real_photos, photo_labels
+from ofa_ufo.data.sources import decoding_options
 from ofa_ufo.hf.pipeline import OFAUFOPipeline
-from ofa_ufo.metrics import get_metric
 from ofa_ufo.tasks import get_task
+from ofa_ufo.tasks.scored_results import ScoredResults, check_share, score_results
 from ofa_ufo.training.mixture import build_batch
+from ofa_ufo.training.step_batches import TrainingError
 
 
-def evaluate_model(model, processor, spec, examples: list[dict[str, Any]], batch_size: int = 16) -> dict[str, float]:
-    """Score `model` (in memory) on `examples` the way `ofa_ufo.evaluate` scores a saved one."""
+def evaluate_model(model, processor, spec, examples: list[dict[str, Any]], batch_size: int = 16,
+                   max_failures: float = 1.0) -> ScoredResults:
+    """Score `model` (in memory) on `examples` the way `ofa_ufo.evaluate` scores a saved one: the metric over
+    the examples that got an answer, with the failed ones (an unreadable image) counted and the first errors
+    kept. A `TrainingError` when every example fails, or more than `max_failures` of them (a share; the
+    default 1.0 refuses only a task with no scored example, whose metric would be a silent zero)."""
+    check_share(max_failures)
     task = get_task(spec.task)
     labels = spec.data.get("labels") or sorted({e["target"] for e in examples if e.get("target")})
+    generation = {**spec.generation, **decoding_options(spec.data)}  # e.g. VQA's answer trie (data.answers)
     pipe = OFAUFOPipeline(model=model, processor=processor, tokenizer=processor.tokenizer,
                           image_processor=processor.image_processor)
     calls: dict[str, Any] = {}
@@ -32,11 +40,16 @@ def evaluate_model(model, processor, spec, examples: list[dict[str, Any]], batch
         texts = [o.get("text") for _, o in group]
         text = texts if any(t is not None for t in texts) else None
         outputs = pipe([examples[i]["image"] for i, _ in group], task=spec.task, text=text,
-                       style=spec.prompt_style, batch_size=batch_size, **spec.generation, **options)
+                       style=spec.prompt_style, batch_size=batch_size, **generation, **options)
         for (i, _), output in zip(group, outputs):
             results[i] = output
-    pairs = [task.metric_pair(result, example) for result, example in zip(results, examples)]
-    return get_metric(spec.metric)([p for p, _ in pairs], [r for _, r in pairs])
+    scored = score_results(task, spec.metric, examples, results)
+    problem = scored.problem(max_failures)
+    if problem:
+        raise TrainingError(f"held-out evaluation of task {spec.task!r} ({spec.name}): {problem}; first errors: "
+                            f"{'; '.join(scored.error_lines())}. Fix its held-out data (eval_data or data) or set "
+                            "eval_examples=0")
+    return scored
 
 
 def encoder_image_signal(model, processor, examples: list[dict[str, Any]]) -> float | None:
@@ -69,13 +82,21 @@ def headline(task: str, values: dict[str, float]) -> tuple[str, float] | None:
 
 
 def format_metric_table(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
-                        start: str = "untrained") -> str:
+                        start: str = "untrained", examples: dict[str, dict[str, Any]] | None = None) -> str:
     """Markdown table: one row per task, its headline metric at the start (`start`: "untrained"
-    for a fresh preset, "start" for a loaded checkpoint) vs after training."""
-    rows = [f"| task | metric | {start} | trained |", "|---|---|---|---|"]
+    for a fresh preset, "start" for a loaded checkpoint) vs after training. With `examples` (task ->
+    the last evaluation's `ScoredResults.record()`), a last column says what the trained metric is over:
+    "n scored, k failed" (a failed example, e.g. an unreadable image, is not in the metric)."""
+    examples = examples or {}
+    rows = [f"| task | metric | {start} | trained |" + (" held-out examples |" if examples else ""),
+            "|---|---|---|---|" + ("---|" if examples else "")]
     for task, values in after.items():
         name, value = headline(task, values) or ("-", float("nan"))
-        rows.append(f"| {task} | {name} | {before.get(task, {}).get(name, float('nan')):.3f} | {value:.3f} |")
+        row = f"| {task} | {name} | {before.get(task, {}).get(name, float('nan')):.3f} | {value:.3f} |"
+        if examples:
+            counts = examples.get(task)
+            row += f" {counts['scored']} scored, {counts['failed']} failed |" if counts else " - |"
+        rows.append(row)
     return "\n".join(rows)
 
 

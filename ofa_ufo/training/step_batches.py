@@ -96,7 +96,8 @@ class MicroBatches:
         if self._prefetched is None or self._prefetched[0] != first:
             loader = torch.utils.data.DataLoader(
                 self.batches, batch_size=None, sampler=range(first, len(self.batches)), collate_fn=_as_is,
-                num_workers=min(self.workers, _usable_cpus()), pin_memory=self.device.type == "cuda")
+                num_workers=min(self.workers, _usable_cpus()), pin_memory=self.device.type == "cuda",
+                generator=torch.Generator())  # its own: seeding workers from the global RNG would shift dropout on resume
             self._prefetched = (first, iter(loader))
         return self._prefetched[1]
 

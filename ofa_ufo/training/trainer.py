@@ -77,9 +77,10 @@ class Trainer:
         self.accelerator = acc = make_accelerator(config)
         if model is None:
             model, processor = build_model(config)
-        self.resume_from = ckpt.resume_path(config.output_dir, resume)
-        if self.resume_from is not None:
-            ckpt.check_compatible(self.resume_from, model.config)  # before anything is written
+        # checked before anything is written; "auto" skips a newest checkpoint with a broken file (warning)
+        self.resume_from, resume_state = ckpt.load_resumable(config.output_dir, resume, model.config,
+                                                             ema=bool(config.ema_decay))
+        self.saved: tuple[int, str] | None = None  # (step, history) of this run's newest checkpoint
         if config.batch_size < acc.num_processes or config.batch_size % acc.num_processes:
             raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {acc.num_processes} processes")
         self.processor = processor
@@ -100,7 +101,7 @@ class Trainer:
         self.step = 0
         self.history: dict[str, Any] = {"losses": [], "lr": [], "eval": [], "stem_warmup": warmup}
         if self.resume_from is not None:
-            self._restore(model, self.resume_from)
+            self._restore(model, self.resume_from, resume_state)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         self.unwrapped = acc.unwrap_model(self.model)
         if acc.num_processes == 1 and hasattr(self.unwrapped, "tied_gradients_in_place"):
@@ -108,9 +109,9 @@ class Trainer:
 
     # ---- state ----------------------------------------------------------------------------
 
-    def _restore(self, model, path: Path) -> None:
-        state = ckpt.load_state(path)
-        ckpt.load_weights(model, path / "model.safetensors")
+    def _restore(self, model, path: Path, state: dict[str, Any]) -> None:
+        """Load checkpoint `path` (its trainer state already read by `ckpt.load_resumable`)."""
+        ckpt.load_weights(model, path / ckpt.WEIGHTS_FILE)
         load_head_states(self.heads, self.auxiliary_heads, state, path, list(self.config.tasks))
         check_saved_groups(state["optimizer"], self.optimizer, path)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -122,19 +123,27 @@ class Trainer:
         self.history = json.loads(state["history"])
         self.history["losses"] = self.history["losses"][: self.step]
         self.history["lr"] = self.history["lr"][: self.step]
+        if path.resolve().parent == ckpt.checkpoint_dir(self.output_dir).resolve():
+            self.saved = (self.step, json.dumps(self.history))
         if self.accelerator.is_main_process:
             print(f"resumed from {path} at step {self.step}")
 
     def save(self) -> Path | None:
-        """Write a resumable checkpoint of the current step (main process; others wait)."""
+        """Write a resumable checkpoint of the current step (main process; others wait). Nothing is written
+        when this run's newest checkpoint already holds this step and history (a run resumed at its last
+        step): rewriting it would move that checkpoint aside for a moment."""
+        history = json.dumps(self.history)
+        if self.saved == (self.step, history):
+            return ckpt.checkpoint_dir(self.output_dir) / f"{ckpt.PREFIX}{self.step:07d}"
         path = None
         weights = self.accelerator.get_state_dict(self.model)  # collective: gathers FSDP shards
         if self.accelerator.is_main_process:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "heads": self.heads.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_states(),
-                     "history": json.dumps(self.history), **auxiliary_head_states(self.auxiliary_heads)}
+                     "history": history, **auxiliary_head_states(self.auxiliary_heads)}
             path = ckpt.save_checkpoint(self.output_dir, self.step, self.unwrapped, self.processor, state,
                                         self.config.to_yaml(), self.ema, self.config.keep_last, weights)
+        self.saved = (self.step, history)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -155,14 +164,13 @@ class Trainer:
         """This step's micro-batches on the device."""
         return self.batches.for_step(self.step)
 
-    def _loss(self, batch: dict[str, torch.Tensor],
-              examples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, batch: dict[str, torch.Tensor], examples: list[dict[str, Any]],
+              samples: objectives.ScstSamples | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed token loss plus the tasks' auxiliary losses, summed per-task mean feature-head losses)
-        of one micro-batch."""
+        of one micro-batch; with SCST, the summed loss of its sampled captions (`samples`)."""
         config = self.config
-        if config.objective == "scst":
-            loss, _, _ = objectives.scst(self.model, batch, examples, self.processor.tokenizer,
-                                         config.scst_beams, config.scst_max_new_tokens)
+        if samples is not None:
+            loss = objectives.scst_loss(self.model, batch, samples)
             return loss, torch.zeros((), device=loss.device)
         loss, _, features, encoder_states = objectives.cross_entropy_and_features(self.model, batch,
                                                                                   config.label_smoothing)
@@ -170,29 +178,47 @@ class Trainer:
                                     examples)
         return loss, objectives.head_losses(self.heads, features, examples)
 
-    def _global_tokens(self, batches: list[Batch], archs: int) -> float:
-        """The step's normaliser, known before any backward: target tokens in the whole global step."""
+    def _global_tokens(self, passes: list[tuple[dict[str, torch.Tensor], Any, Any]],
+                       samples: list[objectives.ScstSamples | None]) -> float:
+        """The step's normaliser, known before any backward: target tokens in the whole global step
+        (every pass, every process); with SCST, its sampled tokens (OFA's per-token mean)."""
         acc = self.accelerator
-        local = sum(int((b["labels"] != -100).sum()) for b, _ in batches) * archs
         if self.config.objective == "scst":
-            local = 1  # SCST sums over its own sampled tokens; normalise per process instead
+            local = sum(s.tokens for s in samples)
+        else:
+            local = sum(int((b["labels"] != -100).sum()) for b, _, _ in passes)
         tokens = acc.reduce(torch.tensor(float(local), device=acc.device), reduction="sum").item()
         return max(tokens, 1.0)  # a mixture of embedding tasks only has no target tokens
+
+    def _scst_samples(self, passes: list[tuple[dict[str, torch.Tensor], Any, Any]]
+                      ) -> list[objectives.ScstSamples | None]:
+        """Every pass's sampled captions (SCST), drawn before any backward so that their token count
+        over the whole step can normalise the loss; [None] per pass for the other objectives."""
+        if self.config.objective != "scst":
+            return [None] * len(passes)
+        samples = []
+        for batch, examples, arch in passes:
+            if arch is not None:
+                set_arch(self.unwrapped, arch)
+            with self.accelerator.autocast():
+                samples.append(objectives.scst_sample(self.model, batch, examples, self.processor.tokenizer,
+                                                      self.config.scst_beams, self.config.scst_max_new_tokens))
+        return samples
 
     def train_step(self) -> float:
         """Forward/backward over the step's micro-batches and archs, then one optimizer update."""
         acc, head_weight = self.accelerator, self.config.head_loss_weight
-        batches = self._micro_batches()
         archs = step_archs(self.unwrapped.config, self.step)
-        tokens = self._global_tokens(batches, len(archs))
+        passes = [(b, e, arch) for b, e in self._micro_batches() for arch in archs]
+        samples = self._scst_samples(passes)
+        tokens = self._global_tokens(passes, samples)
         total, head_total = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
-        passes = [(b, e, arch) for b, e in batches for arch in archs]
-        for i, (batch, examples, arch) in enumerate(passes):
+        for i, ((batch, examples, arch), sampled) in enumerate(zip(passes, samples)):
             if arch is not None:
                 set_arch(self.unwrapped, arch)
             sync = nullcontext() if i == len(passes) - 1 else acc.no_sync(self.model)
             with sync, acc.autocast():
-                loss_sum, head_loss = self._loss(batch, examples)
+                loss_sum, head_loss = self._loss(batch, examples, sampled)
                 # token losses: mean over the step's tokens; feature-head losses: mean over passes and processes
                 acc.backward(loss_sum * acc.num_processes / tokens + head_loss * head_weight / len(passes))
             total += loss_sum.detach()
@@ -222,9 +248,12 @@ class Trainer:
     # ---- evaluation -----------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, dict[str, float]]:
-        """Metrics per task on held-out examples (main process); the model it scores is the EMA when set."""
+        """Metrics per task on held-out examples (main process); the model it scores is the EMA when set.
+        What each metric is over goes to `eval_counts` (task -> scored, failed, first errors): an example that
+        fails (an unreadable image) is counted, not scored, and a task whose every held-out example fails
+        raises a TrainingError (`evaluate_model`) instead of logging a zero."""
         results: dict[str, dict[str, float]] = {}
-        self.image_signal = None
+        self.image_signal, self.eval_counts = None, {}
         if self.config.eval_examples and self.accelerator.is_main_process:
             model = self._final_model()
             was_training = model.training
@@ -232,7 +261,11 @@ class Trainer:
             for task in self.config.tasks:
                 examples, spec = eval_examples(self.config, task)
                 if examples:
-                    results[task] = evaluate_model(model, self.processor, spec, examples, self.config.eval_batch_size)
+                    scored = evaluate_model(model, self.processor, spec, examples, self.config.eval_batch_size)
+                    results[task], self.eval_counts[task] = scored.values, scored.record()
+                    if scored.failed:
+                        print(f"held-out {task} at step {self.step}: {scored.counts()} (the failed are not in its "
+                              f"metric); first: {scored.error_lines()[0]}")
                     if self.image_signal is None:
                         self.image_signal = encoder_image_signal(model, self.processor, loadable(examples[:32]))
             if was_training:
@@ -242,7 +275,8 @@ class Trainer:
 
     def _record_eval(self, log: RunLog | None) -> None:
         metrics = self.evaluate()
-        self.history["eval"].append({"step": self.step, "metrics": metrics, "image_signal": self.image_signal})
+        self.history["eval"].append({"step": self.step, "metrics": metrics, "examples": self.eval_counts,
+                                     "image_signal": self.image_signal})
         if log is not None:
             log.evaluation(self.step, metrics, self.image_signal)
 

@@ -3,8 +3,9 @@
 #   1. cross-entropy (ofa_ufo/training/configs/finetune/coco_caption.yaml) -> checkpoints/coco_caption
 #   2. SCST with a CIDEr-D reward (finetune/coco_caption_scst.yaml), from stage 1's model
 #      -> checkpoints/coco_caption_scst
-# Data: tasks/coco_caption.yaml, i.e. $COCO_ROOT/annotations/captions_train2014.json and images
-# $COCO_ROOT/train2014/ (captions_val2014.json + val2014/ for evaluation). docs/finetuning.md has the details.
+# Data: tasks/coco_caption.yaml, i.e. Karpathy's $COCO_ROOT/annotations/dataset_coco.json with images
+# $COCO_ROOT/<filepath>/<filename> (train2014/, val2014/): trains on train+restval (one example per caption),
+# evaluates on the 5,000 test images against all their captions. docs/finetuning.md has the details.
 # Usage: coco_caption.sh [--stage 1|2] [--demo] [--resume ...] [key=value ...]
 #   --stage 1|2      run one stage only (default: both)
 #   output_dir=DIR   stage 1 writes DIR, stage 2 reads DIR and writes DIR_scst

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # RefCOCO grounding fine-tuning (OFA-Base settings). Data (tasks/refcoco.yaml):
-#   $REFCOCO_ROOT/refcoco/refs.json (JSON export of refs(unc).p, see docs/data.md),
+#   $REFCOCO_ROOT/refcoco/refs(unc).p (as distributed; read without running code, see docs/data.md),
 #   $REFCOCO_ROOT/refcoco/instances.json, images $COCO_ROOT/train2014/; split train (val for evaluation).
 # Settings: ofa_ufo/training/configs/finetune/refcoco.yaml; docs/finetuning.md has the details.
 # Arguments pass through to `python -m ofa_ufo.training`: --demo (generated scenes, no dataset),

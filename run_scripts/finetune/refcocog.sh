@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # RefCOCOg grounding fine-tuning (OFA-Base settings). Data (tasks/refcocog.yaml):
-#   $REFCOCO_ROOT/refcocog/refs.json (JSON export of refs(umd).p, see docs/data.md),
+#   $REFCOCO_ROOT/refcocog/refs(umd).p (as distributed; read without running code, see docs/data.md),
 #   $REFCOCO_ROOT/refcocog/instances.json, images $COCO_ROOT/train2014/; split train (val for evaluation).
 # Settings: ofa_ufo/training/configs/finetune/refcocog.yaml; docs/finetuning.md has the details.
 # Arguments pass through to `python -m ofa_ufo.training`: --demo (generated scenes, no dataset),

@@ -1,4 +1,5 @@
-"""Shared loader machinery: the row driver with ``on_error``, the load report, field helpers."""
+"""Shared loader machinery: the row driver with ``on_error``, the load report, field helpers, and
+the restricted reader of the pickles some datasets ship (RefCOCO's ``refs(unc).p``)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import io
 import json
 import logging
 import os
+import pickle
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from PIL import Image
 
@@ -27,6 +29,9 @@ Builder = Callable[[Any, int], tuple[dict[str, Any], Size | None]]
 _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 MAX_LOGGED_ERRORS = 5
+PICKLE_SUFFIXES = (".p", ".pkl", ".pickle")  # RefCOCO's refs(unc).p, OFA's trainval_ans2label.pkl
+# what a truncated or malformed pickle raises while loading
+_UNREADABLE_PICKLE = (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError)
 
 
 @dataclass
@@ -93,6 +98,59 @@ def read_json(path: str | os.PathLike) -> Any:
             return json.load(handle)
     except json.JSONDecodeError as err:
         raise DataError(str(path), None, "<file>", f"not valid JSON ({err})") from err
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global (see `_PlainDataUnpickler`)."""
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Reads only plain data: lists, tuples, dicts, strings, bytes, numbers, booleans and None.
+
+    Those are built by pickle opcodes of their own and need no global, so every global a pickle
+    names (a class, or a callable such as ``os.system`` that a crafted pickle would run) is
+    refused before it is even imported.
+    """
+
+    def find_class(self, module: str, name: str) -> NoReturn:
+        raise _RefusedGlobal(f"the pickle names the global {module}.{name}")
+
+
+def _text(value: Any) -> Any:
+    """Python 2 ``str`` (read as bytes) -> str, UTF-8 else Latin-1, through lists, tuples and dicts."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.decode("latin-1")
+    if isinstance(value, list):
+        return [_text(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_text(item) for item in value)
+    if isinstance(value, dict):
+        return {_text(key): _text(item) for key, item in value.items()}
+    return value
+
+
+def read_pickle(path: str | os.PathLike) -> Any:
+    """A pickle of plain data (as distributed: RefCOCO refs, OFA's ans2label), never running code.
+
+    Python 2 pickles (protocol 0-2, ``str`` as bytes) decode too. A pickle that names any global
+    (a class, a function) raises a DataError naming the file: such a file is crafted or foreign.
+    """
+    try:
+        with open(path, "rb") as handle:
+            return _text(_PlainDataUnpickler(handle, encoding="bytes").load())
+    except _RefusedGlobal as err:
+        raise DataError(str(path), None, "<file>", f"refused to unpickle: {err}; only plain lists, dicts, strings "
+                        "and numbers are read (nothing in the file was run)") from None
+    except _UNREADABLE_PICKLE as err:
+        raise DataError(str(path), None, "<file>", f"not a readable pickle ({type(err).__name__}: {err})") from None
+
+
+def read_document(path: str | os.PathLike) -> Any:
+    """A whole file of plain data: a pickle (by its suffix, `PICKLE_SUFFIXES`) or JSON."""
+    return read_pickle(path) if str(path).lower().endswith(PICKLE_SUFFIXES) else read_json(path)
 
 
 def json_list(document: Any, key: str, source: str) -> list[Any]:

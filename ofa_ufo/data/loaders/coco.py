@@ -1,7 +1,8 @@
 """COCO-format JSON: captions, instances (detection) and RefCOCO-style refs over instances.
 
-COCO annotation files are single JSON documents, so each is read whole; examples are still
-yielded one by one. Boxes come as COCO ``[x, y, width, height]`` and leave as ``[x0, y0, x1, y1]``.
+COCO annotation files are single JSON documents (RefCOCO's refs a pickle), so each is read whole;
+examples are still yielded one by one. Boxes come as COCO ``[x, y, width, height]`` and leave as
+``[x0, y0, x1, y1]``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from ofa_ufo.data.canonical import DataError, new_example
 from ofa_ufo.data.loaders._common import (
-    LoadReport, OnError, Size, check_on_error, drive, image_path, json_list, read_json, require,
+    LoadReport, OnError, Size, check_on_error, drive, image_path, json_list, read_document, read_json, require,
 )
 
 __all__ = ["load_coco_captions", "load_coco_instances", "load_refcoco"]
@@ -130,26 +131,32 @@ def _sentence_rows(refs: list[Any], split: str | None) -> Iterator[tuple[int, tu
             yield row, (ref, k)
 
 
-def _refs_list(document: Any, source: str) -> list[Any]:
-    """The refs export is a bare list, or an object with a "refs" list."""
-    return document if isinstance(document, list) else json_list(document, "refs", source)
+def _refs_list(path: str | os.PathLike, source: str) -> list[Any]:
+    """The refs as distributed (a pickled list, read without running code) or a JSON export: a bare
+    list, or an object with a "refs" list."""
+    document = read_document(path)
+    if isinstance(document, list):
+        return document
+    return json_list(document, "refs", source)
 
 
 def load_refcoco(
     refs_path: str | os.PathLike, instances_path: str | os.PathLike, images_root: str | os.PathLike,
     split: str | None = None, on_error: OnError = "raise", report: LoadReport | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """One grounding example per referring sentence of a RefCOCO/+/g JSON export.
+    """One grounding example per referring sentence of RefCOCO, RefCOCO+ or RefCOCOg.
 
-    ``refs_path`` is the JSON form of ``refs(unc).p`` (a list of refs with ``ref_id``,
-    ``image_id``, ``ann_id``, ``split``, ``sentences[].sent``); boxes and image files come from
-    the COCO ``instances.json`` shipped with it. The pickle itself is never unpickled (unsafe).
-    ``split`` keeps only refs of that split ("train", "val", "testA", ...). Rows are 1-based
-    positions in the refs list.
+    ``refs_path`` is the refs file as distributed, ``refs(unc).p`` (``refs(umd).p`` for RefCOCOg):
+    a pickled list of refs with ``ref_id``, ``image_id``, ``ann_id``, ``split`` and
+    ``sentences[].sent`` (``sent_id``), read by a restricted unpickler that refuses any pickle
+    naming a class or function, so a crafted file cannot run code; Python 2 pickles decode. A
+    ``.json`` export of the same list (or ``{"refs": [...]}``) reads too. Boxes (``bbox``) and image
+    files come from the COCO ``instances.json`` shipped beside it. ``split`` keeps only refs of that
+    split ("train", "val", "testA", ...). Rows are 1-based positions in the refs list.
     """
     check_on_error(on_error)
     source, root = str(refs_path), str(images_root)
-    refs = _refs_list(read_json(refs_path), source)
+    refs = _refs_list(refs_path, source)
     instances = read_json(instances_path)
     images = _index(json_list(instances, "images", str(instances_path)))
     anns = _index(json_list(instances, "annotations", str(instances_path)))

@@ -1,18 +1,27 @@
-"""VQA v2 JSON: a questions file plus an annotations file (10 human answers per question)."""
+"""VQA v2 JSON: a questions file plus an annotations file (10 human answers per question), and the
+closed answer vocabulary OFA decodes over (the 3,129 most frequent training answers)."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from ofa_ufo.data.canonical import DataError, new_example
 from ofa_ufo.data.loaders._common import (
-    LoadReport, OnError, Size, check_on_error, drive, image_path, json_list, read_json, require,
+    LoadReport, OnError, Size, check_on_error, drive, image_path, json_list, read_document, read_json, require,
 )
+from ofa_ufo.metrics.vqa import normalize_vqa_answer
 
-__all__ = ["load_vqa_v2"]
+__all__ = [
+    "VQA_ANSWER_VOCABULARY_SIZE", "build_answer_vocabulary", "load_vqa_v2", "read_answer_vocabulary",
+    "write_answer_vocabulary",
+]
+
+VQA_ANSWER_VOCABULARY_SIZE = 3129  # OFA's trainval_ans2label
 
 
 def _image_pattern(questions: Any, image_pattern: str | None, source: str) -> str:
@@ -66,3 +75,44 @@ def load_vqa_v2(
         return example, None
 
     return drive(enumerate(json_list(document, "questions", source), 1), build, source, on_error, report)
+
+
+def build_answer_vocabulary(
+    annotations_path: str | os.PathLike, size: int = VQA_ANSWER_VOCABULARY_SIZE,
+) -> list[str]:
+    """The `size` most frequent answers of a VQA v2 annotations file, most frequent first (ties in
+    alphabetical order): each question's ``multiple_choice_answer`` (else its most common human
+    answer) after the VQA metric's normalisation, as OFA's trie answer set (trainval_ans2label).
+    Build it from the training annotations; a bad annotation raises a DataError naming its row."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"the answer vocabulary size must be a positive integer, got {size!r}")
+    source = str(annotations_path)
+    counts: Counter[str] = Counter()
+    for row, annotation in enumerate(json_list(read_json(annotations_path), "annotations", source), 1):
+        target, _ = _answers(annotation, source, row)
+        answer = normalize_vqa_answer(target)
+        if answer:
+            counts[answer] += 1
+    return sorted(counts, key=lambda answer: (-counts[answer], answer))[:size]
+
+
+def write_answer_vocabulary(answers: Sequence[str], path: str | os.PathLike) -> None:
+    """Write the vocabulary as a JSON list in rank order (written to a temporary file, then renamed)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(json.dumps(list(answers), ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+    partial.replace(target)
+
+
+def read_answer_vocabulary(path: str | os.PathLike) -> list[str]:
+    """An answer vocabulary file: a JSON list (as written by `write_answer_vocabulary`), or an
+    ``{answer: label}`` mapping as JSON or as OFA's ``trainval_ans2label.pkl`` (read without running
+    code), ordered by label."""
+    source = str(path)
+    document = read_document(path)
+    if isinstance(document, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in document.values()):
+        document = sorted(document, key=document.get)
+    if not isinstance(document, list) or not document or not all(isinstance(a, str) and a.strip() for a in document):
+        raise DataError(source, None, "<file>", "expected a non-empty list of answers, or an {answer: label} mapping")
+    return document
