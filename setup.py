@@ -41,7 +41,8 @@ setup(
     entry_points={"console_scripts": ["ofa-ufo = ofa_ufo.cli.main:run"]},
     extras_require={
         # gradio + selenium: the web demo's tests (the browser test also needs Debian's chromium + chromium-driver)
-        "test": ["pytest>=8.0", "hypothesis>=6.100", "scikit-image>=0.22", "gradio>=6.0,<7", "selenium>=4.20"],
+        "test": ["pytest>=8.0", "hypothesis>=6.100", "scikit-image>=0.22", "gradio>=6.0,<7", "selenium>=4.20",
+                 "onnx>=1.16", "onnxruntime>=1.17", "scikit-learn>=1.3"],
         "demo": ["scikit-image>=0.22"],
         "serve": ["gradio>=6.0,<7", "scikit-image>=0.22"],  # `ofa-ufo serve`: the web demo and its bundled photos
         "oracle": [
@@ -51,5 +52,9 @@ setup(
             "sentencepiece>=0.2",
         ],
         "timm": ["timm>=1.0"],
+        # `ofa-ufo export` / `python -m ofa_ufo.export` (docs/deployment.md); optimum's ONNX side does not fit, see there
+        "export": ["onnx>=1.16", "onnxruntime>=1.17"],
+        # `python -m ofa_ufo.search`: scikit-learn's Gaussian processes predict subnet metric and latency (GP-NAS)
+        "search": ["scikit-learn>=1.3"],
     },
 )

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_import_graph import cycles  # noqa: E402  (the test's cycle finder, one implementation)
 
-COMMAND_LINES = {"evaluate", "__main__", "training.__main__", "data.convert"}
+COMMAND_LINES = {"evaluate", "export", "search", "__main__", "training.__main__", "data.convert"}
 
 
 def is_command_line(module: str) -> bool:

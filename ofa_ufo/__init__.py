@@ -6,6 +6,7 @@ with transformers' Auto classes.
 
 from ofa_ufo.core.box_codec import BoxCodec
 from ofa_ufo.core.images import ImageLoadError, load_image
+from ofa_ufo.deploy.ort_model import register as _register_onnx
 from ofa_ufo.deploy.subnets import SupernetArch, extract_subnet, sample_arch, set_arch
 from ofa_ufo.hf.configuration import OFAUFOConfig, OFAUFOVisionConfig
 from ofa_ufo.hf.image_processing import OFAUFOImageProcessor
@@ -19,6 +20,7 @@ from ofa_ufo.hf.tokenization import OFAUFOTokenizer, build_tokenizer
 from ofa_ufo.tasks import get_task, list_tasks
 
 _register()
+_register_onnx()  # the `ofa-ufo-onnx` type of exported directories (ofa_ufo.deploy.ort_model)
 
 __version__ = "0.1.0"
 

@@ -21,8 +21,13 @@ README_EXAMPLE = re.compile(r"<!-- readme-example:start -->.*?<!-- readme-exampl
 
 
 def _pages() -> list[Path]:
-    """The repo's Markdown files, without hidden folders (.venv, .git, ...) and build outputs."""
-    pages = []
+    """The repo's Markdown files, without hidden folders (.venv, .git, ...), build outputs and what git
+    ignores (a trained model's card in checkpoints/ is an output, not a page)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.md"], cwd=ROOT,
+                            capture_output=True, text=True)
+    if listed.returncode == 0:
+        return sorted(ROOT / line for line in listed.stdout.splitlines() if (ROOT / line).is_file())
+    pages = []  # not a git checkout (an unpacked sdist): walk the tree
     for folder, dirs, files in os.walk(ROOT):
         dirs[:] = [d for d in dirs if not (d.startswith(".") or d in SKIPPED_DIRS or d.endswith(".egg-info"))]
         pages += [Path(folder) / name for name in files if name.endswith(".md")]

@@ -25,7 +25,7 @@ LAYERS = {
     "deploy": 7, "converters": 7,
     "training": 8,
     # command-line modules: nothing in the library imports them
-    "cli": 9, "evaluate": 9, "__main__": 9, "training.__main__": 9, "data.convert": 9,
+    "cli": 9, "evaluate": 9, "export": 9, "search": 9, "__main__": 9, "training.__main__": 9, "data.convert": 9,
 }
 
 

@@ -1,4 +1,4 @@
-"""`ofa-ufo COMMAND ...`: predict, evaluate, train, convert, extract, presets, serve.
+"""`ofa-ufo COMMAND ...`: predict, evaluate, train, convert, extract, search, export, presets, serve.
 
 Every command has `--help`. Exit codes: 0 done, 1 bad input (a file, an image, data or a model that
 cannot be used; the error on one line), 2 usage (unknown command or option). `--debug` anywhere shows
@@ -15,7 +15,9 @@ from ofa_ufo.cli import extract, predict, serve
 from ofa_ufo.converters import fairseq, hf_port, taming
 from ofa_ufo.data import convert as data_convert
 from ofa_ufo.evaluate import main as evaluate_main
+from ofa_ufo.export import main as export_main
 from ofa_ufo.hf.presets import preset_table
+from ofa_ufo.search import main as search_main
 from ofa_ufo.training.__main__ import main as train_main
 
 __all__ = ["COMMANDS", "main"]
@@ -62,6 +64,8 @@ COMMANDS: dict[str, Command] = {
     "train": Command(train_main, "run the trainer on an experiment config"),
     "convert": Command(_convert, "convert datasets to canonical JSON Lines, or OFA / taming checkpoints"),
     "extract": Command(extract.main, "cut a dense per-task subnet out of a UFO supernet"),
+    "search": Command(search_main, "find the task subnet that best fits a device budget, and extract it"),
+    "export": Command(export_main, "write ONNX graphs (fp32 or int8) that ONNX Runtime serves"),
     "presets": Command(_presets, "list the named architectures with parameter counts"),
     "serve": Command(serve.main, "web demo of a model directory (Gradio) on 127.0.0.1"),
 }

@@ -18,19 +18,21 @@ from ofa_ufo.hf.configuration import OFAUFOConfig
 from ofa_ufo.models.ufo import SupernetArch, UFOSupernet
 
 __all__ = [
-    "SupernetArch", "extract_subnet", "largest_arch", "log_router_probabilities", "router_probabilities",
-    "sample_arch", "set_arch", "smallest_arch",
+    "SupernetArch", "elastic_choices", "extract_subnet", "get_supernet", "largest_arch", "log_router_probabilities",
+    "router_probabilities", "sample_arch", "set_arch", "smallest_arch",
 ]
 
 
-def _supernet(model) -> UFOSupernet:
+def get_supernet(model) -> UFOSupernet:
+    """The model's UFO supernet, or a ValueError saying the model has none."""
     supernet = model.get_encoder().supernet
     if supernet is None:
         raise ValueError("this model has no UFO supernet (vision_config.supernet_layers is 0)")
     return supernet
 
 
-def _choices(config: OFAUFOConfig) -> tuple[list[int], list[float], list[int]]:
+def elastic_choices(config: OFAUFOConfig) -> tuple[list[int], list[float], list[int]]:
+    """(head counts, MLP ratios, depths) the config lets a subnet take."""
     vision = config.vision_config
     return (vision.supernet_elastic_heads or [vision.supernet_heads],
             vision.supernet_elastic_mlp_ratios or [vision.supernet_mlp_ratio],
@@ -43,12 +45,12 @@ def _arch(config: OFAUFOConfig, depth: int, heads: list[int], ratios: list[float
 
 
 def largest_arch(config: OFAUFOConfig) -> SupernetArch:
-    heads, ratios, depths = _choices(config)
+    heads, ratios, depths = elastic_choices(config)
     return _arch(config, max(depths), [max(heads)] * max(depths), [max(ratios)] * max(depths))
 
 
 def smallest_arch(config: OFAUFOConfig) -> SupernetArch:
-    heads, ratios, depths = _choices(config)
+    heads, ratios, depths = elastic_choices(config)
     return _arch(config, min(depths), [min(heads)] * min(depths), [min(ratios)] * min(depths))
 
 
@@ -56,14 +58,14 @@ def sample_arch(config: OFAUFOConfig, step: int) -> SupernetArch:
     """A random subnet of the configured elastic ranges, seeded by the training step (the same on
     every rank): depth once, then heads and MLP ratio independently per block (UFO's recipe)."""
     rng = random.Random(step)
-    heads, ratios, depths = _choices(config)
+    heads, ratios, depths = elastic_choices(config)
     depth = rng.choice(depths)
     return _arch(config, depth, [rng.choice(heads) for _ in range(depth)], [rng.choice(ratios) for _ in range(depth)])
 
 
 def set_arch(model, arch: SupernetArch | None) -> None:
     """Run the supernet as subnet `arch` (None: the largest) until changed; checked against the ranges."""
-    supernet = _supernet(model)
+    supernet = get_supernet(model)
     if arch is not None:
         _check_arch(supernet, arch)
     supernet.arch = arch
@@ -90,7 +92,7 @@ def extract_subnet(model, task: str, arch: SupernetArch | None = None):
     and serves `pipeline("ofa-ufo")`; its config records the task in `vision_config.supernet_task`
     and as its task vocabulary (`task_names`, the one route its single task embedding keeps).
     """
-    supernet = _supernet(model)
+    supernet = get_supernet(model)
     if not supernet.routed:
         raise ValueError(f"this model is already an extracted subnet (task {model.config.vision_config.supernet_task!r})")
     index = model.config.vision_config.route_id(task)
@@ -158,7 +160,7 @@ def _routed_expert(ffn, task: int, hidden: int) -> dict[str, torch.Tensor]:
 def router_probabilities(model) -> dict[str, list[float]]:
     """Per task of the model's vocabulary, the probability of routing to its own expert in each block
     (softmax of the logits)."""
-    blocks, vision = _supernet(model).blocks, model.config.vision_config
+    blocks, vision = get_supernet(model).blocks, model.config.vision_config
     with torch.no_grad():
         return {name: [float(b.ffn.router[vision.route_id(name)].softmax(-1)[1]) for b in blocks]
                 for name in vision.task_names}

@@ -1,0 +1,112 @@
+"""One for All Chips, measured in one run on a trained supernet: how well the GP-NAS predictors rank
+archs they were not fitted on, how the searched pick compares with random in-budget archs, and how
+the zero-shot score ranks.
+
+    .venv/bin/python benchmarks/chips_search.py --model checkpoints/ofa_ufo_tiny_ufo.pretrain_demo_chips \
+        --task classification --target cpu-fp32 --fit 24 --held-out 16 --examples 200
+
+Steps: evaluate `--fit` archs (largest, smallest, random) and `--held-out` other random archs
+(metric on the spec's held-out data, latency on the target); fit the metric and latency GPs on the
+first set and report Kendall's tau on the second; search under a latency budget (the median of the
+evaluated latencies unless `--budget-ms`) with the same `--fit` samples; evaluate the best of `--fit`
+random archs predicted inside the budget; print the table and write JSON next to the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ofa_ufo.core.timing import device_name
+from ofa_ufo.deploy.nas import (
+    ArchPredictor, arch_to_dict, kendall_tau, random_archs, search, zero_shot_score,
+)
+from ofa_ufo.deploy.subnets import largest_arch, smallest_arch
+from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
+from ofa_ufo.hf.processing import OFAUFOProcessor
+from ofa_ufo.search import ArchEvaluator
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--task", default="classification")
+    parser.add_argument("--target", default="cpu-fp32")
+    parser.add_argument("--fit", type=int, default=24)
+    parser.add_argument("--held-out", type=int, default=16)
+    parser.add_argument("--examples", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--budget-ms", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model = OFAUFOForConditionalGeneration.from_pretrained(args.model).eval()
+    processor = OFAUFOProcessor.from_pretrained(args.model)
+    config = model.config
+    evaluator = ArchEvaluator(model, processor, args.task, None, args.examples, 50, args.target, args.repeats,
+                              Path(args.model) / "profiles")
+    print(f"measured on {device_name()}; task {args.task}, target {args.target}, {args.examples} held-out examples")
+
+    extremes = [largest_arch(config), smallest_arch(config)]
+    fit = extremes + random_archs(config, args.fit - 2, args.seed, exclude=extremes)
+    held = random_archs(config, args.held_out, args.seed + 1000, exclude=fit)
+    rows = {}
+    for arch in fit + held:
+        rows[arch] = (evaluator.metric(arch), evaluator.latency_ms(arch))
+    metric_gp = ArchPredictor(config, args.seed).fit(fit, [rows[a][0] for a in fit])
+    latency_gp = ArchPredictor(config, args.seed).fit(fit, [rows[a][1] for a in fit])
+    tau_metric = kendall_tau(metric_gp.predict(held), [rows[a][0] for a in held])
+    tau_latency = kendall_tau(latency_gp.predict(held), [rows[a][1] for a in held])
+    every = fit + held
+    zero_shot = [zero_shot_score(model, a) for a in every]
+    tau_zero_shot = kendall_tau(zero_shot, [rows[a][0] for a in every])
+    tau_size = kendall_tau([sum(a.hidden[: a.depth]) + 64 * sum(a.heads[: a.depth]) for a in every],
+                           [rows[a][0] for a in every])
+
+    budget = args.budget_ms or float(np.median([rows[a][1] for a in every]))
+    result = search(config, evaluator.metric, evaluator.latency_ms, ("latency_ms", budget), samples=args.fit,
+                    seed=args.seed)
+    # the baseline: as many random archs as the search evaluated, kept only when measured inside the budget
+    random_pool = random_archs(config, args.fit, args.seed + 2000)
+    random_in = [(evaluator.metric(a), evaluator.latency_ms(a), a) for a in random_pool]
+    random_in = [r for r in random_in if r[1] <= budget]
+    best_random = max(random_in, key=lambda r: (r[0], -r[1])) if random_in else None
+
+    print("\n| figure | value |\n|---|---|")
+    print(f"| archs evaluated to fit / held out | {len(fit)} / {len(held)} |")
+    print(f"| metric ({evaluator.metric_name}) range over evaluated archs | "
+          f"{min(r[0] for r in rows.values()):.4f} - {max(r[0] for r in rows.values()):.4f} |")
+    print(f"| latency range (ms) | {min(r[1] for r in rows.values()):.2f} - {max(r[1] for r in rows.values()):.2f} |")
+    print(f"| Kendall tau, metric GP on held-out archs | {tau_metric:.3f} |")
+    print(f"| Kendall tau, latency GP on held-out archs | {tau_latency:.3f} |")
+    print(f"| Kendall tau, zero-shot score vs metric (all {len(every)}) | {tau_zero_shot:.3f} |")
+    print(f"| Kendall tau, plain size (width sum) vs metric | {tau_size:.3f} |")
+    print(f"| budget latency_ms | {budget:.2f} |")
+    print(f"| searched pick: metric / latency ms | {result.pick.metric:.4f} / {result.pick.cost:.2f} |")
+    if best_random:
+        print(f"| best of {len(random_pool)} random archs ({len(random_in)} in budget): metric / latency ms | "
+              f"{best_random[0]:.4f} / {best_random[1]:.2f} |")
+    else:
+        print(f"| best of {len(random_pool)} random archs | none measured inside the budget |")
+    print(f"| wall time (s) | {time.perf_counter() - start:.0f} |")
+    out = Path(args.model) / f"chips_search_{args.task}_{args.target}.json"
+    out.write_text(json.dumps({
+        "device": device_name(), "task": args.task, "target": args.target, "metric": evaluator.metric_name,
+        "rows": [{"arch": arch_to_dict(a), "metric": m, "latency_ms": ms, "fit": a in fit} for a, (m, ms) in rows.items()],
+        "tau": {"metric": tau_metric, "latency": tau_latency, "zero_shot": tau_zero_shot, "size": tau_size},
+        "budget_ms": budget, "search": result.to_dict(),
+        "best_random": None if best_random is None else {"metric": best_random[0], "latency_ms": best_random[1],
+                                                         "arch": arch_to_dict(best_random[2])},
+    }, indent=1))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Search a trained supernet for the task subnet that fits a device budget, then extract and save it.
+
+    python -m ofa_ufo.search --model DIR --task classification --target cpu-fp32 --budget latency_ms=40 \
+        --output chips/classification_40ms
+    python -m ofa_ufo.search --model DIR --task vqa --budget params=3e6 --samples 16
+
+It evaluates `--samples` archs (largest, smallest and random ones) on the task's held-out data (the
+spec `demo_<task>` unless `--spec` names another) and on the budget's cost, fits Gaussian processes to
+both (`ofa_ufo.deploy.nas`), evaluates the best predicted arch inside the budget, and writes to
+`--output`: the extracted subnet (`save_pretrained`), `search.json` (budget, samples, predicted front,
+pick, device) and `search.png` (evaluated and predicted points, the front, the pick, the budget).
+Latencies are kept per target in `<model>/profiles/<target>.json` and reused by later searches on
+the same machine. `--zero-shot` also reports how well the data-free MAE-NAS-style score ranks the
+evaluated archs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from ofa_ufo.core.timing import device_name
+from ofa_ufo.data.sources import open_examples
+from ofa_ufo.data.specs import load_spec
+from ofa_ufo.deploy.nas import (
+    SearchResult, kendall_tau, parse_budget, search, subnet_flops, subnet_params, zero_shot_score,
+)
+from ofa_ufo.deploy.profiles import TARGETS, ProfileStore, check_target, measure_latency
+from ofa_ufo.deploy.subnets import extract_subnet, largest_arch
+from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
+from ofa_ufo.hf.processing import OFAUFOProcessor
+from ofa_ufo.models.ufo import SupernetArch
+from ofa_ufo.tasks import get_task
+from ofa_ufo.training.report import evaluate_model
+
+
+class ArchEvaluator:
+    """Metric and cost of archs of one routed supernet for one task, with the costs' fixed parts
+    (everything outside the supernet blocks) counted once on a real extracted model."""
+
+    def __init__(self, model, processor, task: str, spec_name: str | None, examples: int, batch_size: int,
+                 target: str, repeats: int, profile_dir: Path | None):
+        supernet = model.get_encoder().supernet
+        if supernet is None or not supernet.routed:
+            raise ValueError("search needs a routed UFO supernet (vision_config.supernet_layers > 0, not extracted)")
+        self.model, self.processor, self.task, self.batch_size = model, processor, task, batch_size
+        model.config.vision_config.route_id(task)  # an unknown task fails here, naming the model's tasks
+        self.spec = load_spec(spec_name or f"demo_{task}")
+        if self.spec.task != task:
+            raise ValueError(f"spec {self.spec.name!r} is for task {self.spec.task!r}, not {task!r}")
+        self.examples = list(islice(open_examples(self.spec.data, task), examples))
+        if not self.examples:
+            raise ValueError(f"spec {self.spec.name!r} gave no held-out examples")
+        self.headline, self.metrics = get_task(task).headline, {}
+        self.target, self.repeats = target, repeats
+        self.store = ProfileStore(profile_dir / f"{target}.json", target) if profile_dir is not None else None
+        full = largest_arch(model.config)
+        dense = self.extract(full)
+        self.fixed_params = sum(p.numel() for p in dense.parameters()) - subnet_params(model.config, full)
+        self.tokens = supernet.pos_embed.num_embeddings - 1
+
+    def extract(self, arch: SupernetArch):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an untrained route is reported once by the supernet's own checks
+            return extract_subnet(self.model, self.task, arch).eval()
+
+    def metric(self, arch: SupernetArch) -> float:
+        """The task's headline metric of `arch`'s subnet on the held-out examples (each arch scored once)."""
+        if arch not in self.metrics:
+            scores = evaluate_model(self.extract(arch), self.processor, self.spec, self.examples, self.batch_size,
+                                    max_failures=0.0).values  # a failed example would bias the arch's metric
+            self.metric_name = self.headline if self.headline in scores else next(iter(scores))
+            self.metrics[arch] = float(scores[self.metric_name])
+        return self.metrics[arch]
+
+    def latency_ms(self, arch: SupernetArch) -> float:
+        known = self.store.lookup(arch) if self.store is not None else None
+        if known is not None:
+            return known
+        record = measure_latency(self.extract(arch), self.processor, self.target, self.task, self.repeats, arch=arch)
+        if self.store is not None:
+            self.store.add(record)
+        return record.ms
+
+    def cost(self, kind: str):
+        if kind == "latency_ms":
+            return self.latency_ms
+        if kind == "params":
+            return lambda arch: float(subnet_params(self.model.config, arch, self.fixed_params))
+        return lambda arch: subnet_flops(self.model.config, arch, self.tokens)
+
+
+def plot_front(result: SearchResult, path: Path, kind: str, metric_name: str) -> None:
+    """Evaluated samples, the predicted front, the evaluated pick and the budget line, in one PNG."""
+    import matplotlib  # optional at import time: only the report needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after selecting the headless backend
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([s.cost for s in result.samples], [s.metric for s in result.samples], c="tab:blue", label="evaluated")
+    ax.plot([f.predicted_cost for f in result.front], [f.predicted_metric for f in result.front], "o--", c="tab:orange",
+            ms=3, label="predicted front")
+    ax.scatter([result.pick.cost], [result.pick.metric], c="tab:red", marker="*", s=160, label="pick (evaluated)")
+    ax.axvline(result.budget[1], c="gray", ls=":", label="budget")
+    ax.set_xlabel(kind)
+    ax.set_ylabel(metric_name)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_search(args: argparse.Namespace) -> dict:
+    """The command's work: search, extract the pick, write the report; returns the report."""
+    kind, limit = parse_budget(args.budget)
+    check_target(args.target)
+    model = OFAUFOForConditionalGeneration.from_pretrained(args.model).eval()
+    processor = OFAUFOProcessor.from_pretrained(args.model)
+    profiles = Path(args.profiles) if args.profiles else Path(args.model) / "profiles"
+    evaluator = ArchEvaluator(model, processor, args.task, args.spec, args.examples, args.batch_size, args.target,
+                              args.repeats, profiles)
+    result = search(model.config, evaluator.metric, evaluator.cost(kind), (kind, limit), samples=args.samples,
+                    predict_cost=kind == "latency_ms", seed=args.seed)
+    report = {"task": args.task, "target": args.target, "device": device_name(), "metric": evaluator.metric_name,
+              "spec": evaluator.spec.name, "examples": len(evaluator.examples), **result.to_dict()}
+    if args.zero_shot:
+        scores = [zero_shot_score(model, s.arch) for s in result.samples]
+        report["zero_shot"] = {"scores": scores, "kendall_tau_vs_metric": kendall_tau(scores, [s.metric for s in result.samples])}
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    evaluator.extract(result.pick.arch).save_pretrained(output)
+    processor.save_pretrained(output)
+    (output / "search.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    plot_front(result, output / "search.png", kind, evaluator.metric_name)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ofa_ufo.search", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="a save_pretrained directory with a routed UFO supernet")
+    parser.add_argument("--task", required=True, help="the task whose subnet to search")
+    parser.add_argument("--budget", required=True, help="latency_ms=N, params=N or flops=N")
+    parser.add_argument("--target", default="cpu-fp32", help=f"latency target: {', '.join(TARGETS)}")
+    parser.add_argument("--output", required=True, help="directory for the extracted pick and its report")
+    parser.add_argument("--spec", help="held-out data spec (default demo_<task>)")
+    parser.add_argument("--examples", type=int, default=100, help="held-out examples per evaluated arch")
+    parser.add_argument("--samples", type=int, default=24, help="archs evaluated to fit the predictors")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per latency (median)")
+    parser.add_argument("--profiles", help="folder of per-target latency records (default <model>/profiles)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--zero-shot", action="store_true", help="also rank the samples by the zero-shot score")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        report = run_search(args)
+    except (ValueError, OSError) as error:
+        print(f"search: {error}", file=sys.stderr)
+        return 1
+    pick = report["pick"]
+    print(f"searched on {report['device']}")
+    print(f"| pick | {report['metric']} | {next(iter(report['budget']))} | predicted metric | predicted cost |")
+    print("|---|---|---|---|---|")
+    print(f"| {arch_text(pick['arch'])} | {pick['metric']:.4f} | {pick['cost']:.4g} | "
+          f"{pick['predicted_metric']:.4f} | {pick['predicted_cost']:.4g} |")
+    print(f"subnet and report written to {args.output}")
+    return 0
+
+
+def arch_text(arch: dict) -> str:
+    return f"depth {arch['depth']}, heads {arch['heads']}, hidden {arch['hidden']}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

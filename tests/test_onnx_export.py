@@ -1,0 +1,210 @@
+"""ONNX export (`ofa_ufo.deploy.onnx_export`) and generation over ONNX Runtime (`ofa_ufo.deploy.ort_model`).
+
+The model is the caption subnet of a tiny routed UFO supernet whose routers and experts are randomised
+(so the caption route is not the shared default), exported once per module through `ofa-ufo export
+--task caption` (the subnet is extracted on the fly). Parity is checked against `extract_subnet` run
+in PyTorch: logits within 1e-4, identical greedy and beam-5 tokens, identical pipeline answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import tiny_model
+from PIL import Image
+from transformers import AutoModelForSeq2SeqLM, pipeline
+
+import ofa_ufo
+from ofa_ufo.cli.main import main
+from ofa_ufo.core.timing import cpu_name
+from ofa_ufo.deploy.onnx_export import export_onnx, load_onnx_model, quantize_int8
+from ofa_ufo.deploy.ort_model import OFAUFOOnnxForConditionalGeneration, check_processor
+from ofa_ufo.export import main as export_main
+
+SUPERNET = dict(supernet_layers=2, supernet_dim=32, supernet_heads=4, supernet_head_dim=8, supernet_mlp_ratio=2.0)
+SMALL_TABLES = dict(max_position_embeddings=64, image_bucket_size=4)  # 64 px -> a 4x4 grid; smaller graphs
+GRAPHS = ("encoder_model.onnx", "decoder_with_past_model.onnx")
+
+
+@pytest.fixture(scope="module")
+def routed():
+    model = tiny_model(0, vision_config=SUPERNET, **SMALL_TABLES)
+    with torch.no_grad():
+        for block in model.get_encoder().supernet.blocks:
+            block.ffn.router.normal_()
+            block.ffn.experts.fc2_weight.normal_(std=0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(routed, processor, tmp_path_factory):
+    """The supernet saved, exported by the command line with --task caption, and the PyTorch subnet."""
+    root = tmp_path_factory.mktemp("onnx_export")
+    routed.save_pretrained(root / "supernet")
+    processor.save_pretrained(root / "supernet")
+    argv = ["export", "--model", str(root / "supernet"), "--task", "caption", "--format", "onnx",
+            "--output", str(root / "onnx")]
+    assert main(argv) == 0
+    dense = ofa_ufo.extract_subnet(routed, "caption").eval()
+    dense.save_pretrained(root / "dense")
+    processor.save_pretrained(root / "dense")
+    return SimpleNamespace(root=root, onnx=root / "onnx", dense=dense)
+
+
+@pytest.fixture(scope="module")
+def onnx_model(exported):
+    return AutoModelForSeq2SeqLM.from_pretrained(exported.onnx)
+
+
+@pytest.fixture(scope="module")
+def inputs(processor):
+    """Three rows: prompts of different lengths (padding), the middle one without an image."""
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)) for _ in range(2)]
+    batch = processor(images=[images[0], None, images[1]],
+                      text=[" what does the image describe?", " hi", " what is in the corner of the picture?"])
+    return dict(batch)
+
+
+def test_the_command_writes_the_published_layout(exported):
+    files = {p.name for p in exported.onnx.iterdir()}
+    assert {*GRAPHS, "config.json", "generation_config.json", "onnx_manifest.json", "processor_config.json"} <= files
+    assert json.loads((exported.onnx / "config.json").read_text())["model_type"] == "ofa-ufo-onnx"
+    manifest = json.loads((exported.onnx / "onnx_manifest.json").read_text())
+    assert (manifest["precision"], manifest["opset"], manifest["task"]) == ("fp32", 17, "caption")
+    assert manifest["exported_with"]["cpu"] == cpu_name()
+    assert manifest["source_model"] == str(exported.root / "supernet")
+    encoder = onnx.load(str(exported.onnx / GRAPHS[0]), load_external_data=False).graph
+    decoder = onnx.load(str(exported.onnx / GRAPHS[1]), load_external_data=False).graph
+    assert [i.name for i in encoder.input] == manifest["graphs"]["encoder"]["inputs"] == [
+        "input_ids", "attention_mask", "pixel_values", "image_mask"]
+    assert [o.name for o in decoder.output] == manifest["graphs"]["decoder_with_past"]["outputs"] == [
+        "logits", "present.0.decoder.key", "present.0.decoder.value",
+        "present.1.decoder.key", "present.1.decoder.value"]
+    assert [i.name for i in decoder.input][:4] == ["input_ids", "encoder_padding_mask", "cross_position_keys",
+                                                   "past_key_values.0.decoder.key"]
+
+    def dims(graph, name):
+        value = next(v for v in graph.input if v.name == name)
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    assert dims(encoder, "input_ids") == ["batch", "prompt_length"]  # dynamic batch and length
+    assert dims(encoder, "pixel_values") == ["batch", 3, 64, 64]  # the processor's image size
+    assert dims(decoder, "input_ids") == ["rows", 1]  # one new token per step
+    assert dims(decoder, "past_key_values.0.decoder.key") == ["rows", 4, "past_length", 8]
+    assert dims(decoder, "past_key_values.0.encoder.key") == ["batch", 4, "source_length", 8]
+
+
+def test_fp32_logits_match_pytorch(exported, onnx_model, inputs):
+    assert isinstance(onnx_model, OFAUFOOnnxForConditionalGeneration)
+    decoder = torch.tensor([[0, 5, 6, 7, 8], [0, 9, 10, 11, 12], [0, 50, 60, 70, 2]])
+    with torch.no_grad():
+        expected = exported.dense(**inputs, decoder_input_ids=decoder, use_cache=False).logits
+        got = onnx_model(**inputs, decoder_input_ids=decoder, use_cache=False).logits
+    assert got.shape == expected.shape == (3, 5, exported.dense.config.vocab_size)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    text_only = {k: inputs[k] for k in ("input_ids", "attention_mask")}  # PyTorch then builds no image tokens
+    with torch.no_grad():
+        expected = exported.dense(**text_only, decoder_input_ids=decoder, use_cache=False).logits
+        got = onnx_model(**text_only, decoder_input_ids=decoder).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("num_beams", [1, 5])
+def test_greedy_and_beam_tokens_match_pytorch(exported, onnx_model, inputs, num_beams):
+    settings = dict(num_beams=num_beams, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = exported.dense.generate(**inputs, **settings)
+        got = onnx_model.generate(**inputs, **settings)
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    assert got.sequences.shape == (3, 9)
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(expected.scores), atol=1e-4, rtol=0)
+
+
+def test_pipeline_serves_the_onnx_directory(exported):
+    from_onnx = pipeline("ofa-ufo", model=str(exported.onnx))
+    from_torch = pipeline("ofa-ufo", model=str(exported.root / "dense"))
+    assert isinstance(from_onnx.model, OFAUFOOnnxForConditionalGeneration)
+    image = np.random.default_rng(2).integers(0, 256, (30, 30, 3), dtype=np.uint8)
+    for task, text in (("caption", None), ("vqa", "what color is it?"), ("itm", "a red circle")):
+        got, expected = from_onnx(image, task=task, text=text, max_new_tokens=5), from_torch(
+            image, task=task, text=text, max_new_tokens=5)
+        assert got.keys() == expected.keys()
+        if "text" in expected:
+            assert got["text"] == expected["text"]
+        assert got["score"] == pytest.approx(expected["score"], rel=1e-3)
+
+
+def test_routed_supernet_needs_a_task(exported, routed, processor, tmp_path, capsys):
+    with pytest.raises(ValueError, match="routed UFO supernet.*Extract a subnet first.*--task grounding"):
+        export_onnx(routed, tmp_path / "out", processor)
+    assert not (tmp_path / "out" / GRAPHS[0]).exists()
+    assert main(["export", "--model", str(exported.root / "supernet"), "--output", str(tmp_path / "cli")]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading progress bar
+    assert last.startswith("export: error: the model is a routed UFO supernet") and "--task grounding" in last
+
+
+def test_a_processor_that_does_not_match_the_graph_is_named(exported, onnx_model, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(exported.onnx, copy, ignore=shutil.ignore_patterns("*.onnx"))
+    for name in GRAPHS:  # the graphs are only read: links save copying them
+        os.link(exported.onnx / name, copy / name)
+    ofa_ufo.create_processor("ofa_ufo_tiny", image_size=96).save_pretrained(copy)
+    with pytest.raises(ValueError, match="'pixel_values'.* 64x64 px .* 96x96"):
+        AutoModelForSeq2SeqLM.from_pretrained(copy)
+    size = SimpleNamespace(size=64)
+    with pytest.raises(ValueError, match="needs input 'image_mask'"):
+        check_processor(onnx_model, SimpleNamespace(model_input_names=["input_ids", "attention_mask", "pixel_values"],
+                                                    image_processor=size))
+    with pytest.raises(ValueError, match="gives input 'task_ids'"):
+        check_processor(onnx_model, SimpleNamespace(model_input_names=[*onnx_model.manifest["graphs"]["encoder"][
+            "inputs"], "task_ids"], image_processor=size))
+
+
+def test_what_the_graphs_do_not_cover_is_refused(onnx_model, inputs):
+    with pytest.raises(NotImplementedError, match="code_grid"):
+        onnx_model(**inputs, decoder_input_ids=torch.zeros(3, 1, dtype=torch.long), code_grid=8)
+    with pytest.raises(NotImplementedError, match="embedding"):
+        onnx_model.embed(inputs["pixel_values"], inputs["input_ids"])
+
+
+def test_int8_graphs_quantise_the_weights_and_track_fp32(exported, onnx_model, inputs, tmp_path):
+    int8 = tmp_path / "int8"
+    shutil.copytree(exported.onnx, int8, ignore=shutil.ignore_patterns("*.onnx"))
+    for name in GRAPHS:
+        quantize_int8(exported.onnx / name, int8 / name)
+    decoder = onnx.load(str(int8 / GRAPHS[1])).graph
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= {node.op_type for node in decoder.node}
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in decoder.initializer)
+    assert (int8 / GRAPHS[1]).stat().st_size < 0.5 * (exported.onnx / GRAPHS[1]).stat().st_size
+    quantized = AutoModelForSeq2SeqLM.from_pretrained(int8)
+    tokens = torch.tensor([[0, 5, 6, 7, 8], [0, 9, 10, 11, 12], [0, 50, 60, 70, 2]])
+    with torch.no_grad():
+        reference = onnx_model(**inputs, decoder_input_ids=tokens, use_cache=False).logits.flatten()
+        got = quantized(**inputs, decoder_input_ids=tokens, use_cache=False).logits.flatten()
+    assert not torch.equal(got, reference)  # really another graph
+    assert torch.corrcoef(torch.stack([got, reference]))[0, 1] > 0.9
+
+
+@pytest.mark.slow
+def test_int8_exports_from_the_module_command_and_without_a_processor(exported, inputs, tmp_path, capsys):
+    output = tmp_path / "int8"
+    argv = ["--model", str(exported.root / "dense"), "--format", "onnx", "--output", str(output), "--quantize", "int8"]
+    assert export_main(argv) == 0
+    assert "int8" in capsys.readouterr().out
+    assert json.loads((output / "onnx_manifest.json").read_text())["precision"] == "int8"
+    result = pipeline("ofa-ufo", model=str(output))(np.zeros((16, 16, 3), np.uint8), task="caption", max_new_tokens=4)
+    assert isinstance(result["text"], str) and 0 <= result["score"] <= 1
+    bare = export_onnx(exported.dense, tmp_path / "bare")  # graphs at config.image_size, no processor files
+    assert not (bare / "processor_config.json").exists()
+    assert json.loads((bare / "onnx_manifest.json").read_text())["image_size"] == 64
+    with torch.no_grad():
+        expected = exported.dense.generate(**inputs, num_beams=5, max_new_tokens=6)
+        assert load_onnx_model(bare).generate(**inputs, num_beams=5, max_new_tokens=6).tolist() == expected.tolist()

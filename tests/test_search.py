@@ -1,0 +1,264 @@
+"""Subnet search (GP-NAS-style predictor, Pareto front, budgets), device profiles and the search command."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from test_supernet import SUPERNET, supernet_model
+from transformers import pipeline
+
+from ofa_ufo.core.hardware import precision_support
+from ofa_ufo.deploy.nas import (
+    ArchPredictor, candidate_archs, encode_arch, kendall_tau, parse_budget, pareto_front, random_archs, search,
+    space_size, subnet_flops, subnet_params, zero_shot_score,
+)
+from ofa_ufo.deploy.profiles import LatencyRecord, ProfileStore, check_target, measure_latency
+from ofa_ufo.deploy.subnets import extract_subnet, largest_arch, smallest_arch
+from ofa_ufo.models.ufo import SupernetArch
+from ofa_ufo.search import main as search_main
+
+
+@pytest.fixture(scope="module")
+def supernet():
+    return supernet_model()
+
+
+@pytest.fixture(scope="module")
+def config(supernet):
+    return supernet.config
+
+
+def test_space_enumeration_and_random_draws(config):
+    # SUPERNET: depths {1, 2}, heads {2, 3, 4}, hidden {32, 48, 64}: 9 + 81 archs
+    assert space_size(config) == 9 + 81
+    every = candidate_archs(config)
+    assert len(every) == len(set(every)) == 90
+    assert SupernetArch(1, (3,), (48,)) in every and SupernetArch(2, (4, 2), (64, 32)) in every
+    drawn = random_archs(config, 30, seed=1)
+    assert len(set(drawn)) == 30 and set(drawn) <= set(every)
+    assert drawn == random_archs(config, 30, seed=1) and drawn != random_archs(config, 30, seed=2)
+    assert largest_arch(config) not in random_archs(config, 89, seed=0, exclude=[largest_arch(config)])
+    with pytest.raises(ValueError, match="space holds 90"):
+        random_archs(config, 91)
+
+
+def test_arch_encoding_by_hand(config):
+    # largest: depth 2, heads (4, 4), hidden (64, 64)
+    assert encode_arch(config, SupernetArch(1, (2,), (48,))).tolist() == [0.5, 0.5, 0.75, 0.0, 0.0]
+    assert encode_arch(config, SupernetArch(2, (4, 3), (32, 64))).tolist() == [1.0, 1.0, 0.5, 0.75, 1.0]
+
+
+@pytest.mark.parametrize("arch", [SupernetArch(1, (2,), (32,)), SupernetArch(2, (3, 4), (48, 64)),
+                                  SupernetArch(2, (4, 2), (64, 32))])
+def test_analytic_params_match_the_extracted_subnet(supernet, config, arch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = extract_subnet(supernet, "caption", largest_arch(config))
+        dense = extract_subnet(supernet, "caption", arch)
+    fixed = sum(p.numel() for p in full.parameters()) - subnet_params(config, largest_arch(config))
+    assert subnet_params(config, arch, fixed) == sum(p.numel() for p in dense.parameters())
+
+
+def test_analytic_flops_match_torch_flop_counter(supernet, config):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    arch = SupernetArch(2, (3, 2), (48, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        blocks = extract_subnet(supernet, "caption", arch).get_encoder().supernet.blocks  # the deployed blocks
+    tokens = 5
+    x, task_ids = torch.randn(1, tokens, SUPERNET["supernet_dim"]), torch.tensor([0])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        for block in blocks:
+            x = block(x, task_ids, None, None)
+    # torch's counter skips CPU scaled_dot_product_attention: add QK^T and AV by hand, 2 * 2 * N^2 * width
+    attention = 4 * tokens**2 * (3 * 8 + 2 * 8)
+    assert subnet_flops(config, arch, tokens) == counter.get_total_flops() + attention
+
+
+def test_pareto_front_by_hand():
+    points = [(3.0, 0.5), (1.0, 0.2), (2.0, 0.6), (2.5, 0.55), (4.0, 0.9), (1.0, 0.1)]
+    assert pareto_front(points) == [1, 2, 4]
+
+
+def test_kendall_tau_by_hand():
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert kendall_tau([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+    # one discordant pair of six: (6 - 1 - 1) / 6
+    assert kendall_tau([1, 2, 3, 4], [1, 2, 4, 3]) == pytest.approx(4 / 6)
+
+
+def _synthetic_metric(arch: SupernetArch) -> float:
+    """A smooth made-up accuracy: more depth, heads and width help, with diminishing returns."""
+    return sum(math.log(h) + 0.5 * math.log(w) for h, w in zip(arch.heads[: arch.depth], arch.hidden[: arch.depth]))
+
+
+def test_predictor_ranks_archs_it_was_not_fitted_on(config):
+    fit = random_archs(config, 20, seed=3)
+    held_out = random_archs(config, 30, seed=4, exclude=fit)
+    predictor = ArchPredictor(config).fit(fit, [_synthetic_metric(a) for a in fit])
+    tau = kendall_tau(predictor.predict(held_out), [_synthetic_metric(a) for a in held_out])
+    assert tau >= 0.8, tau
+
+
+def test_search_picks_the_best_arch_inside_the_budget(config):
+    cost = lambda arch: float(subnet_params(config, arch))  # noqa: E731
+    limit = float(np.median([cost(a) for a in candidate_archs(config)]))
+    calls = []
+
+    def evaluate(arch):
+        calls.append(arch)
+        return _synthetic_metric(arch)
+
+    result = search(config, evaluate, cost, ("params", limit), samples=12, predict_cost=False, progress=False)
+    inside = [a for a in candidate_archs(config) if cost(a) <= limit]
+    best = max(_synthetic_metric(a) for a in inside)
+    assert result.pick.cost <= limit and result.pick.metric == _synthetic_metric(result.pick.arch)
+    assert result.pick.metric >= max(s.metric for s in result.samples if s.cost <= limit)
+    assert result.pick.metric >= best - 0.25 * (best - min(_synthetic_metric(a) for a in inside))
+    assert len(calls) <= 12 + 3  # the samples and at most `tries` picks: never the whole space
+    assert [f.predicted_cost for f in result.front] == sorted(f.predicted_cost for f in result.front)
+    assert json.loads(json.dumps(result.to_dict()))["pick"]["arch"]["depth"] == result.pick.arch.depth
+
+
+def test_budget_nothing_meets_names_the_smallest_cost(config):
+    cost = lambda arch: float(subnet_params(config, arch))  # noqa: E731
+    smallest = cost(smallest_arch(config))
+    with pytest.raises(ValueError, match=f"smallest arch needs {smallest:.4g}"):
+        search(config, _synthetic_metric, cost, ("params", smallest / 2), samples=4, predict_cost=False, progress=False)
+
+
+def test_parse_budget():
+    assert parse_budget("latency_ms=12.5") == ("latency_ms", 12.5)
+    assert parse_budget("params=3e6") == ("params", 3e6)
+    for bad in ("latency=3", "params", "flops=abc", "params=-1"):
+        with pytest.raises(ValueError, match="budget"):
+            parse_budget(bad)
+
+
+def test_zero_shot_score_prefers_capacity_and_is_reproducible(supernet, config):
+    small, large = smallest_arch(config), largest_arch(config)
+    assert zero_shot_score(supernet, large) > zero_shot_score(supernet, small)
+    assert zero_shot_score(supernet, large, seed=3) == zero_shot_score(supernet, large, seed=3)
+
+
+def test_precision_support_reads_the_cpu_flags(tmp_path):
+    amx = tmp_path / "amx"
+    amx.write_text("model name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu sse2 avx2 amx_bf16 amx_tile avx512_bf16\n")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("model name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx2 fma\n")
+    fast, slow = precision_support("cpu", amx), precision_support("cpu", avx2)
+    assert fast.bf16_fast and fast.dtype == torch.bfloat16 and "amx_bf16, avx512_bf16" in fast.summary
+    assert "Xeon" in fast.summary
+    assert not slow.bf16_fast and slow.dtype == torch.float32 and slow.precision == "fp32"
+
+
+def test_unknown_or_unavailable_targets():
+    with pytest.raises(ValueError, match="unknown target 'tpu'.*cpu-fp32"):
+        check_target("tpu")
+    if not precision_support("cpu").bf16_fast:
+        with pytest.raises(ValueError, match="cpu-bf16 needs a CPU that is fast at bf16"):
+            check_target("cpu-bf16")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            check_target("cuda")
+
+
+def test_latency_of_an_extracted_subnet(supernet, processor):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = extract_subnet(supernet, "caption", smallest_arch(supernet.config))
+    record = measure_latency(dense, processor, "cpu-fp32", repeats=2, warmup=1, new_tokens=3,
+                             arch=smallest_arch(supernet.config))
+    assert record.ms > 0 and record.repeats == 2 and record.new_tokens == 3 and record.device.startswith("CPU: ")
+    assert record.arch == {"depth": 1, "heads": [2], "hidden": [32]}
+    with pytest.raises(ValueError, match="extract_subnet"):
+        measure_latency(supernet, processor, "cpu-fp32", repeats=1)
+
+
+def test_profile_store_round_trip_and_other_machines(tmp_path):
+    path = tmp_path / "cpu-fp32.json"
+    store = ProfileStore(path, "cpu-fp32")
+    arch = SupernetArch(1, (2,), (32,))
+    store.add(LatencyRecord("cpu-fp32", 4.5, 3, 8, store.device, {"depth": 1, "heads": [2], "hidden": [32]}))
+    again = ProfileStore(path, "cpu-fp32")
+    assert again.lookup(arch) == 4.5 and again.lookup(SupernetArch(1, (3,), (32,))) is None
+    assert again.archs() == [(arch, 4.5)]
+    data = json.loads(path.read_text())
+    data["device"] = "CPU: some other machine"
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="not used"):
+        assert ProfileStore(path, "cpu-fp32").records == []
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="cpu-fp32.json: not a latency profile"):
+        ProfileStore(path, "cpu-fp32")
+
+
+def test_search_command_writes_a_servable_pick(supernet, processor, tmp_path, capsys):
+    model_dir, out = tmp_path / "supernet", tmp_path / "pick"
+    supernet.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    full = subnet_params(supernet.config, largest_arch(supernet.config))
+    small = subnet_params(supernet.config, smallest_arch(supernet.config))
+    budget = (full + small) // 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            fixed = sum(p.numel() for p in extract_subnet(supernet, "classification").parameters()) - full
+    code = search_main(["--model", str(model_dir), "--task", "classification", "--budget", f"params={budget + fixed}",
+                        "--output", str(out), "--samples", "5", "--examples", "4", "--zero-shot", "--threads", "1"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "search.json").read_text())
+    assert report["task"] == "classification" and report["metric"] == "top1" and report["examples"] == 4
+    assert report["pick"]["cost"] <= budget + fixed and len(report["samples"]) == 5
+    assert len(report["zero_shot"]["scores"]) == 5
+    assert (out / "search.png").stat().st_size > 1000
+    assert "| pick | top1 | params |" in capsys.readouterr().out
+    result = pipeline("ofa-ufo", model=str(out))(np.zeros((64, 64, 3), dtype=np.uint8), task="classification",
+                                                  labels=["circle", "square"])
+    assert result["label"] in {"circle", "square"}
+
+
+def test_search_command_bad_input(supernet, processor, tmp_path, capsys):
+    model_dir = tmp_path / "supernet"
+    supernet.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    common = ["--model", str(model_dir), "--output", str(tmp_path / "out"), "--samples", "3", "--examples", "2"]
+    assert search_main([*common, "--task", "classification", "--budget", "params=10", "--target", "tpu"]) == 1
+    assert "unknown target 'tpu'" in capsys.readouterr().err
+    assert search_main([*common, "--task", "classification", "--budget", "params=10"]) == 1
+    assert "no arch meets params <= 10" in capsys.readouterr().err
+
+
+def test_deployment_guide_commands(tmp_path, capsys):
+    """docs/deployment.md's four commands, on a tiny supernet: train with arch sampling, search under a
+    latency budget, export int8, predict with ONNX Runtime."""
+    from PIL import Image
+
+    from ofa_ufo.cli.main import main as cli
+
+    supernet, chip, shipped = (tmp_path / n for n in ("supernet", "chip", "int8"))  # train exports into its output_dir
+    vision = {**SUPERNET, "supernet_sample_arch": True, "supernet_sandwich": True}
+    overrides = ("model_overrides={d_model: 32, encoder_layers: 1, decoder_layers: 1, encoder_attention_heads: 4, "
+                 "decoder_attention_heads: 4, encoder_ffn_dim: 64, decoder_ffn_dim: 64, image_size: 64, dropout: 0.0, "
+                 f"vision_config: {json.dumps(vision)}}}")
+    assert cli(["train", "--config", "pretrain_demo_chips", overrides, "max_steps=2", "batch_size=3",
+                "eval_examples=2", "num_threads=1", "show_photos=false", f"output_dir={supernet}"]) == 0
+    assert cli(["search", "--model", str(supernet), "--task", "vqa", "--target", "cpu-fp32", "--budget",
+                "latency_ms=100000", "--output", str(chip), "--samples", "3", "--examples", "3", "--repeats", "1",
+                "--threads", "1"]) == 0
+    assert json.loads((chip / "search.json").read_text())["task"] == "vqa"
+    assert len(ProfileStore(supernet / "profiles" / "cpu-fp32.json", "cpu-fp32").records) >= 3
+    assert cli(["export", "--model", str(chip), "--format", "onnx", "--quantize", "int8", "--output", str(shipped)]) == 0
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.full((64, 64, 3), 200, dtype=np.uint8)).save(photo)
+    capsys.readouterr()
+    assert cli(["predict", "--model", str(shipped), "--task", "vqa", "--text", "what color is the circle?",
+                str(photo)]) == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert isinstance(answer["text"], str) and answer["text"].strip() and 0 < answer["score"] <= 1
