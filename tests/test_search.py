@@ -247,7 +247,7 @@ def test_deployment_guide_commands(tmp_path, capsys):
     overrides = ("model_overrides={d_model: 32, encoder_layers: 1, decoder_layers: 1, encoder_attention_heads: 4, "
                  "decoder_attention_heads: 4, encoder_ffn_dim: 64, decoder_ffn_dim: 64, image_size: 64, dropout: 0.0, "
                  f"vision_config: {json.dumps(vision)}}}")
-    assert cli(["train", "--config", "pretrain_demo_chips", overrides, "max_steps=2", "batch_size=3",
+    assert cli(["train", "--config", "pretrain_demo_chips", overrides, "max_steps=2", "batch_size=3", "stem_warmup_images=32",
                 "eval_examples=2", "num_threads=1", "show_photos=false", f"output_dir={supernet}"]) == 0
     assert cli(["search", "--model", str(supernet), "--task", "vqa", "--target", "cpu-fp32", "--budget",
                 "latency_ms=100000", "--output", str(chip), "--samples", "3", "--examples", "3", "--repeats", "1",
