@@ -42,7 +42,9 @@ setup(
     extras_require={
         # gradio + selenium: the web demo's tests (the browser test also needs Debian's chromium + chromium-driver)
         "test": ["pytest>=8.0", "hypothesis>=6.100", "scikit-image>=0.22", "gradio>=6.0,<7", "selenium>=4.20",
-                 "onnx>=1.16", "onnxruntime>=1.17", "scikit-learn>=1.3"],
+                 "onnx>=1.16", "onnxruntime>=1.17", "scikit-learn>=1.3", "webdataset>=0.2"],
+        # WebDataset tar shards streamed by the trainer (ofa_ufo.data.streaming; JSONL/TSV/datasets need nothing more)
+        "streaming": ["webdataset>=0.2"],
         "demo": ["scikit-image>=0.22"],
         "serve": ["gradio>=6.0,<7", "scikit-image>=0.22"],  # `ofa-ufo serve`: the web demo and its bundled photos
         "oracle": [

@@ -1,12 +1,19 @@
-"""Export a model directory to ONNX: encoder + decoder-with-past graphs that ONNX Runtime serves.
+"""Export a model directory to ONNX (encoder + decoder-with-past graphs that ONNX Runtime serves), or to
+a PyTorch directory with dynamic int8 Linear layers (`--format torch --quantize int8`).
 
 `pipeline("ofa-ufo", model=OUTPUT)` and `AutoModelForSeq2SeqLM.from_pretrained(OUTPUT)` load the result.
 
     python -m ofa_ufo.export --model caption_subnet/ --format onnx --output caption_onnx/
     python -m ofa_ufo.export --model caption_subnet/ --format onnx --output caption_int8/ --quantize int8
     ofa-ufo export --model SUPERNET_DIR --task grounding --format onnx --output grounding_onnx/
+    ofa-ufo export --model SUPERNET_DIR --task caption --format torch --quantize int8 --output caption_int8_pt/
 
 A routed UFO supernet is exported only with `--task` (its subnet for that task is extracted first).
+The dense detector (a directory of `ofa_ufo.extract_dense_detector`, or a model with a dense head and
+`--task dense_detection`) exports as one graph, model.onnx, that `OnnxDetector` runs:
+
+    ofa-ufo export --model DETECTOR_DIR --format onnx --output detector_onnx/
+    ofa-ufo export --model SUPERNET_DIR --task dense_detection --format onnx --output detector_onnx/
 Details and measured parity: docs/deployment.md.
 """
 
@@ -16,11 +23,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from transformers import AutoModelForSeq2SeqLM, AutoProcessor
+from transformers import AutoConfig, AutoModelForObjectDetection, AutoModelForSeq2SeqLM, AutoProcessor
 
+from ofa_ufo.deploy.dense_detector import export_detector_onnx, extract_dense_detector
 from ofa_ufo.deploy.onnx_export import DEFAULT_OPSET, QUANTIZATIONS, export_onnx
+from ofa_ufo.deploy.quantize import quantize_int8_dynamic
+from ofa_ufo.hf.image_processing_detection import OFAUFODetectorImageProcessor
+from ofa_ufo.hf.modeling import DENSE_TASK
+from ofa_ufo.hf.modeling_detection import OFAUFODetectorConfig
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "torch")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,19 +42,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="a save_pretrained model directory (PyTorch weights)")
     parser.add_argument("--output", required=True, help="the directory to write")
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="export format (default: onnx)")
-    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="int8: ONNX Runtime dynamic quantisation")
-    parser.add_argument("--task", help="for a routed UFO supernet: the task whose subnet to export")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS,
+                        help="int8: dynamic quantisation (ONNX Runtime's for onnx, PyTorch's for torch)")
+    parser.add_argument("--task", help="for a routed UFO supernet: the task whose subnet to export; "
+                        "dense_detection: the dense detector (docs/dense_detection.md)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     args = parser.parse_args(argv)
     try:
+        if args.task == DENSE_TASK or _is_detector(args.model):
+            return export_detector(args)
         model = AutoModelForSeq2SeqLM.from_pretrained(args.model)
         processor = AutoProcessor.from_pretrained(args.model)
+        if args.format == "torch":
+            return export_torch(model, processor, args)
         output = export_onnx(model, args.output, processor, task=args.task, quantize=args.quantize,
                              opset=args.opset, source=args.model)
     except (ValueError, TypeError, OSError) as error:  # OSError: a missing or unreadable model directory
         print(f"export: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     print(f"wrote {output}: encoder + decoder-with-past graphs ({args.quantize or 'fp32'}, opset {args.opset})")
+    return 0
+
+
+def export_torch(model, processor, args: argparse.Namespace) -> int:
+    """The `torch` format: the (task subnet of the) model, with `--quantize int8` its dynamic int8 copy
+    (`ofa_ufo.deploy.quantize`), saved with its processor for `pipeline("ofa-ufo", model=OUTPUT)`."""
+    if args.quantize != "int8":
+        raise ValueError("--format torch writes a quantised model: add --quantize int8 (a dense fp32 subnet is "
+                         "`ofa-ufo extract`)")
+    quantize_int8_dynamic(model, task=args.task).save_pretrained(args.output)
+    processor.save_pretrained(args.output)
+    print(f"wrote {args.output}: PyTorch model with int8 dynamic Linear layers (load with from_pretrained)")
+    return 0
+
+
+def _is_detector(path: str) -> bool:
+    """Whether `path` holds an extracted dense detector (a probe: an unreadable directory is left to the
+    loader that follows, whose errors name the file)."""
+    try:
+        return isinstance(AutoConfig.from_pretrained(path), OFAUFODetectorConfig)
+    except (OSError, ValueError):
+        return False
+
+
+def export_detector(args: argparse.Namespace) -> int:
+    """The dense detector's ONNX graph: from a detector directory, or extracted (fused) from a model with a
+    dense head (`--task dense_detection`)."""
+    if args.format != "onnx":
+        raise ValueError(f"the dense detector exports to onnx only, not --format {args.format}")
+    if _is_detector(args.model):
+        detector = AutoModelForObjectDetection.from_pretrained(args.model)
+    else:
+        detector = extract_dense_detector(AutoModelForSeq2SeqLM.from_pretrained(args.model), args.task, fuse=True)
+    processor = OFAUFODetectorImageProcessor(size=detector.config.image_size)
+    export_detector_onnx(detector, args.output, processor, quantize=args.quantize, opset=args.opset)
+    print(f"wrote {args.output}: dense detector graph ({args.quantize or 'fp32'}, opset {args.opset}, batch dynamic)")
     return 0
 
 

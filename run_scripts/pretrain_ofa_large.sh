@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# OFA-Large pretraining. With $OFA_PRETRAIN_DATA set (a folder of canonical JSON Lines per task, see
+# OFA-Large pretraining. With $OFA_PRETRAIN_DATA set (a folder of canonical JSON Lines per task, streamed, see
 # docs/training.md) it runs OFA's recipe (config pretrain_ofa_large); with no data it runs the embedded
 # default on generated demo scenes (config pretrain_demo_base). Arguments are passed to the trainer: config
 # overrides as key=value (max_steps=100 model_overrides={image_size: 128}) or --resume never.

@@ -24,6 +24,7 @@ IMAGES = str(EXAMPLES / "images")
 DATASETS = {
     "jsonl": ({"input": "canonical.jsonl"}, "caption"),
     "ofa_tsv": ({"input": "caption.tsv", "layout": "caption"}, "caption"),
+    "webdataset": ({"input": "webdataset-{000..000}.tar"}, "caption"),
     "coco_captions": ({"input": "captions.json", "images": IMAGES}, "caption"),
     "coco_instances": ({"input": "instances.json", "images": IMAGES}, "detection"),
     "coco_karpathy": ({"input": "dataset_coco.json", "images": str(EXAMPLES)}, "caption"),

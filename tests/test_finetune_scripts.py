@@ -134,7 +134,7 @@ def coco_root(tmp_path, monkeypatch) -> Path:
     return root
 
 
-@pytest.mark.parametrize("name, evaluate", [("coco_caption", 0), ("coco_detection", 2)])
+@pytest.mark.parametrize("name, evaluate", [("coco_caption", 0), ("coco_detection", 2), ("coco_detection_dense", 2)])
 def test_config_trains_on_the_official_layout(name, evaluate, coco_root, tmp_path):
     """The spec's data.train mapping finds the training split under $COCO_ROOT (no --demo)."""
     output = tmp_path / name
@@ -160,8 +160,8 @@ def test_empty_dataset_folder_names_the_expected_file(tmp_path, monkeypatch, cap
 
 
 def test_every_benchmark_has_a_script():
-    assert BENCHMARKS == ["coco_caption", "coco_detection", "imagenet", "lfw", "market1501", "refcoco", "refcocog",
-                          "refcocoplus", "snli_ve", "sop", "veri776", "vqav2"]
+    assert BENCHMARKS == ["coco_caption", "coco_detection", "coco_detection_dense", "imagenet", "lfw", "market1501",
+                          "refcoco", "refcocog", "refcocoplus", "snli_ve", "sop", "veri776", "vqav2"]
     assert sorted(p.stem for p in SCRIPTS.glob("*.sh")) == BENCHMARKS
 
 

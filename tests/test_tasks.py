@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from PIL import Image
 from transformers import pipeline
 
@@ -31,6 +32,7 @@ CALLS = {
     "entailment": (dict(text="there is a circle", premise="a red circle on gray"), {"label", "score", "scores"}),
     "classification": (dict(labels=["circle", "square", "red star"], top_k=2), {"label", "score", "top_k"}),
     "detection": (dict(max_new_tokens=20), {"boxes", "labels", "scores"}),
+    "dense_detection": (dict(score_threshold=0.0, max_detections=5), {"boxes", "labels", "scores"}),
     "text_infill": (dict(text="a red <mask> on a gray background", max_new_tokens=6), {"text", "score"}),
     "text_to_image": (dict(text="a red circle", vqgan=VQGAN), {"image", "images", "logprobs"}),
     "image_infill": (dict(vqgan=VQGAN), {"image", "images", "logprobs"}),
@@ -39,8 +41,13 @@ CALLS = {
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_checkpoint):
-    return pipeline("ofa-ufo", model=str(tiny_checkpoint))
+def pipe(tmp_path_factory, processor):
+    """conftest's tiny model plus a dense head (for dense_detection; the other tasks never run it), saved."""
+    path = tmp_path_factory.mktemp("tiny_dense_ckpt")
+    head = {"preset": "tiny", "labels": ["red circle", "blue square", "green star"]}
+    tiny_model(dense_head=head).save_pretrained(path)
+    processor.save_pretrained(path)
+    return pipeline("ofa-ufo", model=str(path))
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +173,10 @@ def _derived_photo_examples(task: str) -> list[dict]:
                                   "text": e["target"].replace(e["target"].split()[-1], "<mask>")},
         "grounded_caption": lambda e: {**e, "task": "grounded_caption", "target": e["text"]},
         **{name: lambda e, name=name: {**e, "task": name, "meta": {"identity": e["id"]}} for name in EMBEDDING},
+        "dense_detection": lambda e: {**e, "task": "dense_detection"},
     }
-    source = groundings if task == "grounded_caption" else captions
+    sources = {"grounded_caption": groundings, "dense_detection": real_photo_examples("detection")[:2]}
+    source = sources.get(task, captions)
     return [derive[task](e) for e in source] if task in derive else real_photo_examples(task)[:2]
 
 
@@ -182,7 +191,7 @@ def test_real_photos_smoke_every_task(pipe, task):
     spec = get_task(task)
     assert examples
     for example in examples:
-        generation = {} if task in EMBEDDING else dict(max_new_tokens=12)
+        generation = {} if task in EMBEDDING | {"dense_detection"} else dict(max_new_tokens=12)
         result = pipe(example["image"], task=task, **generation, **spec.pipeline_call(example, labels))
         assert set(result) == CALLS[task][1], result
         prediction, reference = spec.metric_pair(result, example)

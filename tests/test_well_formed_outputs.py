@@ -165,6 +165,35 @@ def detection(data, pipe, image):
         assert set(result["labels"]) <= set(labels), result
 
 
+DENSE_LABELS = ["red circle", "blue square", "green star"]
+_DENSE_PIPES: list[OFAUFOPipeline] = []
+
+
+def _dense_pipe(pipe) -> OFAUFOPipeline:
+    """A tiny model with a dense head whose class scores start near 1 (every anchor a candidate, the most
+    boxes NMS and clipping ever see), with `pipe`'s processor; built once."""
+    if not _DENSE_PIPES:
+        model = tiny_model(0, dense_head={"preset": "tiny", "labels": DENSE_LABELS})
+        with torch.no_grad():
+            for conv in model.dense_head.head.cls:
+                conv.bias.add_(9.0)
+        _DENSE_PIPES.append(OFAUFOPipeline(model=model, processor=pipe.processor, tokenizer=pipe.tokenizer,
+                                           image_processor=pipe.image_processor))
+    return _DENSE_PIPES[0]
+
+
+def dense_detection(data, pipe, image):
+    nms_iou = data.draw(st.sampled_from([None, 0.3, 0.5]))
+    labels = data.draw(st.sampled_from([None, DENSE_LABELS[:2]]))
+    most = data.draw(st.integers(1, 30))
+    options = {k: v for k, v in (("nms_iou", nms_iou), ("labels", labels)) if v is not None}
+    result = _dense_pipe(pipe)(image, task="dense_detection", max_detections=most, **options)
+    _boxes(result, image, most)
+    _no_duplicates(result, (0.6 if nms_iou is None else nms_iou) + 1e-3)  # IoU of boxes rounded to 0.01 px
+    assert set(result["labels"]) <= set(labels or DENSE_LABELS), result
+    assert result["scores"] == sorted(result["scores"], reverse=True), result
+
+
 def text_infill(data, pipe, image):
     _text(pipe(None, task="text_infill", text=data.draw(st.sampled_from(["a <mask> circle", "<mask> on gray"]))))
 
@@ -189,6 +218,7 @@ def free_prompt(data, pipe, image):
 CASES = {
     "caption": caption, "vqa": vqa, "grounding": grounding, "grounded_caption": grounded_caption, "itm": itm,
     "entailment": entailment, "classification": classification, "detection": detection,
+    "dense_detection": dense_detection,
     "text_infill": text_infill, "text_to_image": text_to_image, "image_infill": image_infill,
     **{task: embedding(task) for task in ("reid_person", "reid_vehicle", "face", "product")},
 }

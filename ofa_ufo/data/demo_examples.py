@@ -284,11 +284,14 @@ _BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {
     "itm": itm_example,
     "grounded_caption": grounded_caption_example,
 }
-# Image generation: the scene is the target (text_to_image: from its caption).
+# Tasks `make_examples` makes only on request. Image generation: the scene is the target (text_to_image:
+# from its caption).
 _IMAGE_TARGET_BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {
     "text_to_image": lambda scene, rng: {"task": "text_to_image", "image": scene.image,
                                          "text": _describe(scene.objects)},
     "image_infill": lambda scene, rng: {"task": "image_infill", "image": scene.image},
+    # the dense head's detection: the same boxes and labels as detection (not a default task: it needs a dense head)
+    "dense_detection": lambda scene, rng: {**detection_example(scene), "task": "dense_detection"},
 }
 # The tasks a scene answers about itself (every one `make_examples` makes by default), in registry order.
 TASKS: tuple[str, ...] = tuple(task for task in list_tasks() if task in _BUILDERS)

@@ -15,6 +15,7 @@ or source, the option or file at fault and the form expected; bad rows raise the
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -34,11 +35,12 @@ from ofa_ufo.data.loaders import (
     load_vqa_v2, read_answer_vocabulary,
 )
 from ofa_ufo.data.loaders.reid import LFW_IMAGE_PATTERN, REID_SPLITS
+from ofa_ufo.data.streaming import Shard, expand_braces, hf_shard, open_shards, stream_examples
 
 __all__ = [
     "SOURCES", "SPLITS", "DataSourceError", "DemoIdentitiesOptions", "DemoScenesOptions", "Format", "FormatOptions",
     "Generated", "MissingOptionError", "answer_vocabulary", "decoding_options", "expand_env", "list_sources",
-    "open_examples", "source_of",
+    "open_examples", "source_of", "stream_shards",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "val")
@@ -80,6 +82,9 @@ class FormatOptions:
     columns: str | None = None  # hf: field=column pairs, e.g. image=img,text=question,target=answer
     id_column: str | None = None  # hf: the column holding the example id
     on_error: str = "raise"  # "raise" at the first bad row, or "skip" bad rows (counted, logged once)
+    # the trainer reads the data lazily, record by record, each process its own share (jsonl, ofa_tsv,
+    # webdataset, hf; ofa_ufo.data.streaming) instead of loading the whole split first
+    streaming: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,7 @@ class Format:
             raise DataSourceError(f"format {self.name!r} option 'on_error' must be 'raise' or 'skip', "
                                   f"got {options.on_error!r}")
         for option in ("input", "annotations"):
-            if option in self.needs and not Path(getattr(options, option)).exists():
+            if option in self.needs and not _present(getattr(options, option)):
                 raise DataSourceError(f"format {self.name!r}: {option} {getattr(options, option)} does not exist; "
                                       f"expected {self.needs[option]}")
         return self.load(options, report if report is not None else LoadReport())
@@ -162,6 +167,11 @@ class Generated:
         return self.generate(_typed(self.settings, data, f"source {self.name!r}"), task, split)
 
 
+def _present(path: str) -> bool:
+    """A file or folder, or a shard pattern (``train-{000..009}.tar``, ``*.tsv``) that matches some."""
+    return Path(path).exists() or any(glob.glob(name) for name in expand_braces(path))
+
+
 def expand_env(value: Any) -> Any:
     """Substitute environment variables in a spec path; an unset one is named in the error."""
     if not isinstance(value, str):
@@ -175,7 +185,11 @@ def expand_env(value: Any) -> Any:
 
 def _checked(value: Any, default: Any, what: str) -> Any:
     """`value` as the type of an option's `default` (a string where the default is None)."""
-    if isinstance(default, tuple):
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        expected = "true or false"
+    elif isinstance(default, tuple):
         numbers = isinstance(value, (list, tuple)) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
         if numbers and len(value) == len(default):
@@ -217,6 +231,25 @@ def _columns(text: str) -> dict[str, str]:
         raise DataSourceError(f"format 'hf' option 'columns' must be field=column pairs, e.g. "
                               f"image=img,text=question,target=answer; got {text!r}")
     return {field.strip(): column.strip() for field, column in pairs}
+
+
+_HF_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+def _hf_stream(options: FormatOptions) -> list[Shard]:
+    """A ``datasets`` source read lazily: a save_to_disk folder as an iterable dataset, or local files
+    through ``load_dataset(..., streaming=True)``."""
+    import datasets  # heavy (pyarrow), needed only for a datasets source
+
+    path = Path(options.input)
+    if path.is_dir():
+        dataset = datasets.load_from_disk(str(path)).to_iterable_dataset()
+    elif path.suffix in _HF_BUILDERS:
+        dataset = datasets.load_dataset(_HF_BUILDERS[path.suffix], data_files=str(path), split="train", streaming=True)
+    else:
+        raise DataSourceError(f"format 'hf' reads a save_to_disk folder or one of {sorted(_HF_BUILDERS)}, "
+                              f"got input {path}")
+    return [hf_shard(dataset, options.task, _columns(options.columns), options.id_column, str(path))]
 
 
 def _hf(options: FormatOptions, report: LoadReport) -> Examples:
@@ -295,6 +328,9 @@ SOURCES: dict[str, Format | Generated] = {source.name: source for source in (
     Format("jsonl", lambda o, report: load_jsonl(o.input, o.on_error, report), {"input": "a canonical .jsonl file"}),
     Format("ofa_tsv", lambda o, report: load_ofa_tsv(o.input, o.layout, o.selected_cols, o.on_error, report),
            {"input": "an OFA .tsv file", "layout": f"one of {sorted(TSV_LAYOUTS)}"}),
+    Format("webdataset", lambda o, report: stream_examples(o.input, o.task, on_error=o.on_error, report=report),
+           {"input": "a WebDataset .tar shard, a folder of them or a pattern (train-{000..099}.tar); each sample "
+                     "KEY.json (canonical fields) + KEY.jpg/.png (its image)"}),
     Format("coco_captions", _with_images(load_coco_captions),
            {"input": "a COCO captions_*.json file", "images": _IMAGES}),
     Format("coco_instances", _with_images(load_coco_instances),
@@ -428,3 +464,28 @@ def decoding_options(data: Mapping[str, Any]) -> dict[str, Any]:
     ``candidates``, so answers are decoded through the trie over it (`ofa_ufo.tasks.choice`)."""
     answers = answer_vocabulary(data)
     return {} if answers is None else {"candidates": answers}
+
+
+# ---- streamed training data ---------------------------------------------------------------------
+
+_STREAMED = ("jsonl", "ofa_tsv", "webdataset", "hf")
+
+
+def stream_shards(data: Mapping[str, Any], task: str) -> list[Shard] | None:
+    """The shards of a spec's training data when it says ``streaming: true`` (`ofa_ufo.data.streaming`:
+    read lazily, each process its share); None when it does not."""
+    side = _train_side(data) if source_of(data).key == "format" else data
+    if not side.get("streaming"):
+        return None
+    source = source_of(side)
+    if source.name not in _STREAMED:
+        raise DataSourceError(f"format {source.name!r} cannot be streamed (streaming: true); streamed formats are "
+                              f"{list(_STREAMED)}")
+    values = {key: expand_env(value) for key, value in side.items() if key in _FORMAT_OPTIONS}
+    options = source.options(values)
+    if options.input is None or not _present(options.input):
+        raise DataSourceError(f"format {source.name!r}: input {options.input} does not exist; expected "
+                              f"{source.needs['input']}")
+    if source.name == "hf":
+        return _hf_stream(options)
+    return open_shards(options.input, task, options.layout, options.selected_cols)

@@ -24,23 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModelForSeq2SeqLM,
-    AutoProcessor,
-    AutoTokenizer,
-    GenerationConfig,
-)
+from transformers import AutoProcessor, GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import Seq2SeqLMOutput
 from transformers.utils import ModelOutput
 
 from ofa_ufo.hf.configuration import OFAUFOConfig
-from ofa_ufo.hf.image_processing import OFAUFOImageProcessor
 from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration, OFAUFOPreTrainedModel
 from ofa_ufo.hf.processing import OFAUFOProcessor
-from ofa_ufo.hf.tokenization import OFAUFOTokenizer
+from ofa_ufo.hf.registration import register_seq2seq_variant
 
 __all__ = [
     "DECODER_FILE", "ENCODER_FILE", "MANIFEST_FILE", "OFAUFOOnnxConfig", "OFAUFOOnnxEncoderOutput",
@@ -320,8 +312,4 @@ def check_processor(model: OFAUFOOnnxForConditionalGeneration, processor: OFAUFO
 
 def register() -> None:
     """Register the `ofa-ufo-onnx` config type with the Auto classes (idempotent; `import ofa_ufo` calls it)."""
-    AutoConfig.register(OFAUFOOnnxConfig.model_type, OFAUFOOnnxConfig, exist_ok=True)
-    AutoModelForSeq2SeqLM.register(OFAUFOOnnxConfig, OFAUFOOnnxForConditionalGeneration, exist_ok=True)
-    AutoTokenizer.register(OFAUFOOnnxConfig, fast_tokenizer_class=OFAUFOTokenizer, exist_ok=True)
-    AutoImageProcessor.register(OFAUFOOnnxConfig, slow_image_processor_class=OFAUFOImageProcessor, exist_ok=True)
-    AutoProcessor.register(OFAUFOOnnxConfig, OFAUFOProcessor, exist_ok=True)
+    register_seq2seq_variant(OFAUFOOnnxConfig, OFAUFOOnnxForConditionalGeneration)

@@ -4,6 +4,7 @@
     ofa_ufo.set_arch(model, arch)                                  # train / evaluate that subnet
     dense = ofa_ufo.extract_subnet(model, task="grounding")        # full-size task subnet
     chip = ofa_ufo.extract_subnet(model, task="grounding", arch=small_arch)   # a "chip" subnet
+    shared = ofa_ufo.extract_subnet(model, task="shared")          # the shared path, for a new task
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import torch
 from ofa_ufo.hf.configuration import OFAUFOConfig
 from ofa_ufo.models.ufo import SupernetArch, UFOSupernet
 
+# extract_subnet's name for the shared path: attention + the shared FFN in every block, no task expert
+SHARED = "shared"
+
 __all__ = [
-    "SupernetArch", "elastic_choices", "extract_subnet", "get_supernet", "largest_arch", "log_router_probabilities",
+    "SHARED", "SupernetArch", "elastic_choices", "extract_subnet", "get_supernet", "largest_arch", "log_router_probabilities",
     "router_probabilities", "sample_arch", "set_arch", "smallest_arch",
 ]
 
@@ -91,14 +95,19 @@ def extract_subnet(model, task: str, arch: SupernetArch | None = None):
     Everything outside the supernet is copied unchanged. The result saves with `save_pretrained`
     and serves `pipeline("ofa-ufo")`; its config records the task in `vision_config.supernet_task`
     and as its task vocabulary (`task_names`, the one route its single task embedding keeps).
+
+    `task="shared"` (`SHARED`) keeps the path every task shares (UFO's fast task extension: fine-tune it
+    on a task the supernet never trained): the shared FFN in every block, whatever the routers say, the
+    mean of the task embeddings, and the supernet's whole task vocabulary (any of its tasks can train it).
     """
     supernet = get_supernet(model)
     if not supernet.routed:
         raise ValueError(f"this model is already an extracted subnet (task {model.config.vision_config.supernet_task!r})")
-    index = model.config.vision_config.route_id(task)
+    index = None if task == SHARED else model.config.vision_config.route_id(task)
     arch = arch or supernet.arch or supernet.largest_arch()
     _check_arch(supernet, arch)
-    if all(float(b.ffn.router[index].detach().abs().max()) == 0.0 for b in supernet.blocks[: arch.depth]):
+    if index is not None and all(float(b.ffn.router[index].detach().abs().max()) == 0.0
+                                 for b in supernet.blocks[: arch.depth]):
         warnings.warn(f"the routers of task {task!r} were never trained: its subnet uses the untrained default route")
     dense = type(model)(_subnet_config(model.config, task, arch)).eval()
     state = {k: v for k, v in model.state_dict().items() if ".supernet." not in k}
@@ -118,7 +127,8 @@ def _subnet_config(config: OFAUFOConfig, task: str, arch: SupernetArch) -> OFAUF
     config = copy.deepcopy(config)
     vision = config.vision_config
     vision.supernet_layers, vision.supernet_routed, vision.supernet_num_tasks = arch.depth, False, 1
-    vision.supernet_task, vision.task_names = task, [task]
+    if task != SHARED:  # the shared path keeps the supernet's task vocabulary
+        vision.supernet_task, vision.task_names = task, [task]
     vision.supernet_layer_heads = list(arch.heads[: arch.depth])
     vision.supernet_layer_hidden = list(arch.hidden[: arch.depth])
     vision.supernet_heads = max(vision.supernet_layer_heads)
@@ -128,11 +138,13 @@ def _subnet_config(config: OFAUFOConfig, task: str, arch: SupernetArch) -> OFAUF
 
 
 @torch.no_grad()
-def _subnet_state(supernet: UFOSupernet, task: int, arch: SupernetArch, prefix: str) -> dict[str, torch.Tensor]:
-    """Weights of the dense subnet: shared parts as they are, the task's embedding row, per block
-    the leading heads of attention and the routed expert cut to the arch's hidden width."""
+def _subnet_state(supernet: UFOSupernet, task: int | None, arch: SupernetArch, prefix: str) -> dict[str, torch.Tensor]:
+    """Weights of the dense subnet: shared parts as they are, the task's embedding row (task None: the
+    shared path, the mean row), per block the leading heads of attention and the routed expert (None:
+    the shared one) cut to the arch's hidden width."""
     state = {f"{prefix}{k}": v for k, v in supernet.state_dict().items() if k.split(".")[0] in ("in_proj", "pos_embed", "norm")}
-    state[f"{prefix}task_embed.weight"] = supernet.task_embed.weight[task : task + 1].clone()
+    embed = supernet.task_embed.weight
+    state[f"{prefix}task_embed.weight"] = embed.mean(0, keepdim=True) if task is None else embed[task : task + 1]
     for i in range(arch.depth):
         block, heads, hidden = supernet.blocks[i], arch.heads[i], arch.hidden[i]
         out = f"{prefix}blocks.{i}."
@@ -146,8 +158,8 @@ def _subnet_state(supernet: UFOSupernet, task: int, arch: SupernetArch, prefix: 
     return {k: v.clone().contiguous() for k, v in state.items()}
 
 
-def _routed_expert(ffn, task: int, hidden: int) -> dict[str, torch.Tensor]:
-    if ffn.uses_own_expert(task):
+def _routed_expert(ffn, task: int | None, hidden: int) -> dict[str, torch.Tensor]:
+    if task is not None and ffn.uses_own_expert(task):
         e = ffn.experts
         weights = (e.fc1_weight[task], e.fc1_bias[task], e.fc2_weight[task], e.fc2_bias[task])
     else:

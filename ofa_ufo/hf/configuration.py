@@ -15,6 +15,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from ofa_ufo.hf.saved_files import CONFIG_FILES, check_files, local_directory, naming_files
+from ofa_ufo.models.damo_yolo import DENSE_PRESETS
 from ofa_ufo.tasks import FREE_PROMPT, list_tasks
 
 # How retrieval tasks (ReID, face, product) read an embedding out of the model (`OFAUFOModel.embed`):
@@ -72,6 +73,23 @@ def check_field_types(config: PreTrainedConfig) -> None:
             wanted = " or ".join(_FIELD_TYPES[o][1] if o in _FIELD_TYPES else f"a list of {_PLURALS.get(o[5:-1], o)}"
                                  for o in options)
             raise TypeError(f"{type(config).__name__} field {name} must be {wanted}, got {value!r}")
+
+
+def check_dense_head(entry: dict) -> dict:
+    """The `dense_head` config entry with its preset checked and its labels a list; ValueError naming the
+    problem (an unknown key or preset, labels that are missing, empty, repeated or not strings)."""
+    unknown = sorted(set(entry) - {"preset", "labels"})
+    if unknown:
+        raise ValueError(f"dense_head takes 'preset' and 'labels', got unknown key(s) {unknown}")
+    preset = entry.get("preset", "tiny")
+    if not isinstance(preset, str) or preset not in DENSE_PRESETS:
+        raise ValueError(f"dense_head preset must be one of {sorted(DENSE_PRESETS)}, got {preset!r}")
+    labels = entry.get("labels")
+    if isinstance(labels, str) or not isinstance(labels, (list, tuple)) or not labels:
+        raise ValueError(f"dense_head labels must be a non-empty list of class names, got {labels!r}")
+    if not all(isinstance(label, str) and label for label in labels) or len(set(labels)) != len(labels):
+        raise ValueError(f"dense_head labels must be distinct non-empty strings, got {list(labels)!r}")
+    return {"preset": preset, "labels": list(labels)}
 
 
 def reject_unknown_fields(config: PreTrainedConfig, kwargs: dict) -> None:
@@ -260,6 +278,9 @@ class OFAUFOConfig(PreTrainedConfig):
     embedding_readout: str = "decoder"
     max_image_size: int = 512
     vision_config: dict | PreTrainedConfig | None = None
+    # the DAMO-YOLO dense detection head (task dense_detection, docs/dense_detection.md):
+    # {"preset": a DENSE_PRESETS name, "labels": its class names}; None: no dense head
+    dense_head: dict | None = None
     use_cache: bool = True
     pad_token_id: int | None = 1
     bos_token_id: int | None = 0
@@ -299,6 +320,8 @@ class OFAUFOConfig(PreTrainedConfig):
             raise ValueError(f"codes [{self.code_offset}, +{self.num_codes}) overlap bins at {self.bin_offset}")
         if self.box_mode not in ("normalized", "ofa"):
             raise ValueError(f"box_mode must be 'normalized' or 'ofa', got {self.box_mode!r}")
+        if self.dense_head is not None:
+            self.dense_head = check_dense_head(self.dense_head)
         if self.embedding_readout not in EMBEDDING_READOUTS:
             raise ValueError(f"embedding_readout must be one of {EMBEDDING_READOUTS}, got {self.embedding_readout!r}")
         grid = self.image_size // 16

@@ -63,6 +63,9 @@ def _architecture(config: OFAUFOConfig) -> list[str]:
         ("vocabulary", f"{config.vocab_size} ({config.num_codes} image codes, {config.num_bins} location bins)"),
         ("box mode", config.box_mode),
     ]
+    if config.dense_head is not None:  # task dense_detection (docs/dense_detection.md)
+        rows.append(("dense detection head", f"DAMO-YOLO {config.dense_head['preset']}, "
+                                             f"{len(config.dense_head['labels'])} classes"))
     return ["## Architecture", "", "| field | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
 
 

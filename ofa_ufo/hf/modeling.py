@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.modeling_outputs import Seq2SeqLMOutput, Seq2SeqModelOutput
 
+from ofa_ufo.core.hardware import resolve_precision
 from ofa_ufo.generation.fairseq_rules import FAIRSEQ_MAX_LEN_EOS, check_fairseq_option, fairseq_max_len_eos_processor
 from ofa_ufo.hf.configuration import OFAUFOConfig
 from ofa_ufo.hf.model_card import write_model_card
@@ -27,7 +28,11 @@ from ofa_ufo.layers.attention import OFAAttention
 from ofa_ufo.layers.kv_cache import OFAUFOCache
 from ofa_ufo.layers.moe import TaskMoEFFN
 from ofa_ufo.layers.tied_embedding import training_lookups, vocab_logits
+from ofa_ufo.models.damo_yolo import DenseDetector, DenseOutput, ZeroHead, image_pyramid
 from ofa_ufo.models.ofa import OFADecoder, OFAEncoder, OFAUFOEncoderOutput
+from ofa_ufo.models.resnet import OUT_CHANNELS, STAGE_CHANNELS
+
+DENSE_TASK = "dense_detection"  # the task the dense head serves: its rows route the supernet as this task
 
 
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, start_token_id: int) -> torch.Tensor:
@@ -98,6 +103,22 @@ def _registered_subclass(directory: Path | None, cls: type) -> type | None:
     return model_class if isinstance(model_class, type) and issubclass(model_class, cls) else None
 
 
+def with_precision(model: PreTrainedModel, precision: str, conflicting: list[str] | None = None) -> PreTrainedModel:
+    """`model` cast to what `precision` (auto | fp32 | bf16) resolves to on its device; the choice is kept as
+    `model.precision_choice`. Only floating-point PyTorch models can be cast (an int8 or ONNX one cannot)."""
+    if conflicting:
+        raise ValueError(f"give either precision= or {conflicting[0]}=, not both")
+    device = next((param.device for param in model.parameters()), torch.device("cpu"))  # an ONNX model has none
+    choice = resolve_precision(precision, device)
+    if choice.precision == "bf16" and model.config.model_type != OFAUFOConfig.model_type:
+        raise ValueError(f"precision={precision!r} means bf16 here, but a {model.config.model_type!r} model keeps "
+                         "its own precision; load it without precision=")
+    if model.config.model_type == OFAUFOConfig.model_type:
+        model = model.to(choice.dtype)
+    model.precision_choice = choice
+    return model
+
+
 class OFAUFOPreTrainedModel(PreTrainedModel):
     config_class = OFAUFOConfig
     config: OFAUFOConfig
@@ -115,7 +136,13 @@ class OFAUFOPreTrainedModel(PreTrainedModel):
         `OFAUFOConfig.from_pretrained`), generation_config.json (which transformers would skip in silence) and
         the weights. Called by `pipeline("ofa-ufo", model=DIR)` (transformers passes `_from_pipeline`), it
         first checks every file the pipeline loads next: the Auto classes read tokenizer_config.json and
-        processor_config.json before any OFA-UFO code runs, and their errors name no file."""
+        processor_config.json before any OFA-UFO code runs, and their errors name no file.
+        `precision="auto"` loads bf16 weights where the device is fast at bf16 and fp32 elsewhere
+        (`ofa_ufo.core.hardware`); "fp32" / "bf16" as asked. `torch_dtype` / `dtype` keep transformers' meaning."""
+        precision = kwargs.pop("precision", None)
+        if precision is not None:
+            model = cls.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+            return with_precision(model, precision, conflicting=[k for k in ("dtype", "torch_dtype") if k in kwargs])
         if isinstance(config, OFAUFOConfig):
             _check_supernet_kind(pretrained_model_name_or_path, config)
         directory = local_directory(pretrained_model_name_or_path, kwargs.get("subfolder"))
@@ -162,6 +189,8 @@ class OFAUFOPreTrainedModel(PreTrainedModel):
             # (benchmarks/LOG.md, "With the OFA tasks"). Checkpoints load their own values.
             super()._init_weights(module)
             init.zeros_(module.weight)
+        elif isinstance(module, ZeroHead):  # after its convs (children first): DAMO-YOLO's prior init again
+            module.reset_parameters()
         elif isinstance(module, TaskMoEFFN):
             for linear in (module.shared.fc1, module.shared.fc2):
                 self._init_weights(linear)
@@ -169,6 +198,16 @@ class OFAUFOPreTrainedModel(PreTrainedModel):
             init.zeros_(module.router)
         else:
             super()._init_weights(module)
+
+
+def build_dense_head(config: OFAUFOConfig) -> DenseDetector | None:
+    """The DAMO-YOLO head `config.dense_head` asks for, over ResNet stage 2 (stride 8) and the stride-16 grid
+    (the supernet's width, or ResNet stage 3's without a supernet); None when it asks for none."""
+    if config.dense_head is None:
+        return None
+    vision = config.vision_config
+    grid = vision.supernet_dim if vision.supernet_layers else OUT_CHANNELS
+    return DenseDetector((STAGE_CHANNELS[1], grid), len(config.dense_head["labels"]), config.dense_head["preset"])
 
 
 def _with_sinusoidal_bins(weight: torch.Tensor, config: OFAUFOConfig) -> torch.Tensor:
@@ -299,6 +338,7 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = OFAUFOModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.dense_head = build_dense_head(config)
         self.post_init()
 
     def get_encoder(self, modality: str | None = None) -> OFAEncoder:
@@ -331,8 +371,9 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
         code_grid: int | torch.Tensor | None = None,
         logits_range: tuple[int, int] | None = None,
         logits_mask: torch.BoolTensor | None = None,
+        dense_targets: list[dict[str, torch.Tensor]] | None = None,
         **kwargs,
-    ) -> Seq2SeqLMOutput:
+    ) -> Seq2SeqLMOutput | dict[str, torch.Tensor]:
         """labels (B, T) with -100 at ignored positions; label_smoothing defaults to config.label_smoothing.
 
         `logits_to_keep` > 0 computes logits for the last that many positions only (generate uses 1).
@@ -343,7 +384,13 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
         row-major order of the mask (with `labels`, the loss uses the labels at those positions):
         a training loss needs logits only at target tokens, and in a batch that mixes tasks most
         decoder positions are padding behind short targets.
+        `dense_targets` (one {"boxes" (N, 4) model-input px, "labels" (N,)} per image) runs the dense head
+        instead and returns its loss dict {"loss", "qfl", "dfl", "giou"} (the training path, so that it goes
+        through a DDP wrapper's forward); only `pixel_values` and `task_ids` are read then.
         """
+        if dense_targets is not None:
+            head = self._require_dense_head()
+            return head.loss(self.detect_dense(pixel_values, task_ids), dense_targets)
         if labels is not None:
             use_cache = False
             if decoder_input_ids is None:
@@ -379,6 +426,26 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
             decoder_last_hidden_state=outputs.last_hidden_state,
             image_embedding=outputs.image_embedding,
         )
+
+    def detect_dense(self, pixel_values: torch.Tensor, task_ids: torch.LongTensor | None = None) -> DenseOutput:
+        """The dense head's raw output for images (B, 3, H, W): ResNet stage 2 (stride 8) and the stride-16
+        grid (routed by the supernet as `task_ids`, default the dense_detection task) through neck and head.
+        `self.dense_head.postprocess(output)` gives boxes in model-input pixels."""
+        head = self._require_dense_head()
+        encoder, vision = self.model.encoder, self.config.vision_config
+        if task_ids is None and encoder.supernet is not None:
+            task_ids = torch.full((pixel_values.shape[0],), vision.route_id(DENSE_TASK), dtype=torch.long,
+                                  device=pixel_values.device)  # (B,)
+        stride8, stride16 = image_pyramid(encoder.embed_images, encoder.supernet, pixel_values, task_ids,
+                                          self.config.image_bucket_size)
+        return head(stride8, stride16)
+
+    def _require_dense_head(self) -> DenseDetector:
+        if self.dense_head is None:
+            raise ValueError("this model has no dense detection head (config.dense_head is None): create one with "
+                             "create_model(..., dense_head={'preset': 'tiny', 'labels': [...]}) or train task "
+                             "dense_detection (docs/dense_detection.md)")
+        return self.dense_head
 
     def _lookup_mode(self, full_logits: bool) -> str | None:
         """How training lookups send gradients into the tied matrix (`training_lookups`): only when every

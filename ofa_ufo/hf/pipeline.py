@@ -32,6 +32,7 @@ from transformers import Pipeline
 
 from ofa_ufo.core.images import load_image
 from ofa_ufo.core.prompts import DEFAULT_STYLE, prompt_table
+from ofa_ufo.hf.modeling import with_precision
 from ofa_ufo.tasks import FREE_PROMPT, Task, get_task
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_mask")
@@ -61,13 +62,21 @@ class OFAUFOPipeline(Pipeline):
     `{"image": ..., "text": ...}` (`"prompt"` for a free prompt). Task options (`Task.options`, e.g.
     `labels`) go to the task; other keyword arguments go to `model.generate` (e.g. `num_beams`).
     `pipeline("ofa-ufo", model=DIR, device=0, dtype=torch.bfloat16)` places and casts the model as
-    for any pipeline; `preprocess` casts the pixels to the model's dtype.
+    for any pipeline; `preprocess` casts the pixels to the model's dtype. `precision="auto"` picks bf16
+    only where the device is fast at it (a CPU with AMX / AVX512-BF16, a CUDA GPU), fp32 elsewhere.
     """
 
     _load_processor = True
     _load_tokenizer = True
     _load_image_processor = True
     _load_feature_extractor = False
+
+    def __init__(self, *args: Any, precision: str | None = None, **kwargs: Any) -> None:
+        """As transformers' Pipeline; `precision="auto"` casts the model to bf16 where its device is fast at
+        bf16 and keeps fp32 elsewhere (`ofa_ufo.core.hardware`), "fp32" / "bf16" as asked."""
+        super().__init__(*args, **kwargs)
+        if precision is not None:
+            self.model = with_precision(self.model, precision)
 
     def __call__(self, inputs: Any, text: Any = None, prompt: Any = None, on_error: str | None = None,
                  **kwargs: Any) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:

@@ -77,7 +77,9 @@ def training_lookups(embedding: nn.Embedding, mode: str | None) -> Iterator[None
     but writes `.grad` outside autograd (see `tied_gradients_in_place`). None: plain lookups.
     """
     weight = embedding.weight
-    if mode is None or embedding.sparse or not weight.requires_grad:  # frozen embeddings get no gradient
+    # frozen embeddings get no gradient; under FSDP the weight is a non-leaf view of a flat shard during
+    # forward, where neither a grad hook nor `.grad` writes reach the parameter: plain lookups there
+    if mode is None or embedding.sparse or not weight.requires_grad or not weight.is_leaf:
         yield
         return
     if mode == "in_place":

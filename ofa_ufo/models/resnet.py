@@ -12,6 +12,7 @@ from torch import nn
 from ofa_ufo.layers.drop_path import DropPath
 
 OUT_CHANNELS = 1024
+STAGE_CHANNELS = (256, 512, 1024)  # stages 1-3, strides 4, 8, 16
 
 
 class Bottleneck(nn.Module):
@@ -64,8 +65,15 @@ class ResNetStem(nn.Module):
         modules += [Bottleneck(planes * Bottleneck.expansion, planes, 1, rates[i]) for i in range(1, blocks)]
         return nn.Sequential(*modules)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, return_stages: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stride-16 grid, or with `return_stages` the outputs of stages 1-3 (strides 4, 8, 16;
+        `STAGE_CHANNELS` channels) for multi-scale heads such as the dense detector."""
         # NHWC activations take oneDNN's (and cuDNN's) faster convolution kernels: ~20% on CPU.
         pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(pixel_values))))
-        return self.layer3(self.layer2(self.layer1(x)))
+        stride4 = self.layer1(x)
+        stride8 = self.layer2(stride4)
+        stride16 = self.layer3(stride8)
+        return (stride4, stride8, stride16) if return_stages else stride16

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ofa_ufo.tasks.base import Decoded, Task
 from ofa_ufo.tasks.choice import ClassificationTask, EntailmentTask, ITMTask, VQATask
+from ofa_ufo.tasks.dense_detection import DenseDetectionTask
 from ofa_ufo.tasks.embedding import EmbeddingTask
 from ofa_ufo.tasks.image_gen import ImageInfillTask, TextToImageTask
 from ofa_ufo.tasks.localization import DetectionTask, GroundedCaptionTask, GroundingTask
@@ -73,5 +74,7 @@ register_task(EmbeddingTask("product", metric="recall@k", cosface_scale=30.0, co
 # The image is the target: text_to_image draws it from the text, image_infill restores its centre.
 register_task(TextToImageTask("text_to_image", example_fields=("text", "image"), needs_image=False))
 register_task(ImageInfillTask("image_infill", example_fields=("image",)))
+# DAMO-YOLO dense detection: every box in one forward pass of the model's dense head (ofa_ufo.models.damo_yolo)
+register_task(DenseDetectionTask("dense_detection", example_fields=("boxes", "labels")))
 
 __all__ = ["Decoded", "Task", "get_task", "list_tasks", "register_task"]

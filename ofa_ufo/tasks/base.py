@@ -60,6 +60,9 @@ class Task:
     source_options: tuple[str, ...] = ()
     auxiliary: AuxiliaryLoss | None = None  # an extra training loss on the encoder states, off by default
     needs_image: bool = True  # the pipeline refuses a None image (text-only tasks and free prompts set False)
+    # the training config field that weights `model_loss` ("": the task trains through the decoder's tokens);
+    # the trainer runs such a task's rows through `model_loss` instead of the token loss
+    model_loss_weight: str = ""
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Fail once per call, before any work, when a required option is missing."""
@@ -148,6 +151,17 @@ class Task:
     def head_loss(self, head, features, examples):
         """Mean loss of this task's rows: `features` (B, D) raw read-outs, `examples` their dicts."""
         raise NotImplementedError(f"task {self.name!r} has no feature head")
+
+    def model_head(self, class_names: Sequence[str] | None, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Model config overrides (e.g. a detection head over `class_names`, the labels of this task's
+        training data; None when its source cannot list them ahead) that a run training this task needs;
+        `options` holds the run's `source_options`."""
+        return {}
+
+    def model_loss(self, model, batch: dict[str, torch.Tensor], examples: Sequence[dict[str, Any]]) -> torch.Tensor:
+        """Mean loss of this task's rows (`batch` and `examples` hold only them) through the model's own
+        forward (the DDP-wrapped one in training), for a task with `model_loss_weight`."""
+        raise NotImplementedError(f"task {self.name!r} trains through its token targets")
 
     def auxiliary_head(self, dim: int) -> torch.nn.Module:
         """The training-only head of this task's `auxiliary` loss over d_model-`dim` encoder states."""

@@ -2,7 +2,9 @@
 
 Runs the trainer on an experiment config (`ofa_ufo/training/configs/*.yaml`, or any YAML file);
 `key=value` pairs override config fields (values read as YAML). `--demo` trains every task on
-generated demo scenes instead of the config's datasets. Exit codes: 0 done, 1 data or a checkpoint
+generated demo scenes instead of the config's datasets. `--plan [--nodes N --gpus G] [--micro-batch M]
+[--examples N]` trains nothing: it prints what the run needs per process and how to launch it
+(`ofa_ufo.training.plan`, docs/training.md). Exit codes: 0 done, 1 data or a checkpoint
 that cannot be used (or a run stopped on a non-finite loss), 2 a bad config or command line.
 """
 
@@ -14,7 +16,8 @@ from collections.abc import Sequence
 
 from ofa_ufo.data.sources import DataSourceError
 from ofa_ufo.training.checkpoint import CheckpointError
-from ofa_ufo.training.config import ConfigError, load_config
+from ofa_ufo.training.config import ConfigError, TrainConfig, load_config
+from ofa_ufo.training.plan import Cluster, format_plan, make_plan
 from ofa_ufo.training.step_batches import TrainingError
 from ofa_ufo.training.trainer import train
 
@@ -25,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", default="auto",
                         help="auto: newest checkpoint in output_dir if any; never; or a checkpoint directory")
     parser.add_argument("--demo", action="store_true", help="train on generated demo scenes (no datasets needed)")
+    _add_plan_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config fields to override")
     args = parser.parse_intermixed_args(argv)
     try:
@@ -35,7 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         size = f"image size {image} px" if image else "the model's image size"
         print(f"config {args.config or '(defaults)'}: model {config.model}, {size}, tasks "
               f"{config.tasks}, {config.max_steps} steps x {config.global_batch} samples, output {config.output_dir}")
-        train(config, resume=args.resume)
+        if args.plan:
+            print(_plan(config, args))
+        else:
+            train(config, resume=args.resume)
     except ConfigError as error:  # the command line or config is wrong: a usage error
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -43,6 +50,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    plan = parser.add_argument_group("--plan: size the run and print its launch command instead of training")
+    plan.add_argument("--plan", action="store_true", help="print parameters, memory, batch, throughput, launch")
+    plan.add_argument("--nodes", type=int, default=1, help="machines the run is planned for (default 1)")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs (processes) per machine (default 1)")
+    plan.add_argument("--micro-batch", type=int, default=None,
+                      help="samples per GPU and micro-batch (default: the config's batch_size over the processes)")
+    plan.add_argument("--examples", type=int, default=None,
+                      help="training examples per epoch, where the config's data cannot be counted")
+
+
+def _plan(config: TrainConfig, args: argparse.Namespace) -> str:
+    """The `--plan` report of `config` (a ConfigError for a bad --nodes/--gpus/--micro-batch/--examples)."""
+    for name in ("micro_batch", "examples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    overrides = ["--demo", *args.overrides] if args.demo else args.overrides
+    plan = make_plan(config, args.config or "", overrides, Cluster(args.nodes, args.gpus), args.micro_batch,
+                     args.examples)
+    return format_plan(plan)
 
 
 if __name__ == "__main__":

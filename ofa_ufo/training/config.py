@@ -22,6 +22,7 @@ import yaml
 
 from ofa_ufo.data.demo_examples import check_demo_options
 from ofa_ufo.data.demo_scenes import DEFAULT_OBJECT_SIZE, check_object_size
+from ofa_ufo.models.damo_yolo import DENSE_PRESETS
 from ofa_ufo.tasks import get_task, list_tasks
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -56,6 +57,11 @@ class TrainConfig:
     tasks: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
     # task -> data: "demo" (generated scenes) or a spec name/path from tasks/; missing tasks use demo
     data: dict[str, str] = field(default_factory=dict)
+    # read `.jsonl` data lazily too (streamed; .tsv/.tar files, folders and shard patterns always are): each
+    # process reads its share, record by record, and the position is kept in checkpoints (docs/data.md)
+    streaming: bool = False
+    # a streamed record that cannot be read: "raise" (the error names file and record) or "skip" (counted, logged)
+    stream_on_error: str = "raise"
     # task -> held-out data ("demo", spec or .jsonl); default: the validation side of `data`
     eval_data: dict[str, str] = field(default_factory=dict)
     # fraction of text_to_image examples trained with an empty caption (the unconditional prompt that
@@ -90,6 +96,15 @@ class TrainConfig:
     # image tokens predicts how much of each token's cell the referred box covers), added to the summed
     # token loss; 0: off, as in OFA
     box_mask_weight: float = 0.0
+    # the dense detection head (DAMO-YOLO, docs/dense_detection.md) a run training dense_detection adds to its
+    # model: a preset of ofa_ufo.models.damo_yolo.DENSE_PRESETS ("": tiny); its classes come from the data
+    dense_head: str = ""
+    # weight of the dense head's loss (a per-task mean per pass, like the feature-head losses) against the
+    # mean token loss of the generative tasks
+    dense_loss_weight: float = 1.0
+    # distillation from a frozen teacher (docs/distillation.md): {teacher: DIR, token_kl, temperature, feature,
+    # feature_layers, feature_temperature, embedding, teacher_dtype} (ofa_ufo.training.distillation); {}: off
+    distill: dict[str, Any] = field(default_factory=dict)
     scst_beams: int = 5
     scst_max_new_tokens: int = 16
     # optimisation (OFA: Adam(0.9, 0.999), eps 1e-8, wd 0.01, linear decay after warmup)
@@ -114,7 +129,10 @@ class TrainConfig:
     # BatchNorm layers (the ResNet stem) use their running statistics instead of per-batch ones
     # (OFA's --freeze-resnet): then grad accumulation and N processes equal one big batch exactly
     freeze_batchnorm: bool = False
-    precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on CPU) | fp32 | bf16
+    # auto: bf16 autocast where the device is fast at it (CUDA bf16, a CPU with AMX / AVX512-BF16), fp32
+    # elsewhere (an AVX2-only CPU emulates bf16, ~150x slower) | fp32 | bf16 (forced); fp32 weights and optimizer
+    # state either way. The choice is printed at the start and saved in metrics.json (docs/training.md)
+    precision: str = "auto"
     seed: int = 0
     num_threads: int = 0  # torch intra-op threads (0: torch's default)
     # DataLoader worker processes that build the next micro-batches while the model trains (0: build
@@ -145,10 +163,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
-_CHOICES = {"objective": ("cross_entropy", "scst"), "precision": ("auto", "fp32", "bf16")}
+_CHOICES = {"objective": ("cross_entropy", "scst"), "precision": ("auto", "fp32", "bf16"),
+            "stream_on_error": ("raise", "skip")}
 _NON_NEGATIVE = ("demo_train_scenes", "stem_warmup_images", "demo_train_identities", "eval_examples", "eval_every",
                  "end_lr", "warmup_ratio", "weight_decay", "clip_norm", "ema_decay", "label_smoothing", "caption_dropout",
-                 "head_loss_weight", "box_mask_weight", "num_threads", "data_workers", "save_every", "seed")
+                 "head_loss_weight", "box_mask_weight", "dense_loss_weight", "num_threads", "data_workers",
+                 "save_every", "seed")
 _POSITIVE = ("batch_size", "grad_accum", "max_steps", "lr", "keep_last", "log_every", "eval_batch_size",
              "scst_beams", "scst_max_new_tokens", "demo_max_objects", "stem_warmup_subcells")
 
@@ -217,10 +237,14 @@ def _check_ranges(config: TrainConfig) -> None:
         check_object_size(config.demo_object_size)
     except ValueError as error:
         raise ConfigError(f"field 'demo_object_size': {error}") from None
+    if config.dense_head and config.dense_head not in DENSE_PRESETS:
+        raise ConfigError(f"field 'dense_head' must be one of the dense presets {sorted(DENSE_PRESETS)}, "
+                          f"got {config.dense_head!r}")
     if config.caption_dropout >= 1:
         raise ConfigError(f"field 'caption_dropout' must be < 1 (a fraction of the examples), "
                           f"got {config.caption_dropout}")
     _check_source_options(config)
+    parse_distill(config.distill)
 
 
 def _check_source_options(config: TrainConfig) -> None:
@@ -249,6 +273,49 @@ def checked_dataclass(cls: type, raw: dict[str, Any], source: str, check: Callab
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
     return config
+
+
+DISTILL_FEATURE_LAYERS = ("encoder", "image")  # the encoder's output states; the image tokens entering it
+DISTILL_TEACHER_DTYPES = ("fp32", "bf16")
+
+
+@dataclass
+class DistillSettings:
+    """The `distill` field (docs/distillation.md; used by ofa_ufo.training.distillation)."""
+
+    teacher: str = ""  # save_pretrained directory of the teacher
+    token_kl: float = 1.0  # weight of the token KL (0: off)
+    temperature: float = 2.0  # softens both token distributions
+    feature: float = 0.0  # starting weight of the feature (CWD) loss, decayed to 0.1x over the run (0: off)
+    feature_layers: list[str] = field(default_factory=lambda: ["encoder"])
+    feature_temperature: float = 1.0  # CWD's tau (DAMO-YOLO: 1)
+    embedding: float = 1.0  # weight of the embedding loss on rows without target tokens (0: off)
+    teacher_dtype: str = "fp32"  # fp32 | bf16 (the teacher's weights and forward)
+
+
+def _check_distill(settings: DistillSettings) -> None:
+    if not settings.teacher:
+        raise ConfigError("'teacher' must name the teacher's save_pretrained directory")
+    if settings.teacher_dtype not in DISTILL_TEACHER_DTYPES:
+        raise ConfigError(f"'teacher_dtype' must be one of {list(DISTILL_TEACHER_DTYPES)}, "
+                          f"got {settings.teacher_dtype!r}")
+    unknown = [name for name in settings.feature_layers if name not in DISTILL_FEATURE_LAYERS]
+    if unknown:
+        raise ConfigError(f"'feature_layers' names unknown layer(s) {unknown}; "
+                          f"valid layers: {list(DISTILL_FEATURE_LAYERS)}")
+    for name in ("token_kl", "feature", "embedding"):
+        if getattr(settings, name) < 0:
+            raise ConfigError(f"{name!r} must be >= 0, got {getattr(settings, name)}")
+    for name in ("temperature", "feature_temperature"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{name!r} must be > 0, got {getattr(settings, name)}")
+
+
+def parse_distill(raw: dict[str, Any]) -> DistillSettings | None:
+    """The checked `distill` field (None when empty); ConfigError naming the bad key."""
+    if not raw:
+        return None
+    return checked_dataclass(DistillSettings, raw, "field 'distill'", _check_distill)
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:

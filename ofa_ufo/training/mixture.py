@@ -10,7 +10,9 @@ distributed run builds the same global batch and keeps its own slice.
 from __future__ import annotations
 
 import math
+import os
 import zlib
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -22,7 +24,10 @@ import torch
 
 from ofa_ufo.data import DemoScenes, make_examples
 from ofa_ufo.data.demo_identities import DemoIdentities
-from ofa_ufo.data.sources import DataSourceError, expand_env, open_examples
+from ofa_ufo.data.canonical import DataError
+from ofa_ufo.data.loaders import LoadReport
+from ofa_ufo.data.sources import DataSourceError, expand_env, open_examples, stream_shards
+from ofa_ufo.data.streaming import Position, RecordStream, Shard, log_skip, open_shards
 from ofa_ufo.data.specs import TaskSpec, list_specs, load_spec
 from ofa_ufo.hf.configuration import OFAUFOConfig
 from ofa_ufo.tasks import get_task
@@ -78,21 +83,107 @@ class ListSource:
         return self.examples[int(_permutation(self.seed, self.task, epoch, len(self.examples))[pos])]
 
 
+class StreamSource:
+    """A task's examples read lazily from shards (`ofa_ufo.data.streaming`): this process's share of
+    them, epoch after epoch. Draw j is the j-th record of the share, built (image decoded) only when
+    drawn; records between draws are passed over unbuilt. A record that cannot be built (with
+    ``on_error: skip``: counted and logged) or that holds another task is stood in for by the next
+    usable record, so draw j stays a function of j alone. `position(j)` / `restore(state)` carry where
+    the stream stands across a checkpoint."""
+
+    LOOKAHEAD = 10_000  # records searched for a usable one before the data are declared unusable
+
+    def __init__(self, task: str, shards: list[Shard], seed: int, rank: int = 0, world: int = 1,
+                 on_error: str = "raise", name: str = "") -> None:
+        self.task, self.name, self.on_error = task, name or shards[0].name, on_error
+        self.report = LoadReport(source=self.name)
+        self.stream = RecordStream(shards, seed, rank, world, on_error, self.report)
+        self._anchor: tuple[int, Position] = (0, Position())  # (draw, position) reading restarts from
+        self._reset(*self._anchor)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable for DataLoader workers: the open reader stays behind, the new process reopens it."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_records", "_ahead")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset(*self._anchor)
+
+    def _reset(self, draws: int, position: Position) -> None:
+        self._next, self._pid = draws, os.getpid()
+        self._records = self.stream.records(position, epochs=None)
+        self._ahead: deque = deque()  # records read past the cursor (stand-ins, a peeked position)
+
+    def _seek(self, draw: int) -> None:
+        """Make `draw` the next record: restart from the anchor (or the start) when behind or in a new process."""
+        if draw < self._next or os.getpid() != self._pid:
+            self._reset(*(self._anchor if self._anchor[0] <= draw else (0, Position())))
+        while self._next < draw:
+            self._pop()
+
+    def _pop(self) -> tuple:
+        self._next += 1
+        return self._ahead.popleft() if self._ahead else next(self._records)
+
+    def _peek(self, i: int) -> tuple:
+        while len(self._ahead) <= i:
+            self._ahead.append(next(self._records))
+        return self._ahead[i]
+
+    def draw(self, k: int) -> dict[str, Any]:
+        self._seek(k)
+        example = self._build(self._pop())
+        for i in range(self.LOOKAHEAD):
+            if example is not None:
+                return example
+            example = self._build(self._peek(i))
+        raise DataSourceError(f"{self.name}: no usable {self.task!r} example in {self.LOOKAHEAD} records after "
+                              f"draw {k} (another task's data, or every record bad)")
+
+    def _build(self, record: tuple) -> dict[str, Any] | None:
+        """The example of a record, or None where it cannot be built (on_error: skip) or is another task's."""
+        _, shard, row, raw = record
+        try:
+            example = shard.example(raw, row)
+        except DataError as error:
+            if self.on_error == "raise":
+                raise
+            log_skip(self.report, error, f"a {self.task!r} record")
+            return None
+        return example if example["task"] == self.task else None
+
+    def position(self, draw: int) -> dict[str, int]:
+        """Where the stream stands before draw `draw`: {draws, epoch, shard, record} (the checkpoint's)."""
+        self._seek(draw)
+        position = self._peek(0)[0]
+        self._anchor = (draw, position)
+        return {"draws": draw, **position.as_dict()}
+
+    def restore(self, state: dict[str, int]) -> None:
+        """Continue from a saved `position`: the next record read is the one that came next then."""
+        self._anchor = (int(state["draws"]), Position(int(state["epoch"]), int(state["shard"]), int(state["record"])))
+        self._reset(*self._anchor)
+
+
 def _permutation(seed: int, task: str, epoch: int, size: int) -> np.ndarray:
     key = np.random.SeedSequence((seed, zlib.crc32(task.encode()), epoch))
     return np.random.default_rng(key).permutation(size)
 
 
-def _spec_source(task: str, spec_name: str, seed: int) -> ListSource:
-    """The training side of a spec's data (`data.train`, see `ofa_ufo.data.sources.open_examples`)."""
+def _spec_source(task: str, spec_name: str, seed: int, rank: int = 0, world: int = 1) -> ListSource | StreamSource:
+    """The training side of a spec's data (`data.train`, see `ofa_ufo.data.sources.open_examples`); read
+    lazily when it says ``streaming: true`` (`ofa_ufo.data.sources.stream_shards`)."""
     spec = load_spec(spec_name)
     if spec.task != task:
         raise ConfigError(f"data for task {task!r} names spec {spec.name!r}, which is a {spec.task!r} spec")
+    train = spec.data.get("train")
+    options = {**spec.data, **(train if isinstance(train, dict) else {})}
     try:
+        shards = stream_shards(spec.data, task)
+        if shards is not None:
+            return StreamSource(task, shards, seed, rank, world, options.get("on_error", "skip"), f"spec {spec.name!r}")
         examples = list(open_examples(spec.data, task, split="train"))
     except (FileNotFoundError, OSError, ValueError) as error:
-        train = spec.data.get("train")
-        options = {**spec.data, **(train if isinstance(train, dict) else {})}
         where = ", ".join(f"{k}: {v}" for k, v in options.items() if k not in ("format", "train"))
         raise DataSourceError(
             f"spec {spec.name!r}: cannot read its training data ({error}). Expected format "
@@ -119,6 +210,33 @@ def _jsonl_source(task: str, path: str, seed: int) -> ListSource:
     return ListSource(task, list(_jsonl_examples(path, task)), seed, str(path))
 
 
+PRETRAIN_DATA = "OFA_PRETRAIN_DATA"  # a pretraining corpus (run_scripts/pretrain_ofa_*.sh): always streamed
+
+
+def _is_stream_path(data: str, streaming: bool) -> bool:
+    """`data` names files to stream: a .tsv/.tar file, a folder or a shard pattern, or a .jsonl file with
+    `streaming` or under $OFA_PRETRAIN_DATA."""
+    if data.endswith((".tsv", ".tar")) or any(char in data.replace("${", "") for char in "*?[{") or data.endswith("/"):
+        return True
+    if data.endswith(".jsonl"):
+        return streaming or PRETRAIN_DATA in data
+    return "/" in data and Path(expand_env(data)).is_dir()
+
+
+def _stream_source(task: str, data: str, config: TrainConfig, rank: int, world: int) -> StreamSource:
+    """Files, a folder or shards of `task`'s data read lazily (`ofa_ufo.data.streaming`), this process's share."""
+    try:
+        path = expand_env(data)
+        shards = open_shards(path, task)
+    except (DataSourceError, DataError) as error:
+        raise DataSourceError(f"training data of task {task!r}: {error}; expected canonical JSON Lines, OFA TSV "
+                              "files or WebDataset tar shards (docs/data.md, streaming)") from None
+    if getattr(get_task(task), "instances_per_identity", 0):
+        raise DataSourceError(f"task {task!r} draws P x K identity chunks, which need its whole identity list: give "
+                              "it a .jsonl file with streaming: false (docs/retrieval.md)")
+    return StreamSource(task, shards, config.seed, rank, world, config.stream_on_error, path)
+
+
 def _demo_scenes(task: str, config: TrainConfig, scenes: DemoScenes) -> DemoSource:
     """The run's generated scenes, drawn in this task's own order."""
     if len(scenes) == 0:
@@ -138,10 +256,12 @@ def _demo_identities(task: str, config: TrainConfig, scenes: DemoScenes) -> List
 DEMO_SOURCES = {"scenes": _demo_scenes, "identities": _demo_identities}  # by `Task.demo_data`
 
 
-def build_sources(config: TrainConfig) -> dict[str, Any]:
+def build_sources(config: TrainConfig, rank: int = 0, world: int = 1) -> dict[str, Any]:
     """One example source per configured task: `data[task]` is "demo" (default: the generated data the
-    task draws, `Task.demo_data`), a spec name or spec file from tasks/, or a canonical `.jsonl` file;
-    each passed through its task's `training_source` (e.g. P x K draws, caption dropout)."""
+    task draws, `Task.demo_data`), a spec name or spec file from tasks/, a canonical `.jsonl` file, or
+    files streamed lazily (a .tsv/.tar file, a folder, a shard pattern, a .jsonl with `streaming`; rank
+    `rank` of `world` reads its share); each passed through its task's `training_source` (e.g. P x K
+    draws, caption dropout)."""
     scenes = DemoScenes("train", config.demo_train_scenes, seed=config.seed, max_objects=config.demo_max_objects,
                         object_size=config.demo_object_size)
     sources: dict[str, Any] = {}
@@ -150,10 +270,12 @@ def build_sources(config: TrainConfig) -> dict[str, Any]:
         data = config.data.get(name, DEMO)
         if data == DEMO:
             source = DEMO_SOURCES[task.demo_data](name, config, scenes)
+        elif _is_stream_path(data, config.streaming):
+            source = _stream_source(name, data, config, rank, world)
         elif data.endswith(".jsonl"):
             source = _jsonl_source(name, data, config.seed)
         else:
-            source = _spec_source(name, data, config.seed)
+            source = _spec_source(name, data, config.seed, rank, world)
         options = {option: getattr(config, option) for option in task.source_options}
         try:
             sources[name] = task.training_source(source, config.seed, options)
@@ -205,20 +327,64 @@ def _held_out(config: TrainConfig, task: str, data: str) -> tuple[list[dict[str,
     return list(islice(open_examples(spec.data, spec.task, split="val"), config.eval_examples)), spec
 
 
+def _base(source: Any) -> Any:
+    """The source under a task's wrappers (e.g. `CaptionDropout`)."""
+    while hasattr(source, "source"):
+        source = source.source
+    return source
+
+
 @dataclass
 class Mixture:
-    """Per-step global batches of the configured mixture; position = number of steps taken."""
+    """Per-step global batches of the configured mixture; position = number of steps taken. A streamed
+    task's slots hold examples of this process (rank `rank` of `world`) only: it reads its own share of the
+    stream, draw j of it being its j-th slot of the task; the other processes' slots are None (each process
+    keeps `micro_batch(...)[rank::world]`)."""
 
-    sources: dict[str, DemoSource | ListSource]
+    sources: dict[str, DemoSource | ListSource | StreamSource]
     quotas: dict[str, int]
+    rank: int = 0
+    world: int = 1
 
-    def micro_batch(self, step: int, micro: int, grad_accum: int) -> list[dict[str, Any]]:
-        """Examples of micro-batch `micro` of optimizer step `step` (same on every process)."""
-        examples = []
+    def micro_batch(self, step: int, micro: int, grad_accum: int) -> list[dict[str, Any] | None]:
+        """Examples of micro-batch `micro` of optimizer step `step` (same on every process, but for
+        streamed tasks: this process's slots)."""
+        examples: list[dict[str, Any] | None] = []
         for task, quota in self.quotas.items():
-            first = (step * grad_accum + micro) * quota
-            examples += [self.sources[task].draw(k) for k in range(first, first + quota)]
+            if task in self.streamed:
+                slots = [(len(examples) + i) % self.world == self.rank for i in range(quota)]
+                first = (step * grad_accum + micro) * sum(slots)
+                draws = iter(range(first, first + sum(slots)))
+                examples += [self.sources[task].draw(next(draws)) if mine else None for mine in slots]
+            else:
+                first = (step * grad_accum + micro) * quota
+                examples += [self.sources[task].draw(k) for k in range(first, first + quota)]
         return examples
+
+    @property
+    def streamed(self) -> list[str]:
+        return [task for task, source in self.sources.items() if isinstance(_base(source), StreamSource)]
+
+    def _draws_before(self, task: str, step: int, grad_accum: int) -> int:
+        """Draws of streamed `task` this process made before optimizer step `step`."""
+        tasks = list(self.quotas)
+        offset = sum(self.quotas[t] for t in tasks[: tasks.index(task)])  # the task's first slot
+        mine = sum((offset + i) % self.world == self.rank for i in range(self.quotas[task]))
+        return step * grad_accum * mine
+
+    def stream_state(self, step: int, grad_accum: int) -> dict[str, dict[str, int]]:
+        """Where each streamed task's stream stands before step `step`: {task: {draws, epoch, shard, record}}."""
+        return {task: _base(self.sources[task]).position(self._draws_before(task, step, grad_accum))
+                for task in self.streamed}
+
+    def restore_streams(self, state: dict[str, dict[str, int]], step: int, grad_accum: int) -> None:
+        """Continue each streamed task from its saved position (checked against `step`)."""
+        for task in self.streamed:
+            saved, draws = state.get(task), self._draws_before(task, step, grad_accum)
+            if saved is None or int(saved["draws"]) != draws:
+                raise DataSourceError(f"the checkpoint holds no stream position of task {task!r} at step {step} "
+                                      f"(expected {draws} draws, saved {saved}); it was written by another data setup")
+            _base(self.sources[task]).restore(saved)
 
 
 def build_batch(processor, examples: Sequence[dict[str, Any]], config: OFAUFOConfig, style: str = "ofa",

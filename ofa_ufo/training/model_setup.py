@@ -4,10 +4,14 @@ encodes image-generation targets, the parameters `freeze` holds, train mode, and
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState
 
+from ofa_ufo.core.hardware import PrecisionChoice, resolve_precision
+from ofa_ufo.hf.configuration import OFAUFOConfig
 from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
 from ofa_ufo.hf.modeling_vqgan import VQGANModel
 from ofa_ufo.hf.presets import create_model, create_processor, list_models
@@ -15,16 +19,23 @@ from ofa_ufo.hf.processing import OFAUFOProcessor
 from ofa_ufo.training.config import ConfigError, TrainConfig
 
 
-def build_model(config: TrainConfig) -> tuple[OFAUFOForConditionalGeneration, OFAUFOProcessor]:
-    """(model, processor): a preset built from scratch, or a save_pretrained directory to fine-tune."""
+def build_model(config: TrainConfig, head_overrides: dict[str, Any] | None = None
+                ) -> tuple[OFAUFOForConditionalGeneration, OFAUFOProcessor]:
+    """(model, processor): a preset built from scratch, or a save_pretrained directory to fine-tune.
+    `head_overrides`: model config fields the run's tasks need (e.g. `dense_head`), applied where the
+    config's own `model_overrides` and a saved model's config leave them unset."""
+    overrides = {**(head_overrides or {}), **config.model_overrides}
     if Path(config.model).is_dir():
-        model = OFAUFOForConditionalGeneration.from_pretrained(config.model, **config.model_overrides)
+        saved = OFAUFOConfig.from_pretrained(config.model)
+        overrides = {k: v for k, v in overrides.items()
+                     if k in config.model_overrides or getattr(saved, k, None) is None}
+        model = OFAUFOForConditionalGeneration.from_pretrained(config.model, **overrides)
         return model, OFAUFOProcessor.from_pretrained(config.model)
     if config.model.split(".", 1)[0] not in list_models():
         raise ConfigError(f"model {config.model!r} is neither a preset ({', '.join(list_models())}) "
                           "nor a save_pretrained directory")
     torch.manual_seed(config.seed)
-    model = create_model(config.model, **config.model_overrides)
+    model = create_model(config.model, **overrides)
     image_size = model.config.image_size
     return model, create_processor(config.model, image_size=image_size)
 
@@ -38,13 +49,29 @@ def load_vqgan(path: str) -> VQGANModel | None:
     return VQGANModel.from_pretrained(path).eval()
 
 
-def make_accelerator(config: TrainConfig) -> Accelerator:
-    """CPU or one device per process; bf16 autocast on a GPU unless `precision` says otherwise."""
+def choose_precision(config: TrainConfig) -> PrecisionChoice:
+    """What `precision` means for this run: auto is bf16 autocast where the device is fast at it (a CUDA GPU
+    with bf16, a CPU with AMX / AVX512-BF16: `ofa_ufo.core.hardware`), fp32 elsewhere."""
+    return resolve_precision(config.precision, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_accelerator(config: TrainConfig, precision: PrecisionChoice) -> Accelerator:
+    """CPU or one device per process; bf16 autocast (fp32 weights and optimizer state) when `precision` is bf16."""
     gpu = torch.cuda.is_available()
-    precision = {"auto": "bf16" if gpu else "no", "fp32": "no", "bf16": "bf16"}[config.precision]
     # decoder image-position tables serve image generation only, so text steps leave them unused
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(cpu=not gpu, mixed_precision=precision, kwargs_handlers=[ddp])
+    mixed = "bf16" if precision.precision == "bf16" else "no"
+    _forget_other_precision(mixed)
+    return Accelerator(cpu=not gpu, mixed_precision=mixed, kwargs_handlers=[ddp])
+
+
+def _forget_other_precision(mixed: str) -> None:
+    """accelerate keeps one state per process and refuses an Accelerator with another mixed precision than
+    the first one's (a second run in one process: a notebook, a test); precision is a run's own setting
+    here, so that state is dropped (the process group, in `PartialState`, stays)."""
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed:
+        AcceleratorState._reset_state()
 
 
 def check_prefixes(model: torch.nn.Module, prefixes: list[str], field: str) -> None:

@@ -38,6 +38,13 @@ class RunLog:
         self.bar = None
         self._tick = time.perf_counter()
 
+    def header(self, line: str) -> None:
+        """A line that says how the run runs (e.g. the precision and the hardware that chose it): printed
+        before the first step and kept in TensorBoard's text tab."""
+        if self.main:
+            print(line, flush=True)
+            self.writer.add_text("run", line)
+
     def progress(self, start: int) -> Iterator[int]:
         """The steps from `start` to `max_steps`, behind a progress bar; the samples/s clock starts here."""
         self.bar = tqdm(range(start, self.config.max_steps), desc="train", unit="step", initial=start,

@@ -3,7 +3,8 @@ embedding task's identities) and auxiliary-loss heads (`Task.auxiliary`, e.g. gr
 
 The trainer optimises them with the model and keeps them in each checkpoint's trainer state (feature
 heads under "heads", an auxiliary head under its `AuxiliaryLoss.state_key`); only the feature heads'
-identities reach the exported model (`ofa_ufo.training.outputs`).
+identities reach the exported model (`ofa_ufo.training.outputs`). A task may also train a head that is part
+of the model (`Task.model_head`, e.g. the dense detector): its rows then go through `Task.model_loss`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ofa_ufo.data.demo_scenes import COLORS, SHAPES
 from ofa_ufo.tasks import get_task
 from ofa_ufo.training.config import ConfigError, TrainConfig
 
@@ -81,3 +83,60 @@ def sync_head_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
         for param in params:
             if param.grad is not None:
                 param.grad = accelerator.reduce(param.grad, reduction="mean")
+
+
+def demo_class_names() -> list[str]:
+    """Every detection label a generated demo scene can hold ("colour shape", `SceneObject.name`)."""
+    return [f"{color} {shape}" for color in COLORS for shape in SHAPES]
+
+
+def source_class_names(source: Any) -> list[str] | None:
+    """The detection labels of a task's training source: the demo scenes' whole vocabulary, else the
+    sorted labels of its examples (a spec's category names, a `.jsonl` file's labels); None for a source
+    that cannot list them ahead (a stream)."""
+    if hasattr(source, "scenes"):
+        return demo_class_names()
+    examples = getattr(source, "examples", None)
+    if examples is None:
+        return None
+    return sorted({label for example in examples for label in example.get("labels") or ()})
+
+
+def model_head_overrides(config: TrainConfig, sources: dict[str, Any]) -> dict[str, Any]:
+    """Model config fields the run's tasks need (`Task.model_head`, e.g. dense_detection's `dense_head`
+    over its data's classes), for the tasks trained through `Task.model_loss`."""
+    overrides: dict[str, Any] = {}
+    for name, source in sources.items():
+        task = get_task(name)
+        if task.model_loss_weight:
+            options = {option: getattr(config, option) for option in task.source_options}
+            try:
+                overrides.update(task.model_head(source_class_names(source), options))
+            except ValueError as error:
+                raise ConfigError(f"task {name!r}: {error}") from None
+    return overrides
+
+
+def split_rows(examples: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """(rows trained through the decoder's tokens, rows trained through their task's `model_loss`)."""
+    direct = [bool(get_task(example["task"]).model_loss_weight) for example in examples]
+    return [i for i, d in enumerate(direct) if not d], [i for i, d in enumerate(direct) if d]
+
+
+def batch_rows(batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+    """The rows of a padded batch (every entry is (B, ...))."""
+    index = torch.tensor(rows, dtype=torch.long, device=batch["input_ids"].device)
+    return {key: value[index.to(value.device)] for key, value in batch.items()}
+
+
+def model_losses(model, config: TrainConfig, batch: dict[str, torch.Tensor],
+                 examples: list[dict[str, Any]]) -> torch.Tensor:
+    """Sum over the tasks trained through `Task.model_loss` of its weight field x the task's mean loss on
+    its rows (`batch` and `examples` hold only such rows)."""
+    total = batch["pixel_values"].new_zeros((), dtype=torch.float32)
+    for name in dict.fromkeys(example["task"] for example in examples):
+        task = get_task(name)
+        rows = [i for i, example in enumerate(examples) if example["task"] == name]
+        loss = task.model_loss(model, batch_rows(batch, rows), [examples[i] for i in rows])
+        total = total + getattr(config, task.model_loss_weight) * loss.float()
+    return total

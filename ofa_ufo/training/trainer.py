@@ -9,11 +9,15 @@ whole step (all micro-batches, all processes): gradient accumulation and data-pa
 give the update of one big batch. Tasks add their own training losses through hooks: feature
 heads (embedding tasks' CosFace + triplet, `task_heads.build_heads`) and auxiliary losses on the
 encoder states (grounding's box mask, `box_mask_weight`); their heads are optimised with the
-model and kept in the checkpoint's trainer state. Batches are built in the training process or
-ahead of it by DataLoader workers (`data_workers`, `step_batches`). Around it: AdamW with warmup
-+ linear decay (OFA), gradient clipping, optional EMA (`optimization`), bf16 autocast on a GPU,
-supernet arch sampling when the config asks for it, atomic resumable checkpoints, evaluation
-before/after, TensorBoard (`run_log`), a loss plot and a metric table (`outputs`).
+model and kept in the checkpoint's trainer state. A task with a head inside the model
+(`Task.model_loss`, the dense detector, `dense_loss_weight`) has its rows of a pass run apart: a
+second forward and backward of the (DDP-wrapped) model, weighted like the feature-head losses.
+A `distill` field runs a frozen teacher beside the model and adds its losses (`distillation`).
+Batches are built in the training process or ahead of it by DataLoader workers (`data_workers`,
+`step_batches`). Around it: AdamW with warmup + linear decay (OFA), gradient clipping, optional
+EMA (`optimization`), bf16 autocast on a GPU, supernet arch sampling when the config asks for it,
+atomic resumable checkpoints, evaluation before/after, TensorBoard (`run_log`), a loss plot and a
+metric table (`outputs`).
 """
 
 from __future__ import annotations
@@ -27,13 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 
 from ofa_ufo.deploy.subnets import largest_arch, sample_arch, set_arch, smallest_arch
 from ofa_ufo.training import checkpoint as ckpt
 from ofa_ufo.training import objectives
 from ofa_ufo.training.config import ConfigError, TrainConfig
+from ofa_ufo.training.distillation import build_distiller, distiller_state, load_distiller_state
 from ofa_ufo.training.mixture import Mixture, build_sources, check_identity_quotas, eval_examples, task_quotas
-from ofa_ufo.training.model_setup import build_model, freeze, load_vqgan, make_accelerator, set_train_mode
+from ofa_ufo.training.model_setup import (build_model, choose_precision, freeze, load_vqgan, make_accelerator,
+                                          set_train_mode)
 from ofa_ufo.training.optimization import (
     base_lr, build_ema, build_optimizer, check_saved_groups, clip_gradients,
 )
@@ -43,8 +50,8 @@ from ofa_ufo.training.run_log import RunLog
 from ofa_ufo.training.stem_warmup import warm_up_run_stem
 from ofa_ufo.training.step_batches import Batch, MicroBatches, StepBatches, TrainingError, loadable
 from ofa_ufo.training.task_heads import (
-    add_auxiliary_losses, auxiliary_head_states, build_auxiliary_heads, build_heads, load_head_states,
-    sync_head_gradients,
+    add_auxiliary_losses, auxiliary_head_states, batch_rows, build_auxiliary_heads, build_heads, load_head_states,
+    model_head_overrides, model_losses, split_rows, sync_head_gradients,
 )
 
 
@@ -74,9 +81,11 @@ class Trainer:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config, self.output_dir = config, Path(config.output_dir)
-        self.accelerator = acc = make_accelerator(config)
+        self.precision = choose_precision(config)  # auto: bf16 where the hardware is fast at it (core.hardware)
+        self.accelerator = acc = make_accelerator(config, self.precision)
+        sources = build_sources(config, acc.process_index, acc.num_processes)
         if model is None:
-            model, processor = build_model(config)
+            model, processor = build_model(config, model_head_overrides(config, sources))
         # checked before anything is written; "auto" skips a newest checkpoint with a broken file (warning)
         self.resume_from, resume_state = ckpt.load_resumable(config.output_dir, resume, model.config,
                                                              ema=bool(config.ema_decay))
@@ -85,13 +94,15 @@ class Trainer:
             raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {acc.num_processes} processes")
         self.processor = processor
         self.vqgan = load_vqgan(config.vqgan)  # encodes image-generation targets in build_batch
-        self.mixture = Mixture(build_sources(config), task_quotas(config.tasks, config.batch_size))
+        self.mixture = Mixture(sources, task_quotas(config.tasks, config.batch_size), acc.process_index,
+                               acc.num_processes)
         check_identity_quotas(self.mixture.sources, self.mixture.quotas)
         batches = StepBatches(self.mixture, processor, model.config, self.vqgan, config.grad_accum,
                               acc.process_index, acc.num_processes, config.max_steps)
         self.batches = MicroBatches(batches, config.data_workers, acc.device)
         self.heads = build_heads(self.mixture.sources, model.config.d_model).to(acc.device)
         self.auxiliary_heads = build_auxiliary_heads(config, model.config.d_model).to(acc.device)
+        self.distiller = build_distiller(config, model, acc.device)  # None without a `distill` field
         warmup = None
         if config.stem_warmup_images and self.resume_from is None:  # a resumed run's stem is in its checkpoint
             warmup = warm_up_run_stem(model, processor, config, acc.device, acc.is_main_process)
@@ -113,6 +124,7 @@ class Trainer:
         """Load checkpoint `path` (its trainer state already read by `ckpt.load_resumable`)."""
         ckpt.load_weights(model, path / ckpt.WEIGHTS_FILE)
         load_head_states(self.heads, self.auxiliary_heads, state, path, list(self.config.tasks))
+        load_distiller_state(self.distiller, state, path)
         check_saved_groups(state["optimizer"], self.optimizer, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -123,10 +135,21 @@ class Trainer:
         self.history = json.loads(state["history"])
         self.history["losses"] = self.history["losses"][: self.step]
         self.history["lr"] = self.history["lr"][: self.step]
+        self._restore_streams(state.get("streams"), path)
         if path.resolve().parent == ckpt.checkpoint_dir(self.output_dir).resolve():
             self.saved = (self.step, json.dumps(self.history))
         if self.accelerator.is_main_process:
             print(f"resumed from {path} at step {self.step}")
+
+    def _restore_streams(self, streams: list[dict[str, Any]] | None, path: Path) -> None:
+        """Streamed tasks continue where this process's stream stood at the checkpoint (one entry per process)."""
+        if not self.mixture.streamed:
+            return
+        world = self.accelerator.num_processes
+        if streams is None or len(streams) != world:
+            raise ConfigError(f"checkpoint {path} holds stream positions of {len(streams or [])} processes, this run "
+                              f"has {world}: a streamed run resumes with the number of processes it was saved with")
+        self.mixture.restore_streams(streams[self.accelerator.process_index], self.step, self.config.grad_accum)
 
     def save(self) -> Path | None:
         """Write a resumable checkpoint of the current step (main process; others wait). Nothing is written
@@ -136,11 +159,14 @@ class Trainer:
         if self.saved == (self.step, history):
             return ckpt.checkpoint_dir(self.output_dir) / f"{ckpt.PREFIX}{self.step:07d}"
         path = None
+        # collective: every process's stream position (streamed tasks), in process order
+        streams = gather_object([self.mixture.stream_state(self.step, self.config.grad_accum)])
         weights = self.accelerator.get_state_dict(self.model)  # collective: gathers FSDP shards
         if self.accelerator.is_main_process:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "heads": self.heads.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_states(),
-                     "history": history, **auxiliary_head_states(self.auxiliary_heads)}
+                     "history": history, "streams": streams, **auxiliary_head_states(self.auxiliary_heads),
+                     **distiller_state(self.distiller)}
             path = ckpt.save_checkpoint(self.output_dir, self.step, self.unwrapped, self.processor, state,
                                         self.config.to_yaml(), self.ema, self.config.keep_last, weights)
         self.saved = (self.step, history)
@@ -149,7 +175,8 @@ class Trainer:
 
     def _head_parameters(self) -> list[torch.nn.Parameter]:
         """The training-only heads' parameters (feature heads, then auxiliary heads), optimised with the model."""
-        return [*self.heads.parameters(), *self.auxiliary_heads.parameters()]
+        distiller = self.distiller.parameters() if self.distiller is not None else []
+        return [*self.heads.parameters(), *self.auxiliary_heads.parameters(), *distiller]
 
     def _final_model(self):
         """The model that is evaluated and exported: the EMA when enabled."""
@@ -172,11 +199,16 @@ class Trainer:
         if samples is not None:
             loss = objectives.scst_loss(self.model, batch, samples)
             return loss, torch.zeros((), device=loss.device)
-        loss, _, features, encoder_states = objectives.cross_entropy_and_features(self.model, batch,
-                                                                                  config.label_smoothing)
+        distilled = 0.0  # the distillation losses that are means, weighted like the feature-head losses
+        if self.distiller is not None:
+            loss, distilled, features, encoder_states = self.distiller.student_losses(
+                self.model, batch, examples, config.label_smoothing, self.step)
+        else:
+            loss, _, features, encoder_states = objectives.cross_entropy_and_features(self.model, batch,
+                                                                                      config.label_smoothing)
         loss = add_auxiliary_losses(loss, self.auxiliary_heads, config, encoder_states, batch.get("pixel_values"),
                                     examples)
-        return loss, objectives.head_losses(self.heads, features, examples)
+        return loss, objectives.head_losses(self.heads, features, examples) + distilled
 
     def _global_tokens(self, passes: list[tuple[dict[str, torch.Tensor], Any, Any]],
                        samples: list[objectives.ScstSamples | None]) -> float:
@@ -205,6 +237,20 @@ class Trainer:
                                                       self.config.scst_beams, self.config.scst_max_new_tokens))
         return samples
 
+    @staticmethod
+    def _pass_parts(batch: dict[str, torch.Tensor], examples: list[dict[str, Any]], scst: bool
+                    ) -> tuple[tuple | None, tuple | None]:
+        """A pass split into (batch, examples) of the rows trained through the decoder and of those trained
+        through their task's `model_loss` (e.g. the dense head); None for a side without rows. A batch
+        without the latter (and every SCST batch) stays whole."""
+        token_rows, model_rows = split_rows(examples)
+        if not model_rows or scst:
+            return (batch, examples), None
+        model_part = (batch_rows(batch, model_rows), [examples[i] for i in model_rows])
+        if not token_rows:
+            return None, model_part
+        return (batch_rows(batch, token_rows), [examples[i] for i in token_rows]), model_part
+
     def train_step(self) -> float:
         """Forward/backward over the step's micro-batches and archs, then one optimizer update."""
         acc, head_weight = self.accelerator, self.config.head_loss_weight
@@ -213,21 +259,31 @@ class Trainer:
         samples = self._scst_samples(passes)
         tokens = self._global_tokens(passes, samples)
         total, head_total = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
+        model_total = torch.zeros((), device=acc.device)
         for i, ((batch, examples, arch), sampled) in enumerate(zip(passes, samples)):
             if arch is not None:
                 set_arch(self.unwrapped, arch)
-            sync = nullcontext() if i == len(passes) - 1 else acc.no_sync(self.model)
-            with sync, acc.autocast():
-                loss_sum, head_loss = self._loss(batch, examples, sampled)
-                # token losses: mean over the step's tokens; feature-head losses: mean over passes and processes
-                acc.backward(loss_sum * acc.num_processes / tokens + head_loss * head_weight / len(passes))
-            total += loss_sum.detach()
-            head_total += head_loss.detach()
+            token_part, model_part = self._pass_parts(batch, examples, sampled is not None)
+            if token_part is not None:
+                sync = nullcontext() if i == len(passes) - 1 and model_part is None else acc.no_sync(self.model)
+                with sync, acc.autocast():
+                    loss_sum, head_loss = self._loss(*token_part, sampled)
+                    # token losses: mean over the step's tokens; feature-head losses: mean over passes and processes
+                    acc.backward(loss_sum * acc.num_processes / tokens + head_loss * head_weight / len(passes))
+                total += loss_sum.detach()
+                head_total += head_loss.detach()
+            if model_part is not None:  # a second forward and backward: DDP allows one forward per backward
+                sync = nullcontext() if i == len(passes) - 1 else acc.no_sync(self.model)
+                with sync, acc.autocast():
+                    model_loss = model_losses(self.model, self.config, *model_part)  # weighted per-task means
+                    acc.backward(model_loss / len(passes))
+                model_total += model_loss.detach()
         if archs != [None]:
             set_arch(self.unwrapped, None)
         sync_head_gradients(acc, self._head_parameters())
         loss = (acc.reduce(total, reduction="sum").item() / tokens
-                + acc.reduce(head_total, reduction="mean").item() * head_weight / len(passes))
+                + acc.reduce(head_total, reduction="mean").item() * head_weight / len(passes)
+                + acc.reduce(model_total, reduction="mean").item() / len(passes))
         self._update(loss)
         return loss
 
@@ -292,6 +348,8 @@ class Trainer:
         if not self.history["eval"]:
             self._record_eval(None)
         log = RunLog(self.output_dir, config, main)
+        log.header(self.precision.summary)
+        self.history["precision"] = self.precision.record()  # this run's choice, also after a resume
         self._train_mode()
         for _ in log.progress(self.step):
             lr = base_lr(self.optimizer)

@@ -70,8 +70,7 @@ def drive(
     report.source = report.source or source
     for row, raw in rows:
         try:
-            example, size = build(raw, row)
-            example = validate_example(example, source, row, size)
+            example = build_row(build, raw, row, source)
         except DataError as err:
             if on_error == "raise":
                 raise
@@ -80,6 +79,13 @@ def drive(
         report.loaded += 1
         yield example
     report.log()
+
+
+def build_row(build: Builder, raw: Any, row: int, source: str) -> dict[str, Any]:
+    """One raw record -> a validated canonical example, or a DataError naming source, row and field
+    (the step `drive` takes per row; streams take it only for the records they use)."""
+    example, size = build(raw, row)
+    return validate_example(example, source, row, size)
 
 
 def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:

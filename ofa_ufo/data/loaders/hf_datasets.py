@@ -12,7 +12,7 @@ from ofa_ufo.core.images import ImageLoadError, load_image
 from ofa_ufo.data.canonical import FIELDS, DataError, new_example
 from ofa_ufo.data.loaders._common import LoadReport, OnError, Size, check_on_error, drive
 
-__all__ = ["load_hf_dataset"]
+__all__ = ["HfRow", "hf_row", "load_hf_dataset"]
 
 _LIST_FIELDS = ("references", "boxes", "labels")
 
@@ -45,6 +45,34 @@ def _cell(field: str, value: Any, source: str, row: int) -> Any:
     return value
 
 
+class HfRow:
+    """Builds the canonical example of one record of a ``datasets`` dataset by column mapping: the row
+    parser the eager loader and the lazy streams (`ofa_ufo.data.streaming`) share. Picklable."""
+
+    def __init__(self, task: str, mapping: Mapping[str, str], source: str) -> None:
+        self.task, self.mapping, self.source = task, dict(mapping), source
+
+    def __call__(self, record: Mapping[str, Any], row: int) -> tuple[dict[str, Any], Size | None]:
+        values = {field: _cell(field, record[column], self.source, row) for field, column in self.mapping.items()}
+        values.setdefault("id", str(row))
+        return new_example(task=self.task, **values), None
+
+
+def hf_row(dataset: Any, task: str, columns: Mapping[str, str], id_column: str | None = None,
+           source: str | None = None) -> HfRow:
+    """The row builder of `dataset` (a ``Dataset`` or an ``IterableDataset``, e.g. ``streaming=True``),
+    its column mapping checked against the dataset's columns (where the dataset knows them)."""
+    name = source or getattr(getattr(dataset, "info", None), "dataset_name", None) or "datasets.Dataset"
+    available = getattr(dataset, "column_names", None)
+    mapping = {**columns, **({"id": id_column} if id_column else {})}
+    for field, column in mapping.items():
+        if field not in FIELDS or field == "task":
+            raise ValueError(f"columns maps unknown canonical field {field!r}; expected some of {list(FIELDS)}")
+        if available is not None and column not in available:
+            raise DataError(name, None, field, f"column {column!r} not in the dataset's columns {list(available)}")
+    return HfRow(task, mapping, name)
+
+
 def load_hf_dataset(
     dataset: Any, task: str, columns: Mapping[str, str], id_column: str | None = None,
     source: str | None = None, on_error: OnError = "raise", report: LoadReport | None = None,
@@ -57,18 +85,5 @@ def load_hf_dataset(
     A column mapping that names a missing column raises at once, whatever ``on_error``.
     """
     check_on_error(on_error)
-    name = source or getattr(getattr(dataset, "info", None), "dataset_name", None) or "datasets.Dataset"
-    available = list(getattr(dataset, "column_names", None) or [])
-    mapping = {**columns, **({"id": id_column} if id_column else {})}
-    for field, column in mapping.items():
-        if field not in FIELDS or field == "task":
-            raise ValueError(f"columns maps unknown canonical field {field!r}; expected some of {list(FIELDS)}")
-        if column not in available:
-            raise DataError(name, None, field, f"column {column!r} not in the dataset's columns {available}")
-
-    def build(record: Mapping[str, Any], row: int) -> tuple[dict[str, Any], Size | None]:
-        values = {field: _cell(field, record[column], name, row) for field, column in mapping.items()}
-        values.setdefault("id", str(row))
-        return new_example(task=task, **values), None
-
-    return drive(enumerate(dataset, 1), build, name, on_error, report)
+    build = hf_row(dataset, task, columns, id_column, source)
+    return drive(enumerate(dataset, 1), build, build.source, on_error, report)

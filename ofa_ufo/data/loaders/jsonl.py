@@ -11,7 +11,33 @@ from ofa_ufo.data.canonical import FIELDS, DataError, new_example
 from ofa_ufo.data.loaders._common import LoadReport, OnError, Size, check_on_error, drive, image_path, iter_lines
 from ofa_ufo.data.loaders.snli_ve import parse_json_line
 
-__all__ = ["load_jsonl"]
+__all__ = ["JsonlRow", "canonical_record", "load_jsonl"]
+
+
+class JsonlRow:
+    """Builds the canonical example of one line of a canonical ``.jsonl`` file: the row parser the eager
+    loader and the lazy streams (`ofa_ufo.data.streaming`) share. Picklable, for DataLoader workers."""
+
+    def __init__(self, source: str) -> None:
+        self.source, self.folder = source, Path(source).absolute().parent
+
+    def __call__(self, line: str, row: int) -> tuple[dict[str, Any], Size | None]:
+        record = parse_json_line(line, self.source, row)
+        return canonical_record(record, self.source, row, self.folder), None
+
+
+def canonical_record(record: Any, source: str, row: int, folder: Path) -> dict[str, Any]:
+    """A parsed JSON object -> canonical example; unknown keys are an error, a relative ``image`` path
+    resolves against `folder`."""
+    if not isinstance(record, dict):
+        raise DataError(source, row, "<line>", f"expected a JSON object, got {type(record).__name__}")
+    unknown = sorted(set(record) - set(FIELDS))
+    if unknown:
+        raise DataError(source, row, unknown[0], f"unknown field; canonical fields are {list(FIELDS)}")
+    example = new_example(**record)
+    if isinstance(example["image"], str) and example["image"].strip():
+        example["image"] = image_path(folder, example["image"])
+    return example
 
 
 def load_jsonl(
@@ -22,18 +48,4 @@ def load_jsonl(
     relative ``image`` paths resolve against the file's folder. Rows are 1-based lines.
     """
     check_on_error(on_error)
-    source, folder = str(path), Path(path).absolute().parent
-
-    def build(line: str, row: int) -> tuple[dict[str, Any], Size | None]:
-        record = parse_json_line(line, source, row)
-        if not isinstance(record, dict):
-            raise DataError(source, row, "<line>", f"expected a JSON object, got {type(record).__name__}")
-        unknown = sorted(set(record) - set(FIELDS))
-        if unknown:
-            raise DataError(source, row, unknown[0], f"unknown field; canonical fields are {list(FIELDS)}")
-        example = new_example(**record)
-        if isinstance(example["image"], str) and example["image"].strip():
-            example["image"] = image_path(folder, example["image"])
-        return example, None
-
-    return drive(iter_lines(path), build, source, on_error, report)
+    return drive(iter_lines(path), JsonlRow(str(path)), str(path), on_error, report)

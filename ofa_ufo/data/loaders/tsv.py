@@ -14,7 +14,7 @@ from typing import Any
 from ofa_ufo.data.canonical import DataError, new_example
 from ofa_ufo.data.loaders._common import LoadReport, OnError, Size, check_on_error, decode_base64_image, drive, iter_lines
 
-__all__ = ["TSV_LAYOUTS", "load_ofa_tsv"]
+__all__ = ["TSV_LAYOUTS", "TsvRow", "load_ofa_tsv"]
 
 # layout -> (fields received after selection, OFA's default selected_cols into the file's columns)
 TSV_LAYOUTS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
@@ -114,6 +114,23 @@ _BUILDERS: dict[str, Callable[[Fields, str, int], dict[str, Any]]] = {
 }
 
 
+class TsvRow:
+    """Builds the canonical example of one TSV line (its base64 image decoded): the one row parser that
+    the eager loader and the lazy streams (`ofa_ufo.data.streaming`) share. Picklable, for DataLoader workers."""
+
+    def __init__(self, layout: str, selected_cols: str | Sequence[int] | None, source: str) -> None:
+        if layout not in TSV_LAYOUTS:
+            raise ValueError(f"unknown TSV layout {layout!r}; expected one of {sorted(TSV_LAYOUTS)}")
+        self.layout, self.source = layout, source
+        self.cols, self.names = _parse_cols(selected_cols, layout), TSV_LAYOUTS[layout][0]
+
+    def __call__(self, line: str, row: int) -> tuple[dict[str, Any], Size | None]:
+        fields = _pick(line, self.cols, self.names, self.source, row)
+        example = _BUILDERS[self.layout](fields, self.source, row)
+        example["image"] = decode_base64_image(fields["image"], self.source, row)
+        return example, None
+
+
 def load_ofa_tsv(
     path: str | os.PathLike, layout: str, selected_cols: str | Sequence[int] | None = None,
     on_error: OnError = "raise", report: LoadReport | None = None,
@@ -125,14 +142,5 @@ def load_ofa_tsv(
     line numbers.
     """
     check_on_error(on_error)
-    if layout not in TSV_LAYOUTS:
-        raise ValueError(f"unknown TSV layout {layout!r}; expected one of {sorted(TSV_LAYOUTS)}")
-    cols, names, source = _parse_cols(selected_cols, layout), TSV_LAYOUTS[layout][0], str(path)
-
-    def build(line: str, row: int) -> tuple[dict[str, Any], Size | None]:
-        fields = _pick(line, cols, names, source, row)
-        example = _BUILDERS[layout](fields, source, row)
-        example["image"] = decode_base64_image(fields["image"], source, row)
-        return example, None
-
-    return drive(iter_lines(path), build, source, on_error, report)
+    build = TsvRow(layout, selected_cols, str(path))
+    return drive(iter_lines(path), build, str(path), on_error, report)

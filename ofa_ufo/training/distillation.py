@@ -1,0 +1,251 @@
+"""Distillation into a small student (UFO's CNN / chip students, DAMO-YOLO's feature distillation).
+
+A run sets `distill: {teacher: DIR, ...}` (`DistillSettings`): the teacher, a `save_pretrained` directory
+(a task subnet or a whole supernet), runs frozen in eval mode beside the run's model (the student) on the
+same batch, and three weighted losses join the student's own:
+
+- token KL on the teacher's distributions at the target tokens, KL(p_t^T || p_s^T) x T^2, summed over
+  tokens like the token loss (the trainer divides both by the step's token count);
+- channel-wise distillation (CWD, DAMO-YOLO) of encoder states ("encoder": the encoder's output,
+  "image": the image tokens entering it): a learned linear map where the widths differ, a non-affine
+  normalisation of every channel, then per channel a softmax over the positions and KL(teacher || student)
+  x tau^2 / (rows x channels); its weight decays as w(t) = 1 - 0.9 (1 - cos(pi t / T)) / 2;
+- embedding distillation for the rows without target tokens (ReID, face, product): 1 - cosine between
+  the (projected) student and the teacher embedding, a mean over those rows.
+
+The projections train with the student and are kept in the trainer state, never exported.
+Teacher outputs are computed on the fly (no cache).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration, embedding_readout, shift_tokens_right
+from ofa_ufo.training.config import ConfigError, DistillSettings, parse_distill
+
+TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+STATE_KEY = "distill"  # the projections' entry in a checkpoint's trainer state
+_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_mask")
+_VOCAB_FIELDS = ("vocab_size", "code_offset", "num_codes", "bin_offset", "num_bins")
+
+
+# ---- the losses ------------------------------------------------------------------------------
+
+
+def feature_weight(step: int, total: int) -> float:
+    """DAMO-YOLO's decaying distillation weight: 1 at step 0, 0.55 halfway, 0.1 at `total`."""
+    return 1.0 - 0.9 * (1.0 - math.cos(math.pi * min(step, total) / max(total, 1))) / 2.0
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sum over N target tokens of KL(teacher || student) on their temperature-softened distributions
+    (N, V) x T^2 (Hinton's scaling keeps the gradient size independent of T)."""
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = (log_teacher.exp() * (log_teacher - log_student)).sum()
+    return kl * temperature**2
+
+
+def normalize_channels(states: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Non-affine batch norm of (B, L, C) states: each channel to mean 0, variance 1 over the valid
+    positions (`mask` (B, L)), as DAMO-YOLO's BatchNorm without weights puts both feature sets on one scale."""
+    weights = mask[..., None].to(states.dtype)  # (B, L, 1)
+    count = weights.sum().clamp_min(1.0)
+    mean = (states * weights).sum((0, 1)) / count  # (C,)
+    var = (((states - mean) ** 2) * weights).sum((0, 1)) / count
+    return (states - mean) / torch.sqrt(var + eps)
+
+
+def channel_wise_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
+    """CWD of (B, L, C) maps: per row and channel, softmax over the valid positions (`mask` (B, L)) at
+    temperature `tau`, KL(teacher || student) summed over channels and positions x tau^2, / (B x C)."""
+    pad = ~mask[..., None]  # (B, L, 1)
+    log_s = F.log_softmax((student.float() / tau).masked_fill(pad, -1e9), dim=1)  # softmax over L
+    log_t = F.log_softmax((teacher.float() / tau).masked_fill(pad, -1e9), dim=1)
+    kl = (log_t.exp() * (log_t - log_s)).masked_fill(pad, 0.0).sum()
+    return kl * tau**2 / (student.shape[0] * student.shape[2])
+
+
+def embedding_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of 1 - cosine(student, teacher) of (B, D) embeddings (retrieval ranks by cosine)."""
+    return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+# ---- forward passes --------------------------------------------------------------------------
+
+
+@dataclass
+class PassOutputs:
+    """What distillation reads from one forward pass of a model over a training batch."""
+
+    logits: torch.Tensor  # (N, V) at the N target tokens
+    encoder: torch.Tensor  # (B, S, D) encoder output
+    image: torch.Tensor | None  # (B, n, D) image tokens entering the encoder layers
+    mask: torch.Tensor  # (B, S) valid (non-padding) encoder positions
+    features: torch.Tensor | None  # (B, D) embedding read-out
+
+
+def model_pass(model, batch: dict[str, torch.Tensor], task_ids: torch.Tensor | None) -> PassOutputs:
+    """One teacher-forced forward pass (logits only at target tokens) with the states distillation reads."""
+    config = getattr(model, "module", model).config
+    labels = batch["labels"]
+    targets = labels != -100  # (B, T)
+    decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+    inputs = {k: batch[k] for k in _INPUT_KEYS if batch.get(k) is not None}
+    out = model(**inputs, task_ids=task_ids, decoder_input_ids=decoder_input_ids, code_grid=batch.get("code_grid"),
+                logits_mask=targets, output_hidden_states=True)
+    text = batch["input_ids"].shape[1]
+    images = out.encoder_last_hidden_state.shape[1] - text  # image tokens come first
+    image_valid = torch.ones(labels.shape[0], images, dtype=torch.bool, device=labels.device)
+    if batch.get("image_mask") is not None:
+        image_valid = image_valid & batch["image_mask"].bool()[:, None]
+    mask = torch.cat([image_valid, batch["attention_mask"].bool()], 1)  # (B, S)
+    image = out.encoder_hidden_states[0][:, :images] if images else None  # (B, n, D)
+    features = embedding_readout(config, out.decoder_last_hidden_state, out.image_embedding)
+    return PassOutputs(out.logits, out.encoder_last_hidden_state, image, mask, features)
+
+
+def load_teacher(path: str, dtype: str, device: torch.device | str) -> OFAUFOForConditionalGeneration:
+    """The teacher from its save_pretrained directory: eval mode, no gradients, in `dtype` (fp32 | bf16)."""
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"field 'distill.teacher': {path} is not a save_pretrained directory (no config.json)")
+    teacher = OFAUFOForConditionalGeneration.from_pretrained(path).to(device=device, dtype=TEACHER_DTYPES[dtype])
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+# ---- the distiller ---------------------------------------------------------------------------
+
+
+def _projection(student_dim: int, teacher_dim: int) -> nn.Module:
+    """The learned student -> teacher width map (DAMO-YOLO's align conv; a linear map on tokens)."""
+    return nn.Identity() if student_dim == teacher_dim else nn.Linear(student_dim, teacher_dim)
+
+
+class Distiller:
+    """The teacher, the projections, and the distillation losses of one training pass."""
+
+    def __init__(self, settings: DistillSettings, teacher, student, tasks: list[str], total_steps: int) -> None:
+        check_pair(teacher, student, tasks, settings.teacher)
+        self.settings, self.teacher, self.total_steps = settings, teacher, total_steps
+        teacher_dim, student_dim = teacher.config.d_model, student.config.d_model
+        names = [*settings.feature_layers, "embedding"] if settings.feature else ["embedding"]
+        self.projections = nn.ModuleDict({name: _projection(student_dim, teacher_dim) for name in names})
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The projections' parameters (the teacher's are frozen and not the run's to optimise)."""
+        return list(self.projections.parameters())
+
+    def to(self, device: torch.device | str) -> Distiller:
+        self.projections.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.projections.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.projections.load_state_dict(state)
+
+    def student_losses(self, model, batch: dict[str, torch.Tensor], examples: list[dict[str, Any]],
+                       label_smoothing: float, step: int) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]:
+        """The trainer's one call: (summed token loss + weighted token KL, weighted mean distillation losses,
+        embedding read-outs (B, D), encoder states (B, S, D)) of one student pass over `batch`."""
+        student = model_pass(model, batch, batch.get("task_ids"))
+        labels = batch["labels"]
+        loss = F.cross_entropy(student.logits.float(), labels[labels != -100], label_smoothing=label_smoothing,
+                               reduction="sum")
+        token, mean = self.losses(student, batch, examples, step)
+        return loss + token, mean, student.features, student.encoder
+
+    def _teacher_pass(self, batch: dict[str, torch.Tensor], examples: list[dict[str, Any]]) -> PassOutputs:
+        """The teacher's pass on the batch, its tasks routed by the teacher's own task vocabulary."""
+        vision = self.teacher.config.vision_config
+        device = batch["input_ids"].device
+        task_ids = torch.tensor([vision.route_id(e["task"]) for e in examples], device=device)  # (B,)
+        dtype = next(self.teacher.parameters()).dtype
+        cast = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            return model_pass(self.teacher, cast, task_ids)
+
+    def losses(self, student: PassOutputs, batch: dict[str, torch.Tensor], examples: list[dict[str, Any]],
+               step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted token KL summed over the target tokens, weighted feature + embedding losses as means)."""
+        settings, teacher = self.settings, self._teacher_pass(batch, examples)
+        zero = student.encoder.new_zeros((), dtype=torch.float32)
+        token = zero
+        if settings.token_kl and student.logits.numel():
+            token = settings.token_kl * token_kl(student.logits, teacher.logits, settings.temperature)
+        mean = zero
+        if settings.feature:
+            weight = settings.feature * feature_weight(step, self.total_steps)
+            mean = mean + weight * sum(self._feature_loss(name, student, teacher) for name in settings.feature_layers)
+        rows = (batch["labels"] == -100).all(1)  # (B,): rows trained through their embedding only
+        if settings.embedding and rows.any() and student.features is not None:
+            projected = self.projections["embedding"](student.features[rows])
+            mean = mean + settings.embedding * embedding_loss(projected, teacher.features[rows].float())
+        return token, mean
+
+    def _feature_loss(self, name: str, student: PassOutputs, teacher: PassOutputs) -> torch.Tensor:
+        """CWD of one feature layer, both sides normalised per channel over the valid positions."""
+        s, t = getattr(student, name), getattr(teacher, name)
+        if s is None or t is None:
+            return student.encoder.new_zeros((), dtype=torch.float32)
+        if s.shape[1] != t.shape[1]:
+            raise ValueError(f"feature layer {name!r}: the student has {s.shape[1]} positions, the teacher "
+                             f"{t.shape[1]}: distil with the teacher's image_size")
+        mask = student.mask[:, : s.shape[1]]  # (B, L): the image tokens lead the encoder's positions
+        s = normalize_channels(self.projections[name](s).float(), mask)
+        t = normalize_channels(t.float(), mask)
+        return channel_wise_kl(s, t, mask, self.settings.feature_temperature)
+
+
+def check_pair(teacher, student, tasks: list[str], teacher_path: str = "teacher") -> None:
+    """ConfigError when teacher and student disagree on the vocabulary or the teacher lacks one of the
+    run's tasks; a warning when the student is not smaller than its teacher."""
+    t_vocab = {k: getattr(teacher.config, k) for k in _VOCAB_FIELDS}
+    s_vocab = {k: getattr(student.config, k) for k in _VOCAB_FIELDS}
+    if t_vocab != s_vocab:
+        raise ConfigError(f"distill teacher {teacher_path} has vocabulary {t_vocab}, the student {s_vocab}: "
+                          "distil between models of one tokenizer")
+    t_tasks = teacher.config.vision_config.task_names
+    missing = [task for task in tasks if task not in t_tasks]
+    if missing:
+        raise ConfigError(f"distill teacher {teacher_path} has tasks {t_tasks}, the student trains {tasks}: "
+                          f"the teacher has no {missing}")
+    t_params, s_params = (sum(p.numel() for p in m.parameters()) for m in (teacher, student))
+    if s_params >= t_params:
+        warnings.warn(f"the student ({s_params / 1e6:.1f}M parameters) is not smaller than its teacher "
+                      f"{teacher_path} ({t_params / 1e6:.1f}M)", UserWarning, stacklevel=2)
+
+
+def build_distiller(config, student, device: torch.device | str) -> Distiller | None:
+    """The run's distiller (None without a `distill` field): teacher loaded, pair checked, projections on `device`."""
+    settings = parse_distill(config.distill)
+    if settings is None:
+        return None
+    teacher = load_teacher(settings.teacher, settings.teacher_dtype, device)
+    return Distiller(settings, teacher, student, list(config.tasks), config.max_steps).to(device)
+
+
+def distiller_state(distiller: Distiller | None) -> dict[str, Any]:
+    """The distiller's entry of a checkpoint's trainer state (its projections); {} without one."""
+    return {} if distiller is None else {STATE_KEY: distiller.state_dict()}
+
+
+def load_distiller_state(distiller: Distiller | None, state: dict[str, Any], path: Path) -> None:
+    """Restore the projections from checkpoint `path`'s trainer state; ConfigError when the checkpoint was
+    trained with distillation and this run is not, or the other way round."""
+    if (STATE_KEY in state) != (distiller is not None):
+        raise ConfigError(f"checkpoint {path} was trained {'with' if STATE_KEY in state else 'without'} "
+                          "distillation: resume with the run's own 'distill' field")
+    if distiller is not None:
+        distiller.load_state_dict(state[STATE_KEY])

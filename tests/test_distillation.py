@@ -1,0 +1,197 @@
+"""Distillation (token KL, channel-wise feature distillation, embeddings) and the supernet's shared path."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_supernet import supernet_model
+from test_training import fit, make_config
+
+import ofa_ufo
+from ofa_ufo.training import ConfigError
+from ofa_ufo.training.config import parse_distill
+from ofa_ufo.training.distillation import (
+    Distiller, channel_wise_kl, check_pair, embedding_loss, feature_weight, load_teacher, model_pass, token_kl,
+)
+
+
+def _kl(p: list[float], q: list[float]) -> float:
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+def _softmax(values: list[float]) -> list[float]:
+    exps = [math.exp(v) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def test_token_kl_with_temperature_on_two_tokens():
+    student = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    teacher = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    # by hand at T = 2: token 1 KL([e, 1]/(e+1) || [.5, .5]), token 2 KL([.5, .5] || [e, 1]/(e+1)); x T^2
+    e = math.e
+    sharp = [e / (e + 1), 1 / (e + 1)]
+    expected = 4 * (_kl(sharp, [0.5, 0.5]) + _kl([0.5, 0.5], sharp))
+    assert expected == pytest.approx(0.924236, abs=1e-5)
+    assert token_kl(student, teacher, temperature=2.0).item() == pytest.approx(expected, rel=1e-5)
+    assert token_kl(teacher, teacher, temperature=2.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_channel_wise_kl_hand_cases():
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    student = torch.tensor([[[0.0], [0.0]]])  # (B=1, L=2, C=1)
+    teacher = torch.tensor([[[math.log(3.0)], [0.0]]])  # softmax over L: [0.75, 0.25]
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert channel_wise_kl(student, teacher, mask, tau=1.0).item() == pytest.approx(expected, rel=1e-5)
+    maps = torch.randn(2, 5, 3)
+    assert channel_wise_kl(maps, maps.clone(), torch.ones(2, 5, dtype=torch.bool), 1.0).item() == pytest.approx(
+        0.0, abs=1e-6)
+    # a padded third position changes nothing; tau 2 halves the logits and multiplies by 4
+    padded_s = torch.tensor([[[0.0], [0.0], [9.0]]])
+    padded_t = torch.tensor([[[2 * math.log(3.0)], [0.0], [-4.0]]])
+    pad_mask = torch.tensor([[True, True, False]])
+    assert channel_wise_kl(padded_s, padded_t, pad_mask, tau=2.0).item() == pytest.approx(4 * expected, rel=1e-5)
+
+
+def test_feature_weight_decays_from_one_to_a_tenth():
+    assert feature_weight(0, 100) == pytest.approx(1.0)
+    assert feature_weight(50, 100) == pytest.approx(0.55)
+    assert feature_weight(100, 100) == pytest.approx(0.1)
+
+
+def test_settings_errors_name_the_problem():
+    with pytest.raises(ConfigError, match=r"unknown layer\(s\) \['decoder'\]; valid layers: \['encoder', 'image'\]"):
+        parse_distill({"teacher": "x", "feature_layers": ["decoder"]})
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_distill({"teacher": "x", "tempreature": 2})
+    with pytest.raises(ConfigError, match="'teacher' must name"):
+        parse_distill({"token_kl": 1.0})
+    assert parse_distill({}) is None
+
+
+def test_vocabulary_and_task_mismatch_name_both_and_larger_student_warns():
+    teacher = tiny_model(0)
+    other_vocab = tiny_model(0, vocab_size=teacher.config.vocab_size + 8)
+    with pytest.raises(ConfigError, match=r"teacher T has vocabulary \{'vocab_size': \d+.*the student \{'vocab_size'"):
+        check_pair(teacher, other_vocab, ["caption"], "T")
+    subnet_teacher = ofa_ufo.extract_subnet(supernet_model(), "vqa")
+    with pytest.raises(ConfigError, match=r"has tasks \['vqa'\], the student trains \['caption'\]"):
+        check_pair(subnet_teacher, tiny_model(0, d_model=16, encoder_attention_heads=2, decoder_attention_heads=2),
+                   ["caption"], "T")
+    with pytest.warns(UserWarning, match="not smaller than its teacher"):
+        check_pair(teacher, tiny_model(1, d_model=64), ["caption"], "T")
+
+
+def _batch(processor) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    images = [(torch.rand(64, 64, 3) * 255).to(torch.uint8).numpy() for _ in range(2)]
+    batch = dict(processor(images=images, text=[" what is this?", " a b"], return_tensors="pt"))
+    batch["labels"] = torch.tensor([[100, 200, 2], [300, 2, -100]])
+    return batch, [{"task": "caption"}, {"task": "caption"}]
+
+
+def test_projection_maps_student_width_to_teacher_width(processor):
+    teacher, student = tiny_model(0, d_model=48), tiny_model(1)
+    settings = parse_distill({"teacher": "t", "feature": 1.0, "feature_layers": ["encoder", "image"]})
+    distiller = Distiller(settings, teacher, student, ["caption"], total_steps=10)
+    assert isinstance(distiller.projections["encoder"], torch.nn.Linear)
+    assert distiller.projections["encoder"].weight.shape == (48, 32)
+    batch, examples = _batch(processor)
+    token, mean = distiller.losses(model_pass(student, batch, None), batch, examples, step=0)
+    assert token.item() > 0 and mean.item() > 0
+    mean.backward()
+    assert distiller.projections["image"].weight.grad.abs().sum() > 0
+    with pytest.warns(UserWarning, match="not smaller"):
+        same = Distiller(settings, teacher, tiny_model(2, d_model=48), ["caption"], total_steps=10)
+    assert isinstance(same.projections["encoder"], torch.nn.Identity)
+
+
+def test_three_steps_with_a_frozen_teacher(tmp_path, processor):
+    teacher = tiny_model(5, d_model=48)
+    teacher.save_pretrained(tmp_path / "teacher")
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    distill = {"teacher": str(tmp_path / "teacher"), "feature": 1.0, "feature_layers": ["encoder", "image"]}
+    config = make_config(tmp_path / "run", distill=distill, precision="fp32")
+    seen = {}
+
+    def hook(trainer):
+        seen["trainer"] = trainer
+        seen["student"] = copy.deepcopy(trainer.unwrapped.state_dict())
+        seen["projection"] = trainer.distiller.projections["encoder"].weight.detach().clone()
+
+    result = fit(config, hook=hook)
+    trainer = seen["trainer"]
+    assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
+    assert not trainer.distiller.teacher.training
+    for key, value in trainer.distiller.teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    changed = [k for k, v in trainer.unwrapped.state_dict().items() if not torch.equal(v, seen["student"][k])]
+    assert changed
+    assert not torch.equal(trainer.distiller.projections["encoder"].weight, seen["projection"])
+    plain = fit(make_config(tmp_path / "plain", precision="fp32"))
+    assert plain.losses[0] < result.losses[0]  # the distillation losses add to the step's loss
+
+
+def test_shared_subnet_equals_the_supernet_forced_to_its_shared_path(processor):
+    supernet = supernet_model()
+    shared = ofa_ufo.extract_subnet(supernet, "shared")
+    assert shared.config.vision_config.task_names == supernet.config.vision_config.task_names
+    assert not any("router" in k or "experts" in k for k in shared.state_dict())
+    forced = copy.deepcopy(supernet)
+    with torch.no_grad():
+        inner = forced.get_encoder().supernet
+        for block in inner.blocks:
+            block.ffn.router.copy_(torch.tensor([1.0, 0.0]).expand_as(block.ffn.router))  # shared wins for all
+        inner.task_embed.weight.copy_(inner.task_embed.weight.mean(0, keepdim=True).expand_as(inner.task_embed.weight))
+    batch, _ = _batch(processor)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_mask")}
+    decoder = torch.zeros(2, 3, dtype=torch.long)
+    vision = supernet.config.vision_config
+    task_ids = torch.tensor([vision.route_id("vqa"), vision.route_id("face")])
+    with torch.no_grad():
+        expected = forced(**inputs, task_ids=task_ids, decoder_input_ids=decoder).logits
+        got = shared(**inputs, decoder_input_ids=decoder).logits
+        routed = supernet(**inputs, task_ids=task_ids, decoder_input_ids=decoder).logits
+    assert (got - expected).abs().max() < 1e-5
+    assert (got - routed).abs().max() > 1e-4  # the task routes differ from the shared path
+
+
+def test_teacher_routes_by_its_own_task_vocabulary_and_loads_frozen_in_bf16(processor, tmp_path):
+    supernet = supernet_model()
+    supernet.save_pretrained(tmp_path)
+    teacher = load_teacher(str(tmp_path), "bf16", "cpu")
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert next(teacher.parameters()).dtype == torch.bfloat16
+    settings = parse_distill({"teacher": str(tmp_path), "token_kl": 1.0})
+    distiller = Distiller(settings, supernet, tiny_model(1, d_model=16, encoder_attention_heads=2,
+                                                         decoder_attention_heads=2), ["vqa"], 3)
+    batch, _ = _batch(processor)
+    got = distiller._teacher_pass(batch, [{"task": "vqa"}, {"task": "face"}]).logits
+    vision = supernet.config.vision_config
+    expected = model_pass(supernet, batch, torch.tensor([vision.route_id("vqa"), vision.route_id("face")])).logits
+    assert torch.allclose(got, expected, atol=1e-6)
+    bf16 = Distiller(settings, teacher, tiny_model(1, d_model=16, encoder_attention_heads=2,
+                                                    decoder_attention_heads=2), ["vqa"], 3)
+    in_bf16 = bf16._teacher_pass(batch, [{"task": "vqa"}, {"task": "face"}]).logits
+    assert in_bf16.dtype == torch.bfloat16
+    assert (in_bf16.float() - expected).abs().max() < 0.05 * expected.abs().max()  # bf16 keeps ~3 digits
+
+
+def test_embedding_distillation_on_rows_without_target_tokens(processor):
+    hand = embedding_loss(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 2.0], [3.0, 3.0]]))
+    assert hand.item() == pytest.approx((1.0 + (1 - 1 / math.sqrt(2))) / 2, rel=1e-6)
+    teacher = tiny_model(0)
+    settings = parse_distill({"teacher": "t", "token_kl": 0.0, "embedding": 1.0})
+    batch, _ = _batch(processor)
+    batch["labels"][1] = -100  # row 1: an embedding task's row (no target tokens)
+    examples = [{"task": "caption"}, {"task": "face"}]
+    with pytest.warns(UserWarning, match="not smaller"):
+        itself = Distiller(settings, teacher, teacher, ["caption", "face"], 3)
+    assert itself.losses(model_pass(teacher, batch, None), batch, examples, 0)[1].item() == pytest.approx(0, abs=1e-6)
+    other = tiny_model(3)
+    with pytest.warns(UserWarning):
+        distiller = Distiller(settings, teacher, other, ["caption", "face"], 3)
+    token, mean = distiller.losses(model_pass(other, batch, None), batch, examples, 0)
+    assert token.item() == 0 and mean.item() > 0.01
