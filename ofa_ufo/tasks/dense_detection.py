@@ -18,6 +18,7 @@ import torch
 
 from ofa_ufo.core.prompts import DEFAULT_STYLE
 from ofa_ufo.tasks.base import Task
+from ofa_ufo.tasks.localization import check_fraction
 
 __all__ = ["DenseDetectionTask", "dense_labels"]
 
@@ -33,17 +34,6 @@ def dense_labels(model) -> list[str]:
         raise ValueError(f"task 'dense_detection' needs a model with a dense head, and this one has none: "
                          f"{DENSE_HEAD_HINT}")
     return list(head["labels"])
-
-
-def _check_fraction(options: Mapping[str, Any], name: str) -> None:
-    """TypeError for an option that is no number, ValueError for one outside [0, 1]."""
-    value = options.get(name)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number in the range [0, 1], got {value!r}")
-    if not 0 <= value <= 1:
-        raise ValueError(f"{name} must be in the range [0, 1], got {value!r}")
 
 
 def _scaled_boxes(boxes: torch.Tensor, source: Sequence[float], target: Sequence[float]) -> torch.Tensor:
@@ -75,7 +65,7 @@ class DenseDetectionTask(Task):
     def check_options(self, options: dict[str, Any]) -> None:
         super().check_options(options)
         for name in ("score_threshold", "nms_iou"):
-            _check_fraction(options, name)
+            check_fraction(options, name)
         count = options.get("max_detections")
         if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
             raise ValueError(f"max_detections must be a positive integer, got {count!r}")

@@ -3,7 +3,7 @@ captioning (a region in the prompt) and detection (boxes, labels and per-box sco
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,15 +60,15 @@ def _nms_iou(task: Task, options: dict[str, Any]) -> float:
     return task.nms_iou if value is None else float(value)
 
 
-def _check_nms_iou(options: dict[str, Any]) -> None:
-    """TypeError for an `nms_iou` that is no number, ValueError for one outside [0, 1]."""
-    value = options.get("nms_iou")
+def check_fraction(options: Mapping[str, Any], name: str) -> None:
+    """TypeError for an option (`nms_iou`, a score threshold) that is no number, ValueError for one outside [0, 1]."""
+    value = options.get(name)
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"nms_iou must be a number in [0, 1], got {value!r}")
+        raise TypeError(f"{name} must be a number in the range [0, 1], got {value!r}")
     if not 0 <= value <= 1:
-        raise ValueError(f"nms_iou must be in [0, 1], got {value!r}")
+        raise ValueError(f"{name} must be in the range [0, 1], got {value!r}")
 
 
 @dataclass
@@ -88,7 +88,7 @@ class GroundingTask(Task):
 
     def check_options(self, options: dict[str, Any]) -> None:
         super().check_options(options)
-        _check_nms_iou(options)
+        check_fraction(options, "nms_iou")
 
     def prompt(self, text: str | None = None, style: str = DEFAULT_STYLE) -> str:
         if not text or not text.strip():
@@ -180,7 +180,7 @@ class DetectionTask(Task):
 
     def check_options(self, options: dict[str, Any]) -> None:
         super().check_options(options)
-        _check_nms_iou(options)
+        check_fraction(options, "nms_iou")
 
     def build_example(self, example: dict[str, Any], meta: dict[str, Any], style: str = DEFAULT_STYLE) -> tuple[str, str]:
         parts = [f"{_box_text(meta['box_codec'], [box], meta)} {self.normalize(label)}"
