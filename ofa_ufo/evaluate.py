@@ -25,6 +25,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import pipeline
 
+from ofa_ufo.core.images import blind_examples
 from ofa_ufo.data.sources import decoding_options, open_examples
 from ofa_ufo.data.specs import TaskSpec, load_spec
 from ofa_ufo.hf.saved_files import check_saved_model
@@ -32,14 +33,18 @@ from ofa_ufo.tasks import get_task
 from ofa_ufo.tasks.scored_results import DEFAULT_MAX_FAILURES, ScoredResults, check_share, score_results
 
 
-def evaluate(spec: TaskSpec, model: str, limit: int | None = None, output: str | None = None) -> ScoredResults:
+def evaluate(spec: TaskSpec, model: str, limit: int | None = None, output: str | None = None,
+             blind: bool = False) -> ScoredResults:
     """Run the spec's task on its evaluation data and score it: the metric over the examples that got an
-    answer, with the ones that failed counted (their error records stay in the predictions JSON)."""
+    answer, with the ones that failed counted (their error records stay in the predictions JSON). `blind`:
+    every image replaced by a constant grey one, the score the prompt alone earns (a baseline)."""
     check_saved_model(model)  # a spoilt file is named here, not deep inside the pipeline's model loader
     task = get_task(spec.task)
     examples = list(islice(open_examples(spec.data, spec.task), limit))
     if not examples:
         raise ValueError(f"spec {spec.name!r}: no evaluation examples")
+    if blind:
+        examples = blind_examples(examples)
     labels = spec.data.get("labels") or sorted({e["target"] for e in examples if e.get("target")})
     generation = {**spec.generation, **decoding_options(spec.data)}  # e.g. VQA's answer trie (data.answers)
     pipe = pipeline("ofa-ufo", model=model)
@@ -86,11 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-failures", type=_share, default=DEFAULT_MAX_FAILURES, metavar="SHARE",
                         help="the share of examples that may fail (e.g. an unreadable image) before the command "
                              f"exits 1 (default {DEFAULT_MAX_FAILURES}); every example failing always exits 1")
+    parser.add_argument("--blind", action="store_true",
+                        help="replace every image by a constant grey one: what the prompt alone earns (a baseline)")
     args = parser.parse_args(argv)
     spec = load_spec(args.spec)
-    output = args.output or str(Path(args.model) / f"eval_{spec.name}.json")
+    suffix = "_blind" if args.blind else ""
+    output = args.output or str(Path(args.model) / f"eval_{spec.name}{suffix}.json")
     try:
-        scored = evaluate(spec, args.model, args.limit, output)
+        scored = evaluate(spec, args.model, args.limit, output, args.blind)
     except (ValueError, OSError) as error:  # OSError: a file of the model directory (SavedFileError) or data
         print(f"evaluate: {error}", file=sys.stderr)
         return 1

@@ -7,4 +7,5 @@ source "$(dirname "$0")/_env.sh"
 if [ -n "${OFA_PRETRAIN_DATA:-}" ]; then
   exec python -m ofa_ufo.training --config pretrain_ofa_huge "$@"
 fi
-exec python -m ofa_ufo.training --config pretrain_demo_base model=ofa_ufo_huge output_dir=checkpoints/ofa_ufo_huge.pretrain_demo "$@"
+# embedded default: the tiny's warm-up recipe on Huge itself: its 16 heads of 80 cannot hold the tiny's heads of 64, so it is not grown
+exec python -m ofa_ufo.training --config pretrain_demo_base model=ofa_ufo_huge output_dir=checkpoints/ofa_ufo_huge.pretrain_demo "grow_from=''" 'grow_overrides=[]' stem_warmup_images=19200 stem_warmup_subcells=4 max_steps=100 "$@"

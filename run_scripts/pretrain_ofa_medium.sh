@@ -7,4 +7,5 @@ source "$(dirname "$0")/_env.sh"
 if [ -n "${OFA_PRETRAIN_DATA:-}" ]; then
   exec python -m ofa_ufo.training --config pretrain_ofa_medium "$@"
 fi
+# embedded default: grown 2x from the tiny default, like base
 exec python -m ofa_ufo.training --config pretrain_demo_base model=ofa_ufo_medium output_dir=checkpoints/ofa_ufo_medium.pretrain_demo "$@"

@@ -178,16 +178,25 @@ def run_pretrain_script(root: Path, size: str, args: list[str], data: Path | Non
                           check=False)
 
 
-# without data: the size's embedded demo default (tiny: its own config; the others OFA-Base's on their preset)
+# without data: the size's embedded demo default (tiny: its own config; the others OFA-Base's on their preset:
+# medium and large grown from the tiny default like base, large with fewer steps, huge warmed up like the tiny)
+HUGE_RECIPE = ["grow_from=''", "grow_overrides=[]", "stem_warmup_images=19200", "stem_warmup_subcells=4",
+               "max_steps=100"]
 DEMO_PATHS = {"tiny": ("pretrain_demo_tiny", []), "base": ("pretrain_demo_base", []),
-              **{size: ("pretrain_demo_base", [f"model=ofa_ufo_{size}"]) for size in ("medium", "large", "huge")}}
+              "medium": ("pretrain_demo_base", ["model=ofa_ufo_medium"]),
+              "large": ("pretrain_demo_base", ["model=ofa_ufo_large", "max_steps=200"]),
+              "huge": ("pretrain_demo_base", ["model=ofa_ufo_huge", *HUGE_RECIPE])}
+GROWN = ("medium", "base", "large")
+# the grown sizes' tiny run, as quick as theirs (its default output_dir, under the script root)
+SMALL_QUICK = "grow_overrides=[" + ", ".join(f"'{arg}'" for arg in [SCRIPT_TINY, *SCRIPT_QUICK,
+                                                                     "stem_warmup_images=20"]) + "]"
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_script_without_data_runs_the_demo_default(size, script_root):
-    # the tiny default warms the stem up on 19,200 scenes first; 20 keep the warm-up in the 2-step run
-    warmup = ["stem_warmup_images=20"] if size == "tiny" else []
-    args = [SCRIPT_TINY, *SCRIPT_QUICK, *warmup]
+    # the tiny and huge defaults warm the stem up on 19,200 scenes first; 20 keep the warm-up in the 2-step run
+    warmup = ["stem_warmup_images=20"] if size in ("tiny", "huge") else []
+    args = [SCRIPT_TINY, *SCRIPT_QUICK, *warmup, *([SMALL_QUICK] if size in GROWN else [])]
     result = run_pretrain_script(script_root, size, args)
     assert result.returncode == 0, result.stderr[-3000:]
     output = script_root / "checkpoints" / f"ofa_ufo_{size}.pretrain_demo"  # its own tag: sizes never share one
@@ -198,8 +207,15 @@ def test_script_without_data_runs_the_demo_default(size, script_root):
     assert (output / "train_config.yaml").read_text() == expected.to_yaml()
     finite_losses(output, 2)
     assert json.loads((output / "config.json").read_text())["vision_config"]["resnet_type"] == RECIPE_SIZES[size][2]
-    warmed = json.loads((output / "metrics.json").read_text())["stem_warmup"]
-    assert (warmed is not None) == (size == "tiny")
+    report = json.loads((output / "metrics.json").read_text())
+    assert (report["stem_warmup"] is not None) == (size in ("tiny", "huge"))
+    if size in GROWN:  # trained the tiny default first (2 steps here) and started from it
+        small = script_root / "checkpoints" / "ofa_ufo_tiny.pretrain_demo"
+        assert report["grown_from"]["model"] == "checkpoints/ofa_ufo_tiny.pretrain_demo"
+        assert json.loads((small / "metrics.json").read_text())["steps"] == 2
+        assert report["grown_from"]["heads"] == ["grounding"]  # the tiny default's box-mask head, grown too
+    else:
+        assert report["grown_from"] is None
 
 
 @pytest.mark.slow

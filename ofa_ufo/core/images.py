@@ -15,7 +15,7 @@ import numpy as np
 from huggingface_hub.utils import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["URL_TIMEOUT_S", "ImageLike", "ImageLoadError", "load_image"]
+__all__ = ["BLIND_GREY", "URL_TIMEOUT_S", "ImageLike", "ImageLoadError", "blind_examples", "load_image"]
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 _ALPHA_MODES = {"LA", "PA", "RGBA", "RGBa", "La"}
@@ -145,3 +145,22 @@ def load_image(image: ImageLike, timeout: float | None = URL_TIMEOUT_S) -> Image
     if pil.width == 0 or pil.height == 0:
         raise ImageLoadError(f"{where}: image has no pixels (width x height = {pil.width} x {pil.height})")
     return _to_rgb(ImageOps.exif_transpose(pil), where)
+
+
+BLIND_GREY = (128, 128, 128)
+
+
+def blind_examples(examples: list[dict]) -> list[dict]:
+    """Copies of `examples` with every image replaced by a constant grey one of the same size: the blind
+    baseline, what a model earns from the prompt alone. An image that cannot be read is kept, so that it
+    fails (and is counted) as in the real evaluation."""
+    blind = []
+    for example in examples:
+        image = example.get("image")
+        if image is not None:
+            try:
+                image = Image.new("RGB", load_image(image).size, BLIND_GREY)
+            except ImageLoadError:
+                image = example["image"]  # fails again where it is scored
+        blind.append({**example, "image": image})
+    return blind

@@ -78,6 +78,11 @@ class TrainConfig:
     # identities of the generated demo data of each embedding task (reid_person, reid_vehicle, face,
     # product), 8 images each (ofa_ufo.data.demo_identities)
     demo_train_identities: int = 1000
+    # a smaller trained model this run's preset starts from, grown into it so that it computes the same outputs
+    # (ofa_ufo.models.growth: widths tiled, added layers identity): a save_pretrained directory, or a config name
+    # whose run trains first (its finished model in its output_dir is reused); "": start from random weights
+    grow_from: str = ""
+    grow_overrides: list[str] = field(default_factory=list)  # key=value overrides of the grow_from config's run
     # generated scenes that train the ResNet stem alone (per-cell object labels) before step 0 of a
     # fresh run: the demo's stand-in for OFA's ImageNet-pretrained ResNet (ofa_ufo.training.stem_warmup)
     stem_warmup_images: int = 0
@@ -86,6 +91,9 @@ class TrainConfig:
     stem_warmup_subcells: int = 1
     eval_examples: int = 100  # held-out examples per task (0: no evaluation)
     eval_every: int = 0  # steps between evaluations (0: before and after training only)
+    # the last evaluation also scores the model with every held-out image replaced by a constant grey one: what
+    # the prompt alone earns, printed as the table's "blind" column
+    eval_blind: bool = False
     eval_batch_size: int = 16
     objective: str = "cross_entropy"  # or "scst" (captioning, CIDEr reward)
     label_smoothing: float = 0.1
@@ -243,6 +251,11 @@ def _check_ranges(config: TrainConfig) -> None:
     if config.caption_dropout >= 1:
         raise ConfigError(f"field 'caption_dropout' must be < 1 (a fraction of the examples), "
                           f"got {config.caption_dropout}")
+    if config.grow_overrides and not config.grow_from:
+        raise ConfigError("field 'grow_overrides' changes the grow_from run, but grow_from is empty")
+    if config.grow_from and config.stem_warmup_images:
+        raise ConfigError("fields 'grow_from' and 'stem_warmup_images' exclude each other: a grown model's ResNet "
+                          "stem is the small model's (set stem_warmup_images=0 or grow_from='')")
     _check_source_options(config)
     parse_distill(config.distill)
 

@@ -3,6 +3,9 @@ encodes image-generation targets, the parameters `freeze` holds, train mode, and
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,10 @@ from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
 from ofa_ufo.hf.modeling_vqgan import VQGANModel
 from ofa_ufo.hf.presets import create_model, create_processor, list_models
 from ofa_ufo.hf.processing import OFAUFOProcessor
-from ofa_ufo.training.config import ConfigError, TrainConfig
+from ofa_ufo.models.growth import GrowthError, grow_model, grow_state
+from ofa_ufo.tasks import get_task
+from ofa_ufo.training import checkpoint as ckpt
+from ofa_ufo.training.config import ConfigError, TrainConfig, load_config
 
 
 def build_model(config: TrainConfig, head_overrides: dict[str, Any] | None = None
@@ -104,3 +110,52 @@ def set_train_mode(model: torch.nn.Module, freeze_batchnorm: bool) -> None:
             frozen = bool(params) and not any(p.requires_grad for p in params)
             if freeze_batchnorm or frozen:
                 module.eval()
+
+
+def grow_from_small(model: OFAUFOForConditionalGeneration, config: TrainConfig,
+                    train_small: Callable[[TrainConfig], Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write the `grow_from` model into `model` (in place, `ofa_ufo.models.growth`): a save_pretrained
+    directory as it is, or a config name (with `grow_overrides`) whose finished model in its output_dir is
+    reused and is otherwise trained first with `train_small` (same threads and precision, no photo
+    display). Returns what the report records (the small model's directory and its trained metrics, when
+    its run wrote them) and the trainer state of the small run's newest checkpoint ({} without one), whose
+    training-only heads (the box-mask head) `grow_heads` grows with the model."""
+    source = Path(config.grow_from)
+    if (source / "config.json").is_file():
+        small_dir = source
+    else:
+        small_config = replace(load_config(config.grow_from, config.grow_overrides), show_photos=False,
+                               num_threads=config.num_threads, precision=config.precision)
+        small_dir = Path(small_config.output_dir)
+        if (small_dir / "model.safetensors").is_file() and (small_dir / "metrics.json").is_file():
+            print(f"growing {config.model} from the finished run in {small_dir} (delete it to train "
+                  f"{small_config.model} again)", flush=True)
+        else:
+            print(f"grow_from {config.grow_from}: training {small_config.model} first ({small_dir}), then growing "
+                  f"it into {config.model}", flush=True)
+            train_small(small_config)
+    small = OFAUFOForConditionalGeneration.from_pretrained(small_dir)
+    try:
+        grow_model(small, model, config.seed)
+    except GrowthError as error:
+        raise ConfigError(f"field 'grow_from': {small_dir} ({small.config.d_model} wide) cannot grow into "
+                          f"{config.model}: {error}") from None
+    metrics_file = small_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()).get("metrics_trained") if metrics_file.is_file() else None
+    checkpoints = ckpt.list_checkpoints(small_dir)
+    state = ckpt.load_state(checkpoints[-1]) if checkpoints else {}
+    return {"model": str(small_dir), "width_factor": model.config.d_model // small.config.d_model,
+            "metrics": metrics}, state
+
+
+def grow_heads(heads: torch.nn.ModuleDict, small_state: dict[str, Any], seed: int) -> list[str]:
+    """Grow the training-only heads (task -> head, e.g. grounding's box-mask head) a small run's trainer state
+    holds into this run's `heads`; returns the tasks whose head was grown (the others start fresh)."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    grown = []
+    for task, head in heads.items():
+        saved = small_state.get(get_task(task).auxiliary.state_key)
+        if saved is not None:
+            grow_state(saved, head, generator)
+            grown.append(task)
+    return grown

@@ -47,14 +47,19 @@ def write_report(output_dir: Path, history: dict[str, Any], steps: int, config: 
     start = "start" if Path(config.model).is_dir() else "untrained"
     if history.get("stem_warmup"):
         start += " (stem warmed up)"
+    grown = history.get("grown_from")
+    if grown:
+        start = f"start (grown {grown['width_factor']}x from {Path(grown['model']).name})"
+    blind = history["eval"][-1].get("blind")
     report = {"steps": steps, "metrics_untrained": before, "metrics_trained": after, "examples_trained": examples,
+              "metrics_blind": blind, "grown_from": grown,
               "stem_warmup": history.get("stem_warmup"), "precision": history.get("precision"),
               "eval": history["eval"], "losses": history["losses"], "lr": history["lr"]}
     (output_dir / "metrics.json").write_text(json.dumps(report, indent=1))
     plot_history(history, output_dir / "training.png")
     record = TrainingRecord(config.to_yaml(), steps, before, after)
     write_model_card(output_dir, OFAUFOConfig.from_pretrained(output_dir), record)
-    print(format_metric_table(before, after, start, examples))
+    print(format_metric_table(before, after, start, examples, blind))
     signals = [entry.get("image_signal") for entry in (history["eval"][0], history["eval"][-1])]
     if None not in signals:
         print(f"encoder image signal {signals[0]:.3f} -> {signals[1]:.3f} (share of the encoder output at image "

@@ -82,17 +82,22 @@ def headline(task: str, values: dict[str, float]) -> tuple[str, float] | None:
 
 
 def format_metric_table(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
-                        start: str = "untrained", examples: dict[str, dict[str, Any]] | None = None) -> str:
+                        start: str = "untrained", examples: dict[str, dict[str, Any]] | None = None,
+                        blind: dict[str, dict[str, float]] | None = None) -> str:
     """Markdown table: one row per task, its headline metric at the start (`start`: "untrained"
-    for a fresh preset, "start" for a loaded checkpoint) vs after training. With `examples` (task ->
+    for a fresh preset, "start" for a loaded checkpoint) vs after training. With `blind` (the trained
+    model scored with constant images), a column of that prompt-only baseline. With `examples` (task ->
     the last evaluation's `ScoredResults.record()`), a last column says what the trained metric is over:
     "n scored, k failed" (a failed example, e.g. an unreadable image, is not in the metric)."""
     examples = examples or {}
-    rows = [f"| task | metric | {start} | trained |" + (" held-out examples |" if examples else ""),
-            "|---|---|---|---|" + ("---|" if examples else "")]
+    rows = [f"| task | metric | {start} | trained |" + (" trained, blind (constant image) |" if blind else "")
+            + (" held-out examples |" if examples else ""),
+            "|---|---|---|---|" + ("---|" if blind else "") + ("---|" if examples else "")]
     for task, values in after.items():
         name, value = headline(task, values) or ("-", float("nan"))
         row = f"| {task} | {name} | {before.get(task, {}).get(name, float('nan')):.3f} | {value:.3f} |"
+        if blind:
+            row += f" {blind.get(task, {}).get(name, float('nan')):.3f} |"
         if examples:
             counts = examples.get(task)
             row += f" {counts['scored']} scored, {counts['failed']} failed |" if counts else " - |"

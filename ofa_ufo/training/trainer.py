@@ -33,14 +33,15 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
+from ofa_ufo.core.images import blind_examples
 from ofa_ufo.deploy.subnets import largest_arch, sample_arch, set_arch, smallest_arch
 from ofa_ufo.training import checkpoint as ckpt
 from ofa_ufo.training import objectives
 from ofa_ufo.training.config import ConfigError, TrainConfig
 from ofa_ufo.training.distillation import build_distiller, distiller_state, load_distiller_state
 from ofa_ufo.training.mixture import Mixture, build_sources, check_identity_quotas, eval_examples, task_quotas
-from ofa_ufo.training.model_setup import (build_model, choose_precision, freeze, load_vqgan, make_accelerator,
-                                          set_train_mode)
+from ofa_ufo.training.model_setup import (build_model, choose_precision, freeze, grow_from_small, grow_heads,
+                                          load_vqgan, make_accelerator, set_train_mode)
 from ofa_ufo.training.optimization import (
     base_lr, build_ema, build_optimizer, check_saved_groups, clip_gradients,
 )
@@ -103,6 +104,10 @@ class Trainer:
         self.heads = build_heads(self.mixture.sources, model.config.d_model).to(acc.device)
         self.auxiliary_heads = build_auxiliary_heads(config, model.config.d_model).to(acc.device)
         self.distiller = build_distiller(config, model, acc.device)  # None without a `distill` field
+        grown = None
+        if config.grow_from and self.resume_from is None:  # a resumed run's weights are in its checkpoint
+            grown, small_state = grow_from_small(model, config, train)
+            grown["heads"] = grow_heads(self.auxiliary_heads, small_state, config.seed)
         warmup = None
         if config.stem_warmup_images and self.resume_from is None:  # a resumed run's stem is in its checkpoint
             warmup = warm_up_run_stem(model, processor, config, acc.device, acc.is_main_process)
@@ -110,7 +115,8 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(model, config, self._head_parameters())
         self.ema = build_ema(model, config.ema_decay)
         self.step = 0
-        self.history: dict[str, Any] = {"losses": [], "lr": [], "eval": [], "stem_warmup": warmup}
+        self.history: dict[str, Any] = {"losses": [], "lr": [], "eval": [], "stem_warmup": warmup,
+                                        "grown_from": grown}
         if self.resume_from is not None:
             self._restore(model, self.resume_from, resume_state)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
@@ -303,20 +309,25 @@ class Trainer:
 
     # ---- evaluation -----------------------------------------------------------------------
 
-    def evaluate(self) -> dict[str, dict[str, float]]:
+    def evaluate(self, blind: bool = False) -> dict[str, dict[str, float]]:
         """Metrics per task on held-out examples (main process); the model it scores is the EMA when set.
         What each metric is over goes to `eval_counts` (task -> scored, failed, first errors): an example that
         fails (an unreadable image) is counted, not scored, and a task whose every held-out example fails
-        raises a TrainingError (`evaluate_model`) instead of logging a zero."""
+        raises a TrainingError (`evaluate_model`) instead of logging a zero. `blind`: every image replaced by
+        a constant grey one (the prompt-only baseline); counts and image signal are left as they were."""
         results: dict[str, dict[str, float]] = {}
-        self.image_signal, self.eval_counts = None, {}
+        if not blind:
+            self.image_signal, self.eval_counts = None, {}
         if self.config.eval_examples and self.accelerator.is_main_process:
             model = self._final_model()
             was_training = model.training
             model.eval()
             for task in self.config.tasks:
                 examples, spec = eval_examples(self.config, task)
-                if examples:
+                if examples and blind:
+                    results[task] = evaluate_model(model, self.processor, spec, blind_examples(examples),
+                                                   self.config.eval_batch_size).values
+                elif examples:
                     scored = evaluate_model(model, self.processor, spec, examples, self.config.eval_batch_size)
                     results[task], self.eval_counts[task] = scored.values, scored.record()
                     if scored.failed:
@@ -367,6 +378,8 @@ class Trainer:
         self.batches.stop()  # ends the data workers
         if self.history["eval"][-1]["step"] != self.step:
             self._record_eval(log)
+        if config.eval_blind and "blind" not in self.history["eval"][-1]:
+            self.history["eval"][-1]["blind"] = self.evaluate(blind=True)
         if not (config.save_every and self.step % config.save_every == 0):
             self.save()
         if main:
