@@ -11,6 +11,7 @@ import pytest
 from conftest import TINY
 from PIL import Image
 
+import ofa_ufo.evaluate as evaluate_module
 from ofa_ufo.cli.main import main as cli_main
 from ofa_ufo.data.sources import DataSourceError, open_examples
 from ofa_ufo.data.specs import TaskSpec, load_spec
@@ -241,3 +242,22 @@ def test_the_trainer_records_and_refuses_failed_held_out_examples(tmp_path, caps
     trainer.config = replace(config, eval_data={"vqa": str(_vqa_rows(none, 0, 3))})
     with pytest.raises(TrainingError, match=r"held-out evaluation of task 'vqa'.*every example failed \(3 of 3\)"):
         trainer._record_eval(None)
+
+
+def test_blind_evaluation_shows_the_model_only_grey_images(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    seen = []  # every image that reaches the pipeline
+    pipeline = evaluate_module.pipeline
+
+    def recording_pipeline(*args, **kwargs):
+        pipe = pipeline(*args, **kwargs)
+
+        def call(image, **options):
+            seen.append(image)
+            return pipe(image, **options)
+        return call
+
+    monkeypatch.setattr(evaluate_module, "pipeline", recording_pipeline)
+    assert main(["--spec", "demo_vqa", "--model", str(tiny_checkpoint), "--limit", "3", "--blind"]) == 0
+    assert (tiny_checkpoint / "eval_demo_vqa_blind.json").is_file()  # beside, not over, the real evaluation's
+    assert len(seen) == 3 and all(set(image.getdata()) == {(128, 128, 128)} for image in seen)
+    assert "| vqa_accuracy |" in capsys.readouterr().out
