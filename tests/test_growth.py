@@ -185,6 +185,13 @@ def test_grow_from_a_model_that_cannot_grow_is_a_config_error(tmp_path):
         Trainer(config, resume="never")
 
 
+def test_grow_from_into_a_saved_model_is_a_config_error(tmp_path, tiny_checkpoint):
+    config = load_config("pretrain_demo_base", [*QUICK, f"model={tiny_checkpoint}", f"grow_from={tiny_checkpoint}",
+                                                f"output_dir={tmp_path / 'large'}"])
+    with pytest.raises(ConfigError, match=r"grows into a preset built from scratch, but model .* is a saved model"):
+        Trainer(config, resume="never")
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["grow_from=x", "stem_warmup_images=10"], "'grow_from' and 'stem_warmup_images' exclude each other"),
     (["grow_overrides=[max_steps=2]"], "'grow_overrides' changes the grow_from run, but grow_from is empty"),

@@ -23,8 +23,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
-
 SPLIT_SPREAD = 0.5  # shares of a split weight: (1 + spread * z) / k, z zero-mean over the k copies
 
 
@@ -126,9 +124,9 @@ def grow_state(small_state: dict[str, torch.Tensor], large: nn.Module, generator
 
 
 @torch.no_grad()
-def grow_model(small: OFAUFOForConditionalGeneration, large: OFAUFOForConditionalGeneration,
-               seed: int = 0) -> OFAUFOForConditionalGeneration:
-    """Write trained `small` into freshly built `large` (in place, returned) so that `large` computes
+def grow_model(small: nn.Module, large: nn.Module, seed: int = 0) -> nn.Module:
+    """Write trained `small` into freshly built `large` (two `OFAUFOForConditionalGeneration`: this layer
+    sits below `ofa_ufo.hf`, so it takes them as modules; in place, `large` returned) so that `large` computes
     `small`'s outputs: widths tiled, extra layers and ResNet blocks identity (module docstring).
     GrowthError when the two configs are not related by whole-factor widths and added depth."""
     k = _width_factor(small, large)

@@ -120,6 +120,9 @@ def grow_from_small(model: OFAUFOForConditionalGeneration, config: TrainConfig,
     display). Returns what the report records (the small model's directory and its trained metrics, when
     its run wrote them) and the trainer state of the small run's newest checkpoint ({} without one), whose
     training-only heads (the box-mask head) `grow_heads` grows with the model."""
+    if Path(config.model).is_dir():
+        raise ConfigError(f"field 'grow_from' grows into a preset built from scratch, but model {config.model!r} is "
+                          "a saved model to fine-tune: set model to a preset name or grow_from=''")
     source = Path(config.grow_from)
     if (source / "config.json").is_file():
         small_dir = source
