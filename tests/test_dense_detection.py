@@ -129,8 +129,10 @@ def test_dense_targets_forward_returns_the_head_losses(dense_model):
     targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])},
                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
     losses = dense_model(pixel_values=torch.randn(2, 3, 64, 64), dense_targets=targets)
-    assert set(losses) == {"loss", "qfl", "dfl", "giou"} and torch.isfinite(losses["loss"])
+    assert set(losses) == {"loss", "qfl", "dfl", "giou", "neck_features"} and torch.isfinite(losses["loss"])
     assert losses["loss"].requires_grad
+    # the neck's three levels (strides 8, 16, 32 of 64 px), for distillation
+    assert [tuple(f.shape) for f in losses["neck_features"]] == [(2, 16, 8, 8), (2, 16, 4, 4), (2, 24, 2, 2)]
 
 
 # ---- the task through the pipeline -------------------------------------------------------

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import TINY, tiny_model
 from test_supernet import supernet_model
 from test_training import fit, make_config
 
 import ofa_ufo
-from ofa_ufo.training import ConfigError
+from ofa_ufo.training import ConfigError, load_config
 from ofa_ufo.training.config import parse_distill
 from ofa_ufo.training.distillation import (
     Distiller, channel_wise_kl, check_pair, embedding_loss, feature_weight, load_teacher, model_pass, token_kl,
@@ -63,7 +68,8 @@ def test_feature_weight_decays_from_one_to_a_tenth():
 
 
 def test_settings_errors_name_the_problem():
-    with pytest.raises(ConfigError, match=r"unknown layer\(s\) \['decoder'\]; valid layers: \['encoder', 'image'\]"):
+    valid = r"valid layers: \['encoder', 'image', 'neck'\]"
+    with pytest.raises(ConfigError, match=r"unknown layer\(s\) \['decoder'\]; " + valid):
         parse_distill({"teacher": "x", "feature_layers": ["decoder"]})
     with pytest.raises(ConfigError, match="unknown key"):
         parse_distill({"teacher": "x", "tempreature": 2})
@@ -195,3 +201,149 @@ def test_embedding_distillation_on_rows_without_target_tokens(processor):
         distiller = Distiller(settings, teacher, other, ["caption", "face"], 3)
     token, mean = distiller.losses(model_pass(other, batch, None), batch, examples, 0)
     assert token.item() == 0 and mean.item() > 0.01
+
+
+# ---- the CNN student for the embedding tasks ----------------------------------------------------
+
+
+def test_cnn_student_config_embeds_through_its_cnn_alone(processor):
+    """distill_demo_cnn's student: a ResNet-26 stem (2 bottlenecks per stage) and the image read-out, so an
+    embedding runs the stem and the projection only, never a transformer layer."""
+    config = load_config("distill_demo_cnn")
+    assert config.distill["embedding"] > 0 and not config.freeze  # the stem is the student: it trains
+    overrides = {**config.model_overrides, "d_model": 32}  # the shipped sizes, narrower (a fast test)
+    torch.manual_seed(0)
+    student = ofa_ufo.create_model(config.model, **overrides).eval()
+    stem = student.get_encoder().embed_images
+    assert [len(stem.layer1), len(stem.layer2), len(stem.layer3)] == [2, 2, 2]
+    ran = []
+    for module in [*student.get_encoder().layers, *student.get_decoder().layers]:
+        module.register_forward_hook(lambda *_: ran.append(1))
+    batch, _ = _batch(processor)
+    with torch.no_grad():
+        embedding = student.embed(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        grid = stem(batch["pixel_values"]).flatten(2).transpose(1, 2)  # (B, h*w, 1024): the CNN's tokens
+        encoder = student.get_encoder()
+        tokens = encoder.patch_layernorm_embedding(encoder.image_proj(grid) + encoder.type_embedding.weight[1])
+    assert not ran and embedding.shape == (2, 32)
+    torch.testing.assert_close(embedding, torch.nn.functional.normalize(tokens.mean(1), dim=-1))
+
+
+def test_cnn_student_learns_from_a_teacher_embedding(tmp_path, processor):
+    """Three steps of a CNN student (image read-out) on face rows beside a frozen wider teacher (decoder
+    read-out): the 32 -> 48 embedding projection and the student's stem train, the teacher does not."""
+    teacher = tiny_model(5, d_model=48)
+    teacher.save_pretrained(tmp_path / "teacher")
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    distill = {"teacher": str(tmp_path / "teacher"), "token_kl": 0.0, "embedding": 1.0}
+    student = dict(TINY, encoder_layers=1, decoder_layers=1, embedding_readout="image",
+                   vision_config={"resnet_type": "resnet26"})
+    config = make_config(tmp_path / "run", model_overrides=student, tasks={"face": 1}, distill=distill,
+                         demo_train_identities=8, batch_size=8, precision="fp32", lr=1e-3)
+    seen = {}
+
+    def hook(trainer):
+        seen["trainer"] = trainer
+        seen["stem"] = copy.deepcopy(trainer.unwrapped.get_encoder().embed_images.state_dict())
+        seen["projection"] = trainer.distiller.projections["embedding"].weight.detach().clone()
+
+    result = fit(config, hook=hook)
+    trainer = seen["trainer"]
+    assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
+    assert trainer.distiller.projections["embedding"].weight.shape == (48, 32)
+    assert not torch.equal(trainer.distiller.projections["embedding"].weight, seen["projection"])
+    stem = trainer.unwrapped.get_encoder().embed_images.state_dict()
+    assert any(not torch.equal(stem[k], seen["stem"][k]) for k in stem if k.endswith("conv1.weight"))
+    for key, value in trainer.distiller.teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+
+# ---- CWD on the dense detector's neck -----------------------------------------------------------
+
+SHAPES3 = ["red circle", "blue square", "green star"]
+
+
+def test_neck_cwd_aligns_each_level_and_is_zero_against_itself():
+    """Neck CWD: one 1x1 align conv per level (student -> teacher channels), 0 when the student's maps are
+    the teacher's, positive and trainable otherwise, its weight decaying with the feature schedule."""
+    teacher = tiny_model(0, dense_head={"preset": "small", "labels": SHAPES3})
+    student = tiny_model(1, dense_head={"preset": "tiny", "labels": SHAPES3})
+    settings = parse_distill({"teacher": "t", "token_kl": 0.0, "feature": 1.0, "feature_layers": ["neck"]})
+    distiller = Distiller(settings, teacher, student, ["dense_detection"], total_steps=10)
+    convs = distiller.projections["neck"]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(16, 64), (16, 128), (24, 256)]
+    pixels = torch.rand(2, 3, 64, 64)
+    batch = {"pixel_values": pixels}
+    examples = [{"task": "dense_detection"}] * 2
+    outputs = {"neck_features": student.detect_dense(pixels).neck_features}
+    loss = distiller.model_output_loss(outputs, batch, examples, step=0)
+    assert loss.item() > 0
+    loss.backward()
+    assert all(c.weight.grad.abs().sum() > 0 for c in convs)
+    assert distiller.model_output_loss({"loss": loss}, batch, examples, 0).item() == 0  # no neck output: no loss
+    with pytest.warns(UserWarning, match="not smaller"):
+        itself = Distiller(settings, teacher, teacher, ["dense_detection"], total_steps=10)
+    assert all(isinstance(c, torch.nn.Identity) for c in itself.projections["neck"])
+    with torch.no_grad():
+        same = {"neck_features": teacher.detect_dense(pixels).neck_features}
+        assert itself.model_output_loss(same, batch, examples, 0).item() == pytest.approx(0.0, abs=1e-6)
+        last = distiller.model_output_loss(outputs, batch, examples, step=10)
+        first = distiller.model_output_loss(outputs, batch, examples, step=0)
+    assert last.item() == pytest.approx(0.1 * first.item(), rel=1e-5)  # a tenth at the last step
+
+
+def test_neck_cwd_needs_dense_heads_on_both_sides():
+    settings = parse_distill({"teacher": "teacher_dir", "feature": 1.0, "feature_layers": ["neck"]})
+    dense = tiny_model(1, dense_head={"preset": "tiny", "labels": SHAPES3})
+    with pytest.raises(ConfigError, match="'neck' needs a dense detection head.*teacher teacher_dir has none"):
+        Distiller(settings, tiny_model(0, d_model=48), dense, ["dense_detection"], total_steps=10)
+
+
+def test_dense_rows_train_with_the_neck_distilled(tmp_path):
+    """Three steps of dense detection (tiny neck) beside a frozen teacher with the small neck: the align
+    convs and the student train, the teacher does not, and the CWD adds to the step's loss."""
+    teacher = tiny_model(5, d_model=48, dense_head={"preset": "small", "labels": SHAPES3})
+    teacher.save_pretrained(tmp_path / "teacher")
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    distill = {"teacher": str(tmp_path / "teacher"), "token_kl": 0.0, "feature": 5.0, "feature_layers": ["neck"]}
+    fields = dict(tasks={"dense_detection": 1}, dense_head="tiny", precision="fp32", batch_size=4)
+    seen = {}
+
+    def hook(trainer):
+        seen["trainer"] = trainer
+        seen["convs"] = [c.weight.detach().clone() for c in trainer.distiller.projections["neck"]]
+
+    result = fit(make_config(tmp_path / "run", distill=distill, **fields), hook=hook)
+    trainer = seen["trainer"]
+    assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
+    assert all(not torch.equal(c.weight, w) for c, w in zip(trainer.distiller.projections["neck"], seen["convs"]))
+    for key, value in trainer.distiller.teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    plain = fit(make_config(tmp_path / "plain", **fields))
+    assert plain.losses[0] < result.losses[0]  # same first batch and start; the CWD term adds to it
+
+
+BENCHMARK_ROWS = {"distill_cnn.py": ("| teacher (pretrain_demo_allinone) |", "| CNN student alone |",
+                                     "| CNN student + teacher |"),
+                  "distill_dense.py": ("| medium (teacher) |", "| small alone |", "| small + CWD from medium |")}
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("script", sorted(BENCHMARK_ROWS))
+def test_distillation_benchmark_quick_run_writes_its_table(script, tmp_path):
+    """benchmarks/distill_{cnn,dense}.py --quick: teacher, student alone and taught, each row with its figures."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick", "--repeats", "1", "--out",
+                             str(tmp_path)], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in BENCHMARK_ROWS[script]:
+        assert row in result.stdout, row
+    results = json.loads((tmp_path / "results.json").read_text())
+    if script == "distill_cnn.py":
+        assert results["student_distilled"]["params"][1] < results["teacher"]["params"][1]  # a smaller stem
+        assert {"mAP", "rank1"} <= set(results["student_alone"]["metrics"]["reid_person"])
+    else:
+        assert results["small_distilled"]["neck_head_params"] < results["teacher"]["neck_head_params"]
+        assert {"map50", "map"} <= set(results["small_alone"]["metrics"])

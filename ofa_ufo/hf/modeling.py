@@ -385,12 +385,14 @@ class OFAUFOForConditionalGeneration(OFAUFOPreTrainedModel, GenerationMixin):
         a training loss needs logits only at target tokens, and in a batch that mixes tasks most
         decoder positions are padding behind short targets.
         `dense_targets` (one {"boxes" (N, 4) model-input px, "labels" (N,)} per image) runs the dense head
-        instead and returns its loss dict {"loss", "qfl", "dfl", "giou"} (the training path, so that it goes
-        through a DDP wrapper's forward); only `pixel_values` and `task_ids` are read then.
+        instead and returns its loss dict {"loss", "qfl", "dfl", "giou"} with the neck's outputs ("neck_features",
+        finest first, for distillation) (the training path, so that it goes through a DDP wrapper's forward);
+        only `pixel_values` and `task_ids` are read then.
         """
         if dense_targets is not None:
             head = self._require_dense_head()
-            return head.loss(self.detect_dense(pixel_values, task_ids), dense_targets)
+            output = self.detect_dense(pixel_values, task_ids)
+            return {**head.loss(output, dense_targets), "neck_features": output.neck_features}
         if labels is not None:
             use_cache = False
             if decoder_input_ids is None:

@@ -60,8 +60,8 @@ class Task:
     source_options: tuple[str, ...] = ()
     auxiliary: AuxiliaryLoss | None = None  # an extra training loss on the encoder states, off by default
     needs_image: bool = True  # the pipeline refuses a None image (text-only tasks and free prompts set False)
-    # the training config field that weights `model_loss` ("": the task trains through the decoder's tokens);
-    # the trainer runs such a task's rows through `model_loss` instead of the token loss
+    # the training config field that weights the loss of `model_outputs` ("": the task trains through the
+    # decoder's tokens); the trainer runs such a task's rows through `model_outputs` instead of the token loss
     model_loss_weight: str = ""
 
     def check_options(self, options: dict[str, Any]) -> None:
@@ -158,9 +158,11 @@ class Task:
         `options` holds the run's `source_options`."""
         return {}
 
-    def model_loss(self, model, batch: dict[str, torch.Tensor], examples: Sequence[dict[str, Any]]) -> torch.Tensor:
-        """Mean loss of this task's rows (`batch` and `examples` hold only them) through the model's own
-        forward (the DDP-wrapped one in training), for a task with `model_loss_weight`."""
+    def model_outputs(self, model, batch: dict[str, torch.Tensor],
+                      examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The model's training outputs on this task's rows (`batch` and `examples` hold only them) through its
+        own forward (the DDP-wrapped one in training), for a task with `model_loss_weight`: "loss" (their
+        mean loss) and what distillation may read (e.g. the dense head's "neck_features")."""
         raise NotImplementedError(f"task {self.name!r} trains through its token targets")
 
     def auxiliary_head(self, dim: int) -> torch.nn.Module:

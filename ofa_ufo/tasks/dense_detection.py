@@ -3,7 +3,7 @@
 (`{"boxes", "labels", "scores"}`, boxes in original-image pixels), same metric (COCO mAP).
 
 The model needs a dense head (`OFAUFOConfig.dense_head`, `ofa_ufo.models.damo_yolo`): its class list is
-the label vocabulary. The task has no token target; it trains through `model_loss` (quality focal +
+the label vocabulary. The task has no token target; it trains through `model_outputs` (quality focal +
 distribution focal + GIoU after AlignedOTA assignment), which the trainer adds for its rows of a
 heterogeneous batch, weighted by the training config's `dense_loss_weight`.
 """
@@ -146,7 +146,7 @@ class DenseDetectionTask(Task):
 
     def build_example(self, example: dict[str, Any], meta: dict[str, Any],
                       style: str = DEFAULT_STYLE) -> tuple[str, None]:
-        """(prompt, None): no token target; the example trains through `model_loss`."""
+        """(prompt, None): no token target; the example trains through `model_outputs`."""
         return self.prompt(None, style), None
 
     def model_head(self, class_names: Sequence[str] | None, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,14 +159,15 @@ class DenseDetectionTask(Task):
             raise ValueError("task 'dense_detection' found no class labels in its training data")
         return {"dense_head": {"preset": options.get("dense_head") or "tiny", "labels": list(class_names)}}
 
-    def model_loss(self, model, batch: dict[str, torch.Tensor], examples: Sequence[dict[str, Any]]) -> torch.Tensor:
-        """Mean dense-head loss over `examples` (this task's rows of a batch, with their `image_size`), through
-        the (possibly DDP-wrapped) model's forward."""
+    def model_outputs(self, model, batch: dict[str, torch.Tensor],
+                      examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The dense head's loss dict (mean loss over `examples`, this task's rows of a batch with their
+        `image_size`) and neck features, through the (possibly DDP-wrapped) model's forward."""
         names = dense_labels(getattr(model, "module", model))
         side = batch["pixel_values"].shape[-1]
         targets = [self.dense_target(example, names, (side, side), batch["pixel_values"].device)
                    for example in examples]
-        return model(pixel_values=batch["pixel_values"], task_ids=batch.get("task_ids"), dense_targets=targets)["loss"]
+        return model(pixel_values=batch["pixel_values"], task_ids=batch.get("task_ids"), dense_targets=targets)
 
     @staticmethod
     def dense_target(example: Mapping[str, Any], names: Sequence[str], input_size: Sequence[int],

@@ -288,7 +288,8 @@ def checked_dataclass(cls: type, raw: dict[str, Any], source: str, check: Callab
     return config
 
 
-DISTILL_FEATURE_LAYERS = ("encoder", "image")  # the encoder's output states; the image tokens entering it
+# the encoder's output states; the image tokens entering it; the dense detector's neck outputs (dense rows)
+DISTILL_FEATURE_LAYERS = ("encoder", "image", "neck")
 DISTILL_TEACHER_DTYPES = ("fp32", "bf16")
 
 

@@ -7,9 +7,11 @@ same batch, and three weighted losses join the student's own:
 - token KL on the teacher's distributions at the target tokens, KL(p_t^T || p_s^T) x T^2, summed over
   tokens like the token loss (the trainer divides both by the step's token count);
 - channel-wise distillation (CWD, DAMO-YOLO) of encoder states ("encoder": the encoder's output,
-  "image": the image tokens entering it): a learned linear map where the widths differ, a non-affine
-  normalisation of every channel, then per channel a softmax over the positions and KL(teacher || student)
-  x tau^2 / (rows x channels); its weight decays as w(t) = 1 - 0.9 (1 - cos(pi t / T)) / 2;
+  "image": the image tokens entering it) and of the dense detector's neck ("neck": each level's map, on
+  the rows trained through the dense head, DAMO-YOLO's own use): a learned linear map (a 1x1 conv on the
+  neck) where the widths differ, a non-affine normalisation of every channel, then per channel a softmax
+  over the positions and KL(teacher || student) x tau^2 / (rows x channels), summed over the neck's
+  levels; its weight decays as w(t) = 1 - 0.9 (1 - cos(pi t / T)) / 2;
 - embedding distillation for the rows without target tokens (ReID, face, product): 1 - cosine between
   the (projected) student and the teacher embedding, a mean over those rows.
 
@@ -131,6 +133,22 @@ def _projection(student_dim: int, teacher_dim: int) -> nn.Module:
     return nn.Identity() if student_dim == teacher_dim else nn.Linear(student_dim, teacher_dim)
 
 
+def _neck_widths(model, role: str, path: str) -> tuple[int, ...]:
+    """The channels of a model's dense-neck levels; ConfigError when it has no dense head."""
+    head = getattr(model, "dense_head", None)
+    if head is None:
+        raise ConfigError(f"distill feature layer 'neck' needs a dense detection head on teacher and student; the "
+                          f"{role} {path} has none (train task dense_detection, docs/dense_detection.md)")
+    return tuple(head.preset["widths"])
+
+
+def _neck_projections(teacher, student, teacher_path: str) -> nn.ModuleList:
+    """Per neck level, the student -> teacher channel map (DAMO-YOLO's 1x1 align conv) or the identity."""
+    t_widths = _neck_widths(teacher, "teacher", teacher_path)
+    s_widths = _neck_widths(student, "student", "model")
+    return nn.ModuleList(nn.Identity() if s == t else nn.Conv2d(s, t, 1) for s, t in zip(s_widths, t_widths))
+
+
 class Distiller:
     """The teacher, the projections, and the distillation losses of one training pass."""
 
@@ -138,8 +156,13 @@ class Distiller:
         check_pair(teacher, student, tasks, settings.teacher)
         self.settings, self.teacher, self.total_steps = settings, teacher, total_steps
         teacher_dim, student_dim = teacher.config.d_model, student.config.d_model
-        names = [*settings.feature_layers, "embedding"] if settings.feature else ["embedding"]
-        self.projections = nn.ModuleDict({name: _projection(student_dim, teacher_dim) for name in names})
+        layers = [name for name in settings.feature_layers if name != "neck"] if settings.feature else []
+        self.projections = nn.ModuleDict({name: _projection(student_dim, teacher_dim)
+                                          for name in [*layers, "embedding"]})
+        self.token_layers = layers  # read on the decoder's rows; the neck on the dense head's
+        if settings.feature and "neck" in settings.feature_layers:
+            self.projections["neck"] = _neck_projections(teacher, getattr(student, "module", student),
+                                                         settings.teacher)
 
     def parameters(self) -> list[nn.Parameter]:
         """The projections' parameters (the teacher's are frozen and not the run's to optimise)."""
@@ -187,12 +210,43 @@ class Distiller:
         mean = zero
         if settings.feature:
             weight = settings.feature * feature_weight(step, self.total_steps)
-            mean = mean + weight * sum(self._feature_loss(name, student, teacher) for name in settings.feature_layers)
+            mean = mean + weight * sum(self._feature_loss(name, student, teacher) for name in self.token_layers)
         rows = (batch["labels"] == -100).all(1)  # (B,): rows trained through their embedding only
         if settings.embedding and rows.any() and student.features is not None:
             projected = self.projections["embedding"](student.features[rows])
             mean = mean + settings.embedding * embedding_loss(projected, teacher.features[rows].float())
         return token, mean
+
+    def model_output_loss(self, outputs: dict[str, Any], batch: dict[str, torch.Tensor],
+                          examples: list[dict[str, Any]], step: int) -> torch.Tensor:
+        """The weighted CWD of the dense neck (summed over its levels) on rows trained through their task's
+        `model_outputs` (`batch` and `examples` hold only them); 0 when the run does not distil the neck."""
+        student = outputs.get("neck_features")
+        if "neck" not in self.projections or student is None:
+            return batch["pixel_values"].new_zeros((), dtype=torch.float32)
+        teacher = self._teacher_neck(batch, examples)
+        loss = sum(self._map_loss(projection(s), t) for projection, s, t in zip(self.projections["neck"], student,
+                                                                                  teacher))
+        return self.settings.feature * feature_weight(step, self.total_steps) * loss
+
+    def _teacher_neck(self, batch: dict[str, torch.Tensor], examples: list[dict[str, Any]]) -> tuple[torch.Tensor, ...]:
+        """The teacher's neck outputs on the rows' images, routed by its own task vocabulary."""
+        vision, pixels = self.teacher.config.vision_config, batch["pixel_values"]
+        task_ids = torch.tensor([vision.route_id(e["task"]) for e in examples], device=pixels.device)  # (B,)
+        dtype = next(self.teacher.parameters()).dtype
+        with torch.no_grad(), torch.autocast(device_type=pixels.device.type, enabled=False):
+            return self.teacher.detect_dense(pixels.to(dtype), task_ids).neck_features
+
+    def _map_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """CWD of one (B, C, H, W) level pair over its H x W positions, both normalised per channel."""
+        if student.shape[-2:] != teacher.shape[-2:]:
+            raise ValueError(f"feature layer 'neck': the student's level is {tuple(student.shape[-2:])}, the "
+                             f"teacher's {tuple(teacher.shape[-2:])}: distil with the teacher's image_size")
+        s = student.flatten(2).transpose(1, 2).float()  # (B, H*W, C)
+        t = teacher.flatten(2).transpose(1, 2).float()
+        mask = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
+        s, t = normalize_channels(s, mask), normalize_channels(t, mask)
+        return channel_wise_kl(s, t, mask, self.settings.feature_temperature)
 
     def _feature_loss(self, name: str, student: PassOutputs, teacher: PassOutputs) -> torch.Tensor:
         """CWD of one feature layer, both sides normalised per channel over the valid positions."""

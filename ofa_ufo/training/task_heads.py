@@ -4,7 +4,7 @@ embedding task's identities) and auxiliary-loss heads (`Task.auxiliary`, e.g. gr
 The trainer optimises them with the model and keeps them in each checkpoint's trainer state (feature
 heads under "heads", an auxiliary head under its `AuxiliaryLoss.state_key`); only the feature heads'
 identities reach the exported model (`ofa_ufo.training.outputs`). A task may also train a head that is part
-of the model (`Task.model_head`, e.g. the dense detector): its rows then go through `Task.model_loss`.
+of the model (`Task.model_head`, e.g. the dense detector): its rows then go through `Task.model_outputs`.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def source_class_names(source: Any) -> list[str] | None:
 
 def model_head_overrides(config: TrainConfig, sources: dict[str, Any]) -> dict[str, Any]:
     """Model config fields the run's tasks need (`Task.model_head`, e.g. dense_detection's `dense_head`
-    over its data's classes), for the tasks trained through `Task.model_loss`."""
+    over its data's classes), for the tasks trained through `Task.model_outputs`."""
     overrides: dict[str, Any] = {}
     for name, source in sources.items():
         task = get_task(name)
@@ -118,7 +118,7 @@ def model_head_overrides(config: TrainConfig, sources: dict[str, Any]) -> dict[s
 
 
 def split_rows(examples: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
-    """(rows trained through the decoder's tokens, rows trained through their task's `model_loss`)."""
+    """(rows trained through the decoder's tokens, rows trained through their task's `model_outputs`)."""
     direct = [bool(get_task(example["task"]).model_loss_weight) for example in examples]
     return [i for i, d in enumerate(direct) if not d], [i for i, d in enumerate(direct) if d]
 
@@ -129,14 +129,18 @@ def batch_rows(batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, tor
     return {key: value[index.to(value.device)] for key, value in batch.items()}
 
 
-def model_losses(model, config: TrainConfig, batch: dict[str, torch.Tensor],
-                 examples: list[dict[str, Any]]) -> torch.Tensor:
-    """Sum over the tasks trained through `Task.model_loss` of its weight field x the task's mean loss on
-    its rows (`batch` and `examples` hold only such rows)."""
+def model_losses(model, config: TrainConfig, batch: dict[str, torch.Tensor], examples: list[dict[str, Any]],
+                 distiller: Any = None, step: int = 0) -> torch.Tensor:
+    """Sum over the tasks trained through `Task.model_outputs` of its weight field x the task's mean loss on
+    its rows (`batch` and `examples` hold only such rows), plus, with a `distiller`, its weighted feature
+    loss on those outputs (e.g. CWD of the dense neck)."""
     total = batch["pixel_values"].new_zeros((), dtype=torch.float32)
     for name in dict.fromkeys(example["task"] for example in examples):
         task = get_task(name)
         rows = [i for i, example in enumerate(examples) if example["task"] == name]
-        loss = task.model_loss(model, batch_rows(batch, rows), [examples[i] for i in rows])
-        total = total + getattr(config, task.model_loss_weight) * loss.float()
+        part, part_examples = batch_rows(batch, rows), [examples[i] for i in rows]
+        outputs = task.model_outputs(model, part, part_examples)
+        total = total + getattr(config, task.model_loss_weight) * outputs["loss"].float()
+        if distiller is not None:
+            total = total + distiller.model_output_loss(outputs, part, part_examples, step)
     return total

@@ -10,7 +10,7 @@ give the update of one big batch. Tasks add their own training losses through ho
 heads (embedding tasks' CosFace + triplet, `task_heads.build_heads`) and auxiliary losses on the
 encoder states (grounding's box mask, `box_mask_weight`); their heads are optimised with the
 model and kept in the checkpoint's trainer state. A task with a head inside the model
-(`Task.model_loss`, the dense detector, `dense_loss_weight`) has its rows of a pass run apart: a
+(`Task.model_outputs`, the dense detector, `dense_loss_weight`) has its rows of a pass run apart: a
 second forward and backward of the (DDP-wrapped) model, weighted like the feature-head losses.
 A `distill` field runs a frozen teacher beside the model and adds its losses (`distillation`).
 Batches are built in the training process or ahead of it by DataLoader workers (`data_workers`,
@@ -247,7 +247,7 @@ class Trainer:
     def _pass_parts(batch: dict[str, torch.Tensor], examples: list[dict[str, Any]], scst: bool
                     ) -> tuple[tuple | None, tuple | None]:
         """A pass split into (batch, examples) of the rows trained through the decoder and of those trained
-        through their task's `model_loss` (e.g. the dense head); None for a side without rows. A batch
+        through their task's `model_outputs` (e.g. the dense head); None for a side without rows. A batch
         without the latter (and every SCST batch) stays whole."""
         token_rows, model_rows = split_rows(examples)
         if not model_rows or scst:
@@ -281,7 +281,8 @@ class Trainer:
             if model_part is not None:  # a second forward and backward: DDP allows one forward per backward
                 sync = nullcontext() if i == len(passes) - 1 else acc.no_sync(self.model)
                 with sync, acc.autocast():
-                    model_loss = model_losses(self.model, self.config, *model_part)  # weighted per-task means
+                    model_loss = model_losses(self.model, self.config, *model_part, self.distiller,
+                                              self.step)  # weighted per-task means
                     acc.backward(model_loss / len(passes))
                 model_total += model_loss.detach()
         if archs != [None]:
