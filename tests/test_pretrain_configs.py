@@ -16,6 +16,7 @@ import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import TINY
@@ -23,6 +24,9 @@ from PIL import Image, ImageDraw
 from test_finetune_scripts import assert_outputs, offline_script_env
 
 from ofa_ufo import metrics
+from ofa_ufo.hf.presets import create_config
+from ofa_ufo.models.growth import GrowthError
+from ofa_ufo.models.growth import _width_factor as width_factor
 from ofa_ufo.training.__main__ import main
 from ofa_ufo.training.config import load_config
 from ofa_ufo.training.trainer import Trainer
@@ -178,24 +182,40 @@ def run_pretrain_script(root: Path, size: str, args: list[str], data: Path | Non
                           check=False)
 
 
-# without data: the size's embedded demo default (tiny: its own config; the others OFA-Base's on their preset:
-# medium and large grown from the tiny default like base, large with fewer steps, huge warmed up like the tiny)
-HUGE_RECIPE = ["grow_from=''", "grow_overrides=[]", "stem_warmup_images=19200", "stem_warmup_subcells=4",
-               "max_steps=100"]
+# without data: the size's embedded demo default (tiny: its own config; the others OFA-Base's on their preset,
+# grown from the tiny default: medium and large with fewer steps, huge from the tiny default with heads of 80)
+HUGE_SMALL_MODEL = ("model_overrides={image_size: 64, dropout: 0.0, d_model: 320, encoder_attention_heads: 4, "
+                    "decoder_attention_heads: 4, encoder_ffn_dim: 1280, decoder_ffn_dim: 1280}")
+HUGE_SMALL = f"grow_overrides=[eval_every=0, '{HUGE_SMALL_MODEL}', output_dir=checkpoints/ofa_ufo_tiny_h80.pretrain_demo]"
 DEMO_PATHS = {"tiny": ("pretrain_demo_tiny", []), "base": ("pretrain_demo_base", []),
               "medium": ("pretrain_demo_base", ["model=ofa_ufo_medium"]),
               "large": ("pretrain_demo_base", ["model=ofa_ufo_large", "max_steps=200"]),
-              "huge": ("pretrain_demo_base", ["model=ofa_ufo_huge", *HUGE_RECIPE])}
-GROWN = ("medium", "base", "large")
+              "huge": ("pretrain_demo_base", ["model=ofa_ufo_huge", HUGE_SMALL, "max_steps=50"])}
+GROWN = ("medium", "base", "large", "huge")
 # the grown sizes' tiny run, as quick as theirs (its default output_dir, under the script root)
 SMALL_QUICK = "grow_overrides=[" + ", ".join(f"'{arg}'" for arg in [SCRIPT_TINY, *SCRIPT_QUICK,
                                                                      "stem_warmup_images=20"]) + "]"
 
 
+def test_huge_grows_from_a_tiny_default_with_heads_of_80():
+    """The huge script's small run is the tiny default at a quarter of Huge's widths (heads of 80, which the
+    64-wide tiny heads cannot tile into), so growth into Huge is a whole 4x."""
+    script = (ROOT / "run_scripts" / "pretrain_ofa_huge.sh").read_text()
+    assert f"'{HUGE_SMALL_MODEL}'" in script and "output_dir=checkpoints/ofa_ufo_tiny_h80.pretrain_demo" in script
+    config = load_config("pretrain_demo_base", DEMO_PATHS["huge"][1])
+    small = load_config(config.grow_from, config.grow_overrides)
+    assert small.model_overrides["d_model"] == 320 and small.output_dir == "checkpoints/ofa_ufo_tiny_h80.pretrain_demo"
+    as_model = [SimpleNamespace(config=create_config(c.model, **c.model_overrides)) for c in (small, config)]
+    assert width_factor(*as_model) == 4
+    tiny = SimpleNamespace(config=create_config("ofa_ufo_tiny", image_size=64, dropout=0.0))  # heads of 64
+    with pytest.raises(GrowthError, match="encoder_attention_heads 16 is not 5 x the small model's 4"):
+        width_factor(tiny, as_model[1])
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_script_without_data_runs_the_demo_default(size, script_root):
-    # the tiny and huge defaults warm the stem up on 19,200 scenes first; 20 keep the warm-up in the 2-step run
-    warmup = ["stem_warmup_images=20"] if size in ("tiny", "huge") else []
+    # the tiny default warms the stem up on 19,200 scenes first; 20 keep the warm-up in the 2-step run
+    warmup = ["stem_warmup_images=20"] if size == "tiny" else []
     args = [SCRIPT_TINY, *SCRIPT_QUICK, *warmup, *([SMALL_QUICK] if size in GROWN else [])]
     result = run_pretrain_script(script_root, size, args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -208,7 +228,7 @@ def test_script_without_data_runs_the_demo_default(size, script_root):
     finite_losses(output, 2)
     assert json.loads((output / "config.json").read_text())["vision_config"]["resnet_type"] == RECIPE_SIZES[size][2]
     report = json.loads((output / "metrics.json").read_text())
-    assert (report["stem_warmup"] is not None) == (size in ("tiny", "huge"))
+    assert (report["stem_warmup"] is not None) == (size == "tiny")
     if size in GROWN:  # trained the tiny default first (2 steps here) and started from it
         small = script_root / "checkpoints" / "ofa_ufo_tiny.pretrain_demo"
         assert report["grown_from"]["model"] == "checkpoints/ofa_ufo_tiny.pretrain_demo"
