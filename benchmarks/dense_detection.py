@@ -3,10 +3,12 @@ training wall time each (issue 32, item 5).
 
     .venv/bin/python benchmarks/dense_detection.py --seconds 240     # the table in benchmarks/README.md
     .venv/bin/python benchmarks/dense_detection.py --quick           # tiny budgets, under 2 minutes
+    .venv/bin/python benchmarks/dense_detection.py --dense-only 3 --seconds 180 --dense-lr 3e-4   # a recipe probe
 
-Three models train on the same generated scenes (`ofa_ufo_tiny` at 128 px, batch 8, fp32, constant LR after
-a short warm-up, `--seconds` of wall time each, data generation included): (a) the `detection` task
-(boxes as decoder tokens) and (b) the `dense_detection` task (the tiny DAMO-YOLO head) through the
+Three models train on the same generated scenes (`ofa_ufo_tiny` at 128 px over a ResNet-26 stem (`--resnet`),
+batch 8, fp32, constant LR after a short warm-up, `--seconds` of wall time each, data generation included):
+(a) the `detection` task (boxes as decoder tokens, LR 3e-4 as the demo configs) and (b) the
+`dense_detection` task (the `small` DAMO-YOLO head, `--dense-preset`, at LR 1e-3, `--dense-lr`) through the
 project's `Trainer`, and (c) the peer, transformers' `DFineForObjectDetection` (random init, an HGNetV2-B0
 backbone as D-FINE-S, 100 queries, its own loss and AdamW recipe) on the same stream of scenes. All three are
 scored on the same held-out scenes with COCO mAP@0.5 (pycocotools, `ofa_ufo.metrics.coco_map`).
@@ -49,7 +51,8 @@ from ofa_ufo.training.report import evaluate_model  # noqa: E402
 
 IMAGE_SIZE = 128
 BATCH = 8
-LR = 3e-4
+LR = 3e-4  # the generative detector's, as in the demo configs
+DENSE_LR = 1e-3  # the dense head's: at 3e-4 it reached mAP@0.5 0.371 in 180 s against 0.582 at 1e-3 (LOG.md)
 DFINE_LR = 2e-4  # D-FINE-S's AdamW recipe (lr 2e-4, weight decay 1e-4, clip 0.1)
 
 
@@ -65,14 +68,27 @@ class Run:
     predict: Callable[[list, int], list[dict]]
 
 
-def train_config(task: str, output_dir: str, eval_count: int):
+@dataclass
+class Recipe:
+    """What the OFA-UFO runs are built from: the ResNet stem, the dense head's preset and its LR."""
+
+    resnet: str = "resnet26"
+    dense_preset: str = "small"
+    dense_lr: float = DENSE_LR
+
+    def model_overrides(self) -> dict:
+        return {"image_size": IMAGE_SIZE, "dropout": 0.0, "vision_config": {"resnet_type": self.resnet}}
+
+
+def train_config(task: str, output_dir: str, eval_count: int, recipe: Recipe):
     """The project's training config of one OFA-UFO run (constant LR after ~20 warm-up steps)."""
-    fields = dict(model="ofa_ufo_tiny", model_overrides={"image_size": IMAGE_SIZE, "dropout": 0.0},
-                  tasks={task: 1.0}, batch_size=BATCH, max_steps=100_000, lr=LR, end_lr=LR, warmup_ratio=2e-4,
+    lr = recipe.dense_lr if task == "dense_detection" else LR
+    fields = dict(model="ofa_ufo_tiny", model_overrides=recipe.model_overrides(),
+                  tasks={task: 1.0}, batch_size=BATCH, max_steps=100_000, lr=lr, end_lr=lr, warmup_ratio=2e-4,
                   clip_norm=5.0, label_smoothing=0.1, precision="fp32", num_threads=torch.get_num_threads(),
                   eval_examples=eval_count, log_every=10_000, output_dir=output_dir)
     if task == "dense_detection":
-        fields["dense_head"] = "tiny"
+        fields["dense_head"] = recipe.dense_preset
     return config_from_dict(fields, f"bench_{task}")
 
 
@@ -85,9 +101,9 @@ def train_for(step: Callable[[], None], seconds: float) -> int:
     return steps
 
 
-def ofa_run(task: str, seconds: float, eval_count: int, workdir: str) -> tuple[Run, object, object]:
+def ofa_run(task: str, seconds: float, eval_count: int, workdir: str, recipe: Recipe) -> tuple[Run, object, object]:
     """Train `task` with the project's Trainer for `seconds`, score it on the held-out scenes."""
-    config = train_config(task, f"{workdir}/{task}", eval_count)
+    config = train_config(task, f"{workdir}/{task}", eval_count, recipe)
     trainer = Trainer(config, resume="never")
     trainer._train_mode()
 
@@ -157,10 +173,10 @@ def dfine_detections(model, processor, images, names: list[str], top: int = 100)
     return results
 
 
-def dfine_run(sources_config, processor, names: list[str], seconds: float, examples) -> Run:
+def dfine_run(sources_config, processor, names: list[str], seconds: float, examples, lr: float = DFINE_LR) -> Run:
     """D-FINE on the dense run's stream of scenes (same draws, same order), its own loss, for `seconds`."""
     model = dfine_model(len(names)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=DFINE_LR, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     mixture = Mixture(build_sources(sources_config), task_quotas(sources_config.tasks, BATCH))
     position = [0]
 
@@ -251,7 +267,7 @@ def head_ms(detector, repeats: int) -> tuple[float, float]:
     return 1e3 * statistics.median(times["unfused"]), 1e3 * statistics.median(times["fused"])
 
 
-def print_presets(names: list[str], presets: list[str], repeats: int) -> None:
+def print_presets(names: list[str], presets: list[str], repeats: int, recipe: Recipe) -> None:
     """Parameters (whole detector, and neck + head alone), the fused detector's latency, and the neck + head's
     latency unfused vs fused, of each preset (random weights: latency does not depend on them)."""
     print("\n| preset | detector params (M) | neck + head params (M) | fused detector cpu-fp32 batch 1 (ms) | "
@@ -259,8 +275,8 @@ def print_presets(names: list[str], presets: list[str], repeats: int) -> None:
     print("|---|---|---|---|---|---|")
     for preset in presets:
         torch.manual_seed(0)
-        model = ofa_ufo.create_model("ofa_ufo_tiny", image_size=IMAGE_SIZE, dense_head={"preset": preset,
-                                                                                        "labels": names})
+        model = ofa_ufo.create_model("ofa_ufo_tiny", **recipe.model_overrides(),
+                                     dense_head={"preset": preset, "labels": names})
         detector = ofa_ufo.extract_dense_detector(model.eval())
         unfused_head, fused_head = head_ms(detector, repeats)
         detector.fuse()
@@ -270,6 +286,42 @@ def print_presets(names: list[str], presets: list[str], repeats: int) -> None:
         print(f"| {preset} | {params:.2f} | {head:.2f} | {ms:.1f} | {unfused_head:.2f} | {fused_head:.2f} |")
 
 
+def dense_probe(args: argparse.Namespace, recipe: Recipe) -> int:
+    """The dense run alone, scored `args.dense_only` times at equal shares of `args.seconds` (which recipe learns
+    fastest: stem, preset, LR)."""
+    with tempfile.TemporaryDirectory(prefix="dense_bench_") as workdir:
+        config = train_config("dense_detection", workdir, args.eval_examples, recipe)
+        trainer = Trainer(config, resume="never")
+        examples, spec = eval_examples(config, "dense_detection")
+        start = time.perf_counter()
+        for k in range(1, args.dense_only + 1):
+            trainer._train_mode()
+            while time.perf_counter() - start < args.seconds * k / args.dense_only:
+                trainer.train_step()
+                trainer.step += 1
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scores = evaluate_model(trainer.unwrapped.eval(), trainer.processor, spec, examples,
+                                        batch_size=BATCH).values
+            print(f"dense {recipe.dense_preset} over {recipe.resnet}, LR {recipe.dense_lr:g}: "
+                  f"{time.perf_counter() - start:.0f} s, {trainer.step} steps, mAP@0.5 {scores['map50']:.3f}",
+                  flush=True)
+    return 0
+
+
+def dfine_probe(args: argparse.Namespace, recipe: Recipe) -> int:
+    """D-FINE alone on the same scenes and held-out set (its classes from the dense run's data)."""
+    with tempfile.TemporaryDirectory(prefix="dense_bench_") as workdir:
+        config = train_config("dense_detection", workdir, args.eval_examples, recipe)
+        trainer = Trainer(config, resume="never")
+    names = list(trainer.unwrapped.config.dense_head["labels"])
+    run = dfine_run(config, trainer.processor, names, args.seconds, eval_examples(config, "dense_detection")[0],
+                    args.dfine_lr)
+    print(f"D-FINE (transformers), LR {args.dfine_lr:g}: {run.params / 1e6:.2f} M parameters, {run.steps} steps, "
+          f"mAP@0.5 {run.map50:.3f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=240.0, help="training wall time of each detector")
@@ -277,31 +329,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=16, help="images timed for images/s")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument("--resnet", default=Recipe.resnet, help="the OFA-UFO runs' ResNet stem")
+    parser.add_argument("--dense-preset", default=Recipe.dense_preset, choices=sorted(DENSE_PRESETS),
+                        help="the dense head trained against the others")
+    parser.add_argument("--dense-lr", type=float, default=DENSE_LR, help="the dense run's LR")
     parser.add_argument("--no-dfine", action="store_true", help="leave the D-FINE row out")
+    parser.add_argument("--dfine-lr", type=float, default=DFINE_LR, help="D-FINE's AdamW LR (its recipe: 2e-4)")
+    parser.add_argument("--dense-only", type=int, default=0, metavar="K",
+                        help="train the dense head alone (a recipe probe), its mAP printed K times along the way")
+    parser.add_argument("--dfine-only", action="store_true",
+                        help="train and score D-FINE alone (a probe of its recipe), no other table")
     parser.add_argument("--quick", action="store_true", help="tiny budgets (a smoke run, figures meaningless)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.eval_examples, args.images, args.repeats = 2.0, 4, 8, 1
+    recipe = Recipe(args.resnet, args.dense_preset, args.dense_lr)
     torch.set_num_threads(args.threads)
     print(device_name("cpu"), "|", precision_support("cpu").summary)
-    print(f"demo scenes, ofa_ufo_tiny at {IMAGE_SIZE} px, batch {BATCH}, fp32, {args.seconds:.0f} s of training each, "
-          f"{args.eval_examples} held-out scenes")
+    print(f"demo scenes, ofa_ufo_tiny at {IMAGE_SIZE} px over {recipe.resnet}, dense head {recipe.dense_preset} "
+          f"(LR {recipe.dense_lr:g}), generative LR {LR:g}, batch {BATCH}, fp32, {args.seconds:.0f} s of training "
+          f"each, {args.eval_examples} held-out scenes")
+    if args.dfine_only:
+        return dfine_probe(args, recipe)
+    if args.dense_only:
+        return dense_probe(args, recipe)
     with tempfile.TemporaryDirectory(prefix="dense_bench_") as workdir:
-        generative, _, _ = ofa_run("detection", args.seconds, args.eval_examples, workdir)
-        dense, model, processor = ofa_run("dense_detection", args.seconds, args.eval_examples, workdir)
-    config = train_config("dense_detection", "unused", args.eval_examples)
+        generative, _, _ = ofa_run("detection", args.seconds, args.eval_examples, workdir, recipe)
+        dense, model, processor = ofa_run("dense_detection", args.seconds, args.eval_examples, workdir, recipe)
+    config = train_config("dense_detection", "unused", args.eval_examples, recipe)
     examples, _ = eval_examples(config, "dense_detection")
     if [e["boxes"] for e in examples] != [e["boxes"] for e in eval_examples(config, "detection")[0]]:
         raise RuntimeError("the two tasks' held-out scenes differ: the comparison would not be like for like")
     runs = [generative, dense, detector_run(model, dense.steps, examples)]
     names = list(model.config.dense_head["labels"])
     if not args.no_dfine:
-        runs.append(dfine_run(config, processor, names, args.seconds, examples))
+        runs.append(dfine_run(config, processor, names, args.seconds, examples, args.dfine_lr))
     images = [load_image(e["image"]) for e in examples][: args.images]
     images = (images * args.images)[: args.images]
     print_runs(runs, images, args.repeats)
     print_fusion(model, args.repeats, ("cpu-fp32",) if args.quick else ("cpu-fp32", "onnx-cpu"))
-    print_presets(names, ["tiny"] if args.quick else list(DENSE_PRESETS), args.repeats)
+    print_presets(names, ["tiny"] if args.quick else list(DENSE_PRESETS), args.repeats, recipe)
     return 0
 
 

@@ -285,3 +285,12 @@ def test_quick_benchmark_prints_every_table():
                 "| D-FINE (transformers) |",
                 "| unfused | cpu-fp32 |", "| fused | cpu-fp32 |", "| tiny |"):
         assert row in result.stdout, row
+    probe = subprocess.run([sys.executable, "benchmarks/dense_detection.py", "--quick", "--dfine-only", "--dfine-lr",
+                            "1e-3"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert "D-FINE (transformers), LR 0.001: 10.28 M parameters" in probe.stdout and "| detection |" not in probe.stdout
+    dense = subprocess.run([sys.executable, "benchmarks/dense_detection.py", "--quick", "--dense-only", "2",
+                            "--dense-preset", "tiny"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert dense.returncode == 0, dense.stderr[-3000:]
+    lines = [line for line in dense.stdout.splitlines() if line.startswith("dense tiny over resnet26, LR 0.001: ")]
+    assert len(lines) == 2 and "| D-FINE" not in dense.stdout
