@@ -154,6 +154,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--agreement-images", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--profile", action="store_true",
+                        help="with int8: where one greedy decode's time goes (torch.profiler), fp32 and int8")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     args = parser.parse_args()
     args.parts = set(args.parts.split(","))
@@ -226,25 +228,50 @@ def caption_rows(args: argparse.Namespace, model, bf16, processor) -> list[str]:
     return rows
 
 
-def decode_speed(model, processor, tokens: int, repeats: int) -> float:
-    """Greedy decoder tokens/s, batch 1: the encoder runs once before the clock (its cost is the encoder row's)."""
+def decode_call(model, processor, tokens: int):
+    """A greedy decode of exactly `tokens` tokens, batch 1, over an encoder output computed here once."""
     inputs = inputs_for(processor, 1, torch.float32)
     with torch.inference_mode():
         encoded = model.get_encoder()(**inputs)
-        prompt = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], encoder_outputs=encoded)
-        seconds = median_time(lambda: model.generate(**prompt, max_new_tokens=tokens, min_new_tokens=tokens), repeats)
-    return tokens / seconds
+    prompt = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], encoder_outputs=encoded)
+
+    def call():
+        with torch.inference_mode():
+            return model.generate(**prompt, max_new_tokens=tokens, min_new_tokens=tokens)
+    return call
+
+
+def decode_speed(model, processor, tokens: int, repeats: int) -> float:
+    """Greedy decoder tokens/s, batch 1: the encoder runs once before the clock (its cost is the encoder row's)."""
+    return tokens / median_time(decode_call(model, processor, tokens), repeats)
+
+
+def print_profile(models: dict, processor, tokens: int, top: int = 6) -> None:
+    """Per model, the ops taking most self CPU time in one greedy decode (after one unprofiled call)."""
+    for name, model in models.items():
+        call = decode_call(model, processor, tokens)
+        call()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            call()
+        events = sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events) / 1e3
+        print(f"{name}: {total:.0f} ms of op time for {tokens} tokens; top ops (self ms, calls): " + ", ".join(
+            f"{e.key} {e.self_cpu_time_total / 1e3:.0f} ({e.count})" for e in events[:top]), flush=True)
 
 
 def int8_rows(args: argparse.Namespace, model, processor) -> list[str]:
     int8 = ofa_ufo.quantize_int8_dynamic(model)
+    fp32_head = ofa_ufo.quantize_int8_dynamic(model, head=False)
     tokens = 2 * args.new_tokens
-    speeds = [decode_speed(m, processor, tokens, args.repeats) for m in (model, int8)]
+    speeds = [decode_speed(m, processor, tokens, args.repeats) for m in (model, fp32_head, int8)]
     share = agreement(model, int8, processor, torch.float32, 1, args.agreement_images, args.new_tokens)
-    rows = [row(f"greedy decode, {tokens} new tokens, encoder precomputed (int8)", speeds[0], speeds[1],
-                "tokens/s", True),
+    what = f"greedy decode, {tokens} new tokens, encoder precomputed"
+    rows = [row(f"{what} (int8 layers, fp32 output head)", speeds[0], speeds[1], "tokens/s", True),
+            row(f"{what} (int8, output head included)", speeds[0], speeds[2], "tokens/s", True),
             f"| greedy tokens identical to fp32 (int8), {args.agreement_images} images | - | {share:.0%} | - |"]
     print("\n".join(rows), flush=True)
+    if args.profile:
+        print_profile({"fp32": model, "int8": int8}, processor, tokens)
     return rows
 
 

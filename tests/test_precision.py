@@ -239,6 +239,31 @@ def test_int8_round_trip_is_exact_and_close_to_fp32(int8_dir, processor):
     assert (again / "README.md").is_file()
 
 
+def test_int8_output_head_multiplies_the_embeddings_int8_rows(int8_dir):
+    """The tied output projection runs in int8 from the stored rows (nothing extra saved); a logits range and
+    `head=False` multiply the fp32 rows the lookup uses."""
+    model, directory = int8_dir
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(directory)
+    assert loaded.config.int8_head and loaded.output_int8 is not None
+    with safe_open(str(directory / "model.safetensors"), "pt") as weights:
+        assert not any(key.startswith("output_int8") for key in weights.keys())
+        q, scale = weights.get_tensor("model.shared.weight"), weights.get_tensor("model.shared.weight_scale")
+    states = torch.randn(2, 3, TINY["d_model"], generator=torch.Generator().manual_seed(0))
+    rows = q.float() * scale[:, None]  # (V, D): what the int8 rows stand for
+    expected = states @ rows.T  # (2, 3, V)
+    with torch.no_grad():
+        int8_logits = loaded.project(states)
+        ranged = loaded.project(states, (10, 20))
+        plain = ofa_ufo.quantize_int8_dynamic(model, head=False)
+        fp32_head = plain.project(states)
+    assert int8_logits.shape == expected.shape and not torch.equal(int8_logits, expected)  # activations quantised
+    assert (int8_logits - expected).abs().max() <= 0.02 * expected.abs().max()
+    assert torch.allclose(ranged[..., 10:20], expected[..., 10:20], atol=1e-5)
+    assert torch.isinf(ranged[..., :10]).all() and torch.isinf(ranged[..., 20:]).all()
+    assert plain.output_int8 is None and not plain.config.int8_head
+    assert torch.allclose(fp32_head, expected, atol=1e-5)
+
+
 def test_int8_model_is_served_by_the_pipeline(int8_dir):
     _, directory = int8_dir
     pipe = pipeline("ofa-ufo", model=str(directory))

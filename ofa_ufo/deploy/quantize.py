@@ -9,9 +9,12 @@ Every plain `nn.Linear` of the encoder and decoder (attention projections, FFNs,
 not the UFO blocks' elastic layers, which slice their weights, nor the ResNet stem's convolutions)
 gets int8 weights, one symmetric scale per output row (`scale = max|w_row| / 127`), and runs as
 `torch.ao.nn.quantized.dynamic.Linear`: activations are quantised per call, the matmul is int8
-(fbgemm) and the output fp32. The output projection stays fp32: it is tied to the token embedding,
-which the lookup needs in floating point. With `embeddings=True` (default) that embedding is *stored*
-as int8 rows + scales too and dequantised to fp32 when loaded (smaller file, same compute).
+(fbgemm) and the output fp32. With `embeddings=True` (default) the token embedding is *stored* as
+int8 rows + scales too and dequantised to fp32 when loaded (the lookup needs floating point). The tied
+output projection (V x D, in a base model as many multiply-adds per decoded token as the whole decoder)
+runs from the same int8 rows as a dynamic int8 Linear when `head=True` (default, config `int8_head`):
+built when the model loads, nothing extra is stored. A `logits_range` (the code slice of image
+generation) multiplies the fp32 rows instead.
 
 The saved directory (config.json with model_type `ofa-ufo-int8`, model.safetensors) really holds
 int8: for each quantised layer `<name>.weight` (int8, out x in) and `<name>.weight_scale` (fp32, out),
@@ -42,6 +45,7 @@ __all__ = ["OFAUFOInt8Config", "OFAUFOInt8ForConditionalGeneration", "WEIGHTS_FI
 
 WEIGHTS_FILE = "model.safetensors"
 EMBEDDING_KEY = "model.shared.weight"
+OUTPUT_HEAD = "output_int8"
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,11 +70,19 @@ def int8_linear_names(model: nn.Module) -> list[str]:
 @strict(accept_kwargs=True)
 class OFAUFOInt8Config(OFAUFOConfig):
     """The source model's fields under their own model type (the Auto classes then load the int8 class),
-    plus `int8_linears` (the quantised layer names) and `int8_embeddings` (the embedding stored as int8)."""
+    plus `int8_linears` (the quantised layer names), `int8_embeddings` (the embedding stored as int8) and
+    `int8_head` (the output projection computed in int8)."""
 
     model_type = "ofa-ufo-int8"
     int8_linears: list[str] | None = None
     int8_embeddings: bool = True
+    int8_head: bool = True
+
+
+def _packed_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 rows (out, in) and their scales (out,) as a per-row (axis 0) symmetric quantised tensor."""
+    zero = torch.zeros_like(scale, dtype=torch.long)  # symmetric: no offset
+    return torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
 
 
 def _submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -93,7 +105,17 @@ class OFAUFOInt8ForConditionalGeneration(OFAUFOForConditionalGeneration):
                 raise ValueError(f"int8_linears names {name!r}, which is a {type(linear).__name__}, not nn.Linear")
             setattr(parent, child, DynamicInt8Linear(linear.in_features, linear.out_features,
                                                      bias_=linear.bias is not None, dtype=torch.qint8))
+        # derived from the embedding's int8 rows when the weights load (never saved: OUTPUT_HEAD is skipped)
+        self.output_int8 = (DynamicInt8Linear(config.d_model, config.vocab_size, bias_=False, dtype=torch.qint8)
+                            if config.int8_head else None)
         self.eval()
+
+    def project(self, states: torch.Tensor, logits_range: tuple[int, int] | None = None) -> torch.Tensor:
+        """Decoder states (B, T, D) -> logits (B, T, V): the int8 output head, or the fp32 rows for a
+        `logits_range` (see `OFAUFOForConditionalGeneration.project`) or without `int8_head`."""
+        if self.output_int8 is None or logits_range is not None:
+            return super().project(states, logits_range)
+        return self.output_int8(states)
 
     @classmethod
     def from_state(cls, config: OFAUFOInt8Config, state: dict[str, torch.Tensor],
@@ -107,9 +129,12 @@ class OFAUFOInt8ForConditionalGeneration(OFAUFOForConditionalGeneration):
             q, scale = state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale")
             if q.dtype != torch.int8:
                 raise ValueError(f"int8 weights: {name}.weight is {q.dtype}, expected torch.int8")
-            zero = torch.zeros_like(scale, dtype=torch.long)  # symmetric: no offset
-            packed = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)  # axis 0: output rows
-            model.get_submodule(name).set_weight_bias(packed, state.pop(f"{name}.bias", None))
+            model.get_submodule(name).set_weight_bias(_packed_rows(q, scale), state.pop(f"{name}.bias", None))
+        if model.output_int8 is not None:
+            embedding = state[EMBEDDING_KEY]
+            rows = ((embedding, state[f"{EMBEDDING_KEY}_scale"]) if config.int8_embeddings
+                    else quantize_rows(embedding))
+            model.output_int8.set_weight_bias(_packed_rows(*rows), None)
         if config.int8_embeddings:
             state[EMBEDDING_KEY] = state[EMBEDDING_KEY].float() * state.pop(f"{EMBEDDING_KEY}_scale")[:, None]
         _load_float_state(model, state, names)
@@ -167,6 +192,8 @@ def _distinct_keys(model: nn.Module) -> list[str]:
     seen: set[int] = set()
     keys = []
     for key in sorted(state, key=lambda k: k != EMBEDDING_KEY):
+        if key.startswith(f"{OUTPUT_HEAD}."):  # the int8 output head: rebuilt from the embedding's rows
+            continue
         if id(state[key]) not in seen:
             seen.add(id(state[key]))
             keys.append(key)
@@ -194,9 +221,10 @@ def _int8_state(model: nn.Module, names: list[str], embeddings: bool) -> dict[st
 
 
 def quantize_int8_dynamic(model: OFAUFOForConditionalGeneration, task: str | None = None,
-                          embeddings: bool = True) -> OFAUFOInt8ForConditionalGeneration:
+                          embeddings: bool = True, head: bool = True) -> OFAUFOInt8ForConditionalGeneration:
     """An int8 copy of a dense fp32 model (module docstring); `model` is left unchanged. A routed UFO
-    supernet is a ValueError unless `task` names the subnet to extract first (`ofa_ufo.extract_subnet`)."""
+    supernet is a ValueError unless `task` names the subnet to extract first (`ofa_ufo.extract_subnet`).
+    `head=False` keeps the output projection in fp32."""
     if isinstance(model, OFAUFOInt8ForConditionalGeneration):
         raise ValueError("the model is already int8")
     vision = model.config.vision_config
@@ -207,7 +235,7 @@ def quantize_int8_dynamic(model: OFAUFOForConditionalGeneration, task: str | Non
         model = extract_subnet(model, task)
     names = int8_linear_names(model)
     fields = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "transformers_version")}
-    config = OFAUFOInt8Config(**{**fields, "int8_linears": names, "int8_embeddings": embeddings})
+    config = OFAUFOInt8Config(**{**fields, "int8_linears": names, "int8_embeddings": embeddings, "int8_head": head})
     return OFAUFOInt8ForConditionalGeneration.from_state(config, _int8_state(model, names, embeddings),
                                                          model.generation_config)
 
