@@ -6,7 +6,8 @@
     .venv/bin/python benchmarks/distill_dense.py --out /tmp/distill_dense --quick    # a few steps (a test)
 
 1. Teacher: `distill_demo_dense_teacher` (the medium dense head on dense detection alone, OFA-Tiny at 128 px
-   over a ResNet-26 stem, demo scenes, LR 1e-3 as the student's), trained here for --teacher-steps, or `--teacher`, such a model trained before.
+   over a ResNet-26 stem, demo scenes, LR 1e-3 as the student's), trained here for --teacher-steps, or
+   `--teacher`, such a model trained before.
 2. Student: `distill_demo_dense` (the small head), trained the same steps on the same scenes without the
    teacher and with it (CWD on the neck's three levels).
 3. COCO mAP@0.5 (pycocotools) of the three on the same held-out scenes, the detectors' parameters, and the
