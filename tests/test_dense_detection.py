@@ -230,7 +230,7 @@ def test_mixed_run_trains_the_head_through_the_wrapped_forward_and_resumes(tmp_p
 
     trainer, reference = fit(make_config(tmp_path / "reference", **fields), hook=hook)
     head = trainer.unwrapped.config.dense_head
-    assert head["preset"] == "tiny" and len(head["labels"]) == 48 and "red circle" in head["labels"]
+    assert head["preset"] == "small" and len(head["labels"]) == 48 and "red circle" in head["labels"]
     assert calls.count(True) == 3 and calls.count(False) == 3  # per step: one token pass, one dense pass
     after = trainer.unwrapped.dense_head.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -256,7 +256,7 @@ def test_two_processes_train_the_mixed_batch(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     losses = json.loads((tmp_path / "ddp" / "metrics.json").read_text())["losses"]
     assert len(losses) == 3 and all(np.isfinite(losses)) and losses[0] != losses[-1]
-    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["dense_head"]["preset"] == "tiny"
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["dense_head"]["preset"] == "small"
 
 
 def test_dense_loss_weight_scales_the_dense_loss(tmp_path):

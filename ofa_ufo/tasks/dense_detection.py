@@ -157,7 +157,7 @@ class DenseDetectionTask(Task):
             return {}
         if not class_names:
             raise ValueError("task 'dense_detection' found no class labels in its training data")
-        return {"dense_head": {"preset": options.get("dense_head") or "tiny", "labels": list(class_names)}}
+        return {"dense_head": {"preset": options.get("dense_head") or "small", "labels": list(class_names)}}
 
     def model_outputs(self, model, batch: dict[str, torch.Tensor],
                       examples: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -105,7 +105,7 @@ class TrainConfig:
     # token loss; 0: off, as in OFA
     box_mask_weight: float = 0.0
     # the dense detection head (DAMO-YOLO, docs/dense_detection.md) a run training dense_detection adds to its
-    # model: a preset of ofa_ufo.models.damo_yolo.DENSE_PRESETS ("": tiny); its classes come from the data
+    # model: a preset of ofa_ufo.models.damo_yolo.DENSE_PRESETS ("": small); its classes come from the data
     dense_head: str = ""
     # weight of the dense head's loss (a per-task mean per pass, like the feature-head losses) against the
     # mean token loss of the generative tasks
