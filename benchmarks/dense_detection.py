@@ -101,17 +101,21 @@ def train_for(step: Callable[[], None], seconds: float) -> int:
     return steps
 
 
-def ofa_run(task: str, seconds: float, eval_count: int, workdir: str, recipe: Recipe) -> tuple[Run, object, object]:
-    """Train `task` with the project's Trainer for `seconds`, score it on the held-out scenes."""
-    config = train_config(task, f"{workdir}/{task}", eval_count, recipe)
-    trainer = Trainer(config, resume="never")
+def trainer_step(trainer: Trainer) -> Callable[[], None]:
+    """One optimiser step of `trainer` per call, the model put in training mode first."""
     trainer._train_mode()
 
     def step() -> None:
         trainer.train_step()
         trainer.step += 1
+    return step
 
-    steps = train_for(step, seconds)
+
+def ofa_run(task: str, seconds: float, eval_count: int, workdir: str, recipe: Recipe) -> tuple[Run, object, object]:
+    """Train `task` with the project's Trainer for `seconds`, score it on the held-out scenes."""
+    config = train_config(task, f"{workdir}/{task}", eval_count, recipe)
+    trainer = Trainer(config, resume="never")
+    steps = train_for(trainer_step(trainer), seconds)
     model, processor = trainer.unwrapped.eval(), trainer.processor
     examples, spec = eval_examples(config, task)
     with warnings.catch_warnings():
@@ -295,10 +299,9 @@ def dense_probe(args: argparse.Namespace, recipe: Recipe) -> int:
         examples, spec = eval_examples(config, "dense_detection")
         start = time.perf_counter()
         for k in range(1, args.dense_only + 1):
-            trainer._train_mode()
+            step = trainer_step(trainer)
             while time.perf_counter() - start < args.seconds * k / args.dense_only:
-                trainer.train_step()
-                trainer.step += 1
+                step()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 scores = evaluate_model(trainer.unwrapped.eval(), trainer.processor, spec, examples,
