@@ -1,21 +1,28 @@
-"""Caption latency and token agreement: PyTorch fp32 vs ONNX Runtime fp32 vs ONNX Runtime int8.
+"""Generation latency and token agreement: PyTorch fp32 vs ONNX Runtime fp32 vs ONNX Runtime int8.
 
     .venv/bin/python benchmarks/onnx_latency.py [--preset ofa_ufo_tiny] [--image-size 256] [--beams 5]
-        [--new-tokens 16] [--repeats 5] [--threads N] [--model DIR] [--images 8]
+        [--new-tokens 16] [--repeats 15] [--threads N] [--model DIR] [--images 8] [--demo-scenes]
+        [--task caption|vqa|classification]
 
 The model is a randomly initialised preset, or a trained `save_pretrained` directory (`--model`), exported
-with `ofa_ufo.deploy.onnx_export.export_onnx` (fp32, and int8 through ONNX Runtime's dynamic
-quantisation). Latency is the median wall time of one `generate` call (batch 1, beam search, exactly
-`--new-tokens` new tokens so that every backend does the same work) after a warm-up, with the same
-thread count for torch and ONNX Runtime (`ofa_ufo.core.timing`, which also names the CPU). Token
-agreement compares each ONNX backend's beam-search tokens with PyTorch's on `--images` images
-(free length): the share of sequences that are identical and of token positions that agree. On a random
-model int8 agreement is a floor: its logits are nearly flat, so small int8 errors flip the argmax.
+with `ofa_ufo.deploy.onnx_export.export_onnx`: fp32; int8 through ONNX Runtime's dynamic quantisation
+(convolutions fp32); and int8 with int8 convolutions too, calibrated on `--calibration-images` images
+that are not among the agreement images. Latency is the median wall time of one `generate` call of
+`--task` (default caption; batch 1,
+beam search, exactly `--new-tokens` new tokens so that every backend does the same work), the backends
+timed in interleaved rounds after a warm-up (`ofa_ufo.core.timing.interleaved_times`: the machine's
+drift is shared, not handed to the ratios), with the same thread count for torch and ONNX Runtime.
+Token agreement compares each ONNX backend's beam-search tokens with PyTorch's on `--images` images
+(free length): the share of sequences that are identical and of token positions that agree. Images are
+smooth random colour fields, or with `--demo-scenes` generated demo scenes (for a model trained on
+them). On a random model int8 agreement is a floor: its logits are nearly flat, so small int8 errors
+flip the argmax.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 import warnings
@@ -28,7 +35,9 @@ from PIL import Image
 from transformers import AutoModelForSeq2SeqLM, AutoProcessor
 
 import ofa_ufo
-from ofa_ufo.core.timing import device_name, median_time
+from ofa_ufo.core.timing import device_name, interleaved_times
+from ofa_ufo.data.demo_examples import vqa_example
+from ofa_ufo.data.demo_scenes import generate_scene
 from ofa_ufo.deploy.onnx_export import export_onnx
 from ofa_ufo.tasks import get_task
 
@@ -44,9 +53,24 @@ def load(args: argparse.Namespace):
     return model, processor, f"{args.preset} (random init), {args.image_size} px"
 
 
-def images(count: int) -> list[Image.Image]:
+def fixtures(count: int, task: str, seed: int = 0, demo_scenes: bool = False) -> list[tuple[Image.Image, str]]:
+    """(image, prompt) pairs of `task`: generated demo scenes (a VQA prompt asks one of the demo's
+    answerable questions about its scene), or colour fields from `images` with a fixed question."""
+    if not demo_scenes:
+        question = "what color is the circle?" if task == "vqa" else None
+        return [(image, get_task(task).prompt(question)) for image in images(count, seed)]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        scene = generate_scene(rng, 256)
+        question = vqa_example(scene, rng)["text"] if task == "vqa" else None
+        out.append((scene.image, get_task(task).prompt(question)))
+    return out
+
+
+def images(count: int, seed: int = 0) -> list[Image.Image]:
     """Seeded random photos-to-be: smooth colour fields with noise, 320 x 240."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
         base = rng.integers(0, 256, (3, 4, 3)).astype(np.float32)
@@ -70,46 +94,49 @@ def main() -> None:
     parser.add_argument("--preset", default="ofa_ufo_tiny")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--model", help="a trained save_pretrained directory instead of a random preset")
+    parser.add_argument("--task", choices=("caption", "vqa", "classification"), default="caption")
     parser.add_argument("--beams", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds")
     parser.add_argument("--images", type=int, default=8, help="images for the token agreement")
+    parser.add_argument("--calibration-images", type=int, default=16, help="images calibrating the int8 convolutions")
+    parser.add_argument("--demo-scenes", action="store_true", help="demo scenes instead of colour fields")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     model, processor, what = load(args)
-    prompt = get_task("caption").prompt()
     backends = {"PyTorch fp32": model}
+    requests = fixtures(args.images, args.task, 0, args.demo_scenes)
+    calibration = [image for image, _ in fixtures(args.calibration_images, args.task, 1, args.demo_scenes)]
+    exports = {"ORT fp32": {}, "ORT int8": {"quantize": "int8"},
+               "ORT int8, int8 convs": {"quantize": "int8", "calibration": calibration}}
     with tempfile.TemporaryDirectory() as scratch:
-        for precision in ("fp32", "int8"):
+        for index, (name, options) in enumerate(exports.items()):
             start = time.perf_counter()
-            quantize = None if precision == "fp32" else precision
-            path = export_onnx(model, Path(scratch) / precision, processor, quantize=quantize)
+            path = export_onnx(model, Path(scratch) / str(index), processor, **options)
             size = sum(p.stat().st_size for p in path.glob("*.onnx")) / 2**20
-            print(f"export {precision}: {time.perf_counter() - start:.1f} s, graphs {size:.0f} MiB")
-            backends[f"ORT {precision}"] = AutoModelForSeq2SeqLM.from_pretrained(path, threads=args.threads)
-        photos = images(args.images)
-        timed = processor(images=photos[:1], text=[prompt])
+            print(f"export {name}: {time.perf_counter() - start:.1f} s, graphs {size:.0f} MiB")
+            backends[name] = AutoModelForSeq2SeqLM.from_pretrained(path, threads=args.threads)
+        timed = processor(images=[requests[0][0]], text=[requests[0][1]])
         fixed = dict(num_beams=args.beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
         free = dict(num_beams=args.beams, max_new_tokens=args.new_tokens)
-        rows, tokens = [], {}
-        for name, backend in backends.items():
-            with torch.inference_mode():
-                seconds = median_time(lambda: backend.generate(**timed, **fixed), repeats=args.repeats)
-                tokens[name] = [backend.generate(**processor(images=[p], text=[prompt]), **free)[0].tolist()
-                                for p in photos]
-            rows.append((name, seconds))
-    print(f"\n{what}; caption, batch 1, beam {args.beams}, {args.new_tokens} new tokens; "
-          f"median of {args.repeats} after a warm-up")
+        with torch.inference_mode():
+            times = interleaved_times({name: (lambda b=backend: b.generate(**timed, **fixed))
+                                       for name, backend in backends.items()}, rounds=args.repeats)
+            tokens = {name: [backend.generate(**processor(images=[image], text=[prompt]), **free)[0].tolist()
+                             for image, prompt in requests] for name, backend in backends.items()}
+        rows = [(name, statistics.median(times[name])) for name in backends]
+    print(f"\n{what}; {args.task}, batch 1, beam {args.beams}, {args.new_tokens} new tokens; "
+          f"median of {args.repeats} interleaved rounds after a warm-up")
     print(device_name(), f"| ONNX Runtime {onnxruntime.__version__} threads {args.threads} | "
           f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    print("\n| backend | latency (s) | vs PyTorch | identical sequences | agreeing tokens |")
+    print("\n| backend | latency (ms) | latency / PyTorch fp32 | identical sequences | agreeing tokens |")
     print("|---|---|---|---|---|")
     base = rows[0][1]
     for name, seconds in rows:
         same, agree = agreement(tokens["PyTorch fp32"], tokens[name])
-        print(f"| {name} | {seconds:.3f} | {base / seconds:.2f}x | {same:.0%} | {agree:.1%} |")
+        print(f"| {name} | {1e3 * seconds:.1f} | {seconds / base:.2f}x | {same:.0%} | {agree:.1%} |")
 
 
 if __name__ == "__main__":

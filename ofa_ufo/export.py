@@ -5,6 +5,8 @@ a PyTorch directory with dynamic int8 Linear layers (`--format torch --quantize 
 
     python -m ofa_ufo.export --model caption_subnet/ --format onnx --output caption_onnx/
     python -m ofa_ufo.export --model caption_subnet/ --format onnx --output caption_int8/ --quantize int8
+    python -m ofa_ufo.export --model caption_subnet/ --format onnx --output caption_int8/ --quantize int8 \
+        --calibration photos/    # int8 convolutions too, their activation ranges measured on these images
     ofa-ufo export --model SUPERNET_DIR --task grounding --format onnx --output grounding_onnx/
     ofa-ufo export --model SUPERNET_DIR --task caption --format torch --quantize int8 --output caption_int8_pt/
 
@@ -22,9 +24,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from PIL import Image
 from transformers import AutoConfig, AutoModelForObjectDetection, AutoModelForSeq2SeqLM, AutoProcessor
 
+from ofa_ufo.cli.predict import IMAGE_SUFFIXES
 from ofa_ufo.deploy.dense_detector import export_detector_onnx, extract_dense_detector
 from ofa_ufo.deploy.onnx_export import DEFAULT_OPSET, QUANTIZATIONS, export_onnx
 from ofa_ufo.deploy.quantize import quantize_int8_dynamic
@@ -33,6 +38,7 @@ from ofa_ufo.hf.modeling import DENSE_TASK
 from ofa_ufo.hf.modeling_detection import OFAUFODetectorConfig
 
 FORMATS = ("onnx", "torch")
+CALIBRATION_IMAGES = 64  # activation ranges settle within a few dozen images; more only slows the export
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--task", help="for a routed UFO supernet: the task whose subnet to export; "
                         "dense_detection: the dense detector (docs/dense_detection.md)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--calibration", metavar="DIR",
+                        help="with --format onnx --quantize int8: a folder of images like those the model will see "
+                        f"(the first {CALIBRATION_IMAGES}, sorted by name); the convolutions become int8 too")
     args = parser.parse_args(argv)
     try:
         if args.task == DENSE_TASK or _is_detector(args.model):
@@ -56,12 +65,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.format == "torch":
             return export_torch(model, processor, args)
         output = export_onnx(model, args.output, processor, task=args.task, quantize=args.quantize,
-                             opset=args.opset, source=args.model)
+                             opset=args.opset, source=args.model, calibration=calibration_images(args))
     except (ValueError, TypeError, OSError) as error:  # OSError: a missing or unreadable model directory
         print(f"export: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     print(f"wrote {output}: encoder + decoder-with-past graphs ({args.quantize or 'fp32'}, opset {args.opset})")
     return 0
+
+
+def calibration_images(args: argparse.Namespace) -> list[Image.Image] | None:
+    """The images of `--calibration` (None without it), checked against the other options."""
+    if args.calibration is None:
+        return None
+    if args.format != "onnx" or args.quantize != "int8":
+        raise ValueError("--calibration calibrates int8 convolutions: it needs --format onnx --quantize int8")
+    folder = Path(args.calibration)
+    if not folder.is_dir():
+        raise ValueError(f"--calibration {folder}: not a folder of images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:CALIBRATION_IMAGES]
+    if not files:
+        raise ValueError(f"--calibration {folder}: no images there ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                images.append(image.convert("RGB"))
+        except OSError as error:
+            raise ValueError(f"--calibration: cannot read {file} as an image ({error})") from error
+    return images
 
 
 def export_torch(model, processor, args: argparse.Namespace) -> int:
@@ -95,7 +126,8 @@ def export_detector(args: argparse.Namespace) -> int:
     else:
         detector = extract_dense_detector(AutoModelForSeq2SeqLM.from_pretrained(args.model), args.task, fuse=True)
     processor = OFAUFODetectorImageProcessor(size=detector.config.image_size)
-    export_detector_onnx(detector, args.output, processor, quantize=args.quantize, opset=args.opset)
+    export_detector_onnx(detector, args.output, processor, quantize=args.quantize, opset=args.opset,
+                         calibration=calibration_images(args))
     print(f"wrote {args.output}: dense detector graph ({args.quantize or 'fp32'}, opset {args.opset}, batch dynamic)")
     return 0
 

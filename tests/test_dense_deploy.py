@@ -265,6 +265,40 @@ def test_export_cli_writes_the_detector_graph(model, processor, detector_dir, tm
     assert json.loads((tmp_path / "again" / "onnx_manifest.json").read_text())["kind"] == "dense_detector"
 
 
+def test_int8_export_with_calibration_images_quantises_the_convolutions(detector_dir, pixels, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from ofa_ufo.deploy.dense_detector import OnnxDetector
+    from ofa_ufo.export import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        _image().save(photos / f"{i}.png")
+    (photos / "notes.txt").write_text("not an image")
+    assert main(["--model", str(detector_dir), "--output", str(tmp_path / "int8"), "--quantize", "int8",
+                 "--calibration", str(photos)]) == 0
+    assert json.loads((tmp_path / "int8" / "onnx_manifest.json").read_text())["calibration_images"] == 3
+    graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph
+    produced_by = {o: n.op_type for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs and all(produced_by.get(n.input[0]) == produced_by.get(n.input[1]) == "DequantizeLinear"
+                         for n in convs)  # int8 activations and weights (QDQ)
+    assert main(["--model", str(detector_dir), "--output", str(tmp_path / "fp32")]) == 0
+    int8, fp32 = OnnxDetector(tmp_path / "int8", threads=1)(pixels), OnnxDetector(tmp_path / "fp32", threads=1)(pixels)
+    assert not torch.equal(int8.logits, fp32.logits)
+    assert torch.corrcoef(torch.stack([int8.logits.flatten(), fp32.logits.flatten()]))[0, 1] > 0.9
+    capsys.readouterr()
+    assert main(["--model", str(detector_dir), "--output", str(tmp_path / "x"), "--calibration", str(photos)]) == 1
+    assert "--calibration calibrates int8 convolutions" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["--model", str(detector_dir), "--output", str(tmp_path / "x"), "--quantize", "int8",
+                 "--calibration", str(empty)]) == 1
+    assert "no images there" in capsys.readouterr().err
+
+
 def test_latency_record_on_a_device_profile(detector):
     record = measure_detector_latency(detector, "cpu-fp32", batch_size=2, repeats=1, warmup=0)
     assert record.target == "cpu-fp32" and record.ms > 0 and record.device.startswith("CPU")

@@ -8,6 +8,7 @@ in PyTorch: logits within 1e-4, identical greedy and beam-5 tokens, identical pi
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -191,6 +192,69 @@ def test_int8_graphs_quantise_the_weights_and_track_fp32(exported, onnx_model, i
         got = quantized(**inputs, decoder_input_ids=tokens, use_cache=False).logits.flatten()
     assert not torch.equal(got, reference)  # really another graph
     assert torch.corrcoef(torch.stack([got, reference]))[0, 1] > 0.9
+
+
+def test_the_int8_head_rescores_its_top_logits_in_fp32(exported, inputs, tmp_path):
+    """Only the output projection quantised (the decoder layers stay fp32, so the graph's states are the
+    PyTorch model's), on a model whose final bias points at token 100 with token 101 a near twin: the
+    two best logits of every row are these, their values and order the fp32 ones; the rest are int8's."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from ofa_ufo.deploy import onnx_export
+
+    dense = copy.deepcopy(exported.dense)
+    with torch.no_grad():
+        table = dense.lm_head.weight  # (V, D), tied to the input embedding
+        table[101] = table[100] + 1e-3 * torch.randn(table.shape[1], generator=torch.Generator().manual_seed(0))
+        dense.model.decoder.layer_norm.bias.copy_(40 * table[100] / table[100].norm())
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    # a copy, as export_onnx does: the exporter's graph passes change weights in place
+    onnx_export._export_graphs(copy.deepcopy(dense), 64, graphs, 17, int8_head=True)
+    config = dense.config
+    decoder = onnx.load(str(graphs / GRAPHS[1])).graph
+    tables = {t.name for t in decoder.initializer if list(t.dims) == [config.d_model, config.vocab_size]}
+    head = [n.name for n in decoder.node if n.op_type == "MatMul" and n.input[1] in tables]
+    assert len(head) == 1  # the projection's own (D, V) copy, not the tied embedding
+    int8 = tmp_path / "int8"
+    shutil.copytree(exported.onnx, int8, ignore=shutil.ignore_patterns("*.onnx"))
+    shutil.copy(graphs / GRAPHS[0], int8 / GRAPHS[0])
+    others = [n.name for n in decoder.node if n.op_type == "MatMul" and n.name not in head]
+    quantize_dynamic(str(graphs / GRAPHS[1]), str(int8 / GRAPHS[1]), nodes_to_exclude=others,
+                     op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, per_channel=True)
+    tokens = torch.tensor([[0, 5, 6, 7], [0, 9, 10, 11], [0, 50, 60, 2]])
+    with torch.no_grad():
+        reference = dense(**inputs, decoder_input_ids=tokens, use_cache=False).logits  # (3, 4, V)
+        got = AutoModelForSeq2SeqLM.from_pretrained(int8)(**inputs, decoder_input_ids=tokens).logits
+    best = reference.topk(2, dim=-1).indices
+    assert set(best.flatten().tolist()) == {100, 101}
+    assert torch.equal(got.topk(2, dim=-1).indices, best)
+    torch.testing.assert_close(got.gather(-1, best), reference.gather(-1, best), atol=1e-4, rtol=0)
+    assert (got - reference).abs().max() > 1e-3  # really int8 outside the top
+
+
+def test_int8_export_with_calibration_images_quantises_the_convolutions(exported, processor, inputs, tmp_path):
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)) for _ in range(3)]
+    output = export_onnx(exported.dense, tmp_path / "int8", processor, quantize="int8", calibration=images)
+    assert json.loads((output / "onnx_manifest.json").read_text())["calibration_images"] == 3
+    encoder = onnx.load(str(output / GRAPHS[0])).graph
+    produced_by = {o: n.op_type for n in encoder.node for o in n.output}
+    convs = [n for n in encoder.node if n.op_type == "Conv"]
+    assert convs and all(produced_by.get(n.input[0]) == "DequantizeLinear" for n in convs)  # int8 activations
+    assert all(produced_by.get(n.input[1]) == "DequantizeLinear" for n in convs)  # and int8 weights
+    decoder = onnx.load(str(output / GRAPHS[1])).graph
+    config = exported.dense.config
+    tables = {t.name for t in decoder.initializer if np.prod(t.dims) == config.d_model * config.vocab_size}
+    # no step dequantises a whole (V, D) table: the projection is an int8 MatMul of its own copy
+    assert not any(n.op_type == "DequantizeLinear" and n.input[0] in tables for n in decoder.node)
+    quantized = AutoModelForSeq2SeqLM.from_pretrained(output)
+    with torch.no_grad():
+        reference = exported.dense.get_encoder()(**{k: v for k, v in inputs.items()}).last_hidden_state.flatten()
+        got = quantized.get_encoder()(**inputs).last_hidden_state.flatten()
+    assert torch.corrcoef(torch.stack([got, reference]))[0, 1] > 0.9
+    with pytest.raises(ValueError, match="calibration"):
+        export_onnx(exported.dense, tmp_path / "fp32", processor, calibration=images)
 
 
 @pytest.mark.slow

@@ -40,6 +40,23 @@ def test_without_warmup_the_first_call_counts():
     assert timing.median_time(clock.work, repeats=3, warmup=0, clock=clock) == 2.0
 
 
+def test_interleaved_times_rotate_the_order_and_skip_the_warmup():
+    order = []
+    clock = FakeClock([9.0, 9.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # two warm-ups, then rounds of (a, b), (b, a), ...
+
+    def call(name):
+        def work():
+            order.append(name)
+            clock.work()
+        return work
+
+    times = timing.interleaved_times({"a": call("a"), "b": call("b")}, rounds=3, warmup=1, clock=clock)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert times == {"a": [1.0, 4.0, 5.0], "b": [2.0, 3.0, 6.0]}
+    with pytest.raises(ValueError, match="rounds"):
+        timing.interleaved_times({"a": lambda: None}, rounds=0)
+
+
 def test_no_timed_run_is_an_error():
     with pytest.raises(ValueError, match="repeats"):
         timing.median_time(lambda: None, repeats=0)

@@ -20,7 +20,7 @@ import torch
 
 Clock = Callable[[], float]
 
-__all__ = ["Clock", "cpu_name", "device_name", "median_time", "run_times", "time_call"]
+__all__ = ["Clock", "cpu_name", "device_name", "interleaved_times", "median_time", "run_times", "time_call"]
 
 
 def _synchronize() -> None:
@@ -51,6 +51,25 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, clock:
     """Median seconds of one call of `fn` (see `run_times`); the median, so that one run slowed by
     another process on a shared machine does not move the figure."""
     return statistics.median(run_times(fn, repeats, warmup, clock))
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
+                      clock: Clock = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds of each call of several functions timed side by side: `warmup` untimed calls of each,
+    then `rounds` rounds that call each once, the order rotating by one every round. On a shared
+    machine whose speed drifts over minutes, timing one function after the other would hand the drift
+    to their ratio; interleaved, every function sees the same mix of fast and slow moments."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(time_call(fns[name], clock))
+    return times
 
 
 def cpu_name(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:

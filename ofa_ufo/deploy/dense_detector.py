@@ -15,12 +15,13 @@ import json
 import platform
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from ofa_ufo.core.hardware import precision_support
@@ -93,15 +94,18 @@ class _DetectorGraph(nn.Module):
 
 def export_detector_onnx(detector: OFAUFOForObjectDetection, output: str | Path,
                          image_processor: OFAUFODetectorImageProcessor | None = None, *, quantize: str | None = None,
-                         opset: int = DEFAULT_OPSET) -> Path:
+                         opset: int = DEFAULT_OPSET, calibration: Sequence[Image.Image] | None = None) -> Path:
     """Write model.onnx (input `pixel_values` (batch, 3, S, S), outputs `logits` and `pred_boxes`, batch
     dynamic, S fixed at the config's image size), config.json, the image processor's file and a manifest.
     `quantize="int8"`: ONNX Runtime's dynamic quantisation (`quantize_int8`: the supernet's MatMuls; the
-    convs stay fp32). A copy is exported: the exporter's graph passes change weights in place."""
+    convs stay fp32 unless `calibration` images are given, whose activation ranges make them int8 too).
+    A copy is exported: the exporter's graph passes change weights in place."""
     if not isinstance(detector, OFAUFOForObjectDetection):
         raise TypeError(f"export_detector_onnx takes an OFAUFOForObjectDetection, got {type(detector).__name__}")
     if quantize not in (None, *QUANTIZATIONS):
         raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
+    if calibration is not None and quantize is None:
+        raise ValueError("calibration images are for quantize='int8'")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     graph = _DetectorGraph(copy.deepcopy(detector).float().cpu().eval())
@@ -114,20 +118,28 @@ def export_detector_onnx(detector: OFAUFOForObjectDetection, output: str | Path,
             torch.onnx.export(graph, (pixels,), str(target), dynamo=False, opset_version=opset,
                               input_names=["pixel_values"], output_names=_OUTPUT_NAMES,
                               dynamic_axes={name: {0: "batch"} for name in ["pixel_values", *_OUTPUT_NAMES]})
+        image_processor = image_processor or OFAUFODetectorImageProcessor(size=size)
         if quantize:
-            quantize_int8(target, output / DETECTOR_ONNX_FILE)
+            feeds = None
+            if calibration is not None:
+                if not calibration:
+                    raise ValueError("calibration needs at least one image")
+                feeds = [{"pixel_values": image_processor(images=[image], return_tensors="np")["pixel_values"]
+                          .astype(np.float32)} for image in calibration]
+            quantize_int8(target, output / DETECTOR_ONNX_FILE, feeds)
     detector.config.save_pretrained(output)
-    (image_processor or OFAUFODetectorImageProcessor(size=size)).save_pretrained(output)
-    _write_manifest(output, opset, quantize or "fp32", size)
+    image_processor.save_pretrained(output)
+    _write_manifest(output, opset, quantize or "fp32", size, len(calibration) if calibration is not None else 0)
     return output
 
 
-def _write_manifest(output: Path, opset: int, precision: str, image_size: int) -> None:
+def _write_manifest(output: Path, opset: int, precision: str, image_size: int, calibration_images: int = 0) -> None:
     # onnx and onnxruntime are optional dependencies (the `export` extra), read here for their versions
     import onnx
     import onnxruntime  # (the same optional dependency)
 
-    manifest = {"format": "onnx", "kind": "dense_detector", "precision": precision, "opset": opset,
+    manifest = {"format": "onnx", "kind": "dense_detector", "precision": precision,
+                "calibration_images": calibration_images, "opset": opset,
                 "image_size": image_size, "file": DETECTOR_ONNX_FILE, "inputs": ["pixel_values"],
                 "outputs": _OUTPUT_NAMES,
                 "exported_with": {"cpu": cpu_name(), "machine": platform.machine(), "torch": torch.__version__,

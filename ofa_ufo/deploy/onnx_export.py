@@ -22,10 +22,13 @@ import json
 import platform
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
@@ -47,10 +50,12 @@ from ofa_ufo.hf.processing import OFAUFOProcessor
 from ofa_ufo.layers.kv_cache import OFAUFOCache
 from ofa_ufo.layers.position import split_heads
 from ofa_ufo.models.ofa import OFAUFOEncoderOutput
+from ofa_ufo.tasks import get_task
 
-__all__ = ["DEFAULT_OPSET", "QUANTIZATIONS", "export_onnx", "load_onnx_model", "quantize_int8"]
+__all__ = ["DEFAULT_OPSET", "QUANTIZATIONS", "calibration_feeds", "export_onnx", "load_onnx_model", "quantize_int8"]
 
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on; ONNX Runtime 1.16+ runs it
+RESCORE_TOP = 16  # logits per row an int8 decoder graph computes again in fp32 (more than beam search's 2 x 5)
 QUANTIZATIONS = ("int8",)
 
 
@@ -78,12 +83,21 @@ class _EncoderGraph(nn.Module):
 
 class _DecoderStepGraph(nn.Module):
     """One decoder step: new tokens (R, 1) + past self-attention K/V (R, H, P, D/H) + the encoder graph's
-    outputs -> logits (R, 1, V) and present K/V (R, H, P + 1, D/H), through the model's own decoder."""
+    outputs -> logits (R, 1, V) and present K/V (R, H, P + 1, D/H), through the model's own decoder.
 
-    def __init__(self, model: OFAUFOForConditionalGeneration) -> None:
+    `int8_head`: the graph is for `quantize_int8`. The output projection multiplies its own copy of the
+    tied embedding, stored (D, V), which the quantiser turns into an int8 MatMul (given the embedding
+    itself, which a Gather reads too, it would dequantise all V x D of it at every step before an fp32
+    Gemm). An int8 projection decides near ties between tokens by its rounding (a weak demo model's
+    "red" vs "green" flipped on 8 of 40 questions), so the `RESCORE_TOP` best logits of each row are
+    then computed again in fp32 from the embedding's rows: the choice among the top candidates is the
+    fp32 model's, at the cost of K x D multiply-adds per row instead of V x D."""
+
+    def __init__(self, model: OFAUFOForConditionalGeneration, int8_head: bool = False) -> None:
         super().__init__()
         self.model = model
         self.layers = model.config.decoder_layers
+        self.head = nn.Parameter(model.lm_head.weight.detach().t().contiguous()) if int8_head else None  # (D, V)
 
     def forward(self, input_ids: torch.Tensor, encoder_padding_mask: torch.Tensor, cross_position_keys: torch.Tensor,
                 *key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -96,7 +110,13 @@ class _DecoderStepGraph(nn.Module):
                                               cross_position_keys=cross_position_keys)
         states = self.model.model.decoder(input_ids, encoder_outputs, cache)  # (R, 1, D)
         present = [t for layer in cache.self_attention_cache.layers for t in (layer.keys, layer.values)]
-        return (self.model.project(states), *present)
+        if self.head is None:
+            return (self.model.project(states), *present)
+        approximate = states @ self.head  # (R, 1, V), int8 once quantised
+        top = approximate.topk(min(RESCORE_TOP, approximate.shape[-1]), dim=-1).indices  # (R, 1, K)
+        rows = nn.functional.embedding(top, self.model.lm_head.weight)  # (R, 1, K, D) fp32
+        exact = (rows @ states.unsqueeze(-1)).squeeze(-1)  # (R, 1, K, D) @ (R, 1, D, 1) -> (R, 1, K)
+        return (approximate.scatter(-1, top, exact), *present)
 
 
 def _filled(key_values: tuple[torch.Tensor, ...]) -> DynamicCache:
@@ -161,7 +181,7 @@ def _check_exportable(model: Any, task: str | None) -> OFAUFOForConditionalGener
 
 def export_onnx(model: OFAUFOForConditionalGeneration, output: str | Path, processor: OFAUFOProcessor | None = None,
                 *, task: str | None = None, quantize: str | None = None, opset: int = DEFAULT_OPSET,
-                source: str | None = None) -> Path:
+                source: str | None = None, calibration: Sequence[Image.Image] | None = None) -> Path:
     """Write an ONNX directory that `AutoModelForSeq2SeqLM` and, with a processor, `pipeline("ofa-ufo",
     model=output)` load: encoder_model.onnx, decoder_with_past_model.onnx, config.json (type
     `ofa-ufo-onnx`), generation_config.json, the processor's files and onnx_manifest.json (graph inputs
@@ -169,23 +189,30 @@ def export_onnx(model: OFAUFOForConditionalGeneration, output: str | Path, proce
 
     The image input is fixed at the processor's image size (without a processor: `config.image_size`).
     `quantize="int8"`: both graphs through `quantize_int8` (int8 weights, activations quantised per
-    call). `task` fixes a routed supernet's task by extracting its subnet first (see `_check_exportable`).
+    call; the decoder's output projection int8 with its best logits recomputed in fp32, see
+    `_DecoderStepGraph`); with `calibration` images (what the model will see; the processor is needed)
+    the encoder's convolutions become int8 too, their activation ranges measured on those images.
+    `task` fixes a routed supernet's task by extracting its subnet first (see `_check_exportable`).
     The model itself is left untouched (the exporter's graph passes would change its weights in place:
     a copy is exported).
     """
     if quantize not in (None, *QUANTIZATIONS):
         raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
+    if calibration is not None and (quantize is None or processor is None):
+        raise ValueError("calibration images are for quantize='int8' and need the processor that prepares them")
     dense = _check_exportable(model, task)
     dense = (copy.deepcopy(dense) if dense is model else dense).float().eval()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         graphs = Path(scratch) if quantize else output
-        _export_graphs(dense, _image_size(dense, processor), graphs, opset)
+        _export_graphs(dense, _image_size(dense, processor), graphs, opset, int8_head=bool(quantize))
         if quantize:
-            for name in (ENCODER_FILE, DECODER_FILE):
-                quantize_int8(graphs / name, output / name)
-    _write_support_files(dense, processor, output, opset, quantize or "fp32", source)
+            feeds = calibration_feeds(processor, calibration) if calibration is not None else None
+            quantize_int8(graphs / ENCODER_FILE, output / ENCODER_FILE, feeds)
+            quantize_int8(graphs / DECODER_FILE, output / DECODER_FILE, lookups=False)
+    _write_support_files(dense, processor, output, opset, quantize or "fp32", source,
+                         len(calibration) if calibration is not None else 0)
     return output
 
 
@@ -202,13 +229,14 @@ def _image_size(model: OFAUFOForConditionalGeneration, processor: OFAUFOProcesso
     return size if isinstance(size, int) else size["height"]
 
 
-def _export_graphs(model: OFAUFOForConditionalGeneration, image_size: int, output: Path, opset: int) -> None:
+def _export_graphs(model: OFAUFOForConditionalGeneration, image_size: int, output: Path, opset: int,
+                   int8_head: bool = False) -> None:
     layers = model.config.decoder_layers
     encoder_inputs, decoder_inputs = _example_inputs(model, image_size)
     encoder_axes, decoder_axes = _dynamic_axes(layers)
     jobs = ((_EncoderGraph(model), encoder_inputs, ENCODER_FILE, encoder_input_names(), encoder_output_names(layers),
              encoder_axes),
-            (_DecoderStepGraph(model), decoder_inputs, DECODER_FILE, decoder_input_names(layers),
+            (_DecoderStepGraph(model, int8_head), decoder_inputs, DECODER_FILE, decoder_input_names(layers),
              decoder_output_names(layers), decoder_axes))
     for graph, inputs, name, input_names, output_names, axes in jobs:
         with torch.no_grad(), warnings.catch_warnings():
@@ -218,20 +246,58 @@ def _export_graphs(model: OFAUFOForConditionalGeneration, image_size: int, outpu
                               input_names=input_names, output_names=output_names, dynamic_axes=axes)
 
 
-def quantize_int8(source: str | Path, target: str | Path) -> None:
+def quantize_int8(source: str | Path, target: str | Path,
+                  calibration: Sequence[dict[str, np.ndarray]] | None = None, lookups: bool = True) -> None:
     """ONNX Runtime's dynamic quantisation: int8 weights for the MatMul, Gemm and Gather ops of the
     transformer (per output channel), activations quantised on the fly per call. Attention's
-    activation-by-activation products and the ResNet stem's convolutions stay fp32 (ONNX Runtime's
-    dynamic ConvInteger takes only initializer weights, which the exporter's folded Conv + BatchNorm are not)."""
-    # onnxruntime is an optional dependency (the `export` extra): imported only when quantising
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    activation-by-activation products stay fp32. `lookups=False` leaves the Gathers (embedding
+    lookups: size, not speed) fp32, for a graph that reads exact rows of a table (the decoder's rescoring).
 
-    quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul", "Gemm", "Gather"],
-                     weight_type=QuantType.QInt8, per_channel=True, extra_options={"MatMulConstBOnly": True})
+    Convolutions (the ResNet stem, a dense head) need `calibration`, feeds of the graph's inputs: with
+    it they are quantised statically first (int8 weights per channel, uint8 activations whose ranges
+    are the min / max seen on the feeds, QDQ format), which ONNX Runtime runs as int8 convolutions.
+    Without it they stay fp32: dynamic int8 convolutions are slower than fp32 ones on x86 CPUs, and
+    activation ranges need data that looks like what the model will see."""
+    # onnxruntime is an optional dependency (the `export` extra): imported only when quantising
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    with tempfile.TemporaryDirectory() as scratch:
+        if calibration:
+            static = Path(scratch) / "convs_int8.onnx"
+            quantize_static(str(source), str(static), _Feeds(calibration), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["Conv"], per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8)
+            source = static
+        quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul", "Gemm"] + ["Gather"] * lookups,
+                         weight_type=QuantType.QInt8, per_channel=True, extra_options={"MatMulConstBOnly": True})
+
+
+class _Feeds:
+    """ONNX Runtime's calibration reader protocol (`get_next` until None) over a list of feeds."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+        self._feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def calibration_feeds(processor: OFAUFOProcessor, images: Sequence[Image.Image],
+                      task: str = "caption") -> list[dict[str, np.ndarray]]:
+    """Encoder graph feeds for `quantize_int8(..., calibration=)`: each image with `task`'s prompt."""
+    if not images:
+        raise ValueError("calibration needs at least one image")
+    prompt = get_task(task).prompt()
+    dtypes = {"input_ids": np.int64, "attention_mask": np.int64, "pixel_values": np.float32, "image_mask": np.bool_}
+    feeds = []
+    for image in images:
+        inputs = processor(images=[image], text=[prompt])
+        feeds.append({name: inputs[name].numpy().astype(dtypes[name]) for name in encoder_input_names()})
+    return feeds
 
 
 def _write_support_files(model: OFAUFOForConditionalGeneration, processor: OFAUFOProcessor | None, output: Path,
-                         opset: int, precision: str, source: str | None) -> None:
+                         opset: int, precision: str, source: str | None, calibration_images: int = 0) -> None:
     """config.json, generation_config.json, the processor's files and the manifest."""
     # onnx and onnxruntime are optional dependencies (the `export` extra), read here for their versions
     import onnx
@@ -247,6 +313,7 @@ def _write_support_files(model: OFAUFOForConditionalGeneration, processor: OFAUF
     manifest = {
         "format": "onnx",
         "precision": precision,
+        "calibration_images": calibration_images,  # > 0: the encoder's convolutions are int8 as well
         "opset": opset,
         "source_model": source or model.name_or_path or None,
         "task": model.config.vision_config.supernet_task,
