@@ -3,13 +3,17 @@ archs they were not fitted on, how the searched pick compares with random in-bud
 the zero-shot score ranks.
 
     .venv/bin/python benchmarks/chips_search.py --model checkpoints/ofa_ufo_tiny_ufo.pretrain_demo_chips \
-        --task classification --target cpu-fp32 --fit 24 --held-out 16 --examples 200
+        --task classification --target cpu-fp32 --fit 24 --held-out 16 --examples 200 [--metric loss] \
+        [--profiles DIR]
 
 Steps: evaluate `--fit` archs (largest, smallest, random) and `--held-out` other random archs
-(metric on the spec's held-out data, latency on the target); fit the metric and latency GPs on the
-first set and report Kendall's tau on the second; search under a latency budget (the median of the
-evaluated latencies unless `--budget-ms`) with the same `--fit` samples; evaluate the best of `--fit`
-random archs predicted inside the budget; print the table and write JSON next to the model.
+(metric on the spec's held-out data: the headline metric, or with `--metric loss` minus the held-out
+cross-entropy; latency on the target, all of them timed side by side in `--repeats` interleaved
+rounds, kept in `--profiles`, default <model>/profiles, whose earlier records are reused); fit the
+metric and latency GPs on the first set and report Kendall's tau on the second; search under a
+latency budget (the median of the evaluated latencies unless `--budget-ms`) with the same `--fit`
+samples; evaluate the best of `--fit` random archs measured inside the budget; print the table and
+write JSON next to the model.
 """
 
 from __future__ import annotations
@@ -24,12 +28,11 @@ import torch
 
 from ofa_ufo.core.timing import device_name
 from ofa_ufo.deploy.nas import (
-    ArchPredictor, arch_to_dict, kendall_tau, random_archs, search, zero_shot_score,
+    ArchPredictor, arch_to_dict, kendall_tau, random_archs, sample_archs, search, zero_shot_score,
 )
-from ofa_ufo.deploy.subnets import largest_arch, smallest_arch
 from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
 from ofa_ufo.hf.processing import OFAUFOProcessor
-from ofa_ufo.search import ArchEvaluator
+from ofa_ufo.search import METRICS, ArchEvaluator
 
 
 def main() -> None:
@@ -42,6 +45,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget-ms", type=float)
+    parser.add_argument("--metric", choices=METRICS, default="headline")
+    parser.add_argument("--profiles", help="latency records folder (default <model>/profiles)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -51,12 +56,13 @@ def main() -> None:
     processor = OFAUFOProcessor.from_pretrained(args.model)
     config = model.config
     evaluator = ArchEvaluator(model, processor, args.task, None, args.examples, 50, args.target, args.repeats,
-                              Path(args.model) / "profiles")
+                              Path(args.profiles or Path(args.model) / "profiles"), args.metric)
     print(f"measured on {device_name()}; task {args.task}, target {args.target}, {args.examples} held-out examples")
 
-    extremes = [largest_arch(config), smallest_arch(config)]
-    fit = extremes + random_archs(config, args.fit - 2, args.seed, exclude=extremes)
+    fit = sample_archs(config, args.fit, args.seed)  # the archs search() fits on with the same seed
     held = random_archs(config, args.held_out, args.seed + 1000, exclude=fit)
+    random_pool = random_archs(config, args.fit, args.seed + 2000)
+    evaluator.prefetch_latencies(fit + held + random_pool, args.repeats)
     rows = {}
     for arch in fit + held:
         rows[arch] = (evaluator.metric(arch), evaluator.latency_ms(arch))
@@ -74,7 +80,6 @@ def main() -> None:
     result = search(config, evaluator.metric, evaluator.latency_ms, ("latency_ms", budget), samples=args.fit,
                     seed=args.seed)
     # the baseline: as many random archs as the search evaluated, kept only when measured inside the budget
-    random_pool = random_archs(config, args.fit, args.seed + 2000)
     random_in = [(evaluator.metric(a), evaluator.latency_ms(a), a) for a in random_pool]
     random_in = [r for r in random_in if r[1] <= budget]
     best_random = max(random_in, key=lambda r: (r[0], -r[1])) if random_in else None

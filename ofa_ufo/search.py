@@ -30,23 +30,35 @@ from ofa_ufo.core.timing import device_name
 from ofa_ufo.data.sources import open_examples
 from ofa_ufo.data.specs import load_spec
 from ofa_ufo.deploy.nas import (
-    SearchResult, kendall_tau, parse_budget, search, subnet_flops, subnet_params, zero_shot_score,
+    SearchResult, kendall_tau, parse_budget, sample_archs, search, subnet_flops, subnet_params, zero_shot_score,
 )
-from ofa_ufo.deploy.profiles import TARGETS, ProfileStore, check_target, measure_latency
+from ofa_ufo.deploy.profiles import TARGETS, ProfileStore, check_target, measure_latencies, measure_latency
 from ofa_ufo.deploy.subnets import extract_subnet, largest_arch
 from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
 from ofa_ufo.hf.processing import OFAUFOProcessor
 from ofa_ufo.models.ufo import SupernetArch
 from ofa_ufo.tasks import get_task
+from ofa_ufo.training.mixture import build_batch
 from ofa_ufo.training.report import evaluate_model
+
+
+METRICS = ("headline", "loss")
 
 
 class ArchEvaluator:
     """Metric and cost of archs of one routed supernet for one task, with the costs' fixed parts
-    (everything outside the supernet blocks) counted once on a real extracted model."""
+    (everything outside the supernet blocks) counted once on a real extracted model.
+
+    `metric="headline"` scores each arch by the task's headline metric (top-1, VQA accuracy, ...) on
+    the held-out examples; `metric="loss"` by minus the mean per-token cross-entropy of their targets
+    (teacher-forced, one forward pass per batch): a continuous score whose differences between
+    subnets are not buried under the sampling noise of a few hundred right-or-wrong answers."""
 
     def __init__(self, model, processor, task: str, spec_name: str | None, examples: int, batch_size: int,
-                 target: str, repeats: int, profile_dir: Path | None):
+                 target: str, repeats: int, profile_dir: Path | None, metric: str = "headline"):
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        self.metric_kind = metric
         supernet = model.get_encoder().supernet
         if supernet is None or not supernet.routed:
             raise ValueError("search needs a routed UFO supernet (vision_config.supernet_layers > 0, not extracted)")
@@ -58,7 +70,7 @@ class ArchEvaluator:
         self.examples = list(islice(open_examples(self.spec.data, task), examples))
         if not self.examples:
             raise ValueError(f"spec {self.spec.name!r} gave no held-out examples")
-        self.headline, self.metrics = get_task(task).headline, {}
+        self.headline, self.metrics, self.latencies = get_task(task).headline, {}, {}
         self.target, self.repeats = target, repeats
         self.store = ProfileStore(profile_dir / f"{target}.json", target) if profile_dir is not None else None
         full = largest_arch(model.config)
@@ -72,16 +84,47 @@ class ArchEvaluator:
             return extract_subnet(self.model, self.task, arch).eval()
 
     def metric(self, arch: SupernetArch) -> float:
-        """The task's headline metric of `arch`'s subnet on the held-out examples (each arch scored once)."""
+        """The metric of `arch`'s subnet on the held-out examples (each arch scored once; higher is better)."""
         if arch not in self.metrics:
-            scores = evaluate_model(self.extract(arch), self.processor, self.spec, self.examples, self.batch_size,
-                                    max_failures=0.0).values  # a failed example would bias the arch's metric
-            self.metric_name = self.headline if self.headline in scores else next(iter(scores))
-            self.metrics[arch] = float(scores[self.metric_name])
+            if self.metric_kind == "loss":
+                self.metric_name = "neg_loss"
+                self.metrics[arch] = -self.heldout_loss(self.extract(arch))
+            else:
+                scores = evaluate_model(self.extract(arch), self.processor, self.spec, self.examples, self.batch_size,
+                                        max_failures=0.0).values  # a failed example would bias the arch's metric
+                self.metric_name = self.headline if self.headline in scores else next(iter(scores))
+                self.metrics[arch] = float(scores[self.metric_name])
         return self.metrics[arch]
 
+    def heldout_loss(self, model) -> float:
+        """Mean cross-entropy per target token of the held-out examples under `model` (no label smoothing)."""
+        total, tokens = 0.0, 0
+        with torch.inference_mode():
+            for start in range(0, len(self.examples), self.batch_size):
+                batch = build_batch(self.processor, self.examples[start : start + self.batch_size], model.config,
+                                    self.spec.prompt_style)
+                labels = batch.pop("labels")  # (B, T), -100 where ignored
+                logits = model(**batch, decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels)).logits
+                kept = labels.ne(-100) & labels.ne(model.config.pad_token_id)
+                total += float(torch.nn.functional.cross_entropy(logits[kept].float(), labels[kept], reduction="sum"))
+                tokens += int(kept.sum())
+        return total / max(tokens, 1)
+
+    def prefetch_latencies(self, archs: Sequence[SupernetArch], rounds: int) -> None:
+        """Measure, side by side in interleaved rounds, the latencies of those `archs` not yet on record,
+        so that `latency_ms` ranks them by cost rather than by when each was timed."""
+        todo = [a for a in dict.fromkeys(archs) if self.store is None or self.store.lookup(a) is None]
+        if not todo:
+            return
+        records = measure_latencies({a: self.extract(a) for a in todo}, self.processor, self.target, self.task,
+                                    rounds)
+        for arch in todo:
+            self.latencies[arch] = records[arch].ms
+            if self.store is not None:
+                self.store.add(records[arch])
+
     def latency_ms(self, arch: SupernetArch) -> float:
-        known = self.store.lookup(arch) if self.store is not None else None
+        known = self.latencies.get(arch) or (self.store.lookup(arch) if self.store is not None else None)
         if known is not None:
             return known
         record = measure_latency(self.extract(arch), self.processor, self.target, self.task, self.repeats, arch=arch)
@@ -126,7 +169,9 @@ def run_search(args: argparse.Namespace) -> dict:
     processor = OFAUFOProcessor.from_pretrained(args.model)
     profiles = Path(args.profiles) if args.profiles else Path(args.model) / "profiles"
     evaluator = ArchEvaluator(model, processor, args.task, args.spec, args.examples, args.batch_size, args.target,
-                              args.repeats, profiles)
+                              args.repeats, profiles, args.metric)
+    if kind == "latency_ms":
+        evaluator.prefetch_latencies(sample_archs(model.config, args.samples, args.seed), args.repeats)
     result = search(model.config, evaluator.metric, evaluator.cost(kind), (kind, limit), samples=args.samples,
                     predict_cost=kind == "latency_ms", seed=args.seed)
     report = {"task": args.task, "target": args.target, "device": device_name(), "metric": evaluator.metric_name,
@@ -153,8 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spec", help="held-out data spec (default demo_<task>)")
     parser.add_argument("--examples", type=int, default=100, help="held-out examples per evaluated arch")
     parser.add_argument("--samples", type=int, default=24, help="archs evaluated to fit the predictors")
+    parser.add_argument("--metric", choices=METRICS, default="headline",
+                        help="headline: the task's metric (top1, ...); loss: minus the held-out cross-entropy, "
+                        "a smoother score for ranking close subnets")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per latency (median)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs per latency (median; the sampled archs are timed in interleaved rounds)")
     parser.add_argument("--profiles", help="folder of per-target latency records (default <model>/profiles)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--zero-shot", action="store_true", help="also rank the samples by the zero-shot score")

@@ -181,6 +181,52 @@ def test_latency_of_an_extracted_subnet(supernet, processor):
         measure_latency(supernet, processor, "cpu-fp32", repeats=1)
 
 
+def test_latencies_of_several_subnets_are_timed_in_interleaved_rounds(supernet, processor, monkeypatch):
+    from ofa_ufo.deploy import profiles
+
+    archs = [smallest_arch(supernet.config), largest_arch(supernet.config)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = {arch: extract_subnet(supernet, "caption", arch) for arch in archs}
+    calls = []
+    real = profiles.interleaved_times
+
+    def spy(fns, rounds, warmup):
+        calls.append((list(fns), rounds, warmup))
+        return real(fns, rounds, warmup)
+
+    monkeypatch.setattr(profiles, "interleaved_times", spy)
+    records = profiles.measure_latencies(dense, processor, "cpu-fp32", rounds=2, warmup=1, new_tokens=2)
+    assert calls == [(archs, 2, 1)]  # one interleaved timing for both, not one after the other
+    assert list(records) == archs
+    assert all(r.ms > 0 and r.repeats == 2 and r.new_tokens == 2 and r.target == "cpu-fp32" for r in records.values())
+    assert records[archs[1]].arch == {"depth": 2, "heads": [4, 4], "hidden": [64, 64]}
+    with pytest.raises(ValueError, match="extracted subnets"):
+        profiles.measure_latencies({archs[0]: supernet}, processor, "cpu-fp32", rounds=1)
+
+
+def test_the_loss_metric_is_minus_the_models_own_heldout_loss(supernet, processor, tmp_path):
+    """`metric="loss"` against the model's own cross-entropy (label smoothing 0) on the same batch, and the
+    interleaved latencies it prefetches land in the profile store."""
+    from ofa_ufo.search import ArchEvaluator
+    from ofa_ufo.training.mixture import build_batch
+
+    evaluator = ArchEvaluator(supernet, processor, "classification", None, 6, 8, "cpu-fp32", 1, tmp_path, "loss")
+    arch = smallest_arch(supernet.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = extract_subnet(supernet, "classification", arch).eval()
+    assert dense.config.label_smoothing == 0.0
+    with torch.no_grad():
+        expected = float(dense(**build_batch(processor, evaluator.examples, dense.config)).loss)
+    assert evaluator.metric(arch) == pytest.approx(-expected, rel=1e-4)
+    assert evaluator.metric_name == "neg_loss"
+    evaluator.prefetch_latencies([arch, largest_arch(supernet.config)], rounds=1)
+    assert ProfileStore(tmp_path / "cpu-fp32.json", "cpu-fp32").lookup(arch) == evaluator.latency_ms(arch) > 0
+    with pytest.raises(ValueError, match="metric must be one of"):
+        ArchEvaluator(supernet, processor, "classification", None, 2, 8, "cpu-fp32", 1, None, "accuracy")
+
+
 def test_profile_store_round_trip_and_other_machines(tmp_path):
     path = tmp_path / "cpu-fp32.json"
     store = ProfileStore(path, "cpu-fp32")

@@ -36,7 +36,8 @@ from ofa_ufo.models.ufo import SupernetArch
 
 __all__ = [
     "ArchPredictor", "Evaluated", "SearchResult", "arch_from_dict", "arch_to_dict", "candidate_archs", "encode_arch",
-    "kendall_tau", "pareto_front", "random_archs", "search", "subnet_flops", "subnet_params", "zero_shot_score",
+    "kendall_tau", "pareto_front", "random_archs", "sample_archs", "search", "subnet_flops", "subnet_params",
+    "zero_shot_score",
 ]
 
 Budget = tuple[str, float]  # (kind, limit): ("latency_ms", 12.0), ("params", 2e6), ("flops", 1e8)
@@ -266,6 +267,12 @@ def parse_budget(text: str) -> Budget:
     return kind, limit
 
 
+def sample_archs(config: OFAUFOConfig, samples: int, seed: int = 0) -> list[SupernetArch]:
+    """The archs `search` evaluates to fit its predictors: the largest, the smallest, then random ones."""
+    extremes = [largest_arch(config), smallest_arch(config)]
+    return extremes + random_archs(config, samples - 2, seed, exclude=extremes)
+
+
 def search(config: OFAUFOConfig, evaluate: Callable[[SupernetArch], float], cost: Callable[[SupernetArch], float],
            budget: Budget, samples: int = 24, predict_cost: bool = True, seed: int = 0,
            candidates: int = 20000, tries: int = 3, progress: bool = True) -> SearchResult:
@@ -280,8 +287,7 @@ def search(config: OFAUFOConfig, evaluate: Callable[[SupernetArch], float], cost
     kind, limit = budget
     if samples < 3:
         raise ValueError(f"samples must be at least 3 (largest, smallest and one random arch), got {samples}")
-    extremes = [largest_arch(config), smallest_arch(config)]
-    sampled = extremes + random_archs(config, samples - 2, seed, exclude=extremes)
+    sampled = sample_archs(config, samples, seed)
     evaluated = []
     for arch in tqdm(sampled, desc="evaluate sampled archs", unit="arch", disable=not progress):
         evaluated.append(Evaluated(arch, metric=float(evaluate(arch)), cost=float(cost(arch))))

@@ -28,13 +28,14 @@ import torch
 from PIL import Image
 
 from ofa_ufo.core.hardware import precision_support
-from ofa_ufo.core.timing import device_name, run_times
+from ofa_ufo.core.timing import device_name, interleaved_times, run_times
 from ofa_ufo.deploy.nas import arch_from_dict, arch_to_dict
 from ofa_ufo.deploy.onnx_export import export_onnx, load_onnx_model
 from ofa_ufo.models.ufo import SupernetArch
 from ofa_ufo.tasks import get_task
 
-__all__ = ["TARGETS", "LatencyRecord", "ProfileStore", "check_target", "measure_latency", "request_inputs"]
+__all__ = ["TARGETS", "LatencyRecord", "ProfileStore", "check_target", "measure_latencies", "measure_latency",
+           "request_inputs"]
 
 TARGETS = {
     "cpu-fp32": "PyTorch on this CPU, fp32",
@@ -116,6 +117,25 @@ def measure_latency(model, processor, target: str, task: str = "caption", repeat
         times = run_times(lambda: run(inputs, new_tokens), repeats, warmup)
     return LatencyRecord(target, 1e3 * float(np.median(times)), repeats, new_tokens, target_device(target),
                          arch_to_dict(arch) if arch is not None else None)
+
+
+def measure_latencies(models: dict[SupernetArch, Any], processor, target: str, task: str = "caption",
+                      rounds: int = 10, warmup: int = 2, new_tokens: int = 8) -> dict[SupernetArch, LatencyRecord]:
+    """`measure_latency` for several extracted subnets (keyed by arch) at once, timed in interleaved rounds
+    (`ofa_ufo.core.timing.interleaved_times`): subnets that differ by a few percent are ranked by their
+    cost, not by the machine's drift between one subnet's turn and the next."""
+    check_target(target)
+    with tempfile.TemporaryDirectory(prefix="ofa_ufo_profile_") as workdir:
+        runs, inputs = {}, None
+        for index, (arch, model) in enumerate(models.items()):
+            if model.get_encoder().supernet is not None and model.get_encoder().supernet.routed:
+                raise ValueError("measure extracted subnets, not the routed supernet")
+            inputs = inputs or request_inputs(processor, task, model.config.image_size)
+            runs[arch] = _runner(model.eval(), target, Path(workdir) / str(index))
+        times = interleaved_times({arch: (lambda run=run: run(inputs, new_tokens)) for arch, run in runs.items()},
+                                  rounds, warmup)
+    return {arch: LatencyRecord(target, 1e3 * float(np.median(times[arch])), rounds, new_tokens,
+                                target_device(target), arch_to_dict(arch)) for arch in models}
 
 
 class ProfileStore:
