@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -156,6 +157,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--profile", action="store_true",
                         help="with int8: where one greedy decode's time goes (torch.profiler), fp32 and int8")
+    parser.add_argument("--onnx", action="store_true",
+                        help="with int8: also the greedy decode on ONNX Runtime fp32 and int8 graphs")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     args = parser.parse_args()
     args.parts = set(args.parts.split(","))
@@ -269,9 +272,30 @@ def int8_rows(args: argparse.Namespace, model, processor) -> list[str]:
     rows = [row(f"{what} (int8 layers, fp32 output head)", speeds[0], speeds[1], "tokens/s", True),
             row(f"{what} (int8, output head included)", speeds[0], speeds[2], "tokens/s", True),
             f"| greedy tokens identical to fp32 (int8), {args.agreement_images} images | - | {share:.0%} | - |"]
+    if args.onnx:
+        rows += onnx_rows(args, model, processor, speeds[0], tokens, what)
     print("\n".join(rows), flush=True)
     if args.profile:
         print_profile({"fp32": model, "int8": int8}, processor, tokens)
+    return rows
+
+
+def onnx_rows(args: argparse.Namespace, model, processor, fp32_speed: float, tokens: int, what: str) -> list[str]:
+    """The same greedy decode on ONNX Runtime graphs (`ofa-ufo export --format onnx [--quantize int8]`), with
+    as many threads as torch, against PyTorch fp32."""
+    from ofa_ufo.deploy.onnx_export import export_onnx, load_onnx_model
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for quantize in (None, "int8"):
+            path = export_onnx(model, Path(scratch) / str(quantize), processor, quantize=quantize)
+            ort = load_onnx_model(path, threads=torch.get_num_threads())
+            speed = decode_speed(ort, processor, tokens, args.repeats)
+            rows.append(row(f"{what} (ONNX Runtime {quantize or 'fp32'})", fp32_speed, speed, "tokens/s", True))
+            if quantize:
+                share = agreement(model, ort, processor, torch.float32, 1, args.agreement_images, args.new_tokens)
+                rows.append(f"| greedy tokens identical to fp32 (ONNX Runtime int8), {args.agreement_images} images "
+                            f"| - | {share:.0%} | - |")
     return rows
 
 

@@ -301,3 +301,22 @@ def test_export_cli_writes_an_int8_model(tiny_checkpoint, tmp_path, capsys):
     assert "int8" in capsys.readouterr().out
     assert isinstance(AutoModelForSeq2SeqLM.from_pretrained(output), OFAUFOInt8ForConditionalGeneration)
     assert (output / "tokenizer.json").is_file()
+
+
+@pytest.mark.benchmark
+def test_quick_benchmark_prints_the_int8_rows_of_both_runtimes():
+    """benchmarks/precision.py --quick --parts int8 --onnx: the ISA line first, then PyTorch's and ONNX Runtime's
+    int8 rows with their token agreement."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "benchmarks/precision.py", "--quick", "--parts", "int8", "--onnx"],
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("ISA: ")
+    for row in ("(int8, output head included) |", "(ONNX Runtime fp32) |", "(ONNX Runtime int8) |",
+                "greedy tokens identical to fp32 (ONNX Runtime int8)"):
+        assert row in result.stdout, row
