@@ -110,18 +110,21 @@ class ArchEvaluator:
                 tokens += int(kept.sum())
         return total / max(tokens, 1)
 
-    def prefetch_latencies(self, archs: Sequence[SupernetArch], rounds: int) -> None:
+    def prefetch_latencies(self, archs: Sequence[SupernetArch], rounds: int, memory_bytes: float = 4 * 2**30) -> None:
         """Measure, side by side in interleaved rounds, the latencies of those `archs` not yet on record,
-        so that `latency_ms` ranks them by cost rather than by when each was timed."""
+        so that `latency_ms` ranks them by cost rather than by when each was timed. The subnets live in
+        memory together, so they are measured in groups of at most `memory_bytes` of fp32 weights."""
         todo = [a for a in dict.fromkeys(archs) if self.store is None or self.store.lookup(a) is None]
-        if not todo:
-            return
-        records = measure_latencies({a: self.extract(a) for a in todo}, self.processor, self.target, self.task,
-                                    rounds)
-        for arch in todo:
-            self.latencies[arch] = records[arch].ms
-            if self.store is not None:
-                self.store.add(records[arch])
+        largest = 4 * subnet_params(self.model.config, largest_arch(self.model.config), self.fixed_params)
+        group = max(2, int(memory_bytes // largest))
+        for start in range(0, len(todo), group):
+            chunk = todo[start : start + group]
+            records = measure_latencies({a: self.extract(a) for a in chunk}, self.processor, self.target, self.task,
+                                        rounds)
+            for arch in chunk:
+                self.latencies[arch] = records[arch].ms
+                if self.store is not None:
+                    self.store.add(records[arch])
 
     def latency_ms(self, arch: SupernetArch) -> float:
         known = self.latencies.get(arch) or (self.store.lookup(arch) if self.store is not None else None)

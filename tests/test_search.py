@@ -221,7 +221,21 @@ def test_the_loss_metric_is_minus_the_models_own_heldout_loss(supernet, processo
         expected = float(dense(**build_batch(processor, evaluator.examples, dense.config)).loss)
     assert evaluator.metric(arch) == pytest.approx(-expected, rel=1e-4)
     assert evaluator.metric_name == "neg_loss"
-    evaluator.prefetch_latencies([arch, largest_arch(supernet.config)], rounds=1)
+    import ofa_ufo.search as search_module
+
+    groups = []
+    real = search_module.measure_latencies
+
+    def spy(models, *args, **kwargs):
+        groups.append(list(models))
+        return real(models, *args, **kwargs)
+
+    archs = [arch, largest_arch(supernet.config), SupernetArch(2, (3, 4), (48, 64))]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(search_module, "measure_latencies", spy)
+        evaluator.prefetch_latencies(archs, rounds=1, memory_bytes=1)  # room for the minimum group of two
+        evaluator.prefetch_latencies(archs, rounds=1)  # all on record: nothing timed again
+    assert groups == [archs[:2], archs[2:]]
     assert ProfileStore(tmp_path / "cpu-fp32.json", "cpu-fp32").lookup(arch) == evaluator.latency_ms(arch) > 0
     with pytest.raises(ValueError, match="metric must be one of"):
         ArchEvaluator(supernet, processor, "classification", None, 2, 8, "cpu-fp32", 1, None, "accuracy")
