@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import ofa_ufo
 from ofa_ufo.core.timing import device_name
 from ofa_ufo.deploy.nas import (
     ArchPredictor, arch_to_dict, kendall_tau, random_archs, sample_archs, search, zero_shot_score,
@@ -37,7 +38,12 @@ from ofa_ufo.search import METRICS, ArchEvaluator
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a trained routed supernet directory")
+    source.add_argument("--preset", help="a randomly initialised routed supernet preset, with --latency-only")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only the latency predictor: fit on --fit archs, Kendall tau on --held-out (weights do "
+                        "not change latency, so a random supernet whose blocks dominate a request will do)")
     parser.add_argument("--task", default="classification")
     parser.add_argument("--target", default="cpu-fp32")
     parser.add_argument("--fit", type=int, default=24)
@@ -52,12 +58,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model = OFAUFOForConditionalGeneration.from_pretrained(args.model).eval()
-    processor = OFAUFOProcessor.from_pretrained(args.model)
+    if args.preset and not args.latency_only:
+        parser.error("--preset (random weights) measures latency only: add --latency-only")
+    if args.preset:
+        torch.manual_seed(args.seed)
+        model, processor = ofa_ufo.create_model(args.preset).eval(), ofa_ufo.create_processor(args.preset)
+    else:
+        model = OFAUFOForConditionalGeneration.from_pretrained(args.model).eval()
+        processor = OFAUFOProcessor.from_pretrained(args.model)
     config = model.config
+    profiles = Path(args.profiles) if args.profiles else Path(args.model or ".") / "profiles"
     evaluator = ArchEvaluator(model, processor, args.task, None, args.examples, 50, args.target, args.repeats,
-                              Path(args.profiles or Path(args.model) / "profiles"), args.metric)
+                              profiles, args.metric)
     print(f"measured on {device_name()}; task {args.task}, target {args.target}, {args.examples} held-out examples")
+    if args.latency_only:
+        return latency_only(args, config, evaluator, start)
 
     fit = sample_archs(config, args.fit, args.seed)  # the archs search() fits on with the same seed
     held = random_archs(config, args.held_out, args.seed + 1000, exclude=fit)
@@ -111,6 +126,26 @@ def main() -> None:
                                                          "arch": arch_to_dict(best_random[2])},
     }, indent=1))
     print(f"written {out}")
+
+
+def latency_only(args: argparse.Namespace, config, evaluator: ArchEvaluator, start: float) -> None:
+    """The latency GP's Kendall tau on held-out archs, beside the analytic FLOPs' tau (a predictor that
+    needs no measurement at all)."""
+    fit = sample_archs(config, args.fit, args.seed)
+    held = random_archs(config, args.held_out, args.seed + 1000, exclude=fit)
+    evaluator.prefetch_latencies(fit + held, args.repeats)
+    measured = {arch: evaluator.latency_ms(arch) for arch in fit + held}
+    latency_gp = ArchPredictor(config, args.seed).fit(fit, [measured[a] for a in fit])
+    tau_gp = kendall_tau(latency_gp.predict(held), [measured[a] for a in held])
+    flops = evaluator.cost("flops")
+    tau_flops = kendall_tau([flops(a) for a in held], [measured[a] for a in held])
+    print("\n| figure | value |\n|---|---|")
+    print(f"| model | {args.preset or args.model} ({config.image_size} px) |")
+    print(f"| archs timed to fit / held out | {len(fit)} / {len(held)} |")
+    print(f"| latency range (ms) | {min(measured.values()):.1f} - {max(measured.values()):.1f} |")
+    print(f"| Kendall tau, latency GP on held-out archs | {tau_gp:.3f} |")
+    print(f"| Kendall tau, analytic FLOPs on held-out archs | {tau_flops:.3f} |")
+    print(f"| wall time (s) | {time.perf_counter() - start:.0f} |")
 
 
 if __name__ == "__main__":

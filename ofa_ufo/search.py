@@ -17,6 +17,7 @@ evaluated archs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ofa_ufo.core.timing import device_name
@@ -76,7 +78,7 @@ class ArchEvaluator:
         full = largest_arch(model.config)
         dense = self.extract(full)
         self.fixed_params = sum(p.numel() for p in dense.parameters()) - subnet_params(model.config, full)
-        self.tokens = supernet.pos_embed.num_embeddings - 1
+        self.tokens = (model.config.image_size // 16) ** 2  # the blocks' image tokens: the stem's stride-16 grid
 
     def extract(self, arch: SupernetArch):
         with warnings.catch_warnings():
@@ -113,18 +115,29 @@ class ArchEvaluator:
     def prefetch_latencies(self, archs: Sequence[SupernetArch], rounds: int, memory_bytes: float = 4 * 2**30) -> None:
         """Measure, side by side in interleaved rounds, the latencies of those `archs` not yet on record,
         so that `latency_ms` ranks them by cost rather than by when each was timed. The subnets live in
-        memory together, so they are measured in groups of at most `memory_bytes` of fp32 weights."""
+        memory together, so they are measured in groups of at most `memory_bytes` of fp32 weights; the
+        first arch is timed in every group as a reference, and each group's figures are scaled by the
+        reference's overall median over its median in that group, which takes out the machine's drift
+        between groups."""
         todo = [a for a in dict.fromkeys(archs) if self.store is None or self.store.lookup(a) is None]
+        if not todo:
+            return
         largest = 4 * subnet_params(self.model.config, largest_arch(self.model.config), self.fixed_params)
         group = max(2, int(memory_bytes // largest))
-        for start in range(0, len(todo), group):
-            chunk = todo[start : start + group]
-            records = measure_latencies({a: self.extract(a) for a in chunk}, self.processor, self.target, self.task,
-                                        rounds)
-            for arch in chunk:
-                self.latencies[arch] = records[arch].ms
-                if self.store is not None:
-                    self.store.add(records[arch])
+        reference, rest = todo[0], todo[1:]
+        chunks = [rest[start : start + group - 1] for start in range(0, len(rest), group - 1)] or [[]]
+        measured = []
+        for chunk in chunks:
+            measured.append(measure_latencies({a: self.extract(a) for a in [reference, *chunk]}, self.processor,
+                                              self.target, self.task, rounds))
+        overall = float(np.median([records[reference].ms for records in measured]))
+        for records in measured:
+            scale = overall / records[reference].ms
+            for arch, record in records.items():
+                if arch not in self.latencies:
+                    self.latencies[arch] = record.ms * scale
+                    if self.store is not None:
+                        self.store.add(dataclasses.replace(record, ms=record.ms * scale))
 
     def latency_ms(self, arch: SupernetArch) -> float:
         known = self.latencies.get(arch) or (self.store.lookup(arch) if self.store is not None else None)

@@ -235,10 +235,51 @@ def test_the_loss_metric_is_minus_the_models_own_heldout_loss(supernet, processo
         patch.setattr(search_module, "measure_latencies", spy)
         evaluator.prefetch_latencies(archs, rounds=1, memory_bytes=1)  # room for the minimum group of two
         evaluator.prefetch_latencies(archs, rounds=1)  # all on record: nothing timed again
-    assert groups == [archs[:2], archs[2:]]
+    assert groups == [archs[:2], [archs[0], archs[2]]]  # the first arch is every group's reference
     assert ProfileStore(tmp_path / "cpu-fp32.json", "cpu-fp32").lookup(arch) == evaluator.latency_ms(arch) > 0
     with pytest.raises(ValueError, match="metric must be one of"):
         ArchEvaluator(supernet, processor, "classification", None, 2, 8, "cpu-fp32", 1, None, "accuracy")
+
+
+def test_latency_groups_are_scaled_by_their_reference_arch(supernet, processor, monkeypatch):
+    """Drift between groups taken out by hand: the reference (first arch) takes 10 ms in group one and 20 ms
+    in group two (the machine ran at half speed), so its overall median is 15; an arch of 20 ms in group
+    one and one of 40 ms in group two are both 30 ms at that speed."""
+    import ofa_ufo.search as search_module
+    from ofa_ufo.search import ArchEvaluator
+
+    archs = [smallest_arch(supernet.config), largest_arch(supernet.config), SupernetArch(2, (3, 4), (48, 64))]
+    raw = iter([{archs[0]: 10.0, archs[1]: 20.0}, {archs[0]: 20.0, archs[2]: 40.0}])
+
+    def fake(models, *args, **kwargs):
+        times = next(raw)
+        assert list(models) == list(times)
+        return {a: LatencyRecord("cpu-fp32", ms, 1, 8, "CPU: test", None) for a, ms in times.items()}
+
+    monkeypatch.setattr(search_module, "measure_latencies", fake)
+    evaluator = ArchEvaluator(supernet, processor, "classification", None, 2, 8, "cpu-fp32", 1, None)
+    evaluator.prefetch_latencies(archs, rounds=1, memory_bytes=1)
+    assert [evaluator.latency_ms(a) for a in archs] == [15.0, 30.0, 30.0]
+
+
+def test_flops_budget_counts_the_image_tokens_the_blocks_see(supernet, processor):
+    """The FLOPs cost uses the token count of the model's own image size (seen here by a hook on the first
+    block), not the largest grid the position table could hold."""
+    from ofa_ufo.deploy.profiles import request_inputs
+    from ofa_ufo.search import ArchEvaluator
+
+    evaluator = ArchEvaluator(supernet, processor, "classification", None, 2, 8, "cpu-fp32", 1, None)
+    arch = largest_arch(supernet.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = extract_subnet(supernet, "classification", arch).eval()
+    seen = []
+    hook = dense.get_encoder().supernet.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].shape))
+    with torch.no_grad():
+        dense.get_encoder()(**request_inputs(processor, "classification", supernet.config.image_size))
+    hook.remove()
+    assert evaluator.cost("flops")(arch) == subnet_flops(supernet.config, arch, seen[0][1])
+    assert seen[0][1] < dense.get_encoder().supernet.pos_embed.num_embeddings - 1  # the table holds more
 
 
 def test_profile_store_round_trip_and_other_machines(tmp_path):
@@ -322,3 +363,26 @@ def test_deployment_guide_commands(tmp_path, capsys):
                 str(photo)]) == 0
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert isinstance(answer["text"], str) and answer["text"].strip() and 0 < answer["score"] <= 1
+
+
+@pytest.mark.benchmark
+def test_chips_benchmark_latency_only_on_a_random_preset(tmp_path):
+    """benchmarks/chips_search.py --preset P --latency-only: the latency predictor's table without training."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "benchmarks/chips_search.py", "--preset", "ofa_ufo_tiny_ufo", "--latency-only",
+               "--fit", "4", "--held-out", "3", "--repeats", "1", "--threads", "1", "--examples", "2",
+               "--profiles", str(tmp_path)]
+    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in ("| archs timed to fit / held out | 4 / 3 |", "| Kendall tau, latency GP on held-out archs |",
+                "| Kendall tau, analytic FLOPs on held-out archs |"):
+        assert row in result.stdout, row
+    assert len(ProfileStore(tmp_path / "cpu-fp32.json", "cpu-fp32").records) == 7
+    refused = subprocess.run(command[:4] + ["--fit", "4"], cwd=repo, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "add --latency-only" in refused.stderr
