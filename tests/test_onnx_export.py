@@ -255,6 +255,8 @@ def test_int8_export_with_calibration_images_quantises_the_convolutions(exported
     assert torch.corrcoef(torch.stack([got, reference]))[0, 1] > 0.9
     with pytest.raises(ValueError, match="calibration"):
         export_onnx(exported.dense, tmp_path / "fp32", processor, calibration=images)
+    with pytest.raises(ValueError, match="at least one"):
+        export_onnx(exported.dense, tmp_path / "none", processor, quantize="int8", calibration=[])
 
 
 @pytest.mark.slow

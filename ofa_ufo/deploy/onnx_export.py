@@ -261,6 +261,8 @@ def quantize_int8(source: str | Path, target: str | Path,
     # onnxruntime is an optional dependency (the `export` extra): imported only when quantising
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+    if calibration is not None and not calibration:
+        raise ValueError("calibration needs at least one feed (image)")
     with tempfile.TemporaryDirectory() as scratch:
         if calibration:
             static = Path(scratch) / "convs_int8.onnx"
@@ -285,8 +287,6 @@ class _Feeds:
 def calibration_feeds(processor: OFAUFOProcessor, images: Sequence[Image.Image],
                       task: str = "caption") -> list[dict[str, np.ndarray]]:
     """Encoder graph feeds for `quantize_int8(..., calibration=)`: each image with `task`'s prompt."""
-    if not images:
-        raise ValueError("calibration needs at least one image")
     prompt = get_task(task).prompt()
     dtypes = {"input_ids": np.int64, "attention_mask": np.int64, "pixel_values": np.float32, "image_mask": np.bool_}
     feeds = []
