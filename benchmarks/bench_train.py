@@ -1,6 +1,7 @@
 """Training-step benchmark: samples/s and peak memory of the trainer's step for tiny and base.
 
     .venv/bin/python benchmarks/bench_train.py [--image-size 256] [--batch-size 8] [--steps 5] [--data-workers 0]
+    .venv/bin/python benchmarks/bench_train.py --precision fp32 bf16   # the same steps in both, side by side
 
 Each model runs in its own subprocess (so peak RSS is its own): the real `Trainer.train_step`
 (mixture batch of caption/VQA/grounding/detection/classification, forward, backward, clipping,
@@ -29,7 +30,7 @@ TASKS = {"caption": 1.0, "vqa": 1.0, "grounding": 1.0, "detection": 1.0, "classi
 
 
 def measure(model: str, image_size: int, batch_size: int, steps: int, warmup: int,
-            data_workers: int) -> dict[str, float]:
+            data_workers: int, precision: str) -> dict[str, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -39,7 +40,7 @@ def measure(model: str, image_size: int, batch_size: int, steps: int, warmup: in
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(model=model, model_overrides={"image_size": image_size, "dropout": 0.1},
                              tasks=TASKS, batch_size=batch_size, max_steps=warmup + 2 * steps + 1, lr=1e-4,
-                             eval_examples=0, output_dir=tmp, data_workers=data_workers)
+                             eval_examples=0, output_dir=tmp, data_workers=data_workers, precision=precision)
         trainer = Trainer(config, resume="never")
         trainer.model.train()
         gpu = torch.cuda.is_available()
@@ -76,11 +77,12 @@ def measure(model: str, image_size: int, batch_size: int, steps: int, warmup: in
             torch.cuda.synchronize()
         model_seconds = (time.perf_counter() - start) / steps
         params = sum(p.numel() for p in trainer.unwrapped.parameters())
-    peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if gpu
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"params_m": params / 1e6, "step_s": seconds, "samples_s": batch_size / seconds,
             "model_step_s": model_seconds, "gflop_step": flops / 1e9, "gflops_s": flops / seconds / 1e9,
             "model_gflops_s": flops / model_seconds / 1e9, "peak_mib": peak,
-            "device": device_name("cuda" if gpu else "cpu"), "gpu": gpu}
+            "device": device_name("cuda" if gpu else "cpu"), "gpu": gpu, "precision": trainer.precision.precision}
 
 
 def main() -> None:
@@ -92,39 +94,43 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak for MFU")
     parser.add_argument("--data-workers", type=int, default=0, help="DataLoader workers building the batches")
+    parser.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"],
+                        help="the trainer's precision; several: each model timed in each")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.image_size, args.batch_size, args.steps, args.warmup,
-                                 args.data_workers)))
+                                 args.data_workers, args.precision[0])))
         return
     rows = []
     for model in args.models:
-        command = [sys.executable, __file__, "--child", model, "--image-size", str(args.image_size),
-                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--data-workers", str(args.data_workers)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"{model}: the measuring process failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-        rows.append((model, json.loads(done.stdout.strip().splitlines()[-1])))
+        for precision in args.precision:
+            command = [sys.executable, __file__, "--child", model, "--image-size", str(args.image_size),
+                       "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup",
+                       str(args.warmup), "--data-workers", str(args.data_workers), "--precision", precision]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{model} ({precision}): the measuring process failed (exit {done.returncode}):\n"
+                         f"{done.stderr[-4000:]}")
+            rows.append((model, json.loads(done.stdout.strip().splitlines()[-1])))
     print(f"train step, {args.image_size} px, batch {args.batch_size} (5-task mixture), {args.steps} timed steps, "
           f"{args.data_workers} data workers")
-    print("| model | params (M) | device | step (s) | model step (s) | samples/s | GFLOP/step | GFLOP/s "
+    print("| model | precision | params (M) | device | step (s) | model step (s) | samples/s | GFLOP/step | GFLOP/s "
           "| peak memory (MiB) | MFU step / model step |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model, r in rows:
         mfu = "-"
         if r["gpu"]:
             peak = args.peak_tflops * 1e3
             mfu = f"{r['gflops_s'] / peak:.1%} / {r['model_gflops_s'] / peak:.1%}"
-        print(f"| {model} | {r['params_m']:.1f} | {r['device']} | {r['step_s']:.3f} | "
+        print(f"| {model} | {r['precision']} | {r['params_m']:.1f} | {r['device']} | {r['step_s']:.3f} | "
               f"{r['model_step_s']:.3f} | {r['samples_s']:.2f} | {r['gflop_step']:.1f} | {r['gflops_s']:.1f} | "
               f"{r['peak_mib']:.0f} | {mfu} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"image_size": args.image_size, "batch_size": args.batch_size, "data_workers": args.data_workers,
-                       "rows": {model: r for model, r in rows}}, f, indent=1)
+                       "rows": [dict(r, model=model) for model, r in rows]}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import warnings
 from pathlib import Path
@@ -28,7 +29,7 @@ from PIL import Image
 
 import ofa_ufo
 from ofa_ufo.core.hardware import cpu_flags, cpuinfo_path, precision_support
-from ofa_ufo.core.timing import cpu_name, median_time
+from ofa_ufo.core.timing import cpu_name, interleaved_times, median_time
 
 REPO = Path(__file__).resolve().parents[1]
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -86,14 +87,17 @@ def reset_hwm() -> None:
 
 
 def encoder_times(model, bf16, processor, batch: int, repeats: int) -> tuple[float, float | None]:
-    """Median seconds of one encoder forward of `batch` images: fp32, then bf16 (None when not run)."""
+    """Median seconds of one encoder forward of `batch` images: fp32, then bf16 (None when not run), the two
+    timed in interleaved rounds so that a machine whose speed drifts hands the drift to neither."""
     with torch.inference_mode():
         fp32_inputs = inputs_for(processor, batch, torch.float32)
-        fp32 = median_time(lambda: model.get_encoder()(**fp32_inputs), repeats)
-        if bf16 is None:
-            return fp32, None
-        bf16_inputs = inputs_for(processor, batch, torch.bfloat16)
-        return fp32, median_time(lambda: bf16.get_encoder()(**bf16_inputs), repeats)
+        fns = {"fp32": lambda: model.get_encoder()(**fp32_inputs)}
+        if bf16 is not None:
+            bf16_inputs = inputs_for(processor, batch, torch.bfloat16)
+            fns["bf16"] = lambda: bf16.get_encoder()(**bf16_inputs)
+        times = interleaved_times(fns, repeats)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return medians["fp32"], medians.get("bf16")
 
 
 def train_step_stats(model, processor, batch: int, autocast: bool, repeats: int) -> tuple[float, int]:
@@ -218,9 +222,11 @@ def train_rows(args: argparse.Namespace, run_bf16: bool) -> list[str]:
 
 def caption_rows(args: argparse.Namespace, model, bf16, processor) -> list[str]:
     tokens = args.new_tokens
-    fp32 = median_time(lambda: caption(model, processor, None, torch.float32, 5, tokens, True), args.repeats)
-    other = None if bf16 is None else median_time(
-        lambda: caption(bf16, processor, None, torch.bfloat16, 5, tokens, True), args.repeats)
+    fns = {"fp32": lambda: caption(model, processor, None, torch.float32, 5, tokens, True)}
+    if bf16 is not None:
+        fns["bf16"] = lambda: caption(bf16, processor, None, torch.bfloat16, 5, tokens, True)
+    medians = {name: statistics.median(values) for name, values in interleaved_times(fns, args.repeats).items()}
+    fp32, other = medians["fp32"], medians.get("bf16")
     rows = [row(f"beam-5 caption, {args.image_size} px, {tokens} new tokens (bf16)", fp32, other, "s")]
     if bf16 is not None:
         for beams, name in ((1, "greedy"), (5, "beam-5")):
@@ -266,7 +272,9 @@ def int8_rows(args: argparse.Namespace, model, processor) -> list[str]:
     int8 = ofa_ufo.quantize_int8_dynamic(model)
     fp32_head = ofa_ufo.quantize_int8_dynamic(model, head=False)
     tokens = 2 * args.new_tokens
-    speeds = [decode_speed(m, processor, tokens, args.repeats) for m in (model, fp32_head, int8)]
+    calls = {name: decode_call(m, processor, tokens) for name, m in (("fp32", model), ("fp32 head", fp32_head),
+                                                                     ("int8", int8))}
+    speeds = [tokens / statistics.median(t) for t in interleaved_times(calls, args.repeats).values()]
     share = agreement(model, int8, processor, torch.float32, 1, args.agreement_images, args.new_tokens)
     what = f"greedy decode, {tokens} new tokens, encoder precomputed"
     rows = [row(f"{what} (int8 layers, fp32 output head)", speeds[0], speeds[1], "tokens/s", True),

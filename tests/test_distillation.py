@@ -45,6 +45,20 @@ def test_token_kl_with_temperature_on_two_tokens():
     assert token_kl(teacher, teacher, temperature=2.0).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_token_kl_top_k_compares_the_teachers_candidates_only():
+    # the teacher ranks tokens 0 and 2 first; over them, renormalised: teacher softmax([3, 1]), student [.5, .5]
+    teacher = torch.tensor([[3.0, -5.0, 1.0, 0.0]])
+    student = torch.tensor([[0.0, 9.0, 0.0, 4.0]])  # its mass on tokens 1 and 3 is outside the top 2: not compared
+    expected = _kl(_softmax([3.0, 1.0]), [0.5, 0.5])
+    assert expected == pytest.approx(0.3279, abs=1e-4)
+    assert token_kl(student, teacher, temperature=1.0, top_k=2).item() == pytest.approx(expected, rel=1e-5)
+    # at T = 2 over the same two tokens: softmax([1.5, 0.5]) vs [.5, .5], x T^2
+    expected_t2 = 4 * _kl(_softmax([1.5, 0.5]), [0.5, 0.5])
+    assert token_kl(student, teacher, temperature=2.0, top_k=2).item() == pytest.approx(expected_t2, rel=1e-5)
+    # the whole vocabulary sees the student's mass on token 1: a far larger KL
+    assert token_kl(student, teacher, temperature=1.0).item() > 10 * expected
+
+
 def test_channel_wise_kl_hand_cases():
     mask = torch.ones(1, 2, dtype=torch.bool)
     student = torch.tensor([[[0.0], [0.0]]])  # (B=1, L=2, C=1)
@@ -75,6 +89,9 @@ def test_settings_errors_name_the_problem():
         parse_distill({"teacher": "x", "tempreature": 2})
     with pytest.raises(ConfigError, match="'teacher' must name"):
         parse_distill({"token_kl": 1.0})
+    with pytest.raises(ConfigError, match="'top_k' must be >= 0, got -1"):
+        parse_distill({"teacher": "x", "top_k": -1})
+    assert parse_distill({"teacher": "x", "top_k": 16}).top_k == 16
     assert parse_distill({}) is None
 
 
@@ -347,3 +364,21 @@ def test_distillation_benchmark_quick_run_writes_its_table(script, tmp_path):
     else:
         assert results["small_distilled"]["neck_head_params"] < results["teacher"]["neck_head_params"]
         assert {"map50", "map"} <= set(results["small_alone"]["metrics"])
+
+
+@pytest.mark.benchmark
+def test_distill_extend_quick_run_times_teacher_and_student_side_by_side(tmp_path):
+    """benchmarks/distill_extend.py --quick: the student has its own ResNet-26 stem and both are timed."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "benchmarks/distill_extend.py", "--quick", "--skip-extend", "--out",
+                             str(tmp_path)], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in ("| teacher |", "| student alone |", "| student + teacher |", "latency student / teacher: request"):
+        assert row in result.stdout, row
+    distill = json.loads((tmp_path / "results.json").read_text())["distill"]
+    assert set(distill["latency_ms"]) == {f"{side}_{kind}" for side in ("teacher", "student")
+                                          for kind in ("request", "forward")}
+    assert all(value > 0 for value in distill["latency_ms"].values())
+    student = json.loads((tmp_path / "student_init" / "config.json").read_text())
+    assert student["vision_config"]["resnet_type"] == "resnet26"

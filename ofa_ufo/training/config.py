@@ -110,7 +110,7 @@ class TrainConfig:
     # weight of the dense head's loss (a per-task mean per pass, like the feature-head losses) against the
     # mean token loss of the generative tasks
     dense_loss_weight: float = 1.0
-    # distillation from a frozen teacher (docs/distillation.md): {teacher: DIR, token_kl, temperature, feature,
+    # distillation from a frozen teacher (docs/distillation.md): {teacher: DIR, token_kl, temperature, top_k, feature,
     # feature_layers, feature_temperature, embedding, teacher_dtype} (ofa_ufo.training.distillation); {}: off
     distill: dict[str, Any] = field(default_factory=dict)
     scst_beams: int = 5
@@ -299,7 +299,8 @@ class DistillSettings:
 
     teacher: str = ""  # save_pretrained directory of the teacher
     token_kl: float = 1.0  # weight of the token KL (0: off)
-    temperature: float = 2.0  # softens both token distributions
+    temperature: float = 1.0  # softens both token distributions (> 1 with top_k only: see token_kl)
+    top_k: int = 0  # > 0: the token KL over the teacher's k most likely tokens only (0: whole vocabulary)
     feature: float = 0.0  # starting weight of the feature (CWD) loss, decayed to 0.1x over the run (0: off)
     feature_layers: list[str] = field(default_factory=lambda: ["encoder"])
     feature_temperature: float = 1.0  # CWD's tau (DAMO-YOLO: 1)
@@ -317,7 +318,7 @@ def _check_distill(settings: DistillSettings) -> None:
     if unknown:
         raise ConfigError(f"'feature_layers' names unknown layer(s) {unknown}; "
                           f"valid layers: {list(DISTILL_FEATURE_LAYERS)}")
-    for name in ("token_kl", "feature", "embedding"):
+    for name in ("token_kl", "feature", "embedding", "top_k"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"{name!r} must be >= 0, got {getattr(settings, name)}")
     for name in ("temperature", "feature_temperature"):
