@@ -25,7 +25,6 @@ from ofa_ufo.tasks import FREE_PROMPT, list_tasks
 EMBEDDING_READOUTS = ("decoder", "image")
 
 RESNET_LAYERS = {
-    "resnet14": (1, 1, 1),  # not an OFA size: the generative students' stem (docs/distillation.md)
     "resnet26": (2, 2, 2),  # not an OFA size: the small CNN students' stem (docs/distillation.md)
     "resnet50": (3, 4, 6),
     "resnet101": (3, 4, 23),
