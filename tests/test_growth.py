@@ -121,8 +121,10 @@ def test_smaller_resnet_stage_is_refused():
                    large_model(vision_config={"resnet_type": "resnet50"}))
 
 
+# precision=fp32: growth preserves the function exactly in fp32; where `auto` picks bf16 (a CPU with AVX512-BF16 or
+# AMX), the trainer's bf16 autocast would round the small and the grown model differently
 QUICK = ["max_steps=1", "eval_examples=2", "num_threads=1", "show_photos=false", "batch_size=4",
-         "tasks={caption: 1.0, vqa: 1.0}", "data_workers=0"]
+         "tasks={caption: 1.0, vqa: 1.0}", "data_workers=0", "precision=fp32"]
 
 
 def small_config_file(tmp_path) -> str:
@@ -130,7 +132,7 @@ def small_config_file(tmp_path) -> str:
     width = ", ".join(f"{k}: {v}" for k, v in SMALL.items())
     path.write_text(f"model: ofa_ufo_tiny\nmodel_overrides: {{{width}}}\ntasks: {{caption: 1.0, vqa: 1.0}}\n"
                     f"batch_size: 4\nmax_steps: 1\neval_examples: 2\nnum_threads: 1\nshow_photos: false\n"
-                    f"output_dir: {tmp_path / 'small'}\n")
+                    f"precision: fp32\noutput_dir: {tmp_path / 'small'}\n")
     return str(path)
 
 
