@@ -13,10 +13,9 @@
    student keeps one decoder layer), the stem warmed up alone on generated scenes as the teacher's was and
    frozen; trained the same steps on the same data without and with the teacher (token KL over the teacher's
    16 likeliest tokens at T = 2, `--top-k 0 --temperature 1` for the whole vocabulary, + CWD on the encoder
-   states). Latency, teacher
-   (its extracted task subnet, what would ship) and student timed side by side in interleaved rounds on this
-   CPU: one request (batch 1, greedy, 8 new tokens, as the chips profiles time it) and a forward of a batch
-   of 4 (encoder + 4 decoder positions).
+   states). Latency, teacher (its extracted task subnet, what would ship) and student timed side by side in
+   interleaved rounds on this CPU: one request (batch 1, greedy, 8 new tokens, as the chips profiles time it)
+   and a forward of a batch of 4 (encoder + 4 decoder positions).
 3. Task extension: the teacher's shared path (`extract_subnet(model, "shared")`) fine-tuned on captioning,
    a task the supernet never trained, on 10 % of the demo scenes; against the whole supernet fine-tuned on
    100 % (the same steps).
