@@ -698,6 +698,7 @@ def test_stem_warmup_trains_only_the_stem_and_is_reported(tmp_path):
     report = json.loads((tmp_path / "warm" / "metrics.json").read_text())["stem_warmup"]
     stem_grid = config.model_overrides["image_size"] // 16
     assert report["images"] == 64 and report["label_grid"] == 2 * stem_grid  # each stem cell as 2 x 2 sub-cells
+    assert report["precision"] == "fp32"  # the run's precision
     assert math.isfinite(report["final_loss"])
     # each accuracy is a whole number of the held-out scenes' object (or background) cells, counted here
     scenes = DemoScenes("stem_warmup_eval", HELD_OUT, seed=config.seed, max_objects=config.demo_max_objects,
@@ -710,6 +711,27 @@ def test_stem_warmup_trains_only_the_stem_and_is_reported(tmp_path):
         assert 0 <= round(hits) <= cells and abs(hits - round(hits)) < 1e-2, (name, report[name], cells)
     for part in ("shape_cell_accuracy", "colour_cell_accuracy"):  # a right label has both parts right
         assert report["object_cell_accuracy"] <= report[part]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_stem_warmup_runs_in_the_runs_precision(tmp_path, precision):
+    """Under a bf16 run the warm-up's forward is bf16 autocast (the stem's output is bf16) while its weights,
+    and so the trained stem the run starts from, stay fp32; under fp32 everything is fp32."""
+    seen = []
+    config = make_config(tmp_path / precision, stem_warmup_images=32, max_steps=1,
+                         **dict(EXACT, precision=precision))
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append(out.dtype) if module.__class__.__name__ == "ResNetStem" else None)
+    try:
+        with torch_threads():
+            trainer = Trainer(config, resume="never")
+    finally:
+        hook.remove()
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert seen[1] == want  # seen[0]: the shape probe in eval mode
+    assert seen[-1] == torch.float32  # the held-out scoring runs in fp32
+    assert trainer.history["stem_warmup"]["precision"] == precision
+    assert {p.dtype for p in trainer.unwrapped.model.encoder.embed_images.parameters()} == {torch.float32}
 
 
 def test_checkpoint_rename_is_synced_with_its_directory(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ position are what captioning, VQA, grounding, detection and classification all r
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -77,14 +78,17 @@ def _accuracy(stem: nn.Module, head: nn.Module, pixels: torch.Tensor, targets: t
 
 def warm_up_stem(model, processor, images: int, seed: int = 0, max_objects: int = 3,
                  device: torch.device | str = "cpu", show_progress: bool = True,
-                 subcells: int = 1, object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE) -> dict[str, Any]:
+                 subcells: int = 1, object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE,
+                 dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Train `model`'s ResNet stem in place on `images` generated scenes (batch 32, AdamW 1e-3,
     5% warmup then cosine) to label every cell, or with `subcells` > 1 every sub-cell of an
     N x N split of each cell (a 1x1 convolution to N * N label maps, then pixel shuffle): the
     features must then say where in a cell an object lies, not only what it is, which box outputs
     (grounding, detection) read. Returns held-out accuracies over the labelled (sub-)cells. Runs
     under its own seed with the global RNG state restored afterwards, so it does not shift the
-    training run's randomness."""
+    training run's randomness. `dtype` bfloat16: the forward under bf16 autocast (fp32 weights, optimizer
+    state and loss), as a run trains where the hardware is fast at it (the seconds are in the result)."""
+    start = time.perf_counter()
     stem: ResNetStem = model.get_encoder().embed_images  # every preset's encoder, supernets included
     labels = detection_labels()
     background = len(labels)
@@ -112,7 +116,9 @@ def warm_up_stem(model, processor, images: int, seed: int = 0, max_objects: int 
         for step in bar:
             pixels, targets = _batch(train_scenes, range(step * BATCH_SIZE, min(images, (step + 1) * BATCH_SIZE)),
                                      processor, grid, labels, device)
-            loss = nn.functional.cross_entropy(head(stem(pixels)), targets, weight=weight)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                logits = head(stem(pixels))  # (B, labels, grid, grid)
+            loss = nn.functional.cross_entropy(logits.float(), targets, weight=weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -122,18 +128,26 @@ def warm_up_stem(model, processor, images: int, seed: int = 0, max_objects: int 
         result = _accuracy(stem, head, pixels, targets, background)
     for param in stem.parameters():
         param.grad = None
-    return {"images": images, "label_grid": grid, "final_loss": loss.item(), **result}
+    return {"images": images, "label_grid": grid, "final_loss": loss.item(), "precision": _name(dtype),
+            "seconds": round(time.perf_counter() - start, 1), **result}
 
 
-def warm_up_run_stem(model, processor, config: TrainConfig, device: torch.device, main: bool) -> dict[str, Any]:
-    """`warm_up_stem` with a run's settings (`stem_warmup_*`, `demo_*`, `seed`), its result printed by
-    the main process. Every process runs the same seeded warm-up; DDP then broadcasts rank 0's weights."""
+def _name(dtype: torch.dtype) -> str:
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
+def warm_up_run_stem(model, processor, config: TrainConfig, device: torch.device, main: bool,
+                     dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """`warm_up_stem` with a run's settings (`stem_warmup_*`, `demo_*`, `seed`) and precision (`dtype`), its
+    result printed by the main process. Every process runs the same seeded warm-up; DDP then broadcasts rank
+    0's weights."""
     result = warm_up_stem(model, processor, config.stem_warmup_images, config.seed, config.demo_max_objects, device,
                           show_progress=main, subcells=config.stem_warmup_subcells,
-                          object_size=config.demo_object_size)
+                          object_size=config.demo_object_size, dtype=dtype)
     if main:
-        print(f"stem warm-up on {result['images']} generated scenes: held-out cell accuracy "
+        print(f"stem warm-up ({result['precision']}) on {result['images']} generated scenes: held-out cell accuracy "
               f"{result['object_cell_accuracy']:.3f} on objects (shape {result['shape_cell_accuracy']:.3f}, colour "
-              f"{result['colour_cell_accuracy']:.3f}), {result['background_cell_accuracy']:.3f} on background",
+              f"{result['colour_cell_accuracy']:.3f}), {result['background_cell_accuracy']:.3f} on background "
+              f"({result['seconds']:.0f} s)",
               flush=True)
     return result

@@ -110,7 +110,7 @@ class Trainer:
             grown["heads"] = grow_heads(self.auxiliary_heads, small_state, config.seed)
         warmup = None
         if config.stem_warmup_images and self.resume_from is None:  # a resumed run's stem is in its checkpoint
-            warmup = warm_up_run_stem(model, processor, config, acc.device, acc.is_main_process)
+            warmup = warm_up_run_stem(model, processor, config, acc.device, acc.is_main_process, self.precision.dtype)
         freeze(model, config)
         self.optimizer, self.scheduler = build_optimizer(model, config, self._head_parameters())
         self.ema = build_ema(model, config.ema_decay)
