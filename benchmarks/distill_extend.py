@@ -159,7 +159,7 @@ def distill_part(out: Path, s: dict[str, Any], teacher_dir: Path | None) -> tupl
     student = dict(common, model=str(start), max_steps=s["student_steps"])
     alone = run(out, "student_alone", student)
     distill = {"teacher": str(teacher_dir), "token_kl": 1.0, "temperature": s["temperature"], "top_k": s["top_k"],
-               "feature": 1.0, "feature_layers": ["encoder"]}
+               "correct_only": s["correct_only"], "feature": 1.0, "feature_layers": ["encoder"]}
     taught = run(out, "student_distilled", dict(student, distill=distill))
     ms = latencies(teacher_dir, start, s["rounds"])
     return {"teacher": teacher, "student_alone": alone, "student_distilled": taught,
@@ -234,9 +234,12 @@ def main() -> None:
     parser.add_argument("--student-steps", type=int, help="the students' steps (default 1200, --quick 2)")
     parser.add_argument("--temperature", type=float, default=2.0, help="the token KL's temperature")
     parser.add_argument("--top-k", type=int, default=16, help="the token KL over the teacher's top k tokens (0: all)")
+    parser.add_argument("--correct-only", action="store_true",
+                        help="the token KL only where the teacher ranks the target first")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    s = dict(settings(args.quick), seed=args.seed, temperature=args.temperature, top_k=args.top_k)
+    s = dict(settings(args.quick), seed=args.seed, temperature=args.temperature, top_k=args.top_k,
+             correct_only=args.correct_only)
     s["student_steps"] = args.student_steps or s["student_steps"]
     start = time.perf_counter()
     distilled, teacher_dir = distill_part(args.out, s, args.teacher)

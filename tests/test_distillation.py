@@ -45,6 +45,20 @@ def test_token_kl_with_temperature_on_two_tokens():
     assert token_kl(teacher, teacher, temperature=2.0).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_token_kl_correct_only_skips_the_tokens_the_teacher_gets_wrong():
+    # row 0: the teacher ranks the target (token 0) first; row 1: it ranks token 1 over the target 2
+    teacher = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 1.0]])
+    student = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 2])
+    row0 = _kl(_softmax([2.0, 0.0, 0.0]), [1 / 3] * 3)
+    row1 = _kl(_softmax([0.0, 3.0, 1.0]), [1 / 3] * 3)
+    assert row0 == pytest.approx(0.4330, abs=1e-4)
+    assert token_kl(student, teacher, 1.0, labels=labels).item() == pytest.approx(row0, rel=1e-5)
+    assert token_kl(student, teacher, 1.0).item() == pytest.approx(row0 + row1, rel=1e-5)
+    # a teacher wrong everywhere teaches nothing (not a NaN)
+    assert token_kl(student, teacher, 1.0, labels=torch.tensor([1, 0])).item() == 0.0
+
+
 def test_token_kl_top_k_compares_the_teachers_candidates_only():
     # the teacher ranks tokens 0 and 2 first; over them, renormalised: teacher softmax([3, 1]), student [.5, .5]
     teacher = torch.tensor([[3.0, -5.0, 1.0, 0.0]])

@@ -110,8 +110,9 @@ class TrainConfig:
     # weight of the dense head's loss (a per-task mean per pass, like the feature-head losses) against the
     # mean token loss of the generative tasks
     dense_loss_weight: float = 1.0
-    # distillation from a frozen teacher (docs/distillation.md): {teacher: DIR, token_kl, temperature, top_k, feature,
-    # feature_layers, feature_temperature, embedding, teacher_dtype} (ofa_ufo.training.distillation); {}: off
+    # distillation from a frozen teacher (docs/distillation.md): {teacher: DIR, token_kl, temperature, top_k,
+    # correct_only, feature, feature_layers, feature_temperature, embedding, teacher_dtype}
+    # (ofa_ufo.training.distillation); {}: off
     distill: dict[str, Any] = field(default_factory=dict)
     scst_beams: int = 5
     scst_max_new_tokens: int = 16
@@ -301,6 +302,7 @@ class DistillSettings:
     token_kl: float = 1.0  # weight of the token KL (0: off)
     temperature: float = 1.0  # softens both token distributions (> 1 with top_k only: see token_kl)
     top_k: int = 0  # > 0: the token KL over the teacher's k most likely tokens only (0: whole vocabulary)
+    correct_only: bool = False  # the token KL only at target tokens the teacher ranks first
     feature: float = 0.0  # starting weight of the feature (CWD) loss, decayed to 0.1x over the run (0: off)
     feature_layers: list[str] = field(default_factory=lambda: ["encoder"])
     feature_temperature: float = 1.0  # CWD's tau (DAMO-YOLO: 1)

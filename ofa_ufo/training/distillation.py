@@ -6,7 +6,8 @@ same batch, and three weighted losses join the student's own:
 
 - token KL on the teacher's distributions at the target tokens, KL(p_t^T || p_s^T) x T^2, summed over
   tokens like the token loss (the trainer divides both by the step's token count), over the whole
-  vocabulary or over the teacher's top k tokens (`top_k`, see `token_kl`);
+  vocabulary or over the teacher's top k tokens (`top_k`, see `token_kl`), at every target token or only
+  where the teacher ranks the target first (`correct_only`);
 - channel-wise distillation (CWD, DAMO-YOLO) of encoder states ("encoder": the encoder's output,
   "image": the image tokens entering it) and of the dense detector's neck ("neck": each level's map, on
   the rows trained through the dense head, DAMO-YOLO's own use): a learned linear map (a 1x1 conv on the
@@ -50,7 +51,7 @@ def feature_weight(step: int, total: int) -> float:
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-             top_k: int = 0) -> torch.Tensor:
+             top_k: int = 0, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over N target tokens of KL(teacher || student) on their temperature-softened distributions
     (N, V) x T^2 (Hinton's scaling keeps the gradient size independent of T).
 
@@ -58,9 +59,16 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     both renormalised there: a label-smoothed teacher puts a little mass on each of the unified vocabulary's
     ~59k tokens, and softening (T > 1) turns that tail into most of the distribution (at the demo chips
     teacher's VQA targets its top 5 tokens hold 84 % of the mass at T = 1, 3 % at T = 2), so the full KL
-    mostly teaches the student to be uniform. Over the top k the student learns the teacher's ranking of its candidates; its own
-    cross-entropy keeps pushing the rest down."""
+    mostly teaches the student to be uniform. Over the top k the student learns the teacher's ranking of its
+    candidates; its own cross-entropy keeps pushing the rest down.
+
+    `labels` (N,): the KL only at the tokens whose target the teacher ranks first; where the teacher is wrong
+    its distribution pulls the student towards the wrong answer (a teacher weaker than the student on a
+    task, as the demo chips supernet on VQA, then teaches the student down)."""
     student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
+    if labels is not None:
+        right = teacher_logits.argmax(-1) == labels  # (N,)
+        student_logits, teacher_logits = student_logits[right], teacher_logits[right]
     if top_k:
         index = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1).indices  # (N, k)
         student_logits, teacher_logits = student_logits.gather(-1, index), teacher_logits.gather(-1, index)
@@ -219,8 +227,10 @@ class Distiller:
         zero = student.encoder.new_zeros((), dtype=torch.float32)
         token = zero
         if settings.token_kl and student.logits.numel():
+            labels = batch["labels"]
             token = settings.token_kl * token_kl(student.logits, teacher.logits, settings.temperature,
-                                                 settings.top_k)
+                                                 settings.top_k, labels[labels != -100] if settings.correct_only
+                                                 else None)
         mean = zero
         if settings.feature:
             weight = settings.feature * feature_weight(step, self.total_steps)
