@@ -13,7 +13,9 @@ The step includes building the batch (rendering generated scenes, tokenising) on
 second timing replays batches built beforehand, so "model step" is the forward, backward and
 update alone: on a GPU the two differ by the data pipeline, and MFU is given for both.
 `--data-workers N` builds the batches in N DataLoader workers while the model trains (the
-trainer's `data_workers`), which is what closes that gap.
+trainer's `data_workers`), which is what closes that gap. `--stem-warmup N` also times the ResNet stem's
+warm-up (`stem_warmup_images: N`, 4 x 4 sub-cells, as the embedded defaults run it before step 0) in each
+precision, with its held-out object-cell accuracy.
 """
 
 from __future__ import annotations
@@ -30,18 +32,23 @@ TASKS = {"caption": 1.0, "vqa": 1.0, "grounding": 1.0, "detection": 1.0, "classi
 
 
 def measure(model: str, image_size: int, batch_size: int, steps: int, warmup: int,
-            data_workers: int, precision: str) -> dict[str, float]:
+            data_workers: int, precision: str, stem_images: int = 0) -> dict[str, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from ofa_ufo.core.timing import device_name
     from ofa_ufo.training import TrainConfig, Trainer
+    from ofa_ufo.training.stem_warmup import warm_up_stem
 
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(model=model, model_overrides={"image_size": image_size, "dropout": 0.1},
                              tasks=TASKS, batch_size=batch_size, max_steps=warmup + 2 * steps + 1, lr=1e-4,
                              eval_examples=0, output_dir=tmp, data_workers=data_workers, precision=precision)
         trainer = Trainer(config, resume="never")
+        stem = {}
+        if stem_images:
+            stem = warm_up_stem(trainer.unwrapped, trainer.processor, stem_images, subcells=4,
+                                show_progress=False, dtype=trainer.precision.dtype)
         trainer.model.train()
         gpu = torch.cuda.is_available()
 
@@ -82,7 +89,8 @@ def measure(model: str, image_size: int, batch_size: int, steps: int, warmup: in
     return {"params_m": params / 1e6, "step_s": seconds, "samples_s": batch_size / seconds,
             "model_step_s": model_seconds, "gflop_step": flops / 1e9, "gflops_s": flops / seconds / 1e9,
             "model_gflops_s": flops / model_seconds / 1e9, "peak_mib": peak,
-            "device": device_name("cuda" if gpu else "cpu"), "gpu": gpu, "precision": trainer.precision.precision}
+            "device": device_name("cuda" if gpu else "cpu"), "gpu": gpu, "precision": trainer.precision.precision,
+            "stem_warmup": stem}
 
 
 def main() -> None:
@@ -96,19 +104,22 @@ def main() -> None:
     parser.add_argument("--data-workers", type=int, default=0, help="DataLoader workers building the batches")
     parser.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"],
                         help="the trainer's precision; several: each model timed in each")
+    parser.add_argument("--stem-warmup", type=int, default=0, metavar="IMAGES",
+                        help="also time the stem warm-up on this many generated scenes")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.image_size, args.batch_size, args.steps, args.warmup,
-                                 args.data_workers, args.precision[0])))
+                                 args.data_workers, args.precision[0], args.stem_warmup)))
         return
     rows = []
     for model in args.models:
         for precision in args.precision:
             command = [sys.executable, __file__, "--child", model, "--image-size", str(args.image_size),
                        "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup",
-                       str(args.warmup), "--data-workers", str(args.data_workers), "--precision", precision]
+                       str(args.warmup), "--data-workers", str(args.data_workers), "--precision", precision,
+                       "--stem-warmup", str(args.stem_warmup)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.exit(f"{model} ({precision}): the measuring process failed (exit {done.returncode}):\n"
@@ -127,6 +138,14 @@ def main() -> None:
         print(f"| {model} | {r['precision']} | {r['params_m']:.1f} | {r['device']} | {r['step_s']:.3f} | "
               f"{r['model_step_s']:.3f} | {r['samples_s']:.2f} | {r['gflop_step']:.1f} | {r['gflops_s']:.1f} | "
               f"{r['peak_mib']:.0f} | {mfu} |")
+    if args.stem_warmup:
+        print(f"\nstem warm-up, {args.stem_warmup} generated scenes at {args.image_size} px "
+              "(batch 32, 4 x 4 sub-cells)")
+        print("| model | precision | seconds | held-out object-cell accuracy |")
+        print("|---|---|---|---|")
+        for model, r in rows:
+            w = r["stem_warmup"]
+            print(f"| {model} | {w['precision']} | {w['seconds']:.1f} | {w['object_cell_accuracy']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"image_size": args.image_size, "batch_size": args.batch_size, "data_workers": args.data_workers,
