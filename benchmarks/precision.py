@@ -4,6 +4,7 @@ decode), side by side in one run, on the CPU it runs on (issue 34).
     .venv/bin/python benchmarks/precision.py            # base, 384 px (train step: 96 px, batch 10)
     .venv/bin/python benchmarks/precision.py --quick    # a tiny model, under a minute
     .venv/bin/python benchmarks/precision.py --force-bf16   # time bf16 even where it is emulated
+    .venv/bin/python benchmarks/precision.py --model DIR --parts caption --agreement-images 50   # a trained model
 
 The first line is the ISA line: the CPU, the flags that decide bf16, and the decision. Where bf16 is not
 fast (no AMX / AVX512-BF16: bf16 is emulated, ~150x slower than fp32) the bf16 rows are skipped with the
@@ -12,6 +13,9 @@ means bf16 weights and pixels for inference (what `precision="bf16"` loads) and 
 weights for training (what the trainer does). Peak memory of a train step is the process's resident
 high-water mark (VmHWM, reset before each measurement through /proc/self/clear_refs; Linux only).
 The ModelScope comparison needs the oracle environment: benchmarks/bench_vs_modelscope.py.
+Agreement is over random colour fields for a random preset; with `--model` (a trained `save_pretrained`
+directory, at its own image size) over generated demo scenes, where a trained model's answers are not the
+near-ties of random weights.
 """
 
 from __future__ import annotations
@@ -51,8 +55,19 @@ def images(count: int) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)) for _ in range(count)]
 
 
-def build(preset: str, image_size: int, quick: bool):
-    """(fp32 model in eval mode, processor) of a random preset at `image_size`."""
+def demo_images(count: int) -> list[Image.Image]:
+    """Generated demo scenes as the trainer draws them (256 px, the processor resizes), a split of their own."""
+    from ofa_ufo.data.demo_scenes import DemoScenes
+
+    scenes = DemoScenes("precision_agreement", count, seed=0)
+    return [scenes[i].image for i in range(count)]
+
+
+def build(preset: str, image_size: int, quick: bool, model_dir: str | None = None):
+    """(fp32 model in eval mode, processor) of a random preset at `image_size`, or of `model_dir` (its own size)."""
+    if model_dir:
+        return (ofa_ufo.OFAUFOForConditionalGeneration.from_pretrained(model_dir).eval(),
+                ofa_ufo.OFAUFOProcessor.from_pretrained(model_dir))
     torch.manual_seed(0)
     overrides = dict(TINY) if quick else {}
     model = ofa_ufo.create_model(preset, image_size=image_size, dropout=0.0, **overrides).eval()
@@ -131,11 +146,11 @@ def caption(model, processor, image: Image.Image, dtype: torch.dtype, beams: int
         return model.generate(**inputs, num_beams=beams, max_new_tokens=tokens, **lengths)[0].tolist()
 
 
-def agreement(reference, other, processor, dtype, beams: int, count: int, tokens: int) -> float:
-    """Share of `count` images whose caption tokens are identical to the fp32 model's."""
+def agreement(reference, other, processor, dtype, beams: int, pictures: list[Image.Image], tokens: int) -> float:
+    """Share of `pictures` whose caption tokens are identical to the fp32 model's."""
     same = sum(caption(reference, processor, image, torch.float32, beams, tokens, False)
-               == caption(other, processor, image, dtype, beams, tokens, False) for image in images(count))
-    return same / count
+               == caption(other, processor, image, dtype, beams, tokens, False) for image in pictures)
+    return same / len(pictures)
 
 
 def row(figure: str, fp32: float | None, other: float | None, unit: str, higher_is_better: bool = False) -> str:
@@ -151,6 +166,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a d_model-64 model at 64 px: under a minute")
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even where the CPU emulates it")
     parser.add_argument("--preset", default="ofa_ufo_base")
+    parser.add_argument("--model", help="a trained save_pretrained directory instead of the random preset")
     parser.add_argument("--image-size", type=int, default=384)
     parser.add_argument("--batch", type=int, default=8, help="encoder forward batch")
     parser.add_argument("--train-image-size", type=int, default=96)
@@ -186,9 +202,12 @@ def main() -> None:
     if not run_bf16:
         print("bf16 is not used on this CPU (no amx_bf16 / avx512_bf16: it would be emulated, ~150x slower "
               "than fp32): bf16 rows skipped; --force-bf16 times them anyway", flush=True)
-    print(f"threads {torch.get_num_threads()}; model {args.preset} (random init); other jobs may share this "
-          "machine", flush=True)
-    model, processor = build(args.preset, args.image_size, args.quick)
+    what = args.model or f"{args.preset} (random init)"
+    print(f"threads {torch.get_num_threads()}; model {what}; other jobs may share this machine", flush=True)
+    model, processor = build(args.preset, args.image_size, args.quick, args.model)
+    args.image_size = model.config.image_size
+    args.pictures = (demo_images(args.agreement_images) if args.model
+                     else images(args.agreement_images))
     bf16 = as_bf16(model) if run_bf16 else None
     lines = [f"| figure | fp32 | {label} / int8 | speed-up |", "|---|---|---|---|"]
     if "encoder" in args.parts:
@@ -208,7 +227,7 @@ def main() -> None:
 
 
 def train_rows(args: argparse.Namespace, run_bf16: bool) -> list[str]:
-    model, processor = build(args.preset, args.train_image_size, args.quick)
+    model, processor = build(args.preset, args.train_image_size, args.quick, args.model)
     fp32 = train_step_stats(model, processor, args.train_batch, False, args.repeats)
     bf16 = train_step_stats(model, processor, args.train_batch, True, args.repeats) if run_bf16 else (None, None)
     what = f"train step, {args.train_image_size} px, batch {args.train_batch} (bf16 autocast)"
@@ -230,7 +249,7 @@ def caption_rows(args: argparse.Namespace, model, bf16, processor) -> list[str]:
     rows = [row(f"beam-5 caption, {args.image_size} px, {tokens} new tokens (bf16)", fp32, other, "s")]
     if bf16 is not None:
         for beams, name in ((1, "greedy"), (5, "beam-5")):
-            share = agreement(model, bf16, processor, torch.bfloat16, beams, args.agreement_images, tokens)
+            share = agreement(model, bf16, processor, torch.bfloat16, beams, args.pictures, tokens)
             rows.append(f"| {name} tokens identical to fp32 (bf16), {args.agreement_images} images | - | "
                         f"{share:.0%} | - |")
     print("\n".join(rows), flush=True)
@@ -275,7 +294,7 @@ def int8_rows(args: argparse.Namespace, model, processor) -> list[str]:
     calls = {name: decode_call(m, processor, tokens) for name, m in (("fp32", model), ("fp32 head", fp32_head),
                                                                      ("int8", int8))}
     speeds = [tokens / statistics.median(t) for t in interleaved_times(calls, args.repeats).values()]
-    share = agreement(model, int8, processor, torch.float32, 1, args.agreement_images, args.new_tokens)
+    share = agreement(model, int8, processor, torch.float32, 1, args.pictures, args.new_tokens)
     what = f"greedy decode, {tokens} new tokens, encoder precomputed"
     rows = [row(f"{what} (int8 layers, fp32 output head)", speeds[0], speeds[1], "tokens/s", True),
             row(f"{what} (int8, output head included)", speeds[0], speeds[2], "tokens/s", True),
@@ -301,7 +320,7 @@ def onnx_rows(args: argparse.Namespace, model, processor, fp32_speed: float, tok
             speed = decode_speed(ort, processor, tokens, args.repeats)
             rows.append(row(f"{what} (ONNX Runtime {quantize or 'fp32'})", fp32_speed, speed, "tokens/s", True))
             if quantize:
-                share = agreement(model, ort, processor, torch.float32, 1, args.agreement_images, args.new_tokens)
+                share = agreement(model, ort, processor, torch.float32, 1, args.pictures, args.new_tokens)
                 rows.append(f"| greedy tokens identical to fp32 (ONNX Runtime int8), {args.agreement_images} images "
                             f"| - | {share:.0%} | - |")
     return rows

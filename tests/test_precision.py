@@ -320,3 +320,31 @@ def test_quick_benchmark_prints_the_int8_rows_of_both_runtimes():
     for row in ("(int8, output head included) |", "(ONNX Runtime fp32) |", "(ONNX Runtime int8) |",
                 "greedy tokens identical to fp32 (ONNX Runtime int8)"):
         assert row in result.stdout, row
+
+
+@pytest.mark.benchmark
+def test_benchmark_measures_agreement_on_a_saved_model_over_demo_scenes(tmp_path):
+    """precision.py --model DIR: the saved model (at its own image size) instead of the random preset, and its
+    bf16 agreement rows over generated demo scenes."""
+    import os
+    import subprocess
+    import sys
+
+    import ofa_ufo
+
+    model = ofa_ufo.create_model("ofa_ufo_tiny", image_size=32, d_model=32, encoder_layers=1, decoder_layers=1,
+                                 encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                 decoder_ffn_dim=64)
+    model.save_pretrained(tmp_path)
+    ofa_ufo.create_processor("ofa_ufo_tiny", image_size=32).save_pretrained(tmp_path)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "benchmarks/precision.py", "--model", str(tmp_path), "--parts",
+                             "caption", "--force-bf16", "--agreement-images", "2", "--repeats", "1",
+                             "--new-tokens", "3", "--threads", "1"],
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"model {tmp_path};" in result.stdout
+    assert "beam-5 caption, 32 px, 3 new tokens (bf16)" in result.stdout  # the saved model's own size
+    for name in ("greedy", "beam-5"):
+        assert f"| {name} tokens identical to fp32 (bf16), 2 images |" in result.stdout, result.stdout
