@@ -216,6 +216,30 @@ def test_teacher_routes_by_its_own_task_vocabulary_and_loads_frozen_in_bf16(proc
     assert (in_bf16.float() - expected).abs().max() < 0.05 * expected.abs().max()  # bf16 keeps ~3 digits
 
 
+def test_correct_only_distils_where_the_teacher_ranks_the_target_first(processor):
+    """In the trainer's loss, `correct_only` keeps the KL at the target tokens the teacher gets right: here the
+    last token of row 0 (relabelled to the teacher's own choice; a causal decoder's logits there do not change)."""
+    teacher, student = tiny_model(0, d_model=48), tiny_model(1)
+    batch, examples = _batch(processor)
+    with torch.no_grad():
+        first = model_pass(teacher, batch, None).logits.argmax(-1)  # (5,) over the target tokens, row-major
+    batch["labels"][0, 2] = first[2]
+    with torch.no_grad():
+        teacher_logits = model_pass(teacher, batch, None).logits
+        student_logits = model_pass(student, batch, None).logits
+    right = teacher_logits.argmax(-1) == batch["labels"][batch["labels"] != -100]
+    assert right.tolist() == [False, False, True, False, False]  # random weights: wrong elsewhere
+    p = teacher_logits[2].softmax(-1)
+    expected = (p * (p.log() - student_logits[2].log_softmax(-1))).sum().item()  # KL at that one token
+    settings = parse_distill({"teacher": "t", "correct_only": True})
+    token, _ = Distiller(settings, teacher, student, ["caption"], 10).losses(
+        model_pass(student, batch, None), batch, examples, 0)
+    assert token.item() == pytest.approx(expected, rel=1e-4)
+    every, _ = Distiller(parse_distill({"teacher": "t"}), teacher, student, ["caption"], 10).losses(
+        model_pass(student, batch, None), batch, examples, 0)
+    assert every.item() > token.item() * 2
+
+
 def test_embedding_distillation_on_rows_without_target_tokens(processor):
     hand = embedding_loss(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 2.0], [3.0, 3.0]]))
     assert hand.item() == pytest.approx((1.0 + (1 - 1 / math.sqrt(2))) / 2, rel=1e-6)

@@ -228,9 +228,9 @@ class Distiller:
         token = zero
         if settings.token_kl and student.logits.numel():
             labels = batch["labels"]
+            targets = labels[labels != -100] if settings.correct_only else None  # (N,), as the logits' rows
             token = settings.token_kl * token_kl(student.logits, teacher.logits, settings.temperature,
-                                                 settings.top_k, labels[labels != -100] if settings.correct_only
-                                                 else None)
+                                                 settings.top_k, targets)
         mean = zero
         if settings.feature:
             weight = settings.feature * feature_weight(step, self.total_steps)
