@@ -5,6 +5,7 @@ the zero-shot score ranks.
     .venv/bin/python benchmarks/chips_search.py --model checkpoints/ofa_ufo_tiny_ufo.pretrain_demo_chips \
         --task classification --target cpu-fp32 --fit 24 --held-out 16 --examples 200 [--metric loss] \
         [--profiles DIR]
+    .venv/bin/python benchmarks/chips_search.py --model DIR --latency-only --retime [--profiles DIR]
 
 Steps: evaluate `--fit` archs (largest, smallest, random) and `--held-out` other random archs
 (metric on the spec's held-out data: the headline metric, or with `--metric loss` minus the held-out
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,11 +55,16 @@ def main() -> None:
     parser.add_argument("--budget-ms", type=float)
     parser.add_argument("--metric", choices=METRICS, default="headline")
     parser.add_argument("--profiles", help="latency records folder (default <model>/profiles)")
+    parser.add_argument("--retime", action="store_true",
+                        help="with --latency-only: time the held-out archs again (fresh records) and report the "
+                        "tau between the two timings, the ceiling any latency predictor can reach here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    if args.retime and not args.latency_only:
+        parser.error("--retime goes with --latency-only")
     if args.preset and not args.latency_only:
         parser.error("--preset (random weights) measures latency only: add --latency-only")
     if args.preset:
@@ -72,7 +79,10 @@ def main() -> None:
                               profiles, args.metric)
     print(f"measured on {device_name()}; task {args.task}, target {args.target}, {args.examples} held-out examples")
     if args.latency_only:
-        return latency_only(args, config, evaluator, start)
+        with tempfile.TemporaryDirectory(prefix="retime_") as retimed:  # the second timing's own records
+            again = (ArchEvaluator(model, processor, args.task, None, args.examples, 50, args.target, args.repeats,
+                                   Path(retimed), args.metric) if args.retime else None)
+            return latency_only(args, config, evaluator, start, again)
 
     fit = sample_archs(config, args.fit, args.seed)  # the archs search() fits on with the same seed
     held = random_archs(config, args.held_out, args.seed + 1000, exclude=fit)
@@ -128,9 +138,11 @@ def main() -> None:
     print(f"written {out}")
 
 
-def latency_only(args: argparse.Namespace, config, evaluator: ArchEvaluator, start: float) -> None:
+def latency_only(args: argparse.Namespace, config, evaluator: ArchEvaluator, start: float,
+                 again: ArchEvaluator | None = None) -> None:
     """The latency GP's Kendall tau on held-out archs, beside the analytic FLOPs' tau (a predictor that
-    needs no measurement at all)."""
+    needs no measurement at all), and with `again` (an evaluator with empty records) the tau between a second
+    timing of the held-out archs and the first: how well the measurement ranks itself on this machine."""
     fit = sample_archs(config, args.fit, args.seed)
     held = random_archs(config, args.held_out, args.seed + 1000, exclude=fit)
     evaluator.prefetch_latencies(fit + held, args.repeats)
@@ -145,6 +157,10 @@ def latency_only(args: argparse.Namespace, config, evaluator: ArchEvaluator, sta
     print(f"| latency range (ms) | {min(measured.values()):.1f} - {max(measured.values()):.1f} |")
     print(f"| Kendall tau, latency GP on held-out archs | {tau_gp:.3f} |")
     print(f"| Kendall tau, analytic FLOPs on held-out archs | {tau_flops:.3f} |")
+    if again is not None:
+        again.prefetch_latencies(held, args.repeats)
+        tau_again = kendall_tau([again.latency_ms(a) for a in held], [measured[a] for a in held])
+        print(f"| Kendall tau, second timing vs first on held-out archs (the ceiling) | {tau_again:.3f} |")
     print(f"| wall time (s) | {time.perf_counter() - start:.0f} |")
 
 

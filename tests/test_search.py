@@ -378,11 +378,16 @@ def test_chips_benchmark_latency_only_on_a_random_preset(tmp_path):
     command = [sys.executable, "benchmarks/chips_search.py", "--preset", "ofa_ufo_tiny_ufo", "--latency-only",
                "--fit", "4", "--held-out", "3", "--repeats", "1", "--threads", "1", "--examples", "2",
                "--profiles", str(tmp_path)]
-    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command + ["--retime"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for row in ("| archs timed to fit / held out | 4 / 3 |", "| Kendall tau, latency GP on held-out archs |",
-                "| Kendall tau, analytic FLOPs on held-out archs |"):
+                "| Kendall tau, analytic FLOPs on held-out archs |",
+                "| Kendall tau, second timing vs first on held-out archs (the ceiling) |"):
         assert row in result.stdout, row
-    assert len(json.loads((tmp_path / "cpu-fp32.json").read_text())["records"]) == 7  # (its device: 1 thread)
+    # (its device: 1 thread); the second timing keeps its own records
+    assert len(json.loads((tmp_path / "cpu-fp32.json").read_text())["records"]) == 7
     refused = subprocess.run(command[:4] + ["--fit", "4"], cwd=repo, env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "add --latency-only" in refused.stderr
+    refused = subprocess.run(command[:2] + ["--model", "x", "--retime"], cwd=repo, env=env, capture_output=True,
+                             text=True)
+    assert refused.returncode == 2 and "--retime goes with --latency-only" in refused.stderr
