@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image
 from transformers import AutoConfig, AutoModelForObjectDetection, AutoModelForSeq2SeqLM, AutoProcessor
 
-from ofa_ufo.cli.predict import IMAGE_SUFFIXES
+from ofa_ufo.core.images import IMAGE_SUFFIXES
 from ofa_ufo.deploy.dense_detector import export_detector_onnx, extract_dense_detector
 from ofa_ufo.deploy.onnx_export import DEFAULT_OPSET, QUANTIZATIONS, export_onnx
 from ofa_ufo.deploy.quantize import quantize_int8_dynamic

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import pipeline
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from ofa_ufo.core.images import IMAGE_SUFFIXES
 
 
 def parser() -> argparse.ArgumentParser:

@@ -15,12 +15,13 @@ import numpy as np
 from huggingface_hub.utils import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["BLIND_GREY", "URL_TIMEOUT_S", "ImageLike", "ImageLoadError", "blind_examples", "load_image"]
+__all__ = ["BLIND_GREY", "IMAGE_SUFFIXES", "URL_TIMEOUT_S", "ImageLike", "ImageLoadError", "blind_examples", "load_image"]
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 _ALPHA_MODES = {"LA", "PA", "RGBA", "RGBa", "La"}
 _URL_SCHEMES = ("http://", "https://")
 URL_TIMEOUT_S = 10.0
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}  # a folder's image files
 
 
 class ImageLoadError(ValueError):
