@@ -40,7 +40,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, help="beam size (default: the task's)")
     p.add_argument("--max-new-tokens", type=int, help="longest answer (default: the task's)")
     p.add_argument("--output", help="JSON Lines file to write (default: standard output)")
-    p.add_argument("--image-dir", help="where generated images are saved (default: <output>_images or ./predict_images)")
+    p.add_argument("--image-dir",
+                   help="where generated images are saved (default: <output>_images or ./predict_images)")
     return p
 
 
@@ -100,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not records:
         raise ValueError(f"no images found in {args.inputs}")
     pipe = pipeline("ofa-ufo", model=args.model)
-    image_dir = Path(args.image_dir or (f"{Path(args.output).with_suffix('')}_images" if args.output else "predict_images"))
+    default_dir = f"{Path(args.output).with_suffix('')}_images" if args.output else "predict_images"
+    image_dir = Path(args.image_dir or default_dir)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     failed, step = 0, args.batch_size * 4
     try:

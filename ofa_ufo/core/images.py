@@ -15,7 +15,8 @@ import numpy as np
 from huggingface_hub.utils import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["BLIND_GREY", "IMAGE_SUFFIXES", "URL_TIMEOUT_S", "ImageLike", "ImageLoadError", "blind_examples", "load_image"]
+__all__ = ["BLIND_GREY", "IMAGE_SUFFIXES", "URL_TIMEOUT_S", "ImageLike", "ImageLoadError", "blind_examples",
+           "load_image"]
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 _ALPHA_MODES = {"LA", "PA", "RGBA", "RGBa", "La"}
