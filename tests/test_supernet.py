@@ -244,3 +244,66 @@ def test_training_samples_archs_per_step_with_sandwich(processor, tmp_path):
     assert len(result.losses) == 2 and all(loss > 0 for loss in result.losses)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
     assert model.get_encoder().supernet.arch is None  # restored after each step
+
+
+def test_locked_task_experts_train_only_the_shared_ffn():
+    """`lock_to_shared`: every task runs the shared FFN alone (training and evaluation, no gradient to
+    the experts or routers); `start_experts` copies it into each task's expert and zeroes the routers."""
+    from ofa_ufo.layers.moe import TaskMoEFFN
+
+    torch.manual_seed(0)
+    ffn = TaskMoEFFN(num_tasks=3, dim=8, hidden=16)
+    with torch.no_grad():
+        ffn.shared.fc2.weight.normal_()
+        ffn.experts.fc2_weight.normal_()  # experts differ from the shared FFN
+    x, task_ids = torch.randn(4, 5, 8), torch.tensor([0, 2, 2, 1])
+    ffn.lock_to_shared()
+    assert all(ffn.locked(task) for task in range(3))
+    torch.testing.assert_close(ffn.train()(x, task_ids), ffn.shared(x), rtol=0, atol=0)
+    ffn(x, task_ids).sum().backward()
+    assert ffn.router.grad is None and all(p.grad is None for p in ffn.experts.parameters())
+    assert ffn.shared.fc1.weight.grad is not None
+    torch.testing.assert_close(ffn.eval()(x, task_ids), ffn.shared(x), rtol=0, atol=0)
+
+    ffn.start_experts()
+    assert not any(ffn.locked(task) for task in range(3)) and not ffn.router.any()
+    for task in range(3):
+        torch.testing.assert_close(ffn.experts.fc1_weight[task], ffn.shared.fc1.weight, rtol=0, atol=0)
+        torch.testing.assert_close(ffn.experts.fc2_bias[task], ffn.shared.fc2.bias, rtol=0, atol=0)
+        assert ffn.uses_own_expert(task)  # tie -> own, which now computes what the shared FFN does
+    torch.testing.assert_close(ffn.eval()(x, task_ids), ffn.shared(x), rtol=1e-6, atol=1e-6)
+    ffn.train()(x, task_ids).sum().backward()
+    assert ffn.router.grad is not None and ffn.router.grad[task_ids.unique()].abs().sum() > 0
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_trainer_starts_task_experts_after_their_share_of_steps(processor, tmp_path, capsys, share):
+    """task_experts_from: the experts wait (locked on the shared FFN) for that share of the steps, then
+    start; at 1.0 they never start and the saved supernet routes every task to the shared FFN."""
+    from ofa_ufo.training import TrainConfig, Trainer
+
+    model = tiny_model(vision_config=SUPERNET)
+    experts = {k: v.clone() for k, v in model.state_dict().items() if ".experts." in k}
+    config = TrainConfig(tasks={"caption": 1.0, "vqa": 1.0}, batch_size=2, max_steps=4, lr=1e-3,
+                         demo_train_scenes=8, eval_examples=0, task_experts_from=share, output_dir=str(tmp_path))
+    Trainer(config, resume="never", model=model, processor=processor).fit()
+    ffns = [block.ffn for block in model.get_encoder().supernet.blocks]
+    started = "step 2: task experts start as copies of the shared FFN" in capsys.readouterr().out
+    unchanged = all(torch.equal(experts[k], v) for k, v in model.state_dict().items() if k in experts)
+    if share == 1.0:
+        assert not started and unchanged
+        assert all(ffn.locked(task) for ffn in ffns for task in range(ffn.router.shape[0]))
+    else:
+        assert started and not unchanged
+        assert not any(ffn.locked(0) for ffn in ffns) and all(ffn.router.abs().max() < 1 for ffn in ffns)
+
+
+def test_task_experts_from_needs_a_routed_supernet(processor, tmp_path):
+    from ofa_ufo.training import ConfigError, TrainConfig, Trainer, load_config
+
+    with pytest.raises(ConfigError, match="task_experts_from.*share of max_steps"):
+        load_config("pretrain_demo_tiny", ["task_experts_from=1.5"])
+    config = TrainConfig(tasks={"caption": 1.0}, batch_size=2, max_steps=2, demo_train_scenes=4, eval_examples=0,
+                         task_experts_from=0.5, output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="task_experts_from.*needs a routed supernet"):
+        Trainer(config, resume="never", model=tiny_model(), processor=processor)

@@ -5,6 +5,10 @@ Routing is per task, not per token or image: each task has two router logits per
 [shared, own]. Training draws a straight-through hard Gumbel-softmax gate per sample
 (temperature 5, logits start at zero); evaluation takes the argmax deterministically, a tie
 (the untrained state) going to the task's own expert as in the reference.
+
+A from-scratch run on a small budget can hold the task experts back (`lock_to_shared`): every
+task then trains the shared expert, and `start_experts` later copies it into each task's expert,
+as the reference duplicates a trained MLP (training config `task_experts_from`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import nn
 from ofa_ufo.layers.elastic import ElasticMLP
 
 GUMBEL_TAU = 5.0
+SHARED_LOCK = 30.0  # router margin [shared - own] of a locked task: no Gumbel draw crosses it (p ~ 1e-13)
 
 
 def route(logits: torch.Tensor, task_ids: torch.Tensor, training: bool, tau: float = GUMBEL_TAU) -> torch.Tensor:
@@ -77,10 +82,12 @@ class TaskMoEFFN(nn.Module):
         out = torch.zeros_like(x)
         for task in task_ids.unique().tolist():
             rows = (task_ids == task).nonzero().flatten()
-            out[rows] = self._expert_mix(x[rows], task, gates[rows], hidden)
+            out[rows] = self._expert_mix(x[rows], task, gates[rows], hidden).to(out.dtype)  # autocast: bf16
         return out
 
     def _expert_mix(self, x: torch.Tensor, task: int, gates: torch.Tensor, hidden: int | None) -> torch.Tensor:
+        if self.training and self.locked(task):  # the own expert waits (`lock_to_shared`): skip it
+            return self.shared(x, hidden)
         if not self.training:  # deterministic route: run only the chosen expert
             use_own = bool(gates[0, 1])
             return self.experts(x, task, hidden) if use_own else self.shared(x, hidden)
@@ -90,3 +97,18 @@ class TaskMoEFFN(nn.Module):
     def uses_own_expert(self, task: int) -> bool:
         """The evaluation-time route of `task` (tie -> own expert)."""
         return bool(self.router[task, 1] >= self.router[task, 0])
+
+    def locked(self, task: int) -> bool:
+        """Whether `task` is held on the shared expert by `lock_to_shared`."""
+        return bool(self.router[task, 0] - self.router[task, 1] >= SHARED_LOCK / 2)
+
+    @torch.no_grad()
+    def lock_to_shared(self) -> None:
+        """Route every task to the shared expert, in training and evaluation, until `start_experts`."""
+        self.router.copy_(torch.tensor([SHARED_LOCK, 0.0]).expand_as(self.router))
+
+    @torch.no_grad()
+    def start_experts(self) -> None:
+        """Each task's expert becomes a copy of the (trained) shared one; routers back at zero."""
+        self.experts.init_from(self.shared, lambda target, source: target.copy_(source))
+        self.router.zero_()

@@ -130,6 +130,9 @@ class TrainConfig:
     eps: float = 1e-8
     clip_norm: float = 5.0  # 0: no clipping
     ema_decay: float = 0.0  # 0: no EMA; the final model is the EMA when set
+    # share of max_steps a routed supernet trains with every task on its shared FFN before each task's expert
+    # starts as a copy of it (ofa_ufo.layers.moe; 0: experts from step 0, as the reference's pretrained start)
+    task_experts_from: float = 0.0
     freeze_embeddings: bool = False
     # parameter-name prefixes left untrained, e.g. [model.encoder.embed_images] (a pretrained ResNet
     # stem: its backward pass is skipped too, the larger part of a CPU step at small image sizes, and
@@ -242,6 +245,9 @@ def _check_ranges(config: TrainConfig) -> None:
         raise ConfigError(f"field 'warmup_ratio' must be < 1, got {config.warmup_ratio}")
     if config.ema_decay >= 1:
         raise ConfigError(f"field 'ema_decay' must be < 1, got {config.ema_decay}")
+    if not 0 <= config.task_experts_from <= 1:
+        raise ConfigError(f"field 'task_experts_from' is a share of max_steps in [0, 1], "
+                          f"got {config.task_experts_from}")
     try:
         check_object_size(config.demo_object_size)
     except ValueError as error:

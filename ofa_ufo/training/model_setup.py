@@ -19,6 +19,7 @@ from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
 from ofa_ufo.hf.modeling_vqgan import VQGANModel
 from ofa_ufo.hf.presets import create_model, create_processor, list_models
 from ofa_ufo.hf.processing import OFAUFOProcessor
+from ofa_ufo.layers.moe import TaskMoEFFN
 from ofa_ufo.models.growth import GrowthError, grow_model, grow_state
 from ofa_ufo.tasks import get_task
 from ofa_ufo.training import checkpoint as ckpt
@@ -98,6 +99,23 @@ def freeze(model: torch.nn.Module, config: TrainConfig) -> None:
     for name, param in model.named_parameters():
         if any(name.startswith(prefix) for prefix in config.freeze):
             param.requires_grad_(False)
+
+
+def task_experts_step(model: torch.nn.Module, config: TrainConfig) -> int:
+    """The step at which a run's task experts start (`task_experts_from`; 0: they train from the start)."""
+    if not config.task_experts_from:
+        return 0
+    if not any(isinstance(module, TaskMoEFFN) for module in model.modules()):
+        raise ConfigError(f"field 'task_experts_from' ({config.task_experts_from}) needs a routed supernet with task "
+                          f"experts; model {config.model!r} has none (set it to 0)")
+    return round(config.task_experts_from * config.max_steps)
+
+
+def set_task_experts(model: torch.nn.Module, start: bool) -> None:
+    """Lock every task of the model's task-routed FFNs on the shared expert, or start their experts."""
+    for module in model.modules():
+        if isinstance(module, TaskMoEFFN):
+            module.start_experts() if start else module.lock_to_shared()
 
 
 def set_train_mode(model: torch.nn.Module, freeze_batchnorm: bool) -> None:

@@ -40,8 +40,10 @@ from ofa_ufo.training import objectives
 from ofa_ufo.training.config import ConfigError, TrainConfig
 from ofa_ufo.training.distillation import build_distiller, distiller_state, load_distiller_state
 from ofa_ufo.training.mixture import Mixture, build_sources, check_identity_quotas, eval_examples, task_quotas
-from ofa_ufo.training.model_setup import (build_model, choose_precision, freeze, grow_from_small, grow_heads,
-                                          load_vqgan, make_accelerator, set_train_mode)
+from ofa_ufo.training.model_setup import (
+    build_model, choose_precision, freeze, grow_from_small, grow_heads, load_vqgan, make_accelerator, set_task_experts,
+    set_train_mode, task_experts_step,
+)
 from ofa_ufo.training.optimization import (
     base_lr, build_ema, build_optimizer, check_saved_groups, clip_gradients,
 )
@@ -112,6 +114,9 @@ class Trainer:
         if config.stem_warmup_images and self.resume_from is None:  # a resumed run's stem is in its checkpoint
             warmup = warm_up_run_stem(model, processor, config, acc.device, acc.is_main_process, self.precision.dtype)
         freeze(model, config)
+        self.experts_step = task_experts_step(model, config)  # 0: the task experts train from step 0
+        if self.experts_step and self.resume_from is None:  # a resumed run's routers are in its checkpoint
+            set_task_experts(model, start=False)
         self.optimizer, self.scheduler = build_optimizer(model, config, self._head_parameters())
         self.ema = build_ema(model, config.ema_decay)
         self.step = 0
@@ -350,6 +355,15 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
 
+    def _start_task_experts(self, main: bool) -> None:
+        """Each task's expert starts as a copy of the shared FFN trained so far (EMA copy too)."""
+        set_task_experts(self.unwrapped, start=True)
+        if self.ema is not None:
+            set_task_experts(self.ema.module, start=True)
+        if main:
+            print(f"step {self.step}: task experts start as copies of the shared FFN (task_experts_from "
+                  f"{self.config.task_experts_from})")
+
     def fit(self) -> TrainResult:
         """Train from the current step to `max_steps`: evaluate, checkpoint and log on the config's
         cadence, then save the last step, export the final model and write the report."""
@@ -364,6 +378,8 @@ class Trainer:
         self.history["precision"] = self.precision.record()  # this run's choice, also after a resume
         self._train_mode()
         for _ in log.progress(self.step):
+            if self.experts_step and self.step == self.experts_step:
+                self._start_task_experts(main)
             lr = base_lr(self.optimizer)
             loss = self.train_step()
             self.step += 1
