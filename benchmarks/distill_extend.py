@@ -15,7 +15,8 @@
    16 likeliest tokens at T = 2, `--top-k 0 --temperature 1` for the whole vocabulary, + CWD on the encoder
    states). Latency, teacher (its extracted task subnet, what would ship) and student timed side by side in
    interleaved rounds on this CPU: one request (batch 1, greedy, 8 new tokens, as the chips profiles time it)
-   and a forward of a batch of 4 (encoder + 4 decoder positions).
+   and a forward of a batch of 4 (encoder + 4 decoder positions). `--five-tasks`: the students learn
+   pretrain_demo_tiny's five-task mixture instead (pass a teacher trained on it) and are scored on each task.
 3. Task extension: the teacher's shared path (`extract_subnet(model, "shared")`) fine-tuned on captioning,
    a task the supernet never trained, on 10 % of the demo scenes; against the whole supernet fine-tuned on
    100 % (the same steps).
@@ -50,6 +51,8 @@ STUDENT = dict(image_size=64, dropout=0.0, d_model=64, encoder_layers=2, decoder
                vision_config={"resnet_type": "resnet26"})
 STEM_SUBCELLS = 4  # as pretrain_demo_chips warms up the teacher's stem
 TASKS = {"classification": 2.0, "vqa": 1.0}
+# pretrain_demo_tiny's mixture (--five-tasks)
+FIVE_TASKS = {"caption": 1.0, "vqa": 2.0, "grounding": 4.0, "detection": 2.0, "classification": 2.0}
 STEM = "model.encoder.embed_images"
 SCENES = 20000  # the demo's default pool; task extension trains on 10 % of it
 
@@ -144,8 +147,10 @@ def teacher_softness(teacher_dir: Path, fields: dict[str, Any], count: int) -> d
 
 
 def distill_part(out: Path, s: dict[str, Any], teacher_dir: Path | None) -> tuple[dict[str, Any], Path]:
-    common = dict(tasks=TASKS, batch_size=12, lr=3e-4, warmup_ratio=0.05, eval_examples=s["eval_examples"],
+    common = dict(tasks=s["tasks"], batch_size=12, lr=3e-4, warmup_ratio=0.05, eval_examples=s["eval_examples"],
                   freeze=[STEM], seed=s["seed"])
+    if "grounding" in s["tasks"]:
+        common["box_mask_weight"] = 4.0  # as pretrain_demo_tiny
     if teacher_dir is None:
         teacher_dir = out / "teacher"
         teacher = run(out, "teacher", dict(common, model="ofa_ufo_tiny_ufo", stem_warmup_images=s["warmup"],
@@ -187,19 +192,19 @@ def extend_part(out: Path, s: dict[str, Any], teacher_dir: Path) -> dict[str, An
 
 
 def print_distill(results: dict[str, Any]) -> None:
-    d = results["distill"]
+    d, tasks = results["distill"], results["settings"]["tasks"]
     ms = d["latency_ms"]
     print(f"\n## Distillation (measured on {results['device']})")
-    print("| model | " + " | ".join(TASKS) + " | request, batch 1 (ms) | forward, batch 4 (ms) |")
-    print("|---|" + "---|" * (len(TASKS) + 2))
+    print("| model | " + " | ".join(tasks) + " | request, batch 1 (ms) | forward, batch 4 (ms) |")
+    print("|---|" + "---|" * (len(tasks) + 2))
     for name, key in (("teacher", "teacher"), ("student alone", "student_alone"),
                       ("student + teacher", "student_distilled")):
         side = "teacher" if key == "teacher" else "student"
-        cells = " | ".join(_metric(d[key], t) for t in TASKS)
+        cells = " | ".join(_metric(d[key], t) for t in tasks)
         print(f"| {name} | {cells} | {ms[side + '_request']:.1f} | {ms[side + '_forward']:.1f} |")
     ratio = d["latency_ratio"]
     print(f"latency student / teacher: request {ratio['request']:.2f}, forward {ratio['forward']:.2f}")
-    for task in TASKS:
+    for task in tasks:
         kept = {key: _share(d[key], d["teacher"], task) for key in ("student_alone", "student_distilled")}
         print(f"{task}: the student keeps {kept['student_alone']} of the teacher's headline metric alone, "
               f"{kept['student_distilled']} taught")
@@ -236,10 +241,12 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=16, help="the token KL over the teacher's top k tokens (0: all)")
     parser.add_argument("--correct-only", action="store_true",
                         help="the token KL only where the teacher ranks the target first")
+    parser.add_argument("--five-tasks", action="store_true",
+                        help="the students learn pretrain_demo_tiny's five-task mixture, not classification + VQA")
     args = parser.parse_args()
     torch.set_num_threads(1)
     s = dict(settings(args.quick), seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-             correct_only=args.correct_only)
+             correct_only=args.correct_only, tasks=FIVE_TASKS if args.five_tasks else TASKS)
     s["student_steps"] = args.student_steps or s["student_steps"]
     start = time.perf_counter()
     distilled, teacher_dir = distill_part(args.out, s, args.teacher)
