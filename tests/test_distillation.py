@@ -405,15 +405,21 @@ def test_distillation_benchmark_quick_run_writes_its_table(script, tmp_path):
 
 
 @pytest.mark.benchmark
-def test_distill_extend_quick_run_times_teacher_and_student_side_by_side(tmp_path):
-    """benchmarks/distill_extend.py --quick: the student has its own ResNet-26 stem and both are timed."""
+@pytest.mark.parametrize("tasks", [["classification", "vqa"], ["caption", "vqa", "grounding", "detection",
+                                                               "classification"]])
+def test_distill_extend_quick_run_times_teacher_and_student_side_by_side(tmp_path, tasks):
+    """benchmarks/distill_extend.py --quick: the student has its own ResNet-26 stem and both are timed, on
+    classification + VQA or (--five-tasks) on the five demo tasks, each scored."""
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "benchmarks/distill_extend.py", "--quick", "--skip-extend", "--out",
-                             str(tmp_path)], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    five = ["--five-tasks"] if len(tasks) == 5 else []
+    result = subprocess.run([sys.executable, "benchmarks/distill_extend.py", "--quick", "--skip-extend", *five,
+                             "--out", str(tmp_path)], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    for row in ("| teacher |", "| student alone |", "| student + teacher |", "latency student / teacher: request"):
+    for row in ("| teacher |", "| student alone |", "| student + teacher |", "latency student / teacher: request",
+                "| model | " + " | ".join(tasks) + " | request"):
         assert row in result.stdout, row
+    assert set(json.loads((tmp_path / "results.json").read_text())["distill"]["student_alone"]["metrics"]) == set(tasks)
     distill = json.loads((tmp_path / "results.json").read_text())["distill"]
     assert set(distill["latency_ms"]) == {f"{side}_{kind}" for side in ("teacher", "student")
                                           for kind in ("request", "forward")}
