@@ -114,8 +114,10 @@ def task_experts_step(model: torch.nn.Module, config: TrainConfig) -> int:
 def set_task_experts(model: torch.nn.Module, start: bool) -> None:
     """Lock every task of the model's task-routed FFNs on the shared expert, or start their experts."""
     for module in model.modules():
-        if isinstance(module, TaskMoEFFN):
-            module.start_experts() if start else module.lock_to_shared()
+        if isinstance(module, TaskMoEFFN) and start:
+            module.start_experts()
+        elif isinstance(module, TaskMoEFFN):
+            module.lock_to_shared()
 
 
 def set_train_mode(model: torch.nn.Module, freeze_batchnorm: bool) -> None:
