@@ -17,6 +17,8 @@
    interleaved rounds on this CPU: one request (batch 1, greedy, 8 new tokens, as the chips profiles time it)
    and a forward of a batch of 4 (encoder + 4 decoder positions). `--five-tasks`: the students learn
    pretrain_demo_tiny's five-task mixture instead (pass a teacher trained on it) and are scored on each task.
+   `--stem-from-teacher`: the student's stem learns the teacher's stem features (`distill_stem`) instead of
+   the cell labels.
 3. Task extension: the teacher's shared path (`extract_subnet(model, "shared")`) fine-tuned on captioning,
    a task the supernet never trained, on 10 % of the demo scenes; against the whole supernet fine-tuned on
    100 % (the same steps).
@@ -44,7 +46,7 @@ from ofa_ufo.training import train
 from ofa_ufo.training.config import config_from_dict
 from ofa_ufo.training.mixture import build_batch, eval_examples
 from ofa_ufo.training.report import evaluate_model
-from ofa_ufo.training.stem_warmup import warm_up_stem
+from ofa_ufo.training.stem_warmup import distill_stem, warm_up_stem
 
 STUDENT = dict(image_size=64, dropout=0.0, d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
                decoder_attention_heads=2, encoder_ffn_dim=256, decoder_ffn_dim=256,
@@ -90,14 +92,20 @@ def latencies(teacher_dir: Path, student_dir: Path, rounds: int) -> dict[str, fl
     return {name: round(1e3 * statistics.median(values), 2) for name, values in times.items()}
 
 
-def student_init(teacher_dir: Path, out: Path, warmup_images: int) -> Path:
-    """The student's start: a small OFA-Tiny whose own ResNet-26 stem is warmed up alone on generated scenes
-    (seeded, so both students start from the same weights; it stays frozen as the teacher's)."""
+def student_init(teacher_dir: Path, out: Path, warmup_images: int, stem_from_teacher: bool) -> Path:
+    """The student's start: a small OFA-Tiny whose own ResNet-26 stem is warmed up alone on generated scenes,
+    or with `stem_from_teacher` trained to reproduce the teacher's stem features on them (seeded, so both
+    students start from the same weights; it stays frozen as the teacher's)."""
     processor = OFAUFOProcessor.from_pretrained(teacher_dir)
     torch.manual_seed(0)
     student = ofa_ufo.create_model("ofa_ufo_tiny", **STUDENT)
-    warm = warm_up_stem(student, processor, warmup_images, subcells=STEM_SUBCELLS)
-    print(f"student stem warm-up: held-out cell accuracy {warm['object_cell_accuracy']:.3f} on objects")
+    if stem_from_teacher:
+        teacher = OFAUFOForConditionalGeneration.from_pretrained(teacher_dir)
+        fit = distill_stem(student, teacher, processor, warmup_images)
+        print(f"student stem distilled from the teacher's: held-out explained variance {fit['explained_variance']:.3f}")
+    else:
+        warm = warm_up_stem(student, processor, warmup_images, subcells=STEM_SUBCELLS)
+        print(f"student stem warm-up: held-out cell accuracy {warm['object_cell_accuracy']:.3f} on objects")
     student.save_pretrained(out)
     processor.save_pretrained(out)
     return out
@@ -160,7 +168,7 @@ def distill_part(out: Path, s: dict[str, Any], teacher_dir: Path | None) -> tupl
         teacher = evaluate_saved(teacher_dir, common)
     teacher["top5_mass"] = teacher_softness(teacher_dir, common, s["eval_examples"])
     print(f"teacher's 5 likeliest tokens hold, of its softened distribution at the VQA targets: {teacher['top5_mass']}")
-    start = student_init(teacher_dir, out / "student_init", s["student_warmup"])
+    start = student_init(teacher_dir, out / "student_init", s["student_warmup"], s["stem_from_teacher"])
     student = dict(common, model=str(start), max_steps=s["student_steps"])
     alone = run(out, "student_alone", student)
     distill = {"teacher": str(teacher_dir), "token_kl": 1.0, "temperature": s["temperature"], "top_k": s["top_k"],
@@ -243,10 +251,13 @@ def main() -> None:
                         help="the token KL only where the teacher ranks the target first")
     parser.add_argument("--five-tasks", action="store_true",
                         help="the students learn pretrain_demo_tiny's five-task mixture, not classification + VQA")
+    parser.add_argument("--stem-from-teacher", action="store_true",
+                        help="the student's stem learns the teacher's stem features (distill_stem), not cell labels")
     args = parser.parse_args()
     torch.set_num_threads(1)
     s = dict(settings(args.quick), seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-             correct_only=args.correct_only, tasks=FIVE_TASKS if args.five_tasks else TASKS)
+             correct_only=args.correct_only, stem_from_teacher=args.stem_from_teacher,
+             tasks=FIVE_TASKS if args.five_tasks else TASKS)
     s["student_steps"] = args.student_steps or s["student_steps"]
     start = time.perf_counter()
     distilled, teacher_dir = distill_part(args.out, s, args.teacher)

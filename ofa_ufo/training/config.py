@@ -111,7 +111,7 @@ class TrainConfig:
     # mean token loss of the generative tasks
     dense_loss_weight: float = 1.0
     # distillation from a frozen teacher (docs/distillation.md): {teacher: DIR, token_kl, temperature, top_k,
-    # correct_only, feature, feature_layers, feature_temperature, embedding, teacher_dtype}
+    # correct_only, feature, feature_layers, feature_temperature, embedding, teacher_dtype, stem}
     # (ofa_ufo.training.distillation); {}: off
     distill: dict[str, Any] = field(default_factory=dict)
     scst_beams: int = 5
@@ -264,7 +264,10 @@ def _check_ranges(config: TrainConfig) -> None:
         raise ConfigError("fields 'grow_from' and 'stem_warmup_images' exclude each other: a grown model's ResNet "
                           "stem is the small model's (set stem_warmup_images=0 or grow_from='')")
     _check_source_options(config)
-    parse_distill(config.distill)
+    distill = parse_distill(config.distill)
+    if distill is not None and distill.stem and not config.stem_warmup_images:
+        raise ConfigError("field 'distill' sets stem: true (the stem warm-up learns the teacher's stem features) "
+                          "but stem_warmup_images is 0: set the number of generated scenes it learns from")
 
 
 def _check_source_options(config: TrainConfig) -> None:
@@ -314,6 +317,9 @@ class DistillSettings:
     feature_temperature: float = 1.0  # CWD's tau (DAMO-YOLO: 1)
     embedding: float = 1.0  # weight of the embedding loss on rows without target tokens (0: off)
     teacher_dtype: str = "fp32"  # fp32 | bf16 (the teacher's weights and forward)
+    # the stem warm-up (stem_warmup_images scenes) regresses the teacher's stem features, not per-cell labels
+    # (ofa_ufo.training.stem_warmup.distill_stem): a small student's own stem starts from what the teacher sees
+    stem: bool = False
 
 
 def _check_distill(settings: DistillSettings) -> None:

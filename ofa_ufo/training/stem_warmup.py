@@ -31,6 +31,7 @@ WEIGHT_DECAY = 0.01
 BACKGROUND_WEIGHT = 0.2  # most cells are empty; full weight teaches "background" everywhere first
 HELD_OUT = 256  # scenes scored after the warm-up
 COVERED = 0.25  # share of a cell an object must cover to label it
+REFRESH_IMAGES = 256  # the last training scenes that re-estimate the distilled stem's BatchNorm statistics
 
 
 def cell_labels(scene: Scene, grid: int, labels: list[str]) -> np.ndarray:
@@ -94,42 +95,141 @@ def warm_up_stem(model, processor, images: int, seed: int = 0, max_objects: int 
     background = len(labels)
     train_scenes = DemoScenes("stem_warmup", images, seed=seed, max_objects=max_objects, object_size=object_size)
     held_out = DemoScenes("stem_warmup_eval", HELD_OUT, seed=seed, max_objects=max_objects, object_size=object_size)
-    steps = math.ceil(images / BATCH_SIZE)
     stem.to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        size = processor.image_processor.size
-        with torch.no_grad():  # eval mode: the shape probe leaves the BatchNorm statistics alone
-            channels, grid = stem.eval()(torch.zeros(1, 3, size, size, device=device)).shape[1:3]  # (1, C, grid, grid)
+        channels, grid = _grid(stem, processor, device)
         head = nn.Sequential(nn.Conv2d(channels, (background + 1) * subcells**2, 1),
                              nn.PixelShuffle(subcells)).to(device)  # (B, C, g, g) -> (B, labels, g*s, g*s)
         grid *= subcells
-        params = list(stem.parameters()) + list(head.parameters())
-        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
-        warmup = max(1, round(0.05 * steps))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
         weight = torch.ones(background + 1, device=device)
         weight[background] = BACKGROUND_WEIGHT
-        stem.train()
-        bar = tqdm(range(steps), desc="stem warm-up", unit="step", disable=not show_progress)
-        for step in bar:
-            pixels, targets = _batch(train_scenes, range(step * BATCH_SIZE, min(images, (step + 1) * BATCH_SIZE)),
-                                     processor, grid, labels, device)
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                logits = head(stem(pixels))  # (B, labels, grid, grid)
-            loss = nn.functional.cross_entropy(logits.float(), targets, weight=weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+
+        def batch(indices: range) -> tuple[torch.Tensor, torch.Tensor]:
+            return _batch(train_scenes, indices, processor, grid, labels, device)
+
+        def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return nn.functional.cross_entropy(outputs, targets, weight=weight)
+
+        loss = _fit(stem, head, batch, loss_fn, images, dtype, "stem warm-up", show_progress)
         pixels, targets = _batch(held_out, range(HELD_OUT), processor, grid, labels, device)
         result = _accuracy(stem, head, pixels, targets, background)
+    return {"images": images, "label_grid": grid, "final_loss": loss, "precision": _name(dtype),
+            "seconds": round(time.perf_counter() - start, 1), **result}
+
+
+def distill_stem(model, teacher, processor, images: int, seed: int = 0, max_objects: int = 3,
+                 device: torch.device | str = "cpu", show_progress: bool = True,
+                 object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE,
+                 dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Train `model`'s ResNet stem in place to reproduce a trained `teacher`'s stem features on `images`
+    generated scenes (same schedule as `warm_up_stem`): a throw-away 1x1 convolution maps the student's grid
+    to the teacher's channels, and the loss is the mean squared error against the teacher's features, each
+    channel normalised over the batch's positions. Every cell carries a dense target of ~1000 numbers instead
+    of one label, so a small stem learns what a large trained one sees far faster than from the labels
+    (a small student's stem is what limits it on the image tasks). The teacher must have been trained at the
+    processor's image size. Returns the held-out share of the teacher's feature variance explained (R^2,
+    over 256 scenes) and the seconds."""
+    size, teacher_size = processor.image_processor.size, teacher.config.image_size
+    if size != teacher_size:
+        raise ValueError(f"stem distillation: the student's images are {size} px but the teacher was trained at "
+                         f"{teacher_size} px: its features at another scale are no target; use its image size")
+    start = time.perf_counter()
+    stem: ResNetStem = model.get_encoder().embed_images
+    teacher_stem: ResNetStem = teacher.get_encoder().embed_images
+    train_scenes = DemoScenes("stem_warmup", images, seed=seed, max_objects=max_objects, object_size=object_size)
+    held_out = DemoScenes("stem_warmup_eval", HELD_OUT, seed=seed, max_objects=max_objects, object_size=object_size)
+    stem.to(device)
+    teacher_stem.to(device).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        channels, _ = _grid(stem, processor, device)
+        teacher_channels, _ = _grid(teacher_stem, processor, device)
+        head = nn.Conv2d(channels, teacher_channels, 1).to(device)
+
+        def targets(scenes: DemoScenes, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
+            pixels = processor.image_processor([scenes[i].image for i in indices], return_tensors="pt")
+            pixels = pixels["pixel_values"].to(device)
+            with torch.no_grad():
+                features = torch.cat([teacher_stem(chunk).float() for chunk in pixels.split(BATCH_SIZE)])
+            return pixels, _normalize(features)  # (B, C_teacher, g, g)
+
+        def loss_fn(outputs: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+            return nn.functional.mse_loss(outputs, wanted)
+
+        loss = _fit(stem, head, lambda indices: targets(train_scenes, indices), loss_fn, images, dtype,
+                    "stem distillation", show_progress)
+        _refresh_batch_norm(stem, [targets(train_scenes, range(start, min(images, start + BATCH_SIZE)))[0]
+                                   for start in range(max(0, images - REFRESH_IMAGES), images, BATCH_SIZE)])
+        pixels, wanted = targets(held_out, range(HELD_OUT))
+        stem.eval()
+        with torch.no_grad():
+            fitted = torch.cat([head(stem(chunk)) for chunk in pixels.split(BATCH_SIZE)])
+        stem.train()
+        explained = 1.0 - float(((fitted - wanted) ** 2).mean() / wanted.var(unbiased=False))
+    return {"images": images, "final_loss": loss, "precision": _name(dtype), "explained_variance": explained,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _refresh_batch_norm(stem: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Set the stem's BatchNorm running statistics to the plain average over `batches` (pixels) of the trained
+    weights' statistics. The usual running average lags behind features that were still moving at the last
+    steps; evaluation mode reads these statistics."""
+    norms = [m for m in stem.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average
+    stem.train()
+    with torch.no_grad():
+        for pixels in batches:
+            stem(pixels)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+
+
+def _normalize(features: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """(B, C, g, g) features with each channel at mean 0 and variance 1 over the batch's positions."""
+    mean = features.mean((0, 2, 3), keepdim=True)
+    std = features.var((0, 2, 3), keepdim=True, unbiased=False).add(eps).sqrt()
+    return (features - mean) / std
+
+
+def _grid(stem: nn.Module, processor, device: torch.device | str) -> tuple[int, int]:
+    """(channels, grid side) of the stem's output at the processor's image size."""
+    size = processor.image_processor.size
+    with torch.no_grad():  # eval mode: the shape probe leaves the BatchNorm statistics alone
+        channels, grid = stem.eval()(torch.zeros(1, 3, size, size, device=device)).shape[1:3]  # (1, C, grid, grid)
+    return channels, grid
+
+
+def _fit(stem: nn.Module, head: nn.Module, batch, loss_fn, images: int, dtype: torch.dtype, desc: str,
+         show_progress: bool) -> float:
+    """Train stem + head on `images` examples in batches of 32 (`batch(indices)` -> (pixels, targets)), AdamW
+    1e-3, 5% warm-up then cosine, the forward under bf16 autocast when `dtype` is bfloat16. Returns the last
+    loss; the stem's gradients are cleared afterwards."""
+    steps = math.ceil(images / BATCH_SIZE)
+    device_type = next(stem.parameters()).device.type
+    optimizer = torch.optim.AdamW(list(stem.parameters()) + list(head.parameters()), lr=LR, weight_decay=WEIGHT_DECAY)
+    warmup = max(1, round(0.05 * steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    stem.train()
+    loss = torch.zeros(())
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not show_progress)
+    for step in bar:
+        pixels, targets = batch(range(step * BATCH_SIZE, min(images, (step + 1) * BATCH_SIZE)))
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            outputs = head(stem(pixels))
+        loss = loss_fn(outputs.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     for param in stem.parameters():
         param.grad = None
-    return {"images": images, "label_grid": grid, "final_loss": loss.item(), "precision": _name(dtype),
-            "seconds": round(time.perf_counter() - start, 1), **result}
+    return loss.item()
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -137,10 +237,19 @@ def _name(dtype: torch.dtype) -> str:
 
 
 def warm_up_run_stem(model, processor, config: TrainConfig, device: torch.device, main: bool,
-                     dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """`warm_up_stem` with a run's settings (`stem_warmup_*`, `demo_*`, `seed`) and precision (`dtype`), its
-    result printed by the main process. Every process runs the same seeded warm-up; DDP then broadcasts rank
-    0's weights."""
+                     dtype: torch.dtype = torch.float32, teacher=None) -> dict[str, Any]:
+    """`warm_up_stem` with a run's settings (`stem_warmup_*`, `demo_*`, `seed`) and precision (`dtype`), or with
+    a `teacher` (a run with `distill.stem`) `distill_stem`; its result printed by the main process. Every process
+    runs the same seeded warm-up; DDP then broadcasts rank 0's weights."""
+    if teacher is not None:
+        result = distill_stem(model, teacher, processor, config.stem_warmup_images, config.seed,
+                              config.demo_max_objects, device, show_progress=main, object_size=config.demo_object_size,
+                              dtype=dtype)
+        if main:
+            print(f"stem distillation ({result['precision']}) on {result['images']} generated scenes: the student's "
+                  f"stem explains {result['explained_variance']:.3f} of the teacher's held-out stem features "
+                  f"({result['seconds']:.0f} s)", flush=True)
+        return result
     result = warm_up_stem(model, processor, config.stem_warmup_images, config.seed, config.demo_max_objects, device,
                           show_progress=main, subcells=config.stem_warmup_subcells,
                           object_size=config.demo_object_size, dtype=dtype)

@@ -112,7 +112,9 @@ class Trainer:
             grown["heads"] = grow_heads(self.auxiliary_heads, small_state, config.seed)
         warmup = None
         if config.stem_warmup_images and self.resume_from is None:  # a resumed run's stem is in its checkpoint
-            warmup = warm_up_run_stem(model, processor, config, acc.device, acc.is_main_process, self.precision.dtype)
+            teacher = self.distiller.teacher if self.distiller is not None and self.distiller.settings.stem else None
+            warmup = warm_up_run_stem(model, processor, config, acc.device, acc.is_main_process, self.precision.dtype,
+                                      teacher)
         freeze(model, config)
         self.experts_step = task_experts_step(model, config)  # 0: the task experts train from step 0
         if self.experts_step and self.resume_from is None:  # a resumed run's routers are in its checkpoint
