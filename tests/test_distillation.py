@@ -463,8 +463,13 @@ def test_distilled_stem_fits_the_teachers_features_and_leaves_the_teacher_alone(
     assert fits[320]["images"] == 320 and fits[320]["precision"] == "fp32"
 
 
-def test_distilled_stem_needs_the_teachers_image_size(processor):
+def test_distilled_stem_needs_the_teachers_image_size_and_takes_a_bf16_teacher(processor):
     from ofa_ufo.training.stem_warmup import distill_stem
+
+    small = ofa_ufo.create_processor("ofa_ufo_tiny", image_size=32)
+    fit = distill_stem(tiny_model(image_size=32), tiny_model(seed=1, image_size=32).to(torch.bfloat16), small, 32,
+                       show_progress=False)
+    assert math.isfinite(fit["explained_variance"])
 
     teacher = ofa_ufo.create_model("ofa_ufo_tiny", **{**TINY, "image_size": 128})
     with pytest.raises(ValueError, match="images are 64 px but the teacher was trained at 128 px"):

@@ -143,15 +143,17 @@ def distill_stem(model, teacher, processor, images: int, seed: int = 0, max_obje
     teacher_stem.to(device).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        teacher_dtype = next(teacher_stem.parameters()).dtype  # a teacher loaded in bf16 stays in bf16
         channels, _ = _grid(stem, processor, device)
-        teacher_channels, _ = _grid(teacher_stem, processor, device)
+        teacher_channels, _ = _grid(teacher_stem, processor, device, teacher_dtype)
         head = nn.Conv2d(channels, teacher_channels, 1).to(device)
 
         def targets(scenes: DemoScenes, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
             pixels = processor.image_processor([scenes[i].image for i in indices], return_tensors="pt")
             pixels = pixels["pixel_values"].to(device)
             with torch.no_grad():
-                features = torch.cat([teacher_stem(chunk).float() for chunk in pixels.split(BATCH_SIZE)])
+                features = torch.cat([teacher_stem(chunk.to(teacher_dtype)).float()
+                                      for chunk in pixels.split(BATCH_SIZE)])
             return pixels, _normalize(features)  # (B, C_teacher, g, g)
 
         def loss_fn(outputs: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
@@ -159,8 +161,8 @@ def distill_stem(model, teacher, processor, images: int, seed: int = 0, max_obje
 
         loss = _fit(stem, head, lambda indices: targets(train_scenes, indices), loss_fn, images, dtype,
                     "stem distillation", show_progress)
-        _refresh_batch_norm(stem, [targets(train_scenes, range(start, min(images, start + BATCH_SIZE)))[0]
-                                   for start in range(max(0, images - REFRESH_IMAGES), images, BATCH_SIZE)])
+        _refresh_batch_norm(stem, [targets(train_scenes, range(first, min(images, first + BATCH_SIZE)))[0]
+                                   for first in range(max(0, images - REFRESH_IMAGES), images, BATCH_SIZE)])
         pixels, wanted = targets(held_out, range(HELD_OUT))
         stem.eval()
         with torch.no_grad():
@@ -195,11 +197,13 @@ def _normalize(features: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (features - mean) / std
 
 
-def _grid(stem: nn.Module, processor, device: torch.device | str) -> tuple[int, int]:
+def _grid(stem: nn.Module, processor, device: torch.device | str,
+          dtype: torch.dtype = torch.float32) -> tuple[int, int]:
     """(channels, grid side) of the stem's output at the processor's image size."""
     size = processor.image_processor.size
+    probe = torch.zeros(1, 3, size, size, device=device, dtype=dtype)
     with torch.no_grad():  # eval mode: the shape probe leaves the BatchNorm statistics alone
-        channels, grid = stem.eval()(torch.zeros(1, 3, size, size, device=device)).shape[1:3]  # (1, C, grid, grid)
+        channels, grid = stem.eval()(probe).shape[1:3]  # (1, C, grid, grid)
     return channels, grid
 
 
