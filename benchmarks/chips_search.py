@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--fit", type=int, default=24)
     parser.add_argument("--held-out", type=int, default=16)
     parser.add_argument("--examples", type=int, default=200)
+    parser.add_argument("--spec", help="the task spec scoring the archs (default demo_<task>; a path for more "
+                        "held-out scenes, e.g. a copy of tasks/demo_classification.yaml with val_scenes: 1000)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget-ms", type=float)
     parser.add_argument("--metric", choices=METRICS, default="headline")
@@ -75,12 +77,13 @@ def main() -> None:
         processor = OFAUFOProcessor.from_pretrained(args.model)
     config = model.config
     profiles = Path(args.profiles) if args.profiles else Path(args.model or ".") / "profiles"
-    evaluator = ArchEvaluator(model, processor, args.task, None, args.examples, 50, args.target, args.repeats,
+    evaluator = ArchEvaluator(model, processor, args.task, args.spec, args.examples, 50, args.target, args.repeats,
                               profiles, args.metric)
-    print(f"measured on {device_name()}; task {args.task}, target {args.target}, {args.examples} held-out examples")
+    print(f"measured on {device_name()}; task {args.task}, target {args.target}, {len(evaluator.examples)} held-out "
+          f"examples of spec {evaluator.spec.name}")
     if args.latency_only:
         with tempfile.TemporaryDirectory(prefix="retime_") as retimed:  # the second timing's own records
-            again = (ArchEvaluator(model, processor, args.task, None, args.examples, 50, args.target, args.repeats,
+            again = (ArchEvaluator(model, processor, args.task, args.spec, args.examples, 50, args.target, args.repeats,
                                    Path(retimed), args.metric) if args.retime else None)
             return latency_only(args, config, evaluator, start, again)
 

@@ -72,6 +72,10 @@ class ArchEvaluator:
         self.examples = list(islice(open_examples(self.spec.data, task), examples))
         if not self.examples:
             raise ValueError(f"spec {self.spec.name!r} gave no held-out examples")
+        if len(self.examples) < examples:
+            warnings.warn(f"spec {self.spec.name!r} holds {len(self.examples)} held-out examples, fewer than the "
+                          f"{examples} asked for: each arch is scored on {len(self.examples)} (a spec whose data "
+                          "has a larger validation split gives more)", stacklevel=2)
         self.headline, self.metrics, self.latencies = get_task(task).headline, {}, {}
         self.target, self.repeats = target, repeats
         self.store = ProfileStore(profile_dir / f"{target}.json", target) if profile_dir is not None else None

@@ -239,6 +239,11 @@ def test_the_loss_metric_is_minus_the_models_own_heldout_loss(supernet, processo
     assert ProfileStore(tmp_path / "cpu-fp32.json", "cpu-fp32").lookup(arch) == evaluator.latency_ms(arch) > 0
     with pytest.raises(ValueError, match="metric must be one of"):
         ArchEvaluator(supernet, processor, "classification", None, 2, 8, "cpu-fp32", 1, None, "accuracy")
+    # demo_classification's validation split holds 200 scenes (tasks/demo_classification.yaml): asking for more
+    # is said, not silently cut
+    with pytest.warns(UserWarning, match="holds 200 held-out examples, fewer than the 1000 asked for"):
+        short = ArchEvaluator(supernet, processor, "classification", None, 1000, 8, "cpu-fp32", 1, None)
+    assert len(short.examples) == 200
 
 
 def test_latency_groups_are_scaled_by_their_reference_arch(supernet, processor, monkeypatch):
