@@ -92,16 +92,18 @@ def latencies(teacher_dir: Path, student_dir: Path, rounds: int) -> dict[str, fl
     return {name: round(1e3 * statistics.median(values), 2) for name, values in times.items()}
 
 
-def student_init(teacher_dir: Path, out: Path, warmup_images: int, stem_from_teacher: bool) -> Path:
+def student_init(teacher_dir: Path, out: Path, warmup_images: int, stem_from_teacher: bool,
+                 stem_labels: float = 0.0) -> Path:
     """The student's start: a small OFA-Tiny whose own ResNet-26 stem is warmed up alone on generated scenes,
-    or with `stem_from_teacher` trained to reproduce the teacher's stem features on them (seeded, so both
+    or with `stem_from_teacher` trained to reproduce the teacher's stem features on them (and with `stem_labels`
+    > 0 to name the sub-cells' objects too, with that weight) (seeded, so both
     students start from the same weights; it stays frozen as the teacher's)."""
     processor = OFAUFOProcessor.from_pretrained(teacher_dir)
     torch.manual_seed(0)
     student = ofa_ufo.create_model("ofa_ufo_tiny", **STUDENT)
     if stem_from_teacher:
         teacher = OFAUFOForConditionalGeneration.from_pretrained(teacher_dir)
-        fit = distill_stem(student, teacher, processor, warmup_images)
+        fit = distill_stem(student, teacher, processor, warmup_images, label_weight=stem_labels, subcells=STEM_SUBCELLS)
         print(f"student stem distilled from the teacher's: held-out explained variance {fit['explained_variance']:.3f}")
     else:
         warm = warm_up_stem(student, processor, warmup_images, subcells=STEM_SUBCELLS)
@@ -168,7 +170,8 @@ def distill_part(out: Path, s: dict[str, Any], teacher_dir: Path | None) -> tupl
         teacher = evaluate_saved(teacher_dir, common)
     teacher["top5_mass"] = teacher_softness(teacher_dir, common, s["eval_examples"])
     print(f"teacher's 5 likeliest tokens hold, of its softened distribution at the VQA targets: {teacher['top5_mass']}")
-    start = student_init(teacher_dir, out / "student_init", s["student_warmup"], s["stem_from_teacher"])
+    start = student_init(teacher_dir, out / "student_init", s["student_warmup"], s["stem_from_teacher"],
+                         s["stem_labels"])
     student = dict(common, model=str(start), max_steps=s["student_steps"])
     alone = run(out, "student_alone", student)
     distill = {"teacher": str(teacher_dir), "token_kl": 1.0, "temperature": s["temperature"], "top_k": s["top_k"],
@@ -253,10 +256,12 @@ def main() -> None:
                         help="the students learn pretrain_demo_tiny's five-task mixture, not classification + VQA")
     parser.add_argument("--stem-from-teacher", action="store_true",
                         help="the student's stem learns the teacher's stem features (distill_stem), not cell labels")
+    parser.add_argument("--stem-labels", type=float, default=0.0,
+                        help="with --stem-from-teacher: weight of the cell labels' loss beside the features (0: none)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     s = dict(settings(args.quick), seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-             correct_only=args.correct_only, stem_from_teacher=args.stem_from_teacher,
+             correct_only=args.correct_only, stem_from_teacher=args.stem_from_teacher, stem_labels=args.stem_labels,
              tasks=FIVE_TASKS if args.five_tasks else TASKS)
     s["student_steps"] = args.student_steps or s["student_steps"]
     start = time.perf_counter()

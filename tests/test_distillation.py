@@ -467,9 +467,14 @@ def test_distilled_stem_needs_the_teachers_image_size_and_takes_a_bf16_teacher(p
     from ofa_ufo.training.stem_warmup import distill_stem
 
     small = ofa_ufo.create_processor("ofa_ufo_tiny", image_size=32)
-    fit = distill_stem(tiny_model(image_size=32), tiny_model(seed=1, image_size=32).to(torch.bfloat16), small, 32,
-                       show_progress=False)
+    teacher = tiny_model(seed=1, image_size=32).to(torch.bfloat16)
+    fit = distill_stem(tiny_model(image_size=32), teacher, small, 32, show_progress=False)
     assert math.isfinite(fit["explained_variance"])
+    # one step: the loss is the feature MSE (about 1 on normalised features) plus, with label_weight, the
+    # cell-label cross-entropy over 25 classes (about ln 25 = 3.2 from a random head)
+    both = distill_stem(tiny_model(image_size=32), teacher, small, 32, show_progress=False, label_weight=1.0,
+                        subcells=2)
+    assert both["final_loss"] > fit["final_loss"] + 2.0, (both, fit)
 
     teacher = ofa_ufo.create_model("ofa_ufo_tiny", **{**TINY, "image_size": 128})
     with pytest.raises(ValueError, match="images are 64 px but the teacher was trained at 128 px"):

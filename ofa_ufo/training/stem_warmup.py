@@ -109,7 +109,7 @@ def warm_up_stem(model, processor, images: int, seed: int = 0, max_objects: int 
             return _batch(train_scenes, indices, processor, grid, labels, device)
 
         def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return nn.functional.cross_entropy(outputs, targets, weight=weight)
+            return nn.functional.cross_entropy(outputs.float(), targets, weight=weight)
 
         loss = _fit(stem, head, batch, loss_fn, images, dtype, "stem warm-up", show_progress)
         pixels, targets = _batch(held_out, range(HELD_OUT), processor, grid, labels, device)
@@ -121,15 +121,16 @@ def warm_up_stem(model, processor, images: int, seed: int = 0, max_objects: int 
 def distill_stem(model, teacher, processor, images: int, seed: int = 0, max_objects: int = 3,
                  device: torch.device | str = "cpu", show_progress: bool = True,
                  object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE,
-                 dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+                 dtype: torch.dtype = torch.float32, label_weight: float = 0.0, subcells: int = 1) -> dict[str, Any]:
     """Train `model`'s ResNet stem in place to reproduce a trained `teacher`'s stem features on `images`
     generated scenes (same schedule as `warm_up_stem`): a throw-away 1x1 convolution maps the student's grid
     to the teacher's channels, and the loss is the mean squared error against the teacher's features, each
     channel normalised over the batch's positions. Every cell carries a dense target of ~1000 numbers instead
     of one label, so a small stem learns what a large trained one sees far faster than from the labels
-    (a small student's stem is what limits it on the image tasks). The teacher must have been trained at the
-    processor's image size. Returns the held-out share of the teacher's feature variance explained (R^2,
-    over 256 scenes) and the seconds."""
+    (a small student's stem is what limits it on the image tasks). `label_weight` > 0 adds `warm_up_stem`'s
+    cell-label loss (`subcells` as there) with that weight, through its own throw-away head. The teacher must
+    have been trained at the processor's image size. Returns the held-out share of the teacher's feature
+    variance explained (R^2, over 256 scenes) and the seconds."""
     size, teacher_size = processor.image_processor.size, teacher.config.image_size
     if size != teacher_size:
         raise ValueError(f"stem distillation: the student's images are {size} px but the teacher was trained at "
@@ -137,6 +138,8 @@ def distill_stem(model, teacher, processor, images: int, seed: int = 0, max_obje
     start = time.perf_counter()
     stem: ResNetStem = model.get_encoder().embed_images
     teacher_stem: ResNetStem = teacher.get_encoder().embed_images
+    labels = detection_labels()
+    background = len(labels)
     train_scenes = DemoScenes("stem_warmup", images, seed=seed, max_objects=max_objects, object_size=object_size)
     held_out = DemoScenes("stem_warmup_eval", HELD_OUT, seed=seed, max_objects=max_objects, object_size=object_size)
     stem.to(device)
@@ -144,33 +147,51 @@ def distill_stem(model, teacher, processor, images: int, seed: int = 0, max_obje
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         teacher_dtype = next(teacher_stem.parameters()).dtype  # a teacher loaded in bf16 stays in bf16
-        channels, _ = _grid(stem, processor, device)
+        channels, grid = _grid(stem, processor, device)
         teacher_channels, _ = _grid(teacher_stem, processor, device, teacher_dtype)
-        head = nn.Conv2d(channels, teacher_channels, 1).to(device)
+        head = _StemHeads(channels, teacher_channels, (background + 1) if label_weight else 0, subcells).to(device)
+        weight = torch.ones(background + 1, device=device)
+        weight[background] = BACKGROUND_WEIGHT
 
-        def targets(scenes: DemoScenes, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
-            pixels = processor.image_processor([scenes[i].image for i in indices], return_tensors="pt")
-            pixels = pixels["pixel_values"].to(device)
+        def targets(scenes: DemoScenes, indices: range) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+            pixels, cells = _batch(scenes, indices, processor, grid * subcells, labels, device)
             with torch.no_grad():
                 features = torch.cat([teacher_stem(chunk.to(teacher_dtype)).float()
                                       for chunk in pixels.split(BATCH_SIZE)])
-            return pixels, _normalize(features)  # (B, C_teacher, g, g)
+            return pixels, (_normalize(features), cells)  # (B, C_teacher, g, g), (B, g*s, g*s)
 
-        def loss_fn(outputs: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
-            return nn.functional.mse_loss(outputs, wanted)
+        def loss_fn(outputs: tuple[torch.Tensor, torch.Tensor | None], wanted: tuple[torch.Tensor, torch.Tensor]):
+            loss = nn.functional.mse_loss(outputs[0].float(), wanted[0])
+            if label_weight:
+                loss = loss + label_weight * nn.functional.cross_entropy(outputs[1].float(), wanted[1], weight=weight)
+            return loss
 
         loss = _fit(stem, head, lambda indices: targets(train_scenes, indices), loss_fn, images, dtype,
                     "stem distillation", show_progress)
         _refresh_batch_norm(stem, [targets(train_scenes, range(first, min(images, first + BATCH_SIZE)))[0]
                                    for first in range(max(0, images - REFRESH_IMAGES), images, BATCH_SIZE)])
-        pixels, wanted = targets(held_out, range(HELD_OUT))
+        pixels, (wanted, _) = targets(held_out, range(HELD_OUT))
         stem.eval()
         with torch.no_grad():
-            fitted = torch.cat([head(stem(chunk)) for chunk in pixels.split(BATCH_SIZE)])
+            fitted = torch.cat([head(stem(chunk))[0] for chunk in pixels.split(BATCH_SIZE)])
         stem.train()
         explained = 1.0 - float(((fitted - wanted) ** 2).mean() / wanted.var(unbiased=False))
     return {"images": images, "final_loss": loss, "precision": _name(dtype), "explained_variance": explained,
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+class _StemHeads(nn.Module):
+    """distill_stem's throw-away heads on the stem's grid (B, C, g, g): the projection to the teacher's channels
+    and, with `classes` > 0, warm_up_stem's label head (B, classes, g*s, g*s); its second output is None without."""
+
+    def __init__(self, channels: int, teacher_channels: int, classes: int, subcells: int) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(channels, teacher_channels, 1)
+        self.labels = (nn.Sequential(nn.Conv2d(channels, classes * subcells**2, 1), nn.PixelShuffle(subcells))
+                       if classes else None)
+
+    def forward(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.features(grid), (self.labels(grid) if self.labels is not None else None)
 
 
 def _refresh_batch_norm(stem: nn.Module, batches: list[torch.Tensor]) -> None:
@@ -225,7 +246,7 @@ def _fit(stem: nn.Module, head: nn.Module, batch, loss_fn, images: int, dtype: t
         pixels, targets = batch(range(step * BATCH_SIZE, min(images, (step + 1) * BATCH_SIZE)))
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             outputs = head(stem(pixels))
-        loss = loss_fn(outputs.float(), targets)
+        loss = loss_fn(outputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
