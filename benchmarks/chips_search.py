@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import ofa_ufo
 from ofa_ufo.core.timing import device_name
@@ -92,7 +93,7 @@ def main() -> None:
     random_pool = random_archs(config, args.fit, args.seed + 2000)
     evaluator.prefetch_latencies(fit + held + random_pool, args.repeats)
     rows = {}
-    for arch in fit + held:
+    for arch in tqdm(fit + held, desc=f"{evaluator.metric_kind} of the archs", unit="arch"):
         rows[arch] = (evaluator.metric(arch), evaluator.latency_ms(arch))
     metric_gp = ArchPredictor(config, args.seed).fit(fit, [rows[a][0] for a in fit])
     latency_gp = ArchPredictor(config, args.seed).fit(fit, [rows[a][1] for a in fit])
