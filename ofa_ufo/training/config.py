@@ -318,7 +318,8 @@ class DistillSettings:
     embedding: float = 1.0  # weight of the embedding loss on rows without target tokens (0: off)
     teacher_dtype: str = "fp32"  # fp32 | bf16 (the teacher's weights and forward)
     # the stem warm-up (stem_warmup_images scenes) regresses the teacher's stem features, not per-cell labels
-    # (ofa_ufo.training.stem_warmup.distill_stem): a small student's own stem starts from what the teacher sees
+    # (ofa_ufo.training.stem_warmup.distill_stem; stem_warmup_subcells is then unused): a small student's own
+    # stem starts from what the teacher sees
     stem: bool = False
 
 
