@@ -99,11 +99,9 @@ def warm_up_stem(model, processor, images: int, seed: int = 0, max_objects: int 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         channels, grid = _grid(stem, processor, device)
-        head = nn.Sequential(nn.Conv2d(channels, (background + 1) * subcells**2, 1),
-                             nn.PixelShuffle(subcells)).to(device)  # (B, C, g, g) -> (B, labels, g*s, g*s)
+        head = _label_head(channels, background + 1, subcells).to(device)
         grid *= subcells
-        weight = torch.ones(background + 1, device=device)
-        weight[background] = BACKGROUND_WEIGHT
+        weight = _label_weights(background, device)
 
         def batch(indices: range) -> tuple[torch.Tensor, torch.Tensor]:
             return _batch(train_scenes, indices, processor, grid, labels, device)
@@ -150,8 +148,7 @@ def distill_stem(model, teacher, processor, images: int, seed: int = 0, max_obje
         channels, grid = _grid(stem, processor, device)
         teacher_channels, _ = _grid(teacher_stem, processor, device, teacher_dtype)
         head = _StemHeads(channels, teacher_channels, (background + 1) if label_weight else 0, subcells).to(device)
-        weight = torch.ones(background + 1, device=device)
-        weight[background] = BACKGROUND_WEIGHT
+        weight = _label_weights(background, device)
 
         def targets(scenes: DemoScenes, indices: range) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
             pixels, cells = _batch(scenes, indices, processor, grid * subcells, labels, device)
@@ -187,11 +184,23 @@ class _StemHeads(nn.Module):
     def __init__(self, channels: int, teacher_channels: int, classes: int, subcells: int) -> None:
         super().__init__()
         self.features = nn.Conv2d(channels, teacher_channels, 1)
-        self.labels = (nn.Sequential(nn.Conv2d(channels, classes * subcells**2, 1), nn.PixelShuffle(subcells))
-                       if classes else None)
+        self.labels = _label_head(channels, classes, subcells) if classes else None
 
     def forward(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.features(grid), (self.labels(grid) if self.labels is not None else None)
+
+
+def _label_head(channels: int, classes: int, subcells: int) -> nn.Module:
+    """A 1x1 convolution to `classes` label maps per sub-cell, then pixel shuffle: (B, C, g, g) -> (B, classes,
+    g*s, g*s)."""
+    return nn.Sequential(nn.Conv2d(channels, classes * subcells**2, 1), nn.PixelShuffle(subcells))
+
+
+def _label_weights(background: int, device: torch.device | str) -> torch.Tensor:
+    """Cross-entropy class weights: 1 per object label, BACKGROUND_WEIGHT for background (index `background`)."""
+    weight = torch.ones(background + 1, device=device)
+    weight[background] = BACKGROUND_WEIGHT
+    return weight
 
 
 def _refresh_batch_norm(stem: nn.Module, batches: list[torch.Tensor]) -> None:
