@@ -24,6 +24,7 @@ from ofa_ufo.data.demo_scenes import DEFAULT_OBJECT_SIZE, SHAPES, DemoScenes, Sc
 from ofa_ufo.models.resnet import ResNetStem
 from ofa_ufo.tasks.box_mask import cell_coverage
 from ofa_ufo.training.config import TrainConfig
+from ofa_ufo.training.distillation import normalize_channels
 
 BATCH_SIZE = 32
 LR = 1e-3
@@ -54,10 +55,9 @@ def cell_labels(scene: Scene, grid: int, labels: list[str]) -> np.ndarray:
 
 def _batch(scenes: DemoScenes, indices: range, processor, grid: int, labels: list[str],
            device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    chosen = [scenes[i] for i in indices]
-    pixels = processor.image_processor([s.image for s in chosen], return_tensors="pt")["pixel_values"]
+    chosen = [scenes[i] for i in indices]  # each scene is generated on access: once
     targets = torch.from_numpy(np.stack([cell_labels(s, grid, labels) for s in chosen]))  # (B, grid, grid)
-    return pixels.to(device), targets.to(device)
+    return _pixels(chosen, processor, device), targets.to(device)
 
 
 @torch.no_grad()
@@ -165,8 +165,8 @@ def distill_stem(model, teacher, processor, images: int, seed: int = 0, max_obje
 
         loss = _fit(stem, head, lambda indices: targets(train_scenes, indices), loss_fn, images, dtype,
                     "stem distillation", show_progress)
-        _refresh_batch_norm(stem, [targets(train_scenes, range(first, min(images, first + BATCH_SIZE)))[0]
-                                   for first in range(max(0, images - REFRESH_IMAGES), images, BATCH_SIZE)])
+        last = range(max(0, images - REFRESH_IMAGES), images)
+        _refresh_batch_norm(stem, _pixels([train_scenes[i] for i in last], processor, device).split(BATCH_SIZE))
         pixels, (wanted, _) = targets(held_out, range(HELD_OUT))
         stem.eval()
         with torch.no_grad():
@@ -203,7 +203,12 @@ def _label_weights(background: int, device: torch.device | str) -> torch.Tensor:
     return weight
 
 
-def _refresh_batch_norm(stem: nn.Module, batches: list[torch.Tensor]) -> None:
+def _pixels(scenes: list[Scene], processor, device: torch.device | str) -> torch.Tensor:
+    """The scenes' processed images (N, 3, S, S) on `device`."""
+    return processor.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"].to(device)
+
+
+def _refresh_batch_norm(stem: nn.Module, batches) -> None:
     """Set the stem's BatchNorm running statistics to the plain average over `batches` (pixels) of the trained
     weights' statistics. The usual running average lags behind features that were still moving at the last
     steps; evaluation mode reads these statistics."""
@@ -220,11 +225,13 @@ def _refresh_batch_norm(stem: nn.Module, batches: list[torch.Tensor]) -> None:
         norm.momentum = momentum
 
 
-def _normalize(features: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """(B, C, g, g) features with each channel at mean 0 and variance 1 over the batch's positions."""
-    mean = features.mean((0, 2, 3), keepdim=True)
-    std = features.var((0, 2, 3), keepdim=True, unbiased=False).add(eps).sqrt()
-    return (features - mean) / std
+def _normalize(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, g, g) features with each channel at mean 0 and variance 1 over the batch's positions (CWD's
+    non-affine normalisation, `normalize_channels`, on the grid)."""
+    rows, channels, side = features.shape[:3]
+    flat = features.flatten(2).transpose(1, 2)  # (B, g*g, C)
+    normal = normalize_channels(flat, torch.ones(flat.shape[:2], dtype=torch.bool, device=flat.device))
+    return normal.transpose(1, 2).reshape(rows, channels, side, -1)  # (B, C, g, g)
 
 
 def _grid(stem: nn.Module, processor, device: torch.device | str,
