@@ -42,7 +42,7 @@ setup(
     extras_require={
         # gradio + selenium: the web demo's tests (the browser test also needs Debian's chromium + chromium-driver)
         "test": ["pytest>=8.0", "hypothesis>=6.100", "scikit-image>=0.22", "gradio>=6.0,<7", "selenium>=4.20",
-                 "onnx>=1.16", "onnxruntime>=1.17", "scikit-learn>=1.3", "webdataset>=0.2"],
+                 "onnx>=1.16", "onnxruntime>=1.17", "onnxslim>=0.1.90", "scikit-learn>=1.3", "webdataset>=0.2"],
         # WebDataset tar shards streamed by the trainer (ofa_ufo.data.streaming; JSONL/TSV/datasets need nothing more)
         "streaming": ["webdataset>=0.2"],
         "demo": ["scikit-image>=0.22"],
@@ -55,7 +55,8 @@ setup(
         ],
         "timm": ["timm>=1.0"],
         # `ofa-ufo export` / `python -m ofa_ufo.export` (docs/deployment.md); optimum's ONNX side does not fit, see there
-        "export": ["onnx>=1.16", "onnxruntime>=1.17"],
+        # onnxslim folds the traced graphs' shape arithmetic (ofa_ufo.deploy.onnx_export.simplify_graph)
+        "export": ["onnx>=1.16", "onnxruntime>=1.17", "onnxslim>=0.1.90"],
         # `python -m ofa_ufo.search`: scikit-learn's Gaussian processes predict subnet metric and latency (GP-NAS)
         "search": ["scikit-learn>=1.3"],
     },

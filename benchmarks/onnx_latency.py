@@ -2,16 +2,17 @@
 
     .venv/bin/python benchmarks/onnx_latency.py [--preset ofa_ufo_tiny] [--image-size 256] [--beams 5]
         [--new-tokens 16] [--repeats 15] [--threads N] [--model DIR] [--images 8] [--demo-scenes]
-        [--task caption|vqa|classification]
+        [--task caption|vqa|classification] [--unsimplified]
 
 The model is a randomly initialised preset, or a trained `save_pretrained` directory (`--model`), exported
 with `ofa_ufo.deploy.onnx_export.export_onnx`: fp32; int8 through ONNX Runtime's dynamic quantisation
 (convolutions fp32); and int8 with int8 convolutions too, calibrated on `--calibration-images` images
-that are not among the agreement images. Latency is the median wall time of one `generate` call of
-`--task` (default caption; batch 1,
-beam search, exactly `--new-tokens` new tokens so that every backend does the same work), the backends
-timed in interleaved rounds after a warm-up (`ofa_ufo.core.timing.interleaved_times`: the machine's
-drift is shared, not handed to the ratios), with the same thread count for torch and ONNX Runtime.
+that are not among the agreement images; with `--unsimplified` also fp32 and int8 graphs as traced
+(`simplify=False`: onnxslim's folding of the shape arithmetic left out). Latency is the median wall
+time of one `generate` call of `--task` (default caption; batch 1, beam search, exactly `--new-tokens`
+new tokens so that every backend does the same work), the backends timed in interleaved rounds after a
+warm-up (`ofa_ufo.core.timing.interleaved_times`: the machine's drift is shared, not handed to the
+ratios), with the same thread count for torch and ONNX Runtime.
 Token agreement compares each ONNX backend's beam-search tokens with PyTorch's on `--images` images
 (free length): the share of sequences that are identical and of token positions that agree. Images are
 smooth random colour fields, or with `--demo-scenes` generated demo scenes (for a model trained on
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--calibration-images", type=int, default=16, help="images calibrating the int8 convolutions")
     parser.add_argument("--demo-scenes", action="store_true", help="demo scenes instead of colour fields")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--unsimplified", action="store_true",
+                        help="also time the fp32 and int8 graphs as traced (export_onnx(simplify=False))")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -111,6 +114,9 @@ def main() -> None:
     calibration = [image for image, _ in fixtures(args.calibration_images, args.task, 1, args.demo_scenes)]
     exports = {"ORT fp32": {}, "ORT int8": {"quantize": "int8"},
                "ORT int8, int8 convs": {"quantize": "int8", "calibration": calibration}}
+    if args.unsimplified:
+        exports.update({"ORT fp32, not simplified": {"simplify": False},
+                        "ORT int8, not simplified": {"quantize": "int8", "simplify": False}})
     with tempfile.TemporaryDirectory() as scratch:
         for index, (name, options) in enumerate(exports.items()):
             start = time.perf_counter()

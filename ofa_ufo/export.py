@@ -56,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calibration", metavar="DIR",
                         help="with --format onnx --quantize int8: a folder of images like those the model will see "
                         f"(the first {CALIBRATION_IMAGES}, sorted by name); the convolutions become int8 too")
+    parser.add_argument("--no-simplify", dest="simplify", action="store_false",
+                        help="with --format onnx: keep the traced graphs as they are (default: onnxslim folds "
+                        "their shape arithmetic, which makes each decoder step faster)")
     args = parser.parse_args(argv)
     try:
         if args.task == DENSE_TASK or _is_detector(args.model):
@@ -65,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.format == "torch":
             return export_torch(model, processor, args)
         output = export_onnx(model, args.output, processor, task=args.task, quantize=args.quantize,
-                             opset=args.opset, source=args.model, calibration=calibration_images(args))
+                             opset=args.opset, source=args.model, calibration=calibration_images(args),
+                             simplify=args.simplify)
     except (ValueError, TypeError, OSError) as error:  # OSError: a missing or unreadable model directory
         print(f"export: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1

@@ -26,7 +26,7 @@ import ofa_ufo
 from ofa_ufo.cli.main import main
 from ofa_ufo.core.timing import cpu_name
 from ofa_ufo.deploy.onnx_export import export_onnx, load_onnx_model, quantize_int8
-from ofa_ufo.deploy.ort_model import OFAUFOOnnxForConditionalGeneration, check_processor
+from ofa_ufo.deploy.ort_model import OFAUFOOnnxForConditionalGeneration, OnnxStepCache, check_processor
 from ofa_ufo.export import main as export_main
 
 SUPERNET = dict(supernet_layers=2, supernet_dim=32, supernet_heads=4, supernet_head_dim=8, supernet_mlp_ratio=2.0)
@@ -274,3 +274,36 @@ def test_int8_exports_from_the_module_command_and_without_a_processor(exported, 
     with torch.no_grad():
         expected = exported.dense.generate(**inputs, num_beams=5, max_new_tokens=6)
         assert load_onnx_model(bare).generate(**inputs, num_beams=5, max_new_tokens=6).tolist() == expected.tolist()
+
+
+SHAPE_OPS = ("Shape", "Gather", "Unsqueeze", "Concat")
+
+
+def test_simplified_graphs_fold_the_shape_arithmetic_and_keep_the_logits(exported, onnx_model, inputs, tmp_path):
+    """The default export runs onnxslim over the traced graphs: the reshape targets the tracer computes at
+    run time become constants, the logits stay those of the graphs as traced."""
+    plain = export_onnx(exported.dense, tmp_path / "plain", simplify=False)
+    manifests = [json.loads((d / "onnx_manifest.json").read_text()) for d in (exported.onnx, plain)]
+    assert [m["simplified"] for m in manifests] == [True, False]
+    counts = []
+    for directory in (exported.onnx, plain):
+        nodes = onnx.load(str(directory / GRAPHS[1]), load_external_data=False).graph.node
+        counts.append(sum(node.op_type in SHAPE_OPS for node in nodes))
+    print("shape nodes in the decoder step graph (simplified, as traced):", counts)
+    assert counts[0] < 0.5 * counts[1]
+    decoder = torch.tensor([[0, 5, 9]] * 3)
+    with torch.no_grad():
+        expected = load_onnx_model(plain)(**inputs, decoder_input_ids=decoder, use_cache=False).logits
+        got = onnx_model(**inputs, decoder_input_ids=decoder, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_the_step_cache_reorders_its_rows_for_beam_search():
+    """Beam search hands the cache the beams that continue: row i of each array becomes row beam_idx[i]."""
+    key = np.arange(3 * 2 * 4 * 1, dtype=np.float32).reshape(3, 2, 4, 1)  # (rows, heads, past, head dim)
+    cache = OnnxStepCache([key, key + 100])
+    assert (len(cache), cache.get_seq_length()) == (1, 4)
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    assert cache.arrays[0][:, 0, 0, 0].tolist() == [16.0, 16.0, 0.0]  # the first element of rows 2, 2 and 0
+    assert cache.arrays[1][:, 0, 0, 0].tolist() == [116.0, 116.0, 100.0]
+    assert (len(OnnxStepCache()), OnnxStepCache().get_seq_length()) == (0, 0)

@@ -52,7 +52,8 @@ from ofa_ufo.layers.position import split_heads
 from ofa_ufo.models.ofa import OFAUFOEncoderOutput
 from ofa_ufo.tasks import get_task
 
-__all__ = ["DEFAULT_OPSET", "QUANTIZATIONS", "calibration_feeds", "export_onnx", "load_onnx_model", "quantize_int8"]
+__all__ = ["DEFAULT_OPSET", "QUANTIZATIONS", "calibration_feeds", "export_onnx", "load_onnx_model", "quantize_int8",
+           "simplify_graph"]
 
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on; ONNX Runtime 1.16+ runs it
 RESCORE_TOP = 16  # logits per row an int8 decoder graph computes again in fp32 (more than beam search's 2 x 5)
@@ -181,7 +182,8 @@ def _check_exportable(model: Any, task: str | None) -> OFAUFOForConditionalGener
 
 def export_onnx(model: OFAUFOForConditionalGeneration, output: str | Path, processor: OFAUFOProcessor | None = None,
                 *, task: str | None = None, quantize: str | None = None, opset: int = DEFAULT_OPSET,
-                source: str | None = None, calibration: Sequence[Image.Image] | None = None) -> Path:
+                source: str | None = None, calibration: Sequence[Image.Image] | None = None,
+                simplify: bool = True) -> Path:
     """Write an ONNX directory that `AutoModelForSeq2SeqLM` and, with a processor, `pipeline("ofa-ufo",
     model=output)` load: encoder_model.onnx, decoder_with_past_model.onnx, config.json (type
     `ofa-ufo-onnx`), generation_config.json, the processor's files and onnx_manifest.json (graph inputs
@@ -193,6 +195,9 @@ def export_onnx(model: OFAUFOForConditionalGeneration, output: str | Path, proce
     `_DecoderStepGraph`); with `calibration` images (what the model will see; the processor is needed)
     the encoder's convolutions become int8 too, their activation ranges measured on those images.
     `task` fixes a routed supernet's task by extracting its subnet first (see `_check_exportable`).
+    `simplify` (default) runs onnxslim over each traced graph before quantising: the tracer computes every
+    reshape's target from `Shape` / `Gather` / `Concat` nodes at run time (about half the decoder step's
+    nodes), which onnxslim folds into constant shapes and removes (`simplify_graph`).
     The model itself is left untouched (the exporter's graph passes would change its weights in place:
     a copy is exported).
     """
@@ -207,13 +212,26 @@ def export_onnx(model: OFAUFOForConditionalGeneration, output: str | Path, proce
     with tempfile.TemporaryDirectory() as scratch:
         graphs = Path(scratch) if quantize else output
         _export_graphs(dense, _image_size(dense, processor), graphs, opset, int8_head=bool(quantize))
+        if simplify:
+            for name in (ENCODER_FILE, DECODER_FILE):
+                simplify_graph(graphs / name)
         if quantize:
             feeds = calibration_feeds(processor, calibration) if calibration is not None else None
             quantize_int8(graphs / ENCODER_FILE, output / ENCODER_FILE, feeds)
             quantize_int8(graphs / DECODER_FILE, output / DECODER_FILE, lookups=False)
     _write_support_files(dense, processor, output, opset, quantize or "fp32", source,
-                         len(calibration) if calibration is not None else 0)
+                         len(calibration) if calibration is not None else 0, simplify)
     return output
+
+
+def simplify_graph(path: str | Path) -> None:
+    """Rewrite the ONNX graph at `path` in place with onnxslim (constant folding, shape arithmetic folded
+    into constant reshape targets, dead and duplicate nodes removed); the outputs are unchanged (tests)."""
+    # onnx and onnxslim are optional dependencies (the `export` extra): imported only when simplifying
+    import onnx
+    import onnxslim  # (the same optional dependency)
+
+    onnx.save(onnxslim.slim(str(path)), str(path))
 
 
 def load_onnx_model(path: str | Path, **kwargs: Any) -> OFAUFOOnnxForConditionalGeneration:
@@ -297,11 +315,13 @@ def calibration_feeds(processor: OFAUFOProcessor, images: Sequence[Image.Image],
 
 
 def _write_support_files(model: OFAUFOForConditionalGeneration, processor: OFAUFOProcessor | None, output: Path,
-                         opset: int, precision: str, source: str | None, calibration_images: int = 0) -> None:
+                         opset: int, precision: str, source: str | None, calibration_images: int = 0,
+                         simplified: bool = False) -> None:
     """config.json, generation_config.json, the processor's files and the manifest."""
     # onnx and onnxruntime are optional dependencies (the `export` extra), read here for their versions
     import onnx
     import onnxruntime  # (the same optional dependency)
+    import onnxslim  # (the same optional dependency)
 
     config = OFAUFOOnnxConfig.from_dict(model.config.to_dict())
     config.architectures = ["OFAUFOOnnxForConditionalGeneration"]
@@ -315,6 +335,7 @@ def _write_support_files(model: OFAUFOForConditionalGeneration, processor: OFAUF
         "precision": precision,
         "calibration_images": calibration_images,  # > 0: the encoder's convolutions are int8 as well
         "opset": opset,
+        "simplified": simplified,  # by onnxslim (simplify_graph)
         "source_model": source or model.name_or_path or None,
         "task": model.config.vision_config.supernet_task,
         "image_size": _image_size(model, processor),
@@ -324,6 +345,7 @@ def _write_support_files(model: OFAUFOForConditionalGeneration, processor: OFAUF
                                   "outputs": decoder_output_names(layers)},
         },
         "exported_with": {"cpu": cpu_name(), "machine": platform.machine(), "torch": torch.__version__,
-                          "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+                          "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                          "onnxslim": onnxslim.__version__},
     }
     (output / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")

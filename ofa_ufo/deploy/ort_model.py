@@ -33,11 +33,12 @@ from ofa_ufo.hf.configuration import OFAUFOConfig
 from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration, OFAUFOPreTrainedModel
 from ofa_ufo.hf.processing import OFAUFOProcessor
 from ofa_ufo.hf.registration import register_seq2seq_variant
+from ofa_ufo.layers.kv_cache import OFAUFOCache
 
 __all__ = [
     "DECODER_FILE", "ENCODER_FILE", "MANIFEST_FILE", "OFAUFOOnnxConfig", "OFAUFOOnnxEncoderOutput",
-    "OFAUFOOnnxForConditionalGeneration", "check_processor", "decoder_input_names", "decoder_output_names",
-    "encoder_input_names", "encoder_output_names", "register",
+    "OFAUFOOnnxForConditionalGeneration", "OnnxStepCache", "check_processor", "decoder_input_names",
+    "decoder_output_names", "encoder_input_names", "encoder_output_names", "register",
 ]
 
 ENCODER_FILE = "encoder_model.onnx"
@@ -240,8 +241,19 @@ class OFAUFOOnnxForConditionalGeneration(OFAUFOForConditionalGeneration):
         logits, present = self._decode(decoder_input_ids, encoder_outputs, past)
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
-        return Seq2SeqLMOutput(logits=logits, cache=_cache(present) if use_cache else None,
+        if use_cache:
+            if not isinstance(cache, OnnxStepCache):
+                cache = OnnxStepCache()
+            cache.arrays = present  # in place: generate hands the same object back next step
+        return Seq2SeqLMOutput(logits=logits, cache=cache if use_cache else None,
                                encoder_last_hidden_state=encoder_outputs.last_hidden_state)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """Let `generate` set up its cache as for the PyTorch model, then hold the keys/values as the step
+        graph's numpy arrays instead (`OnnxStepCache`): no tensor round trip per step."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if isinstance(model_kwargs.get("cache"), EncoderDecoderCache):
+            model_kwargs["cache"] = OnnxStepCache()
 
     def _decode(self, tokens: torch.Tensor, encoder_outputs: OFAUFOOnnxEncoderOutput,
                 past: list[np.ndarray]) -> tuple[torch.Tensor, list[np.ndarray]]:
@@ -257,11 +269,13 @@ class OFAUFOOnnxForConditionalGeneration(OFAUFOForConditionalGeneration):
             feed = {"input_ids": _array(tokens[:, column : column + 1].long()), **fixed, **dict(zip(past_names, past))}
             logits, *past = self.decoder_session.run(None, feed)
             steps.append(logits)
-        return torch.from_numpy(np.concatenate(steps, axis=1)), past
+        return torch.from_numpy(steps[0] if len(steps) == 1 else np.concatenate(steps, axis=1)), past
 
     def _past(self, cache: Cache | None, rows: int) -> list[np.ndarray]:
         """The self-attention keys/values the cache holds, per layer key then value: (R, H, past, D/H),
         with past 0 for an empty cache (the first step)."""
+        if isinstance(cache, OnnxStepCache) and cache.arrays is not None:
+            return cache.arrays
         layers, heads = self.config.decoder_layers, self.config.decoder_attention_heads
         self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         if self_cache is None or self_cache.get_seq_length() == 0:
@@ -281,11 +295,26 @@ class OFAUFOOnnxForConditionalGeneration(OFAUFOForConditionalGeneration):
                                   "(`python -m ofa_ufo.export`); copy its directory to move it")
 
 
-def _cache(present: list[np.ndarray]) -> EncoderDecoderCache:
-    """The step graph's present keys/values as the cache `generate` carries (and reorders for beams);
-    the cross-attention side stays empty: its keys and values live in the encoder outputs."""
-    pairs = [(torch.from_numpy(present[i]), torch.from_numpy(present[i + 1])) for i in range(0, len(present), 2)]
-    return EncoderDecoderCache(DynamicCache(pairs), DynamicCache())
+class OnnxStepCache(OFAUFOCache):
+    """The cache `generate` carries for the ONNX model: the step graph's present keys/values as the numpy
+    arrays it returned (per layer key then value, (R, H, T, D/H)), fed back unchanged next step. Beam
+    search's reordering indexes them in numpy; the cross-attention side stays empty (its keys and values
+    live in the encoder outputs). The wrapped `DynamicCache`s exist for the interface only."""
+
+    def __init__(self, arrays: list[np.ndarray] | None = None) -> None:
+        super().__init__(DynamicCache(), DynamicCache())
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return 0 if self.arrays is None else len(self.arrays) // 2
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.arrays is None else self.arrays[2 * layer_idx].shape[2]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.arrays is not None:
+            rows = beam_idx.cpu().numpy()
+            self.arrays = [array[rows] for array in self.arrays]
 
 
 def check_processor(model: OFAUFOOnnxForConditionalGeneration, processor: OFAUFOProcessor,
