@@ -196,7 +196,7 @@ def export_onnx(model: OFAUFOForConditionalGeneration, output: str | Path, proce
     the encoder's convolutions become int8 too, their activation ranges measured on those images.
     `task` fixes a routed supernet's task by extracting its subnet first (see `_check_exportable`).
     `simplify` (default) runs onnxslim over each traced graph before quantising: the tracer computes every
-    reshape's target from `Shape` / `Gather` / `Concat` nodes at run time (about half the decoder step's
+    reshape's target from `Shape` / `Gather` / `Concat` nodes at run time (a third of the decoder step's
     nodes), which onnxslim folds into constant shapes and removes (`simplify_graph`).
     The model itself is left untouched (the exporter's graph passes would change its weights in place:
     a copy is exported).

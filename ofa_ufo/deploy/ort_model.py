@@ -252,7 +252,9 @@ class OFAUFOOnnxForConditionalGeneration(OFAUFOForConditionalGeneration):
         """Let `generate` set up its cache as for the PyTorch model, then hold the keys/values as the step
         graph's numpy arrays instead (`OnnxStepCache`): no tensor round trip per step."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if isinstance(model_kwargs.get("cache"), EncoderDecoderCache):
+        cache = model_kwargs.get("cache")
+        if (isinstance(cache, EncoderDecoderCache) and not isinstance(cache, OnnxStepCache)
+                and cache.get_seq_length() == 0):  # a cache the caller filled is kept (and read by `_past`)
             model_kwargs["cache"] = OnnxStepCache()
 
     def _decode(self, tokens: torch.Tensor, encoder_outputs: OFAUFOOnnxEncoderOutput,
