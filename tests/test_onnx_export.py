@@ -285,6 +285,7 @@ def test_simplified_graphs_fold_the_shape_arithmetic_and_keep_the_logits(exporte
     plain = export_onnx(exported.dense, tmp_path / "plain", simplify=False)
     manifests = [json.loads((d / "onnx_manifest.json").read_text()) for d in (exported.onnx, plain)]
     assert [m["simplified"] for m in manifests] == [True, False]
+    assert ["onnxslim" in m["exported_with"] for m in manifests] == [True, False]
     counts = []
     for directory in (exported.onnx, plain):
         nodes = onnx.load(str(directory / GRAPHS[1]), load_external_data=False).graph.node

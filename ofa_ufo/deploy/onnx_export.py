@@ -321,7 +321,6 @@ def _write_support_files(model: OFAUFOForConditionalGeneration, processor: OFAUF
     # onnx and onnxruntime are optional dependencies (the `export` extra), read here for their versions
     import onnx
     import onnxruntime  # (the same optional dependency)
-    import onnxslim  # (the same optional dependency)
 
     config = OFAUFOOnnxConfig.from_dict(model.config.to_dict())
     config.architectures = ["OFAUFOOnnxForConditionalGeneration"]
@@ -345,7 +344,10 @@ def _write_support_files(model: OFAUFOForConditionalGeneration, processor: OFAUF
                                   "outputs": decoder_output_names(layers)},
         },
         "exported_with": {"cpu": cpu_name(), "machine": platform.machine(), "torch": torch.__version__,
-                          "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-                          "onnxslim": onnxslim.__version__},
+                          "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }
+    if simplified:  # only then is onnxslim needed: `--no-simplify` exports without it
+        import onnxslim  # (the same optional dependency)
+
+        manifest["exported_with"]["onnxslim"] = onnxslim.__version__
     (output / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
