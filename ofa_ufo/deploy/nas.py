@@ -159,6 +159,16 @@ class ArchPredictor:
             self.model.fit(features, np.asarray(values, dtype=np.float64))
         return self
 
+    @property
+    def noise_share(self) -> float:
+        """The share of the fitted values' variance that the GP puts down to observation noise: its
+        WhiteKernel level, the values being standardised to unit variance (`normalize_y`), at most 1.
+        Near 1, the evaluated archs do not differ beyond what their evaluation resolves (e.g. a top-1 on a
+        few hundred examples whose archs all score within a few answers), and no predictor can rank them."""
+        if self.model is None:
+            raise RuntimeError("fit the predictor before asking for its noise share")
+        return min(1.0, float(self.model.kernel_.k2.noise_level))
+
     def predict(self, archs: Sequence[SupernetArch], return_std: bool = False):
         if self.model is None:
             raise RuntimeError("fit the predictor before predicting")
@@ -325,4 +335,7 @@ def search(config: OFAUFOConfig, evaluate: Callable[[SupernetArch], float], cost
         pick = copy.copy(best)
         pick.predicted_metric = float(metric_gp.predict([best.arch])[0])
         pick.predicted_cost = float(cost_gp.predict([best.arch])[0]) if cost_gp is not None else best.cost
-    return SearchResult(pick, budget, evaluated, front, len(pool))
+    fit = {"metric_noise_share": metric_gp.noise_share}
+    if cost_gp is not None:
+        fit["cost_noise_share"] = cost_gp.noise_share
+    return SearchResult(pick, budget, evaluated, front, len(pool), fit)
