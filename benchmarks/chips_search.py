@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 import ofa_ufo
 from ofa_ufo.core.timing import device_name
 from ofa_ufo.deploy.nas import (
-    ArchPredictor, arch_to_dict, kendall_tau, random_archs, sample_archs, search, zero_shot_score,
+    ArchPredictor, arch_from_dict, arch_to_dict, cross_validated_tau, kendall_tau, random_archs, sample_archs, search,
+    zero_shot_score,
 )
 from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
 from ofa_ufo.hf.processing import OFAUFOProcessor
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--retime", action="store_true",
                         help="with --latency-only: time the held-out archs again (fresh records) and report the "
                         "tau between the two timings, the ceiling any latency predictor can reach here")
+    parser.add_argument("--refit", help="a JSON this script wrote: fit the predictors again on its measured rows "
+                        "(no evaluation, no timing) and print the taus, cross-validated ones included")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -70,6 +73,8 @@ def main() -> None:
         parser.error("--retime goes with --latency-only")
     if args.preset and not args.latency_only:
         parser.error("--preset (random weights) measures latency only: add --latency-only")
+    if args.refit:
+        return refit(args)
     if args.preset:
         torch.manual_seed(args.seed)
         model, processor = ofa_ufo.create_model(args.preset).eval(), ofa_ufo.create_processor(args.preset)
@@ -99,6 +104,8 @@ def main() -> None:
     latency_gp = ArchPredictor(config, args.seed).fit(fit, [rows[a][1] for a in fit])
     tau_metric = kendall_tau(metric_gp.predict(held), [rows[a][0] for a in held])
     tau_latency = kendall_tau(latency_gp.predict(held), [rows[a][1] for a in held])
+    cv_metric = cross_validated_tau(config, fit, [rows[a][0] for a in fit], seed=args.seed)
+    cv_latency = cross_validated_tau(config, fit, [rows[a][1] for a in fit], seed=args.seed)
     every = fit + held
     zero_shot = [zero_shot_score(model, a) for a in every]
     tau_zero_shot = kendall_tau(zero_shot, [rows[a][0] for a in every])
@@ -119,6 +126,7 @@ def main() -> None:
           f"{min(r[0] for r in rows.values()):.4f} - {max(r[0] for r in rows.values()):.4f} |")
     print(f"| latency range (ms) | {min(r[1] for r in rows.values()):.2f} - {max(r[1] for r in rows.values()):.2f} |")
     print(f"| Kendall tau, metric GP on held-out archs | {tau_metric:.3f} |")
+    print(f"| cross-validated tau on the fitted archs alone (metric / latency) | {cv_metric:.3f} / {cv_latency:.3f} |")
     print(f"| Kendall tau, latency GP on held-out archs | {tau_latency:.3f} |")
     print(f"| Kendall tau, zero-shot score vs metric (all {len(every)}) | {tau_zero_shot:.3f} |")
     print(f"| Kendall tau, plain size (width sum) vs metric | {tau_size:.3f} |")
@@ -134,12 +142,34 @@ def main() -> None:
     out.write_text(json.dumps({
         "device": device_name(), "task": args.task, "target": args.target, "metric": evaluator.metric_name,
         "rows": [{"arch": arch_to_dict(a), "metric": m, "latency_ms": ms, "fit": a in fit} for a, (m, ms) in rows.items()],
-        "tau": {"metric": tau_metric, "latency": tau_latency, "zero_shot": tau_zero_shot, "size": tau_size},
+        "tau": {"metric": tau_metric, "latency": tau_latency, "zero_shot": tau_zero_shot, "size": tau_size,
+                "metric_cv": cv_metric, "latency_cv": cv_latency},
         "budget_ms": budget, "search": result.to_dict(),
         "best_random": None if best_random is None else {"metric": best_random[0], "latency_ms": best_random[1],
                                                          "arch": arch_to_dict(best_random[2])},
     }, indent=1))
     print(f"written {out}")
+
+
+def refit(args: argparse.Namespace) -> None:
+    """The predictors of a saved run fitted again on its rows: the same taus (the GPs are seeded), plus the
+    cross-validated taus for runs written before they were reported."""
+    if not args.model:
+        raise SystemExit("--refit needs --model (the supernet whose arch space encodes the rows)")
+    config = OFAUFOForConditionalGeneration.config_class.from_pretrained(args.model)
+    saved = json.loads(Path(args.refit).read_text(encoding="utf-8"))
+    rows = [(arch_from_dict(r["arch"]), r["metric"], r["latency_ms"], r["fit"]) for r in saved["rows"]]
+    fit, held = [r for r in rows if r[3]], [r for r in rows if not r[3]]
+    print(f"{args.refit}: {saved['task']}, metric {saved['metric']}, {len(fit)} fitted / {len(held)} held-out archs, "
+          f"measured on {saved['device']}")
+    print("\n| figure | metric | latency |\n|---|---|---|")
+    taus = []
+    for column in (1, 2):
+        gp = ArchPredictor(config, args.seed).fit([r[0] for r in fit], [r[column] for r in fit])
+        taus.append((kendall_tau(gp.predict([r[0] for r in held]), [r[column] for r in held]),
+                     cross_validated_tau(config, [r[0] for r in fit], [r[column] for r in fit], seed=args.seed)))
+    print(f"| Kendall tau, GP on held-out archs | {taus[0][0]:.3f} | {taus[1][0]:.3f} |")
+    print(f"| cross-validated tau on the fitted archs alone | {taus[0][1]:.3f} | {taus[1][1]:.3f} |")
 
 
 def latency_only(args: argparse.Namespace, config, evaluator: ArchEvaluator, start: float,

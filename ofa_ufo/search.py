@@ -10,8 +10,10 @@ both (`ofa_ufo.deploy.nas`), evaluates the best predicted arch inside the budget
 `--output`: the extracted subnet (`save_pretrained`), `search.json` (budget, samples, predicted front,
 pick, device) and `search.png` (evaluated and predicted points, the front, the pick, the budget).
 Latencies are kept per target in `<model>/profiles/<target>.json` and reused by later searches on
-the same machine. `--zero-shot` also reports how well the data-free MAE-NAS-style score ranks the
-evaluated archs.
+the same machine. The report holds the predictors' cross-validated Kendall tau on the samples (each
+sample predicted by a GP fitted without it): how far the metric ranks archs beyond the noise of the
+held-out examples; below 0.3 the command warns. `--zero-shot` also reports how well the data-free
+MAE-NAS-style score ranks the evaluated archs.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from ofa_ufo.training.report import evaluate_model
 
 
 METRICS = ("headline", "loss")
+WEAK_TAU = 0.3  # a metric predictor's cross-validated tau below which the search warns that it ranks noise
 
 
 class ArchEvaluator:
@@ -242,6 +245,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|---|---|---|---|---|")
     print(f"| {arch_text(pick['arch'])} | {pick['metric']:.4f} | {pick['cost']:.4g} | "
           f"{pick['predicted_metric']:.4f} | {pick['predicted_cost']:.4g} |")
+    fit = report["predictor_fit"]
+    if not fit:
+        print("too few samples to cross-validate the predictors (4 or more needed)")
+    else:
+        print(f"predictors' cross-validated Kendall tau on the samples: metric {fit['metric_cv_tau']:.3f}"
+              + (f", cost {fit['cost_cv_tau']:.3f}" if "cost_cv_tau" in fit else ""))
+    if fit and fit["metric_cv_tau"] < WEAK_TAU:
+        print(f"warning: the {report['metric']} of the samples barely ranks archs the predictor was not fitted on "
+              f"(tau {fit['metric_cv_tau']:.2f} < {WEAK_TAU}): the archs differ little beyond the noise of "
+              f"{report['examples']} held-out examples, so the pick rests mostly on its cost. More --examples, "
+              "or --metric loss, separate them better.", file=sys.stderr)
     print(f"subnet and report written to {args.output}")
     return 0
 

@@ -14,9 +14,10 @@ from transformers import pipeline
 
 from ofa_ufo.core.hardware import precision_support
 from ofa_ufo.deploy.nas import (
-    ArchPredictor, candidate_archs, encode_arch, kendall_tau, parse_budget, pareto_front, random_archs, search,
-    space_size, subnet_flops, subnet_params, zero_shot_score,
+    ArchPredictor, arch_to_dict, candidate_archs, cross_validated_tau, encode_arch, kendall_tau, parse_budget,
+    pareto_front, random_archs, search, space_size, subnet_flops, subnet_params, zero_shot_score,
 )
+from ofa_ufo.hf.presets import create_config
 from ofa_ufo.deploy.profiles import LatencyRecord, ProfileStore, check_target, measure_latency
 from ofa_ufo.deploy.subnets import extract_subnet, largest_arch, smallest_arch
 from ofa_ufo.models.ufo import SupernetArch
@@ -106,6 +107,19 @@ def test_predictor_ranks_archs_it_was_not_fitted_on(config):
     assert tau >= 0.8, tau
 
 
+def test_cross_validated_tau_tells_signal_from_noise(config):
+    archs = random_archs(config, 24, seed=5)
+    assert cross_validated_tau(config, archs, [_synthetic_metric(a) for a in archs]) >= 0.8
+    # values that owe nothing to the arch: a GP fits them too (its noise term does not notice), but the
+    # archs it did not see are ranked no better than chance
+    noise = np.random.default_rng(0).normal(size=len(archs)).tolist()
+    assert abs(cross_validated_tau(config, archs, noise)) < 0.4
+    with pytest.raises(ValueError, match="24 archs but 3 values"):
+        cross_validated_tau(config, archs, [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="at least 3 archs to fit per fold"):
+        cross_validated_tau(config, archs[:3], [1.0, 2.0, 3.0])
+
+
 def test_search_picks_the_best_arch_inside_the_budget(config):
     cost = lambda arch: float(subnet_params(config, arch))  # noqa: E731
     limit = float(np.median([cost(a) for a in candidate_archs(config)]))
@@ -123,6 +137,8 @@ def test_search_picks_the_best_arch_inside_the_budget(config):
     assert result.pick.metric >= best - 0.25 * (best - min(_synthetic_metric(a) for a in inside))
     assert len(calls) <= 12 + 3  # the samples and at most `tries` picks: never the whole space
     assert [f.predicted_cost for f in result.front] == sorted(f.predicted_cost for f in result.front)
+    assert set(result.predictor_fit) == {"metric_cv_tau"}  # analytic costs: no cost predictor
+    assert result.predictor_fit["metric_cv_tau"] >= 0.5
     assert json.loads(json.dumps(result.to_dict()))["pick"]["arch"]["depth"] == result.pick.arch.depth
 
 
@@ -324,7 +340,12 @@ def test_search_command_writes_a_servable_pick(supernet, processor, tmp_path, ca
     assert report["pick"]["cost"] <= budget + fixed and len(report["samples"]) == 5
     assert len(report["zero_shot"]["scores"]) == 5
     assert (out / "search.png").stat().st_size > 1000
-    assert "| pick | top1 | params |" in capsys.readouterr().out
+    assert set(report["predictor_fit"]) == {"metric_cv_tau"}
+    printed = capsys.readouterr()
+    assert "| pick | top1 | params |" in printed.out
+    assert f"cross-validated Kendall tau on the samples: metric {report['predictor_fit']['metric_cv_tau']:.3f}" in printed.out
+    # 4 examples of an untrained model cannot separate 5 archs: the command says so
+    assert ("warning: the top1 of the samples barely ranks" in printed.err) == (report["predictor_fit"]["metric_cv_tau"] < 0.3)
     result = pipeline("ofa-ufo", model=str(out))(np.zeros((64, 64, 3), dtype=np.uint8), task="classification",
                                                   labels=["circle", "square"])
     assert result["label"] in {"circle", "square"}
@@ -359,6 +380,7 @@ def test_deployment_guide_commands(tmp_path, capsys):
                 "latency_ms=100000", "--output", str(chip), "--samples", "3", "--examples", "3", "--repeats", "1",
                 "--threads", "1"]) == 0
     assert json.loads((chip / "search.json").read_text())["task"] == "vqa"
+    assert "too few samples to cross-validate the predictors" in capsys.readouterr().out
     assert len(ProfileStore(supernet / "profiles" / "cpu-fp32.json", "cpu-fp32").records) >= 3
     assert cli(["export", "--model", str(chip), "--format", "onnx", "--quantize", "int8", "--output", str(shipped)]) == 0
     photo = tmp_path / "photo.png"
@@ -391,6 +413,23 @@ def test_chips_benchmark_latency_only_on_a_random_preset(tmp_path):
         assert row in result.stdout, row
     # (its device: 1 thread); the second timing keeps its own records
     assert len(json.loads((tmp_path / "cpu-fp32.json").read_text())["records"]) == 7
+    # --refit: the predictors fitted again on a saved run's rows, by hand: a metric that follows the arch
+    config = create_config("ofa_ufo_tiny_ufo")
+    config.save_pretrained(tmp_path / "supernet")
+    archs = random_archs(config, 30, seed=7)
+    rows = [{"arch": arch_to_dict(a), "metric": _synthetic_metric(a), "latency_ms": 1.0 + i % 3, "fit": i < 20}
+            for i, a in enumerate(archs)]
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({"task": "vqa", "metric": "vqa_accuracy", "device": "CPU: test", "rows": rows}))
+    held = archs[20:]
+    gp = ArchPredictor(config).fit(archs[:20], [_synthetic_metric(a) for a in archs[:20]])
+    expected = kendall_tau(gp.predict(held), [_synthetic_metric(a) for a in held])
+    refit = subprocess.run(command[:2] + ["--model", str(tmp_path / "supernet"), "--refit", str(saved)], cwd=repo,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert refit.returncode == 0, refit.stderr[-3000:]
+    assert "20 fitted / 10 held-out archs" in refit.stdout
+    assert f"| Kendall tau, GP on held-out archs | {expected:.3f} |" in refit.stdout and expected >= 0.8
+    assert "| cross-validated tau on the fitted archs alone |" in refit.stdout
     refused = subprocess.run(command[:4] + ["--fit", "4"], cwd=repo, env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "add --latency-only" in refused.stderr
     refused = subprocess.run(command[:2] + ["--model", "x", "--retime"], cwd=repo, env=env, capture_output=True,

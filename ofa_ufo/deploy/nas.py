@@ -159,21 +159,32 @@ class ArchPredictor:
             self.model.fit(features, np.asarray(values, dtype=np.float64))
         return self
 
-    @property
-    def noise_share(self) -> float:
-        """The share of the fitted values' variance that the GP puts down to observation noise: its
-        WhiteKernel level, the values being standardised to unit variance (`normalize_y`), at most 1.
-        Near 1, the evaluated archs do not differ beyond what their evaluation resolves (e.g. a top-1 on a
-        few hundred examples whose archs all score within a few answers), and no predictor can rank them."""
-        if self.model is None:
-            raise RuntimeError("fit the predictor before asking for its noise share")
-        return min(1.0, float(self.model.kernel_.k2.noise_level))
-
     def predict(self, archs: Sequence[SupernetArch], return_std: bool = False):
         if self.model is None:
             raise RuntimeError("fit the predictor before predicting")
         features = np.stack([encode_arch(self.config, a) for a in archs])
         return self.model.predict(features, return_std=return_std)
+
+
+def cross_validated_tau(config: OFAUFOConfig, archs: Sequence[SupernetArch], values: Sequence[float],
+                        folds: int = 6, seed: int = 0) -> float:
+    """Kendall tau between `values` and the predictions of GPs each fitted without the fold holding the
+    arch (`folds`-fold, archs in the given order split round-robin): how well a predictor fitted on such
+    samples ranks archs it has not seen, read from the samples alone. Near 0, the archs' values differ
+    no more than their evaluation's noise (the GP fits noise as readily as signal, so its own noise
+    estimate does not tell)."""
+    if len(archs) != len(values):
+        raise ValueError(f"{len(archs)} archs but {len(values)} values")
+    folds = min(folds, len(archs))
+    if len(archs) - -(-len(archs) // folds) < 3:
+        raise ValueError(f"cross-validation needs at least 3 archs to fit per fold, got {len(archs)} archs in {folds} folds")
+    predicted = np.zeros(len(archs))
+    for fold in range(folds):
+        held = [i for i in range(len(archs)) if i % folds == fold]
+        kept = [i for i in range(len(archs)) if i % folds != fold]
+        gp = ArchPredictor(config, seed).fit([archs[i] for i in kept], [values[i] for i in kept])
+        predicted[held] = gp.predict([archs[i] for i in held])
+    return kendall_tau(predicted, values)
 
 
 def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
@@ -255,7 +266,7 @@ class SearchResult:
     samples: list[Evaluated]
     front: list[Evaluated]
     candidates: int
-    predictor_fit: dict[str, float] = field(default_factory=dict)
+    predictor_fit: dict[str, float] = field(default_factory=dict)  # cross-validated taus of the predictors
 
     def to_dict(self) -> dict[str, Any]:
         return {"pick": self.pick.to_dict(), "budget": {self.budget[0]: self.budget[1]}, "candidates": self.candidates,
@@ -335,7 +346,9 @@ def search(config: OFAUFOConfig, evaluate: Callable[[SupernetArch], float], cost
         pick = copy.copy(best)
         pick.predicted_metric = float(metric_gp.predict([best.arch])[0])
         pick.predicted_cost = float(cost_gp.predict([best.arch])[0]) if cost_gp is not None else best.cost
-    fit = {"metric_noise_share": metric_gp.noise_share}
-    if cost_gp is not None:
-        fit["cost_noise_share"] = cost_gp.noise_share
+    archs, fit = [e.arch for e in evaluated], {}
+    if len(archs) > 3:  # each fold leaves at least 3 archs to fit on
+        fit["metric_cv_tau"] = cross_validated_tau(config, archs, [e.metric for e in evaluated], seed=seed)
+        if cost_gp is not None:
+            fit["cost_cv_tau"] = cross_validated_tau(config, archs, [e.cost for e in evaluated], seed=seed)
     return SearchResult(pick, budget, evaluated, front, len(pool), fit)
