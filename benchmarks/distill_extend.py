@@ -93,14 +93,14 @@ def latencies(teacher_dir: Path, student_dir: Path, rounds: int) -> dict[str, fl
 
 
 def student_init(teacher_dir: Path, out: Path, warmup_images: int, stem_from_teacher: bool,
-                 stem_labels: float = 0.0) -> Path:
+                 stem_labels: float = 0.0, stem: str = "resnet26") -> Path:
     """The student's start: a small OFA-Tiny whose own ResNet-26 stem is warmed up alone on generated scenes,
     or with `stem_from_teacher` trained to reproduce the teacher's stem features on them (and with `stem_labels`
     > 0 to name the sub-cells' objects too, with that weight) (seeded, so both
     students start from the same weights; it stays frozen as the teacher's)."""
     processor = OFAUFOProcessor.from_pretrained(teacher_dir)
     torch.manual_seed(0)
-    student = ofa_ufo.create_model("ofa_ufo_tiny", **STUDENT)
+    student = ofa_ufo.create_model("ofa_ufo_tiny", **dict(STUDENT, vision_config={"resnet_type": stem}))
     if stem_from_teacher:
         teacher = OFAUFOForConditionalGeneration.from_pretrained(teacher_dir)
         fit = distill_stem(student, teacher, processor, warmup_images, label_weight=stem_labels, subcells=STEM_SUBCELLS)
@@ -171,8 +171,8 @@ def distill_part(out: Path, s: dict[str, Any], teacher_dir: Path | None) -> tupl
     teacher["top5_mass"] = teacher_softness(teacher_dir, common, s["eval_examples"])
     print(f"teacher's 5 likeliest tokens hold, of its softened distribution at the VQA targets: {teacher['top5_mass']}")
     start = student_init(teacher_dir, out / "student_init", s["student_warmup"], s["stem_from_teacher"],
-                         s["stem_labels"])
-    student = dict(common, model=str(start), max_steps=s["student_steps"])
+                         s["stem_labels"], s["student_stem"])
+    student = dict(common, model=str(start), max_steps=s["student_steps"], eval_every=s["eval_every"])
     alone = run(out, "student_alone", student)
     distill = {"teacher": str(teacher_dir), "token_kl": 1.0, "temperature": s["temperature"], "top_k": s["top_k"],
                "correct_only": s["correct_only"], "feature": 1.0, "feature_layers": ["encoder"]}
@@ -256,13 +256,16 @@ def main() -> None:
                         help="the students learn pretrain_demo_tiny's five-task mixture, not classification + VQA")
     parser.add_argument("--stem-from-teacher", action="store_true",
                         help="the student's stem learns the teacher's stem features (distill_stem), not cell labels")
+    parser.add_argument("--student-stem", choices=("resnet26", "resnet14"), default="resnet26",
+                        help="the student's ResNet stem (resnet14: one block per stage, about 0.7x the forward)")
+    parser.add_argument("--eval-every", type=int, default=0, help="the students' evaluations during training")
     parser.add_argument("--stem-labels", type=float, default=0.0,
                         help="with --stem-from-teacher: weight of the cell labels' loss beside the features (0: none)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     s = dict(settings(args.quick), seed=args.seed, temperature=args.temperature, top_k=args.top_k,
              correct_only=args.correct_only, stem_from_teacher=args.stem_from_teacher, stem_labels=args.stem_labels,
-             tasks=FIVE_TASKS if args.five_tasks else TASKS)
+             tasks=FIVE_TASKS if args.five_tasks else TASKS, student_stem=args.student_stem, eval_every=args.eval_every)
     s["student_steps"] = args.student_steps or s["student_steps"]
     start = time.perf_counter()
     distilled, teacher_dir = distill_part(args.out, s, args.teacher)

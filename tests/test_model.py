@@ -113,6 +113,19 @@ def test_resnet_blocks_start_as_the_identity():
     assert others and all(bool((m.weight == 1).all()) for m in others)
 
 
+@pytest.mark.parametrize("resnet_type, blocks", [("resnet14", (1, 1, 1)), ("resnet26", (2, 2, 2))])
+def test_small_student_stems(resnet_type, blocks):
+    """The students' stems keep OFA's stages 1-3 (output stride 16, 1024 channels) with fewer blocks."""
+    from ofa_ufo.models.resnet import Bottleneck
+
+    stem = tiny_model(vision_config={"resnet_type": resnet_type}).model.encoder.embed_images
+    stages = [stem.layer1, stem.layer2, stem.layer3]
+    assert tuple(sum(isinstance(m, Bottleneck) for m in stage.modules()) for stage in stages) == blocks
+    with torch.no_grad():
+        features = stem(torch.zeros(1, 3, 64, 64))
+    assert features.shape == (1, 1024, 4, 4)
+
+
 @pytest.mark.parametrize("num_beams", [1, 4])
 def test_cached_generation_equals_uncached(model, processor, images, num_beams):
     inputs = encode(processor, PROMPTS, images)

@@ -31,7 +31,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
-from ofa_ufo.core.images import load_image
+from ofa_ufo.core.images import IMAGE_SUFFIXES, load_image
 from ofa_ufo.data.canonical import DataError
 from ofa_ufo.data.loaders._common import MAX_LOGGED_ERRORS, LoadReport, build_row, check_on_error, iter_lines
 from ofa_ufo.data.loaders.hf_datasets import hf_row
@@ -49,7 +49,8 @@ STREAM_SUFFIXES = (".jsonl", ".tsv", ".tar")  # canonical JSON Lines, OFA TSV, W
 # the OFA TSV layout (ofa_ufo.data.loaders.TSV_LAYOUTS) a task's .tsv files are read with, unless given
 TASK_TSV_LAYOUTS = {"caption": "caption", "vqa": "vqa", "grounding": "refcoco", "entailment": "snli_ve",
                     "classification": "imagenet"}
-IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp")  # a WebDataset sample's image file
+# a WebDataset sample's image file: its key is the file suffix without the dot
+SAMPLE_IMAGE_KEYS = tuple(sorted(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES))
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ class TarSample:
         if isinstance(record, dict):
             record.setdefault("id", sample["__key__"])
         example = canonical_record(record, self.source, row, Path(self.source).absolute().parent)
-        image = next((sample[s] for s in IMAGE_SUFFIXES if s in sample), None)
+        image = next((sample[s] for s in SAMPLE_IMAGE_KEYS if s in sample), None)
         if image is not None:
             example["image"] = _image(image, self.source, row)
         return example, None

@@ -177,7 +177,8 @@ def cross_validated_tau(config: OFAUFOConfig, archs: Sequence[SupernetArch], val
         raise ValueError(f"{len(archs)} archs but {len(values)} values")
     folds = min(folds, len(archs))
     if len(archs) - -(-len(archs) // folds) < 3:
-        raise ValueError(f"cross-validation needs at least 3 archs to fit per fold, got {len(archs)} archs in {folds} folds")
+        raise ValueError(f"cross-validation needs at least 3 archs to fit per fold, got {len(archs)} archs "
+                         f"in {folds} folds")
     predicted = np.zeros(len(archs))
     for fold in range(folds):
         held = [i for i in range(len(archs)) if i % folds == fold]

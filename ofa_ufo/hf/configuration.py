@@ -25,7 +25,8 @@ from ofa_ufo.tasks import FREE_PROMPT, list_tasks
 EMBEDDING_READOUTS = ("decoder", "image")
 
 RESNET_LAYERS = {
-    "resnet26": (2, 2, 2),  # not an OFA size: the small CNN students' stem (docs/distillation.md)
+    "resnet14": (1, 1, 1),  # not OFA sizes: the small CNN students' stems (docs/distillation.md)
+    "resnet26": (2, 2, 2),
     "resnet50": (3, 4, 6),
     "resnet101": (3, 4, 23),
     "resnet152": (3, 8, 36),

@@ -7,12 +7,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ofa_ufo.core.images import IMAGE_SUFFIXES
 from ofa_ufo.data.canonical import DataError, new_example
 from ofa_ufo.data.loaders._common import LoadReport, OnError, Size, check_on_error, drive
 
 __all__ = ["IMAGE_EXTENSIONS", "folder_files", "load_image_folder"]
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset(IMAGE_SUFFIXES)  # this loader's public name for the one list in ofa_ufo.core.images
 
 
 def folder_files(root: Path) -> Iterator[tuple[int, tuple[str, Path]]]:
