@@ -259,10 +259,15 @@ def main() -> None:
     parser.add_argument("--student-stem", choices=("resnet26", "resnet14"), default="resnet26",
                         help="the student's ResNet stem (resnet14: one block per stage, about 0.7x the forward)")
     parser.add_argument("--eval-every", type=int, default=0, help="the students' evaluations during training")
+    parser.add_argument("--retime", action="store_true",
+                        help="only time the teacher and the student of the run in --out again (e.g. alone, after a "
+                        "run that shared the machine), rewrite its results.json and print its table")
     parser.add_argument("--stem-labels", type=float, default=0.0,
                         help="with --stem-from-teacher: weight of the cell labels' loss beside the features (0: none)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.retime:
+        return retime(args.out)
     s = dict(settings(args.quick), seed=args.seed, temperature=args.temperature, top_k=args.top_k,
              correct_only=args.correct_only, stem_from_teacher=args.stem_from_teacher, stem_labels=args.stem_labels,
              tasks=FIVE_TASKS if args.five_tasks else TASKS, student_stem=args.student_stem, eval_every=args.eval_every)
@@ -277,6 +282,19 @@ def main() -> None:
     print_distill(results)
     if "extend" in results:
         print_extend(results)
+
+
+def retime(out: Path) -> None:
+    """The latencies of a finished run measured again; its metrics are kept."""
+    results = json.loads((out / "results.json").read_text())
+    d = results["distill"]
+    teacher = Path(d["teacher"].get("path", out / "teacher"))  # a teacher trained by the run has no path
+    ms = latencies(teacher, out / "student_init", results["settings"]["rounds"])
+    d["latency_ms"] = ms
+    d["latency_ratio"] = {kind: ms[f"student_{kind}"] / ms[f"teacher_{kind}"] for kind in ("request", "forward")}
+    results["device"] = device_name()
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print_distill(results)
 
 
 if __name__ == "__main__":

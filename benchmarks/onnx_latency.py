@@ -10,7 +10,7 @@ with `ofa_ufo.deploy.onnx_export.export_onnx`: fp32; int8 through ONNX Runtime's
 that are not among the agreement images; with `--unsimplified` also fp32 and int8 graphs as traced
 (`simplify=False`: onnxslim's folding of the shape arithmetic left out). Latency is the median wall
 time of one `generate` call of `--task` (default caption; batch 1, beam search), twice: with exactly
-`--new-tokens` new tokens so that every backend does the same work (end-of-sequence banned by `NoEos`),
+`--new-tokens` new tokens so that every backend does the same work (end-of-sequence banned),
 and at free length, the request as served (each backend's own answer for the first fixture; its token
 agreement says whether the work was the same), the backends timed in interleaved rounds after a
 warm-up (`ofa_ufo.core.timing.interleaved_times`: the machine's drift is shared, not handed to the
@@ -35,13 +35,14 @@ import numpy as np
 import onnxruntime
 import torch
 from PIL import Image
-from transformers import AutoModelForSeq2SeqLM, AutoProcessor, LogitsProcessor, LogitsProcessorList
+from transformers import AutoModelForSeq2SeqLM, AutoProcessor, LogitsProcessorList
 
 import ofa_ufo
 from ofa_ufo.core.timing import device_name, interleaved_times
 from ofa_ufo.data.demo_examples import vqa_example
 from ofa_ufo.data.demo_scenes import generate_scene
 from ofa_ufo.deploy.onnx_export import export_onnx
+from ofa_ufo.generation.constraints import BanTokenRangeLogitsProcessor
 from ofa_ufo.tasks import get_task
 
 
@@ -54,20 +55,6 @@ def load(args: argparse.Namespace):
     model = ofa_ufo.create_model(args.preset, image_size=args.image_size).eval()
     processor = ofa_ufo.create_processor(args.preset, image_size=args.image_size)
     return model, processor, f"{args.preset} (random init), {args.image_size} px"
-
-
-class NoEos(LogitsProcessor):
-    """Keeps every backend generating to `max_new_tokens` (the same work for each) at the cost of one
-    indexed write per step. transformers' `min_new_tokens` does it with two vocabulary-wide
-    isin / clone / where passes per step (11 ms of an 81 ms 16-token beam-5 ONNX int8 request, 2-core CPU), work a
-    real request does not do and that was added to every backend alike, flattening their ratios."""
-
-    def __init__(self, eos_token_id: int) -> None:
-        self.eos_token_id = eos_token_id
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        scores[:, self.eos_token_id] = -float("inf")
-        return scores
 
 
 def fixtures(count: int, task: str, seed: int = 0, demo_scenes: bool = False) -> list[tuple[Image.Image, str]]:
@@ -142,7 +129,11 @@ def main() -> None:
             backends[name] = AutoModelForSeq2SeqLM.from_pretrained(path, threads=args.threads)
         timed = processor(images=[requests[0][0]], text=[requests[0][1]])
         free = dict(num_beams=args.beams, max_new_tokens=args.new_tokens)
-        fixed = dict(free, logits_processor=LogitsProcessorList([NoEos(model.generation_config.eos_token_id)]))
+        # the end-of-sequence token banned: one slice write per step. transformers' `min_new_tokens` does it
+        # with two vocabulary-wide isin / clone / where passes per step (11 ms of an 81 ms 16-token beam-5
+        # ONNX int8 request, 2-core CPU): work a real request does not do, added to every backend alike
+        eos = model.generation_config.eos_token_id
+        fixed = dict(free, logits_processor=LogitsProcessorList([BanTokenRangeLogitsProcessor(eos, eos + 1)]))
         with torch.inference_mode():
             times = interleaved_times({name: (lambda b=backend: b.generate(**timed, **fixed))
                                        for name, backend in backends.items()}, rounds=args.repeats)

@@ -408,11 +408,12 @@ def test_distillation_benchmark_quick_run_writes_its_table(script, tmp_path):
 @pytest.mark.parametrize("tasks", [["classification", "vqa"], ["caption", "vqa", "grounding", "detection",
                                                                "classification"]])
 def test_distill_extend_quick_run_times_teacher_and_student_side_by_side(tmp_path, tasks):
-    """benchmarks/distill_extend.py --quick: the student has its own ResNet-26 stem and both are timed, on
-    classification + VQA or (--five-tasks) on the five demo tasks, each scored."""
+    """benchmarks/distill_extend.py --quick: the student has its own ResNet-26 stem (ResNet-14 with
+    --student-stem) and both are timed, on classification + VQA or (--five-tasks) on the five demo tasks,
+    each scored; --retime times them again and keeps the metrics."""
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    five = ["--five-tasks"] if len(tasks) == 5 else []
+    five = ["--five-tasks", "--student-stem", "resnet14"] if len(tasks) == 5 else []
     result = subprocess.run([sys.executable, "benchmarks/distill_extend.py", "--quick", "--skip-extend", *five,
                              "--out", str(tmp_path)], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -425,7 +426,13 @@ def test_distill_extend_quick_run_times_teacher_and_student_side_by_side(tmp_pat
                                           for kind in ("request", "forward")}
     assert all(value > 0 for value in distill["latency_ms"].values())
     student = json.loads((tmp_path / "student_init" / "config.json").read_text())
-    assert student["vision_config"]["resnet_type"] == "resnet26"
+    assert student["vision_config"]["resnet_type"] == ("resnet14" if five else "resnet26")
+    again = subprocess.run([sys.executable, "benchmarks/distill_extend.py", "--retime", "--out", str(tmp_path)],
+                           cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "latency student / teacher: request" in again.stdout
+    retimed = json.loads((tmp_path / "results.json").read_text())["distill"]
+    assert retimed["student_alone"] == distill["student_alone"] and retimed["latency_ms"] != distill["latency_ms"]
 
 
 def test_stem_feature_normalisation_by_hand():
