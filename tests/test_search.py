@@ -114,6 +114,7 @@ def test_cross_validated_tau_tells_signal_from_noise(config):
     # archs it did not see are ranked no better than chance
     noise = np.random.default_rng(0).normal(size=len(archs)).tolist()
     assert abs(cross_validated_tau(config, archs, noise)) < 0.4
+    assert cross_validated_tau(config, archs, [0.5] * len(archs)) == 0.0  # every arch alike: nothing to rank
     with pytest.raises(ValueError, match="24 archs but 3 values"):
         cross_validated_tau(config, archs, [1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="at least 3 archs to fit per fold"):

@@ -172,11 +172,11 @@ def cross_validated_tau(config: OFAUFOConfig, archs: Sequence[SupernetArch], val
     arch (`folds`-fold, archs in the given order split round-robin): how well a predictor fitted on such
     samples ranks archs it has not seen, read from the samples alone. Near 0, the archs' values differ
     no more than their evaluation's noise (the GP fits noise as readily as signal, so its own noise
-    estimate does not tell)."""
+    estimate does not tell); 0 when there is nothing to rank (every value, or every prediction, equal)."""
     if len(archs) != len(values):
         raise ValueError(f"{len(archs)} archs but {len(values)} values")
     folds = min(folds, len(archs))
-    if len(archs) - -(-len(archs) // folds) < 3:
+    if len(archs) - math.ceil(len(archs) / folds) < 3:
         raise ValueError(f"cross-validation needs at least 3 archs to fit per fold, got {len(archs)} archs "
                          f"in {folds} folds")
     predicted = np.zeros(len(archs))
@@ -185,7 +185,8 @@ def cross_validated_tau(config: OFAUFOConfig, archs: Sequence[SupernetArch], val
         kept = [i for i in range(len(archs)) if i % folds != fold]
         gp = ArchPredictor(config, seed).fit([archs[i] for i in kept], [values[i] for i in kept])
         predicted[held] = gp.predict([archs[i] for i in held])
-    return kendall_tau(predicted, values)
+    tau = kendall_tau(predicted, values)
+    return 0.0 if math.isnan(tau) else tau
 
 
 def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
