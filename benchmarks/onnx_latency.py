@@ -130,8 +130,8 @@ def main() -> None:
         timed = processor(images=[requests[0][0]], text=[requests[0][1]])
         free = dict(num_beams=args.beams, max_new_tokens=args.new_tokens)
         # the end-of-sequence token banned: one slice write per step. transformers' `min_new_tokens` does it
-        # with two vocabulary-wide isin / clone / where passes per step (11 ms of an 81 ms 16-token beam-5
-        # ONNX int8 request, 2-core CPU): work a real request does not do, added to every backend alike
+        # with two vocabulary-wide isin / clone / where passes per step: work a real request does not do,
+        # added to every backend alike (it flattened the ratios)
         eos = model.generation_config.eos_token_id
         fixed = dict(free, logits_processor=LogitsProcessorList([BanTokenRangeLogitsProcessor(eos, eos + 1)]))
         with torch.inference_mode():

@@ -250,9 +250,9 @@ class OFAUFOOnnxForConditionalGeneration(OFAUFOForConditionalGeneration):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """Hold the keys/values as the step graph's numpy arrays (`OnnxStepCache`): no tensor round trip per
-        step. The default case builds it directly (transformers' DynamicCache set-up, config walk included,
-        cost ~4 ms per request on a 2-core CPU, about 5 % of a beam-5 VQA request); a cache the caller passed
-        or a `cache_implementation` goes through `generate`'s own set-up first."""
+        step. The default case builds it directly (transformers' DynamicCache set-up walks the config on every
+        request, a visible share of a small model's request); a cache the caller passed or a
+        `cache_implementation` goes through `generate`'s own set-up first."""
         if (model_kwargs.get("cache") is None and generation_config.use_cache is not False
                 and generation_config.cache_implementation in (None, "dynamic")):
             model_kwargs["cache"] = OnnxStepCache()
