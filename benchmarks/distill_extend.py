@@ -9,8 +9,8 @@
    scenes (stem warmed up alone, then frozen, as pretrain_demo_chips), or `--teacher`, such a supernet
    trained before (pretrain_demo_chips), evaluated here on the same held-out scenes as the students.
 2. Student: OFA-Tiny cut to d_model 64, 2 encoder + 1 decoder layers, over a ResNet-26 stem (stages 1-3, 2
-   blocks each, against the teacher's ResNet-50; `--student-stem resnet14`: 1 block each; a request's time goes mostly to the decoder steps, so the
-   student keeps one decoder layer), the stem warmed up alone on generated scenes as the teacher's was and
+   blocks each, against the teacher's ResNet-50; `--student-stem resnet14`: 1 block each; a request's time
+   goes mostly to the decoder steps, so the student keeps one decoder layer), the stem warmed up alone on generated scenes as the teacher's was and
    frozen; trained the same steps on the same data without and with the teacher (token KL over the teacher's
    16 likeliest tokens at T = 2, `--top-k 0 --temperature 1` for the whole vocabulary, + CWD on the encoder
    states). Latency, teacher (its extracted task subnet, what would ship) and student timed side by side in
