@@ -141,7 +141,8 @@ def main() -> None:
     out = Path(args.model) / f"chips_search_{args.task}_{args.target}.json"
     out.write_text(json.dumps({
         "device": device_name(), "task": args.task, "target": args.target, "metric": evaluator.metric_name,
-        "rows": [{"arch": arch_to_dict(a), "metric": m, "latency_ms": ms, "fit": a in fit} for a, (m, ms) in rows.items()],
+        "rows": [{"arch": arch_to_dict(a), "metric": m, "latency_ms": ms, "fit": a in fit}
+                 for a, (m, ms) in rows.items()],
         "tau": {"metric": tau_metric, "latency": tau_latency, "zero_shot": tau_zero_shot, "size": tau_size,
                 "metric_cv": cv_metric, "latency_cv": cv_latency},
         "budget_ms": budget, "search": result.to_dict(),

@@ -10,15 +10,15 @@
    trained before (pretrain_demo_chips), evaluated here on the same held-out scenes as the students.
 2. Student: OFA-Tiny cut to d_model 64, 2 encoder + 1 decoder layers, over a ResNet-26 stem (stages 1-3, 2
    blocks each, against the teacher's ResNet-50; `--student-stem resnet14`: 1 block each; a request's time
-   goes mostly to the decoder steps, so the student keeps one decoder layer), the stem warmed up alone on generated scenes as the teacher's was and
-   frozen; trained the same steps on the same data without and with the teacher (token KL over the teacher's
-   16 likeliest tokens at T = 2, `--top-k 0 --temperature 1` for the whole vocabulary, + CWD on the encoder
-   states). Latency, teacher (its extracted task subnet, what would ship) and student timed side by side in
-   interleaved rounds on this CPU: one request (batch 1, greedy, 8 new tokens, as the chips profiles time it)
-   and a forward of a batch of 4 (encoder + 4 decoder positions). `--five-tasks`: the students learn
-   pretrain_demo_tiny's five-task mixture instead (pass a teacher trained on it) and are scored on each task.
-   `--stem-from-teacher`: the student's stem learns the teacher's stem features (`distill_stem`) instead of
-   the cell labels.
+   goes mostly to the decoder steps, so the student keeps one decoder layer), the stem warmed up alone on
+   generated scenes as the teacher's was and frozen; trained the same steps on the same data without and with
+   the teacher (token KL over the teacher's 16 likeliest tokens at T = 2, `--top-k 0 --temperature 1` for the
+   whole vocabulary, + CWD on the encoder states). Latency, teacher (its extracted task subnet, what would
+   ship) and student timed side by side in interleaved rounds on this CPU: one request (batch 1, greedy, 8 new
+   tokens, as the chips profiles time it) and a forward of a batch of 4 (encoder + 4 decoder positions).
+   `--five-tasks`: the students learn pretrain_demo_tiny's five-task mixture instead (pass a teacher trained
+   on it) and are scored on each task. `--stem-from-teacher`: the student's stem learns the teacher's stem
+   features (`distill_stem`) instead of the cell labels.
 3. Task extension: the teacher's shared path (`extract_subnet(model, "shared")`) fine-tuned on captioning,
    a task the supernet never trained, on 10 % of the demo scenes; against the whole supernet fine-tuned on
    100 % (the same steps).
@@ -94,7 +94,7 @@ def latencies(teacher_dir: Path, student_dir: Path, rounds: int) -> dict[str, fl
 
 def student_init(teacher_dir: Path, out: Path, warmup_images: int, stem_from_teacher: bool,
                  stem_labels: float = 0.0, stem: str = "resnet26") -> Path:
-    """The student's start: a small OFA-Tiny whose own ResNet-26 stem is warmed up alone on generated scenes,
+    """The student's start: a small OFA-Tiny whose own ResNet stem (`stem`) is warmed up alone on generated scenes,
     or with `stem_from_teacher` trained to reproduce the teacher's stem features on them (and with `stem_labels`
     > 0 to name the sub-cells' objects too, with that weight) (seeded, so both
     students start from the same weights; it stays frozen as the teacher's)."""
@@ -257,7 +257,7 @@ def main() -> None:
     parser.add_argument("--stem-from-teacher", action="store_true",
                         help="the student's stem learns the teacher's stem features (distill_stem), not cell labels")
     parser.add_argument("--student-stem", choices=("resnet26", "resnet14"), default="resnet26",
-                        help="the student's ResNet stem (resnet14: one block per stage, about 0.7x the forward)")
+                        help="the student's ResNet stem (resnet14: one bottleneck per stage instead of two)")
     parser.add_argument("--eval-every", type=int, default=0, help="the students' evaluations during training")
     parser.add_argument("--retime", action="store_true",
                         help="only time the teacher and the student of the run in --out again (e.g. alone, after a "

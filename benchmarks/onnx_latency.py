@@ -133,6 +133,7 @@ def main() -> None:
         # with two vocabulary-wide isin / clone / where passes per step: work a real request does not do,
         # added to every backend alike (it flattened the ratios)
         eos = model.generation_config.eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos  # the tiny presets have one
         fixed = dict(free, logits_processor=LogitsProcessorList([BanTokenRangeLogitsProcessor(eos, eos + 1)]))
         with torch.inference_mode():
             times = interleaved_times({name: (lambda b=backend: b.generate(**timed, **fixed))
@@ -146,9 +147,9 @@ def main() -> None:
           f"median of {args.repeats} interleaved rounds after a warm-up")
     print(device_name(), f"| ONNX Runtime {onnxruntime.__version__} threads {args.threads} | "
           f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    answer = len(tokens["PyTorch fp32"][0]) - 1
+    answer = len(tokens["PyTorch fp32"][0]) - 1  # new tokens, the end-of-sequence included
     print(f"\n| backend | latency, {args.new_tokens} tokens (ms) | / PyTorch fp32 | latency, free length "
-          f"(PyTorch: {answer} tokens) (ms) | / PyTorch fp32 | identical sequences | agreeing tokens |")
+          f"(PyTorch: {answer} new tokens) (ms) | / PyTorch fp32 | identical sequences | agreeing tokens |")
     print("|---|---|---|---|---|---|---|")
     base, free_base = rows[0][1], rows[0][2]
     for name, seconds, free_seconds in rows:
