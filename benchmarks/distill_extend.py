@@ -18,7 +18,11 @@
    tokens, as the chips profiles time it) and a forward of a batch of 4 (encoder + 4 decoder positions).
    `--five-tasks`: the students learn pretrain_demo_tiny's five-task mixture instead (pass a teacher trained
    on it) and are scored on each task. `--stem-from-teacher`: the student's stem learns the teacher's stem
-   features (`distill_stem`) instead of the cell labels.
+   features (`distill_stem`) instead of the cell labels. `--student-config NAME`: the student is a shipped
+   config's whole run instead (its preset, stem warm-up, mixture and steps; e.g. `pretrain_demo_tiny` under
+   the base default `checkpoints/ofa_ufo_base.pretrain_demo` that `pretrain_ofa_base.sh` grew from it), run
+   once as shipped and once with the teacher; `--student-alone DIR` takes a finished run of that config (the
+   tiny default the base run trained first) as the first instead of training it again.
 3. Task extension: the teacher's shared path (`extract_subnet(model, "shared")`) fine-tuned on captioning,
    a task the supernet never trained, on 10 % of the demo scenes; against the whole supernet fine-tuned on
    100 % (the same steps).
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 import ofa_ufo
 from ofa_ufo.core.timing import device_name, interleaved_times
@@ -43,7 +48,7 @@ from ofa_ufo.deploy.subnets import SHARED, extract_subnet
 from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
 from ofa_ufo.hf.processing import OFAUFOProcessor
 from ofa_ufo.training import train
-from ofa_ufo.training.config import config_from_dict
+from ofa_ufo.training.config import config_from_dict, resolve_config_path
 from ofa_ufo.training.mixture import build_batch, eval_examples
 from ofa_ufo.training.report import evaluate_model
 from ofa_ufo.training.stem_warmup import distill_stem, warm_up_stem
@@ -60,12 +65,21 @@ SCENES = 20000  # the demo's default pool; task extension trains on 10 % of it
 
 
 def run(out: Path, name: str, fields: dict[str, Any]) -> dict[str, Any]:
-    """Train one config (fresh) and return its held-out metrics after training and its seconds."""
+    """Train one config (fresh) and return its held-out metrics after training, its seconds and its directory."""
     config = config_from_dict({"output_dir": str(out / name), "num_threads": 1, "log_every": 50,
                                "precision": "fp32", **fields}, name)
     result = train(config, resume="never")
     print(f"{name}: {result.metrics_after} ({result.seconds:.0f} s)")
-    return {"metrics": result.metrics_after, "seconds": round(result.seconds, 1)}
+    return {"metrics": result.metrics_after, "seconds": round(result.seconds, 1), "path": str(result.output_dir)}
+
+
+def config_fields(name: str, eval_count: int, seed: int, threads: int) -> dict[str, Any]:
+    """A shipped config's fields as one run of this benchmark trains them: its own recipe, scored on the
+    benchmark's held-out scenes, no intermediate evaluations or photos, the benchmark's seed and threads."""
+    fields = yaml.safe_load(resolve_config_path(name).read_text())
+    for key in ("description", "output_dir", "show_photos", "eval_every", "save_every"):
+        fields.pop(key, None)
+    return dict(fields, eval_examples=eval_count, seed=seed, num_threads=threads)
 
 
 def latencies(teacher_dir: Path, student_dir: Path, rounds: int) -> dict[str, float]:
@@ -157,6 +171,8 @@ def teacher_softness(teacher_dir: Path, fields: dict[str, Any], count: int) -> d
 
 
 def distill_part(out: Path, s: dict[str, Any], teacher_dir: Path | None) -> tuple[dict[str, Any], Path]:
+    if s["student_config"]:
+        return config_students(out, s, teacher_dir), teacher_dir
     common = dict(tasks=s["tasks"], batch_size=12, lr=3e-4, warmup_ratio=0.05, eval_examples=s["eval_examples"],
                   freeze=[STEM], seed=s["seed"])
     if "grounding" in s["tasks"]:
@@ -174,13 +190,39 @@ def distill_part(out: Path, s: dict[str, Any], teacher_dir: Path | None) -> tupl
                          s["stem_labels"], s["student_stem"])
     student = dict(common, model=str(start), max_steps=s["student_steps"], eval_every=s["eval_every"])
     alone = run(out, "student_alone", student)
-    distill = {"teacher": str(teacher_dir), "token_kl": 1.0, "temperature": s["temperature"], "top_k": s["top_k"],
-               "correct_only": s["correct_only"], "feature": 1.0, "feature_layers": ["encoder"]}
-    taught = run(out, "student_distilled", dict(student, distill=distill))
-    ms = latencies(teacher_dir, start, s["rounds"])
-    return {"teacher": teacher, "student_alone": alone, "student_distilled": taught,
-            "latency_ms": ms, "latency_ratio": {kind: ms[f"student_{kind}"] / ms[f"teacher_{kind}"]
-                                                for kind in ("request", "forward")}}, teacher_dir
+    taught = run(out, "student_distilled", dict(student, distill=distill_fields(s, teacher_dir)))
+    return timed(dict(teacher=teacher, student_alone=alone, student_distilled=taught, student_dir=str(start)),
+                 teacher_dir, start, s["rounds"]), teacher_dir
+
+
+def distill_fields(s: dict[str, Any], teacher_dir: Path) -> dict[str, Any]:
+    """The run's `distill` field: token KL + CWD on the encoder states, the benchmark's settings."""
+    return {"teacher": str(teacher_dir), "token_kl": 1.0, "temperature": s["temperature"], "top_k": s["top_k"],
+            "correct_only": s["correct_only"], "feature": 1.0, "feature_layers": ["encoder"]}
+
+
+def config_students(out: Path, s: dict[str, Any], teacher_dir: Path) -> dict[str, Any]:
+    """`--student-config`: the shipped config's run without the teacher (or `--student-alone`, such a run
+    finished before, scored here) and with it, all three models scored on the same held-out scenes."""
+    fields = config_fields(s["student_config"], s["eval_examples"], s["seed"], s["threads"])
+    if s["quick"]:
+        fields.update(max_steps=s["student_steps"], stem_warmup_images=s["student_warmup"])
+    teacher = evaluate_saved(teacher_dir, fields)
+    if s["student_alone"]:
+        alone = evaluate_saved(Path(s["student_alone"]), fields)
+    else:
+        alone = run(out, "student_alone", fields)
+    taught = run(out, "student_distilled", dict(fields, distill=distill_fields(s, teacher_dir)))
+    start = Path(alone["path"])
+    return timed(dict(teacher=teacher, student_alone=alone, student_distilled=taught, student_dir=str(start)),
+                 teacher_dir, start, s["rounds"])
+
+
+def timed(part: dict[str, Any], teacher_dir: Path, student_dir: Path, rounds: int) -> dict[str, Any]:
+    """`part` with the teacher's and the student's latencies and their ratios."""
+    ms = latencies(teacher_dir, student_dir, rounds)
+    return dict(part, latency_ms=ms, latency_ratio={kind: ms[f"student_{kind}"] / ms[f"teacher_{kind}"]
+                                                    for kind in ("request", "forward")})
 
 
 def fixed_supernet(teacher_dir: Path, out: Path) -> Path:
@@ -262,16 +304,29 @@ def main() -> None:
     parser.add_argument("--retime", action="store_true",
                         help="only time the teacher and the student of the run in --out again (e.g. alone, after a "
                         "run that shared the machine), rewrite its results.json and print its table")
+    parser.add_argument("--student-config", metavar="NAME",
+                        help="the student is this shipped config's run (e.g. pretrain_demo_tiny; needs --teacher)")
+    parser.add_argument("--student-alone", type=Path, metavar="DIR",
+                        help="with --student-config: a finished run of it, the student without the teacher")
+    parser.add_argument("--threads", type=int, default=1, help="with --student-config: the runs' threads")
     parser.add_argument("--stem-labels", type=float, default=0.0,
                         help="with --stem-from-teacher: weight of the cell labels' loss beside the features (0: none)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    if args.student_config and not args.teacher:
+        parser.error("--student-config needs --teacher (a trained model directory)")
+    if args.student_alone and not args.student_config:
+        parser.error("--student-alone needs --student-config (the config that run was trained with)")
+    torch.set_num_threads(args.threads)
     if args.retime:
         return retime(args.out)
-    s = dict(settings(args.quick), seed=args.seed, temperature=args.temperature, top_k=args.top_k,
+    s = dict(settings(args.quick), quick=args.quick, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
              correct_only=args.correct_only, stem_from_teacher=args.stem_from_teacher, stem_labels=args.stem_labels,
-             tasks=FIVE_TASKS if args.five_tasks else TASKS, student_stem=args.student_stem, eval_every=args.eval_every)
+             tasks=FIVE_TASKS if args.five_tasks else TASKS, student_stem=args.student_stem, eval_every=args.eval_every,
+             student_config=args.student_config, threads=args.threads,
+             student_alone=str(args.student_alone) if args.student_alone else None)
     s["student_steps"] = args.student_steps or s["student_steps"]
+    if args.student_config:
+        s["tasks"] = config_fields(args.student_config, 0, 0, 1).get("tasks", s["tasks"])
     start = time.perf_counter()
     distilled, teacher_dir = distill_part(args.out, s, args.teacher)
     results = {"device": device_name(), "settings": s, "distill": distilled}
@@ -288,10 +343,9 @@ def retime(out: Path) -> None:
     """The latencies of a finished run measured again; its metrics are kept."""
     results = json.loads((out / "results.json").read_text())
     d = results["distill"]
-    teacher = Path(d["teacher"].get("path", out / "teacher"))  # a teacher trained by the run has no path
-    ms = latencies(teacher, out / "student_init", results["settings"]["rounds"])
-    d["latency_ms"] = ms
-    d["latency_ratio"] = {kind: ms[f"student_{kind}"] / ms[f"teacher_{kind}"] for kind in ("request", "forward")}
+    teacher = Path(d["teacher"].get("path", out / "teacher"))  # a teacher trained before session 15 has no path
+    results["distill"] = timed(d, teacher, Path(d.get("student_dir", out / "student_init")),
+                               results["settings"]["rounds"])
     results["device"] = device_name()
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print_distill(results)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import TINY, tiny_model
 from test_supernet import supernet_model
 from test_training import fit, make_config, torch_threads
@@ -509,3 +510,32 @@ def test_run_with_distill_stem_warms_the_stem_up_on_the_teachers_features(tmp_pa
     assert warmup["images"] == 64 and -1.0 < warmup["explained_variance"] < 1.0
     with pytest.raises(ConfigError, match="sets stem: true .* but stem_warmup_images is 0"):
         make_config(tmp_path / "bad", distill=distill)
+
+
+@pytest.mark.benchmark
+def test_distill_extend_student_config_scores_a_finished_run_beside_the_taught_one(tmp_path):
+    """benchmarks/distill_extend.py --student-config pretrain_demo_tiny --student-alone DIR: the alone row is
+    the finished run in DIR (scored, not trained again), the taught row a run of the config with the teacher,
+    the five tasks of that config in the table; --student-alone without --student-config is refused."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    for name, seed in (("teacher", 0), ("alone", 1)):
+        torch.manual_seed(seed)
+        ofa_ufo.create_model("ofa_ufo_tiny", image_size=64, dropout=0.0).save_pretrained(tmp_path / name)
+        ofa_ufo.create_processor("ofa_ufo_tiny", image_size=64).save_pretrained(tmp_path / name)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "benchmarks/distill_extend.py", "--quick", "--skip-extend", "--out",
+                             str(out), "--teacher", str(tmp_path / "teacher"), "--student-config", "pretrain_demo_tiny",
+                             "--student-alone", str(tmp_path / "alone")], cwd=repo, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| model | caption | vqa | grounding | detection | classification | request" in result.stdout
+    distill = json.loads((out / "results.json").read_text())["distill"]
+    assert distill["student_alone"]["path"] == distill["student_dir"] == str(tmp_path / "alone")
+    assert not (out / "student_alone").exists()
+    taught = yaml.safe_load((out / "student_distilled" / "train_config.yaml").read_text())
+    assert taught["distill"]["teacher"] == str(tmp_path / "teacher") and taught["max_steps"] == 2
+    assert taught["model"] == "ofa_ufo_tiny" and taught["box_mask_weight"] == 4.0  # the shipped recipe
+    refused = subprocess.run([sys.executable, "benchmarks/distill_extend.py", "--out", str(out), "--student-alone",
+                              str(tmp_path / "alone")], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--student-alone needs --student-config" in refused.stderr
