@@ -15,7 +15,9 @@
    the teacher (token KL over the teacher's 16 likeliest tokens at T = 2, `--top-k 0 --temperature 1` for the
    whole vocabulary, + CWD on the encoder states). Latency, teacher (its extracted task subnet, what would
    ship) and student timed side by side in interleaved rounds on this CPU: one request (batch 1, greedy, 8 new
-   tokens, as the chips profiles time it) and a forward of a batch of 4 (encoder + 4 decoder positions).
+   tokens, the end token banned; before session 15 forced with `min_new_tokens`, whose vocabulary-wide
+   processors added the same work to both and raised the ratio) and a forward of a batch of 4 (encoder + 4
+   decoder positions).
    `--five-tasks`: the students learn pretrain_demo_tiny's five-task mixture instead (pass a teacher trained
    on it) and are scored on each task. `--stem-from-teacher`: the student's stem learns the teacher's stem
    features (`distill_stem`) instead of the cell labels. `--student-config NAME`: the student is a shipped
@@ -40,10 +42,12 @@ from typing import Any
 
 import torch
 import yaml
+from transformers import LogitsProcessorList
 
 import ofa_ufo
 from ofa_ufo.core.timing import device_name, interleaved_times
 from ofa_ufo.deploy.profiles import request_inputs
+from ofa_ufo.generation.constraints import BanTokenRangeLogitsProcessor
 from ofa_ufo.deploy.subnets import SHARED, extract_subnet
 from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
 from ofa_ufo.hf.processing import OFAUFOProcessor
@@ -74,12 +78,13 @@ def run(out: Path, name: str, fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_fields(name: str, eval_count: int, seed: int, threads: int) -> dict[str, Any]:
-    """A shipped config's fields as one run of this benchmark trains them: its own recipe, scored on the
-    benchmark's held-out scenes, no intermediate evaluations or photos, the benchmark's seed and threads."""
+    """A shipped config's fields as one run of this benchmark trains them: its own recipe (its precision too,
+    `auto` unless it names one), scored on the benchmark's held-out scenes, no intermediate evaluations or
+    photos, the benchmark's seed and threads."""
     fields = yaml.safe_load(resolve_config_path(name).read_text())
     for key in ("description", "output_dir", "show_photos", "eval_every", "save_every"):
         fields.pop(key, None)
-    return dict(fields, eval_examples=eval_count, seed=seed, num_threads=threads)
+    return {"precision": "auto", **fields, "eval_examples": eval_count, "seed": seed, "num_threads": threads}
 
 
 def latencies(teacher_dir: Path, student_dir: Path, rounds: int) -> dict[str, float]:
@@ -98,8 +103,13 @@ def latencies(teacher_dir: Path, student_dir: Path, rounds: int) -> dict[str, fl
     forward["decoder_input_ids"] = torch.zeros(4, 4, dtype=torch.long)
     fns = {}
     for name, model in models.items():
-        fns[f"{name}_request"] = lambda m=model: m.generate(**request, max_new_tokens=8, min_new_tokens=8,
-                                                            num_beams=1, do_sample=False)
+        eos = model.generation_config.eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        # 8 tokens forced by banning the end token (one clone of the scores per step, as a text task's own
+        # processor): min_new_tokens would add two vocabulary-wide processors, the same work for both models
+        no_end = LogitsProcessorList([BanTokenRangeLogitsProcessor(eos, eos + 1)])
+        fns[f"{name}_request"] = lambda m=model, p=no_end: m.generate(**request, max_new_tokens=8, num_beams=1,
+                                                                       do_sample=False, logits_processor=p)
         fns[f"{name}_forward"] = lambda m=model: m(**forward)
     with torch.inference_mode():
         times = interleaved_times(fns, rounds, warmup=2)
@@ -143,7 +153,7 @@ def settings(quick: bool) -> dict[str, Any]:
                 eval_examples=300, rounds=15)
 
 
-def evaluate_saved(path: Path, fields: dict[str, Any]) -> dict[str, Any]:
+def evaluate_saved(path: Path, fields: dict[str, Any], role: str = "teacher") -> dict[str, Any]:
     """Held-out metrics of a saved model on the examples a run of `fields` evaluates on."""
     config = config_from_dict(dict(fields, model=str(path)), "evaluation")
     model = OFAUFOForConditionalGeneration.from_pretrained(path).eval()
@@ -152,7 +162,7 @@ def evaluate_saved(path: Path, fields: dict[str, Any]) -> dict[str, Any]:
     for task in config.tasks:
         examples, spec = eval_examples(config, task)
         metrics[task] = evaluate_model(model, processor, spec, examples, config.eval_batch_size).values
-    print(f"teacher {path}: {metrics}")
+    print(f"{role} {path}: {metrics}")
     return {"metrics": metrics, "path": str(path)}
 
 
@@ -209,7 +219,7 @@ def config_students(out: Path, s: dict[str, Any], teacher_dir: Path) -> dict[str
         fields.update(max_steps=s["student_steps"], stem_warmup_images=s["student_warmup"])
     teacher = evaluate_saved(teacher_dir, fields)
     if s["student_alone"]:
-        alone = evaluate_saved(Path(s["student_alone"]), fields)
+        alone = evaluate_saved(Path(s["student_alone"]), fields, "student alone")
     else:
         alone = run(out, "student_alone", fields)
     taught = run(out, "student_distilled", dict(fields, distill=distill_fields(s, teacher_dir)))

@@ -536,6 +536,7 @@ def test_distill_extend_student_config_scores_a_finished_run_beside_the_taught_o
     taught = yaml.safe_load((out / "student_distilled" / "train_config.yaml").read_text())
     assert taught["distill"]["teacher"] == str(tmp_path / "teacher") and taught["max_steps"] == 2
     assert taught["model"] == "ofa_ufo_tiny" and taught["box_mask_weight"] == 4.0  # the shipped recipe
+    assert taught["precision"] == "auto"
     refused = subprocess.run([sys.executable, "benchmarks/distill_extend.py", "--out", str(out), "--student-alone",
                               str(tmp_path / "alone")], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--student-alone needs --student-config" in refused.stderr
