@@ -47,8 +47,8 @@ from transformers import LogitsProcessorList
 import ofa_ufo
 from ofa_ufo.core.timing import device_name, interleaved_times
 from ofa_ufo.deploy.profiles import request_inputs
-from ofa_ufo.generation.constraints import BanTokenRangeLogitsProcessor
 from ofa_ufo.deploy.subnets import SHARED, extract_subnet
+from ofa_ufo.generation.constraints import BanTokenRangeLogitsProcessor
 from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
 from ofa_ufo.hf.processing import OFAUFOProcessor
 from ofa_ufo.training import train
@@ -324,6 +324,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.student_config and not args.teacher:
         parser.error("--student-config needs --teacher (a trained model directory)")
+    if args.student_config and not args.skip_extend:
+        parser.error("--student-config measures the distillation only (task extension needs a supernet teacher): "
+                     "add --skip-extend")
     if args.student_alone and not args.student_config:
         parser.error("--student-alone needs --student-config (the config that run was trained with)")
     torch.set_num_threads(args.threads)

@@ -540,3 +540,7 @@ def test_distill_extend_student_config_scores_a_finished_run_beside_the_taught_o
     refused = subprocess.run([sys.executable, "benchmarks/distill_extend.py", "--out", str(out), "--student-alone",
                               str(tmp_path / "alone")], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--student-alone needs --student-config" in refused.stderr
+    no_extend = subprocess.run([sys.executable, "benchmarks/distill_extend.py", "--out", str(out), "--teacher",
+                                str(tmp_path / "teacher"), "--student-config", "pretrain_demo_tiny"], cwd=repo, env=env,
+                               capture_output=True, text=True, timeout=120)
+    assert no_extend.returncode == 2 and "add --skip-extend" in no_extend.stderr
