@@ -42,13 +42,12 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import LogitsProcessorList
 
 import ofa_ufo
 from ofa_ufo.core.timing import device_name, interleaved_times
 from ofa_ufo.deploy.profiles import request_inputs
 from ofa_ufo.deploy.subnets import SHARED, extract_subnet
-from ofa_ufo.generation.constraints import BanTokenRangeLogitsProcessor
+from ofa_ufo.generation.constraints import end_banned
 from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
 from ofa_ufo.hf.processing import OFAUFOProcessor
 from ofa_ufo.training import train
@@ -103,11 +102,7 @@ def latencies(teacher_dir: Path, student_dir: Path, rounds: int) -> dict[str, fl
     forward["decoder_input_ids"] = torch.zeros(4, 4, dtype=torch.long)
     fns = {}
     for name, model in models.items():
-        eos = model.generation_config.eos_token_id
-        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-        # 8 tokens forced by banning the end token (one clone of the scores per step, as a text task's own
-        # processor): min_new_tokens would add two vocabulary-wide processors, the same work for both models
-        no_end = LogitsProcessorList([BanTokenRangeLogitsProcessor(eos, eos + 1)])
+        no_end = end_banned(model.generation_config.eos_token_id)  # 8 tokens, not min_new_tokens' extra passes
         fns[f"{name}_request"] = lambda m=model, p=no_end: m.generate(**request, max_new_tokens=8, num_beams=1,
                                                                        do_sample=False, logits_processor=p)
         fns[f"{name}_forward"] = lambda m=model: m(**forward)

@@ -35,14 +35,14 @@ import numpy as np
 import onnxruntime
 import torch
 from PIL import Image
-from transformers import AutoModelForSeq2SeqLM, AutoProcessor, LogitsProcessorList
+from transformers import AutoModelForSeq2SeqLM, AutoProcessor
 
 import ofa_ufo
 from ofa_ufo.core.timing import device_name, interleaved_times
 from ofa_ufo.data.demo_examples import vqa_example
 from ofa_ufo.data.demo_scenes import generate_scene
 from ofa_ufo.deploy.onnx_export import export_onnx
-from ofa_ufo.generation.constraints import BanTokenRangeLogitsProcessor
+from ofa_ufo.generation.constraints import end_banned
 from ofa_ufo.tasks import get_task
 
 
@@ -129,12 +129,7 @@ def main() -> None:
             backends[name] = AutoModelForSeq2SeqLM.from_pretrained(path, threads=args.threads)
         timed = processor(images=[requests[0][0]], text=[requests[0][1]])
         free = dict(num_beams=args.beams, max_new_tokens=args.new_tokens)
-        # the end-of-sequence token banned: one slice write per step. transformers' `min_new_tokens` does it
-        # with two vocabulary-wide isin / clone / where passes per step: work a real request does not do,
-        # added to every backend alike (it flattened the ratios)
-        eos = model.generation_config.eos_token_id
-        eos = eos[0] if isinstance(eos, (list, tuple)) else eos  # the tiny presets have one
-        fixed = dict(free, logits_processor=LogitsProcessorList([BanTokenRangeLogitsProcessor(eos, eos + 1)]))
+        fixed = dict(free, logits_processor=end_banned(model.generation_config.eos_token_id))
         with torch.inference_mode():
             times = interleaved_times({name: (lambda b=backend: b.generate(**timed, **fixed))
                                        for name, backend in backends.items()}, rounds=args.repeats)

@@ -17,7 +17,7 @@ from transformers.pipelines.pt_utils import KeyDataset
 
 import ofa_ufo
 from ofa_ufo import ImageLoadError
-from ofa_ufo.generation.constraints import BanTokenRangeLogitsProcessor, BoxSequenceLogitsProcessor
+from ofa_ufo.generation.constraints import BanTokenRangeLogitsProcessor, BoxSequenceLogitsProcessor, end_banned
 from ofa_ufo.generation.settings import check_generation_settings
 from ofa_ufo.tasks import FREE_PROMPT, get_task
 
@@ -325,3 +325,14 @@ def test_settings_given_to_pipeline_are_every_calls_defaults(tiny_checkpoint):
     expected = plain(image, task="caption", max_new_tokens=2, num_beams=1)
     assert short(image, task="caption") == expected
     assert short(image, task="caption", max_new_tokens=3) == plain(image, task="caption", max_new_tokens=3, num_beams=1)
+
+
+def test_end_banned_runs_greedy_to_max_new_tokens_and_bans_only_the_first_end_token(model, processor, photos):
+    scores = torch.tensor([[0.0, 5.0, 1.0, 2.0]])  # token 1 (the end) would win
+    banned = end_banned([1, 3])(torch.zeros(1, 1, dtype=torch.long), scores)
+    assert banned.tolist() == [[0.0, float("-inf"), 1.0, 2.0]] and scores[0, 1] == 5.0  # the input is untouched
+    assert end_banned(2)(None, scores).tolist() == [[0.0, 5.0, float("-inf"), 2.0]]
+    with torch.no_grad():
+        out = model.generate(**_model_inputs(processor, photos[0], " what is it?"), max_new_tokens=5, num_beams=1,
+                             do_sample=False, logits_processor=end_banned(EOS))[0].tolist()
+    assert out[0] == START and len(out) == 6 and EOS not in out  # the start token + 5 new ones

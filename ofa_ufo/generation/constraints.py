@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, LogitsProcessorList
 
 
 class Trie:
@@ -96,6 +96,15 @@ class BanTokenRangeLogitsProcessor(LogitsProcessor):
         scores = scores.clone()
         scores[:, self.start : self.end] = float("-inf")
         return scores
+
+
+def end_banned(eos_token_id: int | Sequence[int]) -> LogitsProcessorList:
+    """Processors that make greedy or beam search run to `max_new_tokens` (benchmarks time a fixed length): the
+    end token (the first, where the generation config lists several) banned, one slice write per step.
+    transformers' `min_new_tokens` does it with two vocabulary-wide isin / clone / where passes per step, work
+    a real request does not do, added to every model alike (it pulls latency ratios towards 1)."""
+    eos = eos_token_id[0] if isinstance(eos_token_id, (list, tuple)) else eos_token_id
+    return LogitsProcessorList([BanTokenRangeLogitsProcessor(eos, eos + 1)])
 
 
 def allow_box_bins(allowed: torch.Tensor, bin_start: int, bin_end: int, box: Sequence[int]) -> None:
