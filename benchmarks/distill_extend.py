@@ -13,11 +13,12 @@
    goes mostly to the decoder steps, so the student keeps one decoder layer), the stem warmed up alone on
    generated scenes as the teacher's was and frozen; trained the same steps on the same data without and with
    the teacher (token KL over the teacher's 16 likeliest tokens at T = 2, `--top-k 0 --temperature 1` for the
-   whole vocabulary, + CWD on the encoder states). Latency, teacher (its extracted task subnet, what would
-   ship) and student timed side by side in interleaved rounds on this CPU: one request (batch 1, greedy, 8 new
-   tokens, the end token banned; before session 15 forced with `min_new_tokens`, whose vocabulary-wide
-   processors added the same work to both and raised the ratio) and a forward of a batch of 4 (encoder + 4
-   decoder positions).
+   whole vocabulary, + CWD on the encoder states, `--feature 0` without it; the table's footer has each loss
+   part's mean over the first and the last tenth of the taught run). Latency, teacher (its extracted task
+   subnet, what would ship) and student timed side by side in interleaved rounds on this CPU: one request
+   (batch 1, greedy, 8 new tokens, the end token banned; before session 15 forced with `min_new_tokens`,
+   whose vocabulary-wide processors added the same work to both and raised the ratio) and a forward of a
+   batch of 4 (encoder + 4 decoder positions).
    `--five-tasks`: the students learn pretrain_demo_tiny's five-task mixture instead (pass a teacher trained
    on it) and are scored on each task. `--stem-from-teacher`: the student's stem learns the teacher's stem
    features (`distill_stem`) instead of the cell labels. `--student-config NAME`: the student is a shipped
@@ -73,7 +74,16 @@ def run(out: Path, name: str, fields: dict[str, Any]) -> dict[str, Any]:
                                "precision": "fp32", **fields}, name)
     result = train(config, resume="never")
     print(f"{name}: {result.metrics_after} ({result.seconds:.0f} s)")
-    return {"metrics": result.metrics_after, "seconds": round(result.seconds, 1), "path": str(result.output_dir)}
+    entry = {"metrics": result.metrics_after, "seconds": round(result.seconds, 1), "path": str(result.output_dir)}
+    parts = json.loads((result.output_dir / "metrics.json").read_text()).get("distill_losses")
+    return dict(entry, loss_parts=loss_parts(parts)) if parts else entry
+
+
+def loss_parts(parts: list[dict[str, float]]) -> dict[str, list[float]]:
+    """Each distillation-run loss part's mean over the first and over the last tenth of the steps."""
+    tenth = max(len(parts) // 10, 1)
+    return {name: [round(statistics.fmean(p[name] for p in chunk), 4) for chunk in (parts[:tenth], parts[-tenth:])]
+            for name in parts[0]}
 
 
 def config_fields(name: str, eval_count: int, seed: int, threads: int) -> dict[str, Any]:
@@ -203,7 +213,7 @@ def distill_part(out: Path, s: dict[str, Any], teacher_dir: Path | None) -> tupl
 def distill_fields(s: dict[str, Any], teacher_dir: Path) -> dict[str, Any]:
     """The run's `distill` field: token KL + CWD on the encoder states, the benchmark's settings."""
     return {"teacher": str(teacher_dir), "token_kl": 1.0, "temperature": s["temperature"], "top_k": s["top_k"],
-            "correct_only": s["correct_only"], "feature": 1.0, "feature_layers": ["encoder"]}
+            "correct_only": s["correct_only"], "feature": s["feature"], "feature_layers": ["encoder"]}
 
 
 def config_students(out: Path, s: dict[str, Any], teacher_dir: Path) -> dict[str, Any]:
@@ -262,6 +272,10 @@ def print_distill(results: dict[str, Any]) -> None:
         print(f"| {name} | {cells} | {ms[side + '_request']:.1f} | {ms[side + '_forward']:.1f} |")
     ratio = d["latency_ratio"]
     print(f"latency student / teacher: request {ratio['request']:.2f}, forward {ratio['forward']:.2f}")
+    parts = d["student_distilled"].get("loss_parts")
+    if parts:
+        print("taught run's loss parts, mean of the first -> last tenth of its steps: "
+              + ", ".join(f"{name} {a:.4f} -> {b:.4f}" for name, (a, b) in parts.items()))
     for task in tasks:
         kept = {key: _share(d[key], d["teacher"], task) for key in ("student_alone", "student_distilled")}
         print(f"{task}: the student keeps {kept['student_alone']} of the teacher's headline metric alone, "
@@ -297,6 +311,7 @@ def main() -> None:
     parser.add_argument("--student-steps", type=int, help="the students' steps (default 1200, --quick 2)")
     parser.add_argument("--temperature", type=float, default=2.0, help="the token KL's temperature")
     parser.add_argument("--top-k", type=int, default=16, help="the token KL over the teacher's top k tokens (0: all)")
+    parser.add_argument("--feature", type=float, default=1.0, help="the CWD's weight on the encoder states (0: none)")
     parser.add_argument("--correct-only", action="store_true",
                         help="the token KL only where the teacher ranks the target first")
     parser.add_argument("--five-tasks", action="store_true",
@@ -328,8 +343,9 @@ def main() -> None:
     if args.retime:
         return retime(args.out)
     s = dict(settings(args.quick), quick=args.quick, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-             correct_only=args.correct_only, stem_from_teacher=args.stem_from_teacher, stem_labels=args.stem_labels,
-             tasks=FIVE_TASKS if args.five_tasks else TASKS, student_stem=args.student_stem, eval_every=args.eval_every,
+             correct_only=args.correct_only, feature=args.feature, stem_from_teacher=args.stem_from_teacher,
+             stem_labels=args.stem_labels, tasks=FIVE_TASKS if args.five_tasks else TASKS,
+             student_stem=args.student_stem, eval_every=args.eval_every,
              student_config=args.student_config, threads=args.threads,
              student_alone=str(args.student_alone) if args.student_alone else None)
     s["student_steps"] = args.student_steps or s["student_steps"]

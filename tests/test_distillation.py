@@ -170,6 +170,14 @@ def test_three_steps_with_a_frozen_teacher(tmp_path, processor):
     assert not torch.equal(trainer.distiller.projections["encoder"].weight, seen["projection"])
     plain = fit(make_config(tmp_path / "plain", precision="fp32"))
     assert plain.losses[0] < result.losses[0]  # the distillation losses add to the step's loss
+    parts = json.loads((tmp_path / "run" / "metrics.json").read_text())["distill_losses"]
+    assert [list(p) for p in parts] == [["student_ce", "token_kl", "feature", "embedding"]] * 3
+    assert parts[0]["student_ce"] == pytest.approx(plain.losses[0], rel=1e-5)  # the same start and batch
+    for step_parts, loss in zip(parts, result.losses):  # caption only: no head or auxiliary losses beside them
+        assert sum(step_parts.values()) == pytest.approx(loss, rel=1e-5)
+        assert step_parts["token_kl"] > 0 and step_parts["feature"] > 0
+        assert step_parts["embedding"] == 0.0  # no rows without target tokens
+    assert "distill_losses" not in json.loads((tmp_path / "plain" / "metrics.json").read_text())
 
 
 def test_shared_subnet_equals_the_supernet_forced_to_its_shared_path(processor):
@@ -378,6 +386,10 @@ def test_dense_rows_train_with_the_neck_distilled(tmp_path):
         assert torch.equal(value, before[key]), key
     plain = fit(make_config(tmp_path / "plain", **fields))
     assert plain.losses[0] < result.losses[0]  # same first batch and start; the CWD term adds to it
+    parts = json.loads((tmp_path / "run" / "metrics.json").read_text())["distill_losses"]
+    assert list(parts[0]) == ["student_ce", "embedding", "neck"]  # no target tokens: the CE part is 0
+    assert parts[0]["student_ce"] == 0.0 and parts[0]["neck"] > 0
+    assert result.losses[0] - plain.losses[0] == pytest.approx(parts[0]["neck"], rel=1e-4)
 
 
 BENCHMARK_ROWS = {"distill_cnn.py": ("| teacher (pretrain_demo_allinone) |", "| CNN student alone |",
@@ -514,9 +526,10 @@ def test_run_with_distill_stem_warms_the_stem_up_on_the_teachers_features(tmp_pa
 
 @pytest.mark.benchmark
 def test_distill_extend_student_config_scores_a_finished_run_beside_the_taught_one(tmp_path):
-    """benchmarks/distill_extend.py --student-config pretrain_demo_tiny --student-alone DIR: the alone row is
-    the finished run in DIR (scored, not trained again), the taught row a run of the config with the teacher,
-    the five tasks of that config in the table; --student-alone without --student-config is refused."""
+    """benchmarks/distill_extend.py --student-config pretrain_demo_tiny --student-alone DIR --feature 0: the alone
+    row is the finished run in DIR (scored, not trained again), the taught row a run of the config with the
+    teacher (token KL, no CWD) and its loss parts, the five tasks of that config in the table; --student-alone
+    without --student-config is refused."""
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     for name, seed in (("teacher", 0), ("alone", 1)):
@@ -526,17 +539,20 @@ def test_distill_extend_student_config_scores_a_finished_run_beside_the_taught_o
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "benchmarks/distill_extend.py", "--quick", "--skip-extend", "--out",
                              str(out), "--teacher", str(tmp_path / "teacher"), "--student-config", "pretrain_demo_tiny",
-                             "--student-alone", str(tmp_path / "alone")], cwd=repo, env=env, capture_output=True,
-                            text=True, timeout=900)
+                             "--student-alone", str(tmp_path / "alone"), "--feature", "0"], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| model | caption | vqa | grounding | detection | classification | request" in result.stdout
+    assert "taught run's loss parts, mean of the first -> last tenth of its steps: student_ce " in result.stdout
     distill = json.loads((out / "results.json").read_text())["distill"]
+    assert list(distill["student_distilled"]["loss_parts"]) == ["student_ce", "token_kl", "embedding"]  # no CWD
+    assert "loss_parts" not in distill["student_alone"]
     assert distill["student_alone"]["path"] == distill["student_dir"] == str(tmp_path / "alone")
     assert not (out / "student_alone").exists()
     taught = yaml.safe_load((out / "student_distilled" / "train_config.yaml").read_text())
     assert taught["distill"]["teacher"] == str(tmp_path / "teacher") and taught["max_steps"] == 2
     assert taught["model"] == "ofa_ufo_tiny" and taught["box_mask_weight"] == 4.0  # the shipped recipe
-    assert taught["precision"] == "auto"
+    assert taught["precision"] == "auto" and taught["distill"]["feature"] == 0.0
     refused = subprocess.run([sys.executable, "benchmarks/distill_extend.py", "--out", str(out), "--student-alone",
                               str(tmp_path / "alone")], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--student-alone needs --student-config" in refused.stderr

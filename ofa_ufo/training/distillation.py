@@ -18,7 +18,9 @@ same batch, and three weighted losses join the student's own:
   the (projected) student and the teacher embedding, a mean over those rows.
 
 The projections train with the student and are kept in the trainer state, never exported.
-Teacher outputs are computed on the fly (no cache).
+Teacher outputs are computed on the fly (no cache). Each step's parts (the student's own token CE and each
+weighted distillation loss, `take_sums`) go to the run's log, TensorBoard (`train/distill/<name>`),
+training.png and metrics.json (`distill_losses`), so a run shows which part moves its loss.
 """
 
 from __future__ import annotations
@@ -184,6 +186,31 @@ class Distiller:
         if settings.feature and "neck" in settings.feature_layers:
             self.projections["neck"] = _neck_projections(teacher, getattr(student, "module", student),
                                                          settings.teacher)
+        self.sums = dict.fromkeys(self.part_names(), 0.0)
+
+    def part_names(self) -> list[str]:
+        """The loss parts this run records per step (`take_sums`): the student's own token CE, then each
+        distillation loss the settings switch on, in a fixed order (the same on every process)."""
+        settings, names = self.settings, ["student_ce"]
+        if settings.token_kl:
+            names.append("token_kl")
+        if settings.feature and self.token_layers:
+            names.append("feature")
+        if settings.embedding:
+            names.append("embedding")
+        if "neck" in self.projections:
+            names.append("neck")
+        return names
+
+    def take_sums(self) -> dict[str, float]:
+        """The loss parts summed over this step's passes so far, weighted as they enter the loss (token parts
+        summed over target tokens, the others over passes of their means), then reset for the next step."""
+        sums, self.sums = self.sums, dict.fromkeys(self.sums, 0.0)
+        return sums
+
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        if name in self.sums:
+            self.sums[name] += float(value.detach())
 
     def parameters(self) -> list[nn.Parameter]:
         """The projections' parameters (the teacher's are frozen and not the run's to optimise)."""
@@ -207,6 +234,7 @@ class Distiller:
         labels = batch["labels"]
         loss = F.cross_entropy(student.logits.float(), labels[labels != -100], label_smoothing=label_smoothing,
                                reduction="sum")
+        self._record("student_ce", loss)
         token, mean = self.losses(student, batch, examples, step)
         return loss + token, mean, student.features, student.encoder
 
@@ -231,14 +259,19 @@ class Distiller:
             targets = labels[labels != -100] if settings.correct_only else None  # (N,), as the logits' rows
             token = settings.token_kl * token_kl(student.logits, teacher.logits, settings.temperature,
                                                  settings.top_k, targets)
+            self._record("token_kl", token)
         mean = zero
-        if settings.feature:
+        if settings.feature and self.token_layers:
             weight = settings.feature * feature_weight(step, self.total_steps)
-            mean = mean + weight * sum(self._feature_loss(name, student, teacher) for name in self.token_layers)
+            feature = weight * sum(self._feature_loss(name, student, teacher) for name in self.token_layers)
+            self._record("feature", feature)
+            mean = mean + feature
         rows = (batch["labels"] == -100).all(1)  # (B,): rows trained through their embedding only
         if settings.embedding and rows.any() and student.features is not None:
             projected = self.projections["embedding"](student.features[rows])
-            mean = mean + settings.embedding * embedding_loss(projected, teacher.features[rows].float())
+            embedding = settings.embedding * embedding_loss(projected, teacher.features[rows].float())
+            self._record("embedding", embedding)
+            mean = mean + embedding
         return token, mean
 
     def model_output_loss(self, outputs: dict[str, Any], batch: dict[str, torch.Tensor],
@@ -251,7 +284,9 @@ class Distiller:
         teacher = self._teacher_neck(batch, examples)
         loss = sum(self._map_loss(projection(s), t) for projection, s, t in zip(self.projections["neck"], student,
                                                                                   teacher))
-        return self.settings.feature * feature_weight(step, self.total_steps) * loss
+        loss = self.settings.feature * feature_weight(step, self.total_steps) * loss
+        self._record("neck", loss)
+        return loss
 
     def _teacher_neck(self, batch: dict[str, torch.Tensor], examples: list[dict[str, Any]]) -> tuple[torch.Tensor, ...]:
         """The teacher's neck outputs on the rows' images, routed by its own task vocabulary."""

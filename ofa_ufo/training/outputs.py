@@ -38,10 +38,10 @@ def export_model(output_dir: Path, model, processor, vqgan, heads: torch.nn.Modu
 
 
 def write_report(output_dir: Path, history: dict[str, Any], steps: int, config: TrainConfig) -> None:
-    """metrics.json (first and last evaluation, every evaluation, losses, LRs, the precision used),
-    training.png, the printed metric table (with what the trained metrics are over: "n scored, k failed"
-    held-out examples) and the exported model's card, which now has both the config and the metrics to
-    show; with `show_photos`, the exported model's answers on the bundled real photos."""
+    """metrics.json (first and last evaluation, every evaluation, losses and, under distillation, their parts
+    per step, LRs, the precision used), training.png, the printed metric table (with what the trained metrics
+    are over: "n scored, k failed" held-out examples) and the exported model's card, which now has both the
+    config and the metrics to show; with `show_photos`, the exported model's answers on the bundled real photos."""
     before, after = history["eval"][0]["metrics"], history["eval"][-1]["metrics"]
     examples = history["eval"][-1].get("examples")  # absent in a history saved before failures were counted
     start = "start" if Path(config.model).is_dir() else "untrained"
@@ -55,6 +55,8 @@ def write_report(output_dir: Path, history: dict[str, Any], steps: int, config: 
               "metrics_blind": blind, "grown_from": grown,
               "stem_warmup": history.get("stem_warmup"), "precision": history.get("precision"),
               "eval": history["eval"], "losses": history["losses"], "lr": history["lr"]}
+    if history.get("distill_losses"):
+        report["distill_losses"] = history["distill_losses"]
     (output_dir / "metrics.json").write_text(json.dumps(report, indent=1))
     plot_history(history, output_dir / "training.png")
     record = TrainingRecord(config.to_yaml(), steps, before, after)

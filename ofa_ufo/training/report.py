@@ -106,7 +106,8 @@ def format_metric_table(before: dict[str, dict[str, float]], after: dict[str, di
 
 
 def plot_history(history: dict[str, Any], path: Path) -> None:
-    """PNG with the training loss (left) and each task's headline metric over evaluations (right)."""
+    """PNG with the training loss (left, with its parts under distillation) and each task's headline metric over
+    evaluations (right)."""
     import matplotlib  # heavy, and needed only when a run ends
 
     matplotlib.use("Agg")
@@ -114,8 +115,13 @@ def plot_history(history: dict[str, Any], path: Path) -> None:
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     losses = history["losses"]
-    left.plot(range(1, len(losses) + 1), losses, lw=0.8)
+    left.plot(range(1, len(losses) + 1), losses, lw=0.8, label="loss")
+    parts = history.get("distill_losses") or []
+    for name in parts[0] if parts else []:  # the loss's parts under distillation, on its scale
+        left.plot(range(1, len(parts) + 1), [p[name] for p in parts], lw=0.6, ls="--", label=name)
     left.set(xlabel="step", ylabel="training loss (token CE)", title="loss")
+    if parts:
+        left.legend(fontsize=8)
     tasks = {task for entry in history["eval"] for task in entry["metrics"]}
     for task in sorted(tasks):
         points = [(e["step"], headline(task, e["metrics"][task])) for e in history["eval"] if task in e["metrics"]]

@@ -1,7 +1,7 @@
 """What a run reports as it goes (main process only): the progress bar, a console line every
 `log_every` steps when stderr is not a terminal, and TensorBoard scalars in `output_dir/tensorboard`:
-loss, LR, samples/s and, for a routed UFO supernet, each task's router probabilities every step;
-held-out metrics and the encoder image signal at each evaluation."""
+loss (with its parts under distillation), LR, samples/s and, for a routed UFO supernet, each task's router
+probabilities every step; held-out metrics and the encoder image signal at each evaluation."""
 
 from __future__ import annotations
 
@@ -52,8 +52,9 @@ class RunLog:
         self._tick = time.perf_counter()
         return iter(self.bar)
 
-    def step(self, step: int, loss: float, lr: float, model) -> None:
-        """Log optimizer step `step` (1-based) of `model` (unwrapped) that ended with `loss` at `lr`."""
+    def step(self, step: int, loss: float, lr: float, model, parts: dict[str, float] | None = None) -> None:
+        """Log optimizer step `step` (1-based) of `model` (unwrapped) that ended with `loss` at `lr`; `parts`:
+        the loss's parts under distillation (name -> value, `train/distill/<name>` in TensorBoard)."""
         now = time.perf_counter()
         rate, self._tick = self.config.global_batch / max(now - self._tick, 1e-9), now
         if not self.main:
@@ -61,10 +62,14 @@ class RunLog:
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
         for name, value in (("loss", loss), ("lr", lr), ("samples_per_s", rate)):
             self.writer.add_scalar(f"train/{name}", value, step)
+        for name, value in (parts or {}).items():
+            self.writer.add_scalar(f"train/distill/{name}", value, step)
         if _routed(model):
             log_router_probabilities(self.writer, model, step)
         if step % self.config.log_every == 0 and not self.bar.disable and not os.isatty(2):
-            print(f"step {step}/{self.config.max_steps} loss {loss:.4f} lr {lr:.2e} samples/s {rate:.1f}", flush=True)
+            shares = "".join(f" {name} {value:.4f}" for name, value in (parts or {}).items())
+            print(f"step {step}/{self.config.max_steps} loss {loss:.4f} lr {lr:.2e} samples/s {rate:.1f}{shares}",
+                  flush=True)
 
     def evaluation(self, step: int, metrics: dict[str, dict[str, float]], image_signal: float | None) -> None:
         """Log the held-out metrics (task -> name -> value) and image signal of an evaluation at `step`."""

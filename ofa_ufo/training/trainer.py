@@ -123,7 +123,7 @@ class Trainer:
         self.ema = build_ema(model, config.ema_decay)
         self.step = 0
         self.history: dict[str, Any] = {"losses": [], "lr": [], "eval": [], "stem_warmup": warmup,
-                                        "grown_from": grown}
+                                        "grown_from": grown, "distill_losses": []}
         if self.resume_from is not None:
             self._restore(model, self.resume_from, resume_state)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
@@ -148,6 +148,7 @@ class Trainer:
         self.history = json.loads(state["history"])
         self.history["losses"] = self.history["losses"][: self.step]
         self.history["lr"] = self.history["lr"][: self.step]
+        self.history["distill_losses"] = self.history.get("distill_losses", [])[: self.step]
         self._restore_streams(state.get("streams"), path)
         if path.resolve().parent == ckpt.checkpoint_dir(self.output_dir).resolve():
             self.saved = (self.step, json.dumps(self.history))
@@ -298,8 +299,22 @@ class Trainer:
         loss = (acc.reduce(total, reduction="sum").item() / tokens
                 + acc.reduce(head_total, reduction="mean").item() * head_weight / len(passes)
                 + acc.reduce(model_total, reduction="mean").item() / len(passes))
+        if self.distiller is not None:
+            self.history["distill_losses"].append(self._distill_parts(tokens, len(passes)))
         self._update(loss)
         return loss
+
+    def _distill_parts(self, tokens: float, passes: int) -> dict[str, float]:
+        """This step's loss parts under distillation (`Distiller.take_sums`) on the logged loss's scale, so
+        that they show which part moves it: the token parts per target token of the step, the mean parts
+        per pass (x head_loss_weight for those that join the feature-head losses)."""
+        acc, sums = self.accelerator, self.distiller.take_sums()
+        values = acc.reduce(torch.tensor(list(sums.values()), device=acc.device), reduction="sum").tolist()
+        per_pass = 1.0 / (passes * acc.num_processes)
+        head = per_pass * self.config.head_loss_weight
+        scale = {"student_ce": 1.0 / tokens, "token_kl": 1.0 / tokens, "neck": per_pass, "feature": head,
+                 "embedding": head}
+        return {name: value * scale[name] for name, value in zip(sums, values)}
 
     def _update(self, loss: float) -> None:
         """One optimizer step (and EMA update) on the accumulated gradients, refused for a non-finite loss."""
@@ -387,7 +402,8 @@ class Trainer:
             self.step += 1
             self.history["losses"].append(loss)
             self.history["lr"].append(lr)
-            log.step(self.step, loss, lr, self.unwrapped)
+            parts = self.history["distill_losses"][-1] if self.distiller is not None else None
+            log.step(self.step, loss, lr, self.unwrapped, parts)
             if config.eval_every and self.step % config.eval_every == 0 and self.step < config.max_steps:
                 self._record_eval(log)
                 self._train_mode()
