@@ -206,11 +206,12 @@ class Distiller:
         """The loss parts summed over this step's passes so far, weighted as they enter the loss (token parts
         summed over target tokens, the others over passes of their means), then reset for the next step."""
         sums, self.sums = self.sums, dict.fromkeys(self.sums, 0.0)
-        return sums
+        return {name: float(value) for name, value in sums.items()}
 
     def _record(self, name: str, value: torch.Tensor) -> None:
+        """Add a part's value of one pass, kept on its device (read once per step, by `take_sums`)."""
         if name in self.sums:
-            self.sums[name] += float(value.detach())
+            self.sums[name] = self.sums[name] + value.detach().float()
 
     def parameters(self) -> list[nn.Parameter]:
         """The projections' parameters (the teacher's are frozen and not the run's to optimise)."""
