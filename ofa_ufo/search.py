@@ -36,7 +36,7 @@ from ofa_ufo.data.specs import load_spec
 from ofa_ufo.deploy.nas import (
     SearchResult, kendall_tau, parse_budget, sample_archs, search, subnet_flops, subnet_params, zero_shot_score,
 )
-from ofa_ufo.deploy.profiles import TARGETS, ProfileStore, check_target, measure_latencies, measure_latency
+from ofa_ufo.deploy.profiles import TARGETS, ProfileStore, check_target, measure_latencies
 from ofa_ufo.deploy.subnets import extract_subnet, largest_arch
 from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
 from ofa_ufo.hf.processing import OFAUFOProcessor
@@ -125,19 +125,23 @@ class ArchEvaluator:
         memory together, so they are measured in groups of at most `memory_bytes` of fp32 weights; the
         first arch is timed in every group as a reference, and each group's figures are scaled by the
         reference's overall median over its median in that group, which takes out the machine's drift
-        between groups."""
-        todo = [a for a in dict.fromkeys(archs) if self.store is None or self.store.lookup(a) is None]
+        between groups. Once this evaluator has timed an arch, that arch is the reference of every later
+        call and keeps its figure: an arch timed late (the search's pick, minutes of evaluation later) is
+        on the same scale as those timed first."""
+        todo = [a for a in dict.fromkeys(archs) if self._known_latency(a) is None]
         if not todo:
             return
         largest = 4 * subnet_params(self.model.config, largest_arch(self.model.config), self.fixed_params)
         group = max(2, int(memory_bytes // largest))
-        reference, rest = todo[0], todo[1:]
+        timed = next(iter(self.latencies), None)
+        reference, rest = (timed, todo) if timed is not None else (todo[0], todo[1:])
         chunks = [rest[start : start + group - 1] for start in range(0, len(rest), group - 1)] or [[]]
         measured = []
         for chunk in chunks:
             measured.append(measure_latencies({a: self.extract(a) for a in [reference, *chunk]}, self.processor,
                                               self.target, self.task, rounds))
-        overall = float(np.median([records[reference].ms for records in measured]))
+        overall = (self.latencies[timed] if timed is not None
+                   else float(np.median([records[reference].ms for records in measured])))
         for records in measured:
             scale = overall / records[reference].ms
             for arch, record in records.items():
@@ -146,14 +150,19 @@ class ArchEvaluator:
                     if self.store is not None:
                         self.store.add(dataclasses.replace(record, ms=record.ms * scale))
 
+    def _known_latency(self, arch: SupernetArch) -> float | None:
+        """The arch's figure, from this run or the store (then kept here too: a reference for later timings)."""
+        if arch not in self.latencies and self.store is not None and (stored := self.store.lookup(arch)) is not None:
+            self.latencies[arch] = stored
+        return self.latencies.get(arch)
+
     def latency_ms(self, arch: SupernetArch) -> float:
-        known = self.latencies.get(arch) or (self.store.lookup(arch) if self.store is not None else None)
+        """The arch's latency on record, or timed now beside an arch timed earlier (`prefetch_latencies`)."""
+        known = self._known_latency(arch)
         if known is not None:
             return known
-        record = measure_latency(self.extract(arch), self.processor, self.target, self.task, self.repeats, arch=arch)
-        if self.store is not None:
-            self.store.add(record)
-        return record.ms
+        self.prefetch_latencies([arch], self.repeats)
+        return self.latencies[arch]
 
     def cost(self, kind: str):
         if kind == "latency_ms":

@@ -18,7 +18,7 @@ from ofa_ufo.deploy.nas import (
     pareto_front, random_archs, search, space_size, subnet_flops, subnet_params, zero_shot_score,
 )
 from ofa_ufo.hf.presets import create_config
-from ofa_ufo.deploy.profiles import LatencyRecord, ProfileStore, check_target, measure_latency
+from ofa_ufo.deploy.profiles import LatencyRecord, ProfileStore, check_target, measure_latency, target_device
 from ofa_ufo.deploy.subnets import extract_subnet, largest_arch, smallest_arch
 from ofa_ufo.models.ufo import SupernetArch
 from ofa_ufo.search import main as search_main
@@ -282,6 +282,37 @@ def test_latency_groups_are_scaled_by_their_reference_arch(supernet, processor, 
     evaluator = ArchEvaluator(supernet, processor, "classification", None, 2, 8, "cpu-fp32", 1, None)
     evaluator.prefetch_latencies(archs, rounds=1, memory_bytes=1)
     assert [evaluator.latency_ms(a) for a in archs] == [15.0, 30.0, 30.0]
+
+
+def test_an_arch_timed_late_is_scaled_to_the_first_timing(supernet, processor, monkeypatch, tmp_path):
+    """The search's pick is timed minutes after the samples. By hand: the first call times A at 10 ms and
+    B at 20 ms; later the machine runs faster, and A takes 8 ms beside the pick C's 12 ms in the same rounds:
+    C is 1.5x A, so 15 ms on the first timing's scale (not its raw 12 ms), and A keeps its 10 ms. A later run
+    reading A and B from the profile store times D beside A (D at 2x A's 5 ms there: 20 ms)."""
+    import ofa_ufo.search as search_module
+    from ofa_ufo.search import ArchEvaluator
+
+    a, b, c = smallest_arch(supernet.config), largest_arch(supernet.config), SupernetArch(2, (3, 4), (48, 64))
+    d = SupernetArch(2, (4, 3), (64, 48))
+    raw = iter([{a: 10.0, b: 20.0}, {a: 8.0, c: 12.0}, {a: 5.0, d: 10.0}])
+    calls = []
+
+    def fake(models, *args, **kwargs):
+        times = next(raw)
+        calls.append(list(models))
+        return {arch: LatencyRecord("cpu-fp32", ms, 1, 8, target_device("cpu-fp32"), arch_to_dict(arch))
+                for arch, ms in times.items()}
+
+    monkeypatch.setattr(search_module, "measure_latencies", fake)
+    evaluator = ArchEvaluator(supernet, processor, "classification", None, 2, 8, "cpu-fp32", 1, tmp_path)
+    evaluator.prefetch_latencies([a, b], rounds=1)
+    assert evaluator.latency_ms(c) == 15.0
+    assert calls == [[a, b], [a, c]]  # the late arch went beside the first-timed one
+    assert [evaluator.latency_ms(x) for x in (a, b)] == [10.0, 20.0]
+    assert evaluator.latency_ms(c) == 15.0 and len(calls) == 2  # on record now: not timed again
+    later = ArchEvaluator(supernet, processor, "classification", None, 2, 8, "cpu-fp32", 1, tmp_path)
+    assert [later.latency_ms(x) for x in (a, b, c)] == [10.0, 20.0, 15.0] and len(calls) == 2
+    assert later.latency_ms(d) == 20.0 and calls[-1] == [a, d]
 
 
 def test_flops_budget_counts_the_image_tokens_the_blocks_see(supernet, processor):
