@@ -125,9 +125,9 @@ class ArchEvaluator:
         memory together, so they are measured in groups of at most `memory_bytes` of fp32 weights; the
         first arch is timed in every group as a reference, and each group's figures are scaled by the
         reference's overall median over its median in that group, which takes out the machine's drift
-        between groups. Once this evaluator has timed an arch, that arch is the reference of every later
-        call and keeps its figure: an arch timed late (the search's pick, minutes of evaluation later) is
-        on the same scale as those timed first."""
+        between groups. Once this evaluator has timed an arch or read one from the store, that arch is the
+        reference of every later call and keeps its figure: an arch timed late (the search's pick, minutes
+        of evaluation later) is on the same scale as those timed first."""
         todo = [a for a in dict.fromkeys(archs) if self._known_latency(a) is None]
         if not todo:
             return
