@@ -9,6 +9,13 @@ import torch
 
 import ofa_ufo
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist (run_scripts/test.sh): N workers share the cores; each one's torch, and the processes its tests
+    # start, get an equal share instead of all of them, which oversubscribes the cores and slows every worker
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+    torch.set_num_threads(_share)
+
 TINY = dict(
     d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
     encoder_ffn_dim=64, decoder_ffn_dim=64, image_size=64, dropout=0.0,

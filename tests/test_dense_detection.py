@@ -242,6 +242,7 @@ def test_mixed_run_trains_the_head_through_the_wrapped_forward_and_resumes(tmp_p
     assert resumed.losses == reference.losses
 
 
+@pytest.mark.xdist_group("processes")  # two processes of their own: one such test at a time
 def test_two_processes_train_the_mixed_batch(tmp_path):
     """Data parallel: each process holds a detection row and a dense row, whose two forward/backward pairs
     (the first under no_sync) give one synchronised update; the dense loss's normaliser is per process

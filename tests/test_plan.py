@@ -170,6 +170,7 @@ def run_printed(command: str, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(words, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.xdist_group("processes")  # two processes of their own: one such test at a time
 @pytest.mark.parametrize("parameters", [1_000, FSDP_FROM_PARAMETERS], ids=["torchrun", "accelerate_fsdp"])
 def test_printed_launch_command_trains_two_steps_on_two_processes(tmp_path, parameters):
     """accelerate has no FSDP on CPU processes (MULTI_CPU): under the FSDP config file they train as DDP, so
@@ -216,6 +217,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.xdist_group("processes")  # two processes of their own: one such test at a time
 def test_model_shards_under_fsdp_with_the_shipped_wrap_policy(tmp_path):
     """accelerate runs no FSDP on CPU, so torch's FSDP wraps the tiny model directly, as the config file
     says, on two gloo processes: each holds half the weights; forward, backward, clipping, an AdamW step

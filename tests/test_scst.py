@@ -281,6 +281,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.xdist_group("processes")  # two processes of their own: one such test at a time
 @pytest.mark.slow
 def test_two_processes_match_one(text_reward, tmp_path):
     """Each process samples its half of the batch; the all-reduced token count gives the one-process

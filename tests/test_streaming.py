@@ -307,6 +307,7 @@ def test_ten_steps_on_every_kind_of_the_pretraining_mixture(tmp_path, monkeypatc
     assert len(losses) == 10 and all(np.isfinite(losses))
 
 
+@pytest.mark.xdist_group("processes")  # two processes of their own: one such test at a time
 def test_two_processes_each_read_their_share(tmp_path):
     """torchrun, 2 CPU processes (gloo): each saves its own stream positions, written down from the rules."""
     config = stream_config(tmp_path, "ddp", tasks={"caption": 3, "vqa": 1}, batch_size=4, max_steps=2, save_every=0)

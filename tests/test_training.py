@@ -187,6 +187,7 @@ def test_grad_accum_matches_one_big_batch_with_trainable_batchnorm(tmp_path):
     assert two.losses == pytest.approx(one.losses, abs=1e-5)
 
 
+@pytest.mark.xdist_group("processes")  # two processes of their own: one such test at a time
 def test_two_processes_match_one(one_batch_run, tmp_path):
     _, reference = one_batch_run
     output_dir = tmp_path / "ddp"

@@ -45,7 +45,8 @@ def _missing() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+# one worker starts the page once for every test here (its fixture is per process)
+pytestmark = [pytest.mark.skipif(_missing() is not None, reason=str(_missing())), pytest.mark.xdist_group("browser")]
 
 
 def _free_port() -> int:
