@@ -198,6 +198,33 @@ def test_latency_of_an_extracted_subnet(supernet, processor):
         measure_latency(supernet, processor, "cpu-fp32", repeats=1)
 
 
+def test_a_timed_request_decodes_new_tokens_steps_with_the_end_token_banned(supernet, processor, monkeypatch):
+    """The end token is the first choice at every step here, so only a ban keeps the request at its length;
+    `min_new_tokens` would do that too, with vocabulary-wide passes that no real request makes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = extract_subnet(supernet, "caption", smallest_arch(supernet.config))
+    eos = dense.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    forward, generate, calls = dense.forward, dense.generate, []
+
+    def ends_first(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits[..., eos] = out.logits.max() + 10.0
+        return out
+
+    def spy(**kwargs):
+        out = generate(**kwargs)
+        calls.append((kwargs, out.shape[1] - 1))  # new tokens after the decoder's start token
+        return out
+
+    monkeypatch.setattr(dense, "forward", ends_first)
+    monkeypatch.setattr(dense, "generate", spy)
+    measure_latency(dense, processor, "cpu-fp32", repeats=1, warmup=1, new_tokens=3)
+    assert [steps for _, steps in calls] == [3, 3]
+    assert all("min_new_tokens" not in kwargs for kwargs, _ in calls)
+
+
 def test_latencies_of_several_subnets_are_timed_in_interleaved_rounds(supernet, processor, monkeypatch):
     from ofa_ufo.deploy import profiles
 
@@ -344,10 +371,10 @@ def test_profile_store_round_trip_and_other_machines(tmp_path):
     assert again.lookup(arch) == 4.5 and again.lookup(SupernetArch(1, (3,), (32,))) is None
     assert again.archs() == [(arch, 4.5)]
     data = json.loads(path.read_text())
-    data["device"] = "CPU: some other machine"
-    path.write_text(json.dumps(data))
-    with pytest.warns(UserWarning, match="not used"):
-        assert ProfileStore(path, "cpu-fp32").records == []
+    for field, other in (("device", "CPU: some other machine"), ("workload", None)):  # None: a file of before
+        path.write_text(json.dumps({**data, field: other}))
+        with pytest.warns(UserWarning, match="not used"):
+            assert ProfileStore(path, "cpu-fp32").records == []
     path.write_text("{not json")
     with pytest.raises(ValueError, match="cpu-fp32.json: not a latency profile"):
         ProfileStore(path, "cpu-fp32")

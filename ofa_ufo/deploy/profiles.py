@@ -3,12 +3,14 @@
 Targets: `cpu-fp32`, `cpu-bf16` (only where the CPU is fast at bf16: AMX / AVX512-BF16),
 `onnx-cpu` and `onnx-cpu-int8` (ONNX Runtime, through `ofa_ufo.deploy.onnx_export`) and `cuda`.
 The workload is what a deployed model does per request: one image and the task's prompt, the
-encoder, then a fixed number of greedy decoder steps (`new_tokens`, EOS suppressed so that every
-arch decodes the same length). The figure is the median of `repeats` runs after `warmup` runs, and the
+encoder, then a fixed number of greedy decoder steps (`new_tokens`: the end token banned by one slice write
+per step, `end_banned`, so that every arch decodes the same length without `min_new_tokens`' vocabulary-wide
+passes, work no real request does). The figure is the median of `repeats` runs after `warmup` runs, and the
 processor it ran on is saved with it.
 
-A `ProfileStore` keeps every measurement of one target on one machine in a JSON file, so a search fits
-its latency predictor to what was measured before instead of timing every candidate again.
+A `ProfileStore` keeps every measurement of one target, one machine and one workload (`WORKLOAD`) in a JSON
+file, so a search fits its latency predictor to what was measured before instead of timing every candidate
+again.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from ofa_ufo.core.hardware import precision_support
 from ofa_ufo.core.timing import device_name, interleaved_times, run_times
 from ofa_ufo.deploy.nas import arch_from_dict, arch_to_dict
 from ofa_ufo.deploy.onnx_export import export_onnx, load_onnx_model
+from ofa_ufo.generation.constraints import end_banned
 from ofa_ufo.models.ufo import SupernetArch
 from ofa_ufo.tasks import get_task
 
-__all__ = ["TARGETS", "LatencyRecord", "ProfileStore", "check_target", "measure_latencies", "measure_latency",
-           "request_inputs"]
+__all__ = ["TARGETS", "WORKLOAD", "LatencyRecord", "ProfileStore", "check_target", "measure_latencies",
+           "measure_latency", "request_inputs"]
 
 TARGETS = {
     "cpu-fp32": "PyTorch on this CPU, fp32",
@@ -44,6 +47,9 @@ TARGETS = {
     "onnx-cpu-int8": "ONNX Runtime on this CPU, dynamic int8 quantised graphs",
     "cuda": "PyTorch on the CUDA GPU, bf16 where the GPU supports it",
 }
+
+# what one timed request does; a store written for another workload is on another scale and is not used
+WORKLOAD = "batch 1, greedy, new_tokens steps with the end token banned"
 
 
 def check_target(name: str) -> None:
@@ -95,12 +101,14 @@ def _runner(model, target: str, workdir: Path) -> Callable[[dict[str, torch.Tens
     else:
         model, device = model.float(), torch.device("cpu")
 
+    no_end = end_banned(model.generation_config.eos_token_id)
+
     def run(inputs: dict[str, torch.Tensor], new_tokens: int):
         dtype = getattr(model, "dtype", torch.float32)
         moved = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
         with torch.inference_mode():
-            return model.generate(**moved, max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=1,
-                                  do_sample=False)
+            return model.generate(**moved, max_new_tokens=new_tokens, num_beams=1, do_sample=False,
+                                  logits_processor=no_end)
     return run
 
 
@@ -141,8 +149,8 @@ def measure_latencies(models: dict[SupernetArch, Any], processor, target: str, t
 class ProfileStore:
     """Measured latencies of one target on one machine, kept in a JSON file across runs.
 
-    Records measured on another processor are not mixed in: loading a file written elsewhere warns
-    and starts empty (the file is rewritten on the next `add`)."""
+    Records measured on another processor or for another workload (`WORKLOAD`) are not mixed in: loading
+    such a file warns and starts empty (the file is rewritten on the next `add`)."""
 
     def __init__(self, path: str | os.PathLike, target: str):
         self.path, self.target, self.device = Path(path), target, target_device(target)
@@ -153,9 +161,10 @@ class ProfileStore:
                 records = [LatencyRecord(**r) for r in data["records"]]
             except (ValueError, KeyError, TypeError) as error:
                 raise ValueError(f"{self.path}: not a latency profile ({error})") from error
-            if data.get("target") != target or data.get("device") != self.device:
-                warnings.warn(f"{self.path} holds {data.get('target')!r} on {data.get('device')!r}, not {target!r} on "
-                              f"{self.device!r}: its records are not used")
+            if (data.get("target"), data.get("device"), data.get("workload")) != (target, self.device, WORKLOAD):
+                warnings.warn(f"{self.path} holds {data.get('target')!r} on {data.get('device')!r} timed as "
+                              f"{data.get('workload')!r}, not {target!r} on {self.device!r} timed as {WORKLOAD!r}: "
+                              "its records are not used")
             else:
                 self.records = records
 
@@ -171,7 +180,8 @@ class ProfileStore:
         """Keep `record` and rewrite the file atomically."""
         self.records.append(record)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"target": self.target, "device": self.device, "records": [asdict(r) for r in self.records]}
+        data = {"target": self.target, "device": self.device, "workload": WORKLOAD,
+                "records": [asdict(r) for r in self.records]}
         partial = self.path.with_suffix(".json.partial")
         partial.write_text(json.dumps(data, indent=1), encoding="utf-8")
         os.replace(partial, self.path)
