@@ -25,7 +25,9 @@
    config's whole run instead (its preset, stem warm-up, mixture and steps; e.g. `pretrain_demo_tiny` under
    the base default `checkpoints/ofa_ufo_base.pretrain_demo` that `pretrain_ofa_base.sh` grew from it), run
    once as shipped and once with the teacher; `--student-alone DIR` takes a finished run of that config (the
-   tiny default the base run trained first) as the first instead of training it again.
+   tiny default the base run trained first) as the first instead of training it again; `--student-override
+   KEY=VALUE` replaces a field of both runs (e.g. a smaller decoder). `--token-kl W`: the token KL's weight
+   (0: the CWD alone).
 3. Task extension: the teacher's shared path (`extract_subnet(model, "shared")`) fine-tuned on captioning,
    a task the supernet never trained, on 10 % of the demo scenes; against the whole supernet fine-tuned on
    100 % (the same steps).
@@ -52,7 +54,7 @@ from ofa_ufo.generation.constraints import end_banned
 from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
 from ofa_ufo.hf.processing import OFAUFOProcessor
 from ofa_ufo.training import train
-from ofa_ufo.training.config import config_from_dict, resolve_config_path
+from ofa_ufo.training.config import ConfigError, config_from_dict, parse_override, resolve_config_path
 from ofa_ufo.training.mixture import build_batch, eval_examples
 from ofa_ufo.training.report import evaluate_model
 from ofa_ufo.training.stem_warmup import distill_stem, warm_up_stem
@@ -211,15 +213,17 @@ def distill_part(out: Path, s: dict[str, Any], teacher_dir: Path | None) -> tupl
 
 
 def distill_fields(s: dict[str, Any], teacher_dir: Path) -> dict[str, Any]:
-    """The run's `distill` field: token KL + CWD on the encoder states, the benchmark's settings."""
-    return {"teacher": str(teacher_dir), "token_kl": 1.0, "temperature": s["temperature"], "top_k": s["top_k"],
-            "correct_only": s["correct_only"], "feature": s["feature"], "feature_layers": ["encoder"]}
+    """The run's `distill` field: token KL + CWD on the encoder states, the benchmark's weights and settings."""
+    return {"teacher": str(teacher_dir), "token_kl": s["token_kl"], "temperature": s["temperature"],
+            "top_k": s["top_k"], "correct_only": s["correct_only"], "feature": s["feature"],
+            "feature_layers": ["encoder"]}
 
 
 def config_students(out: Path, s: dict[str, Any], teacher_dir: Path) -> dict[str, Any]:
     """`--student-config`: the shipped config's run without the teacher (or `--student-alone`, such a run
     finished before, scored here) and with it, all three models scored on the same held-out scenes."""
-    fields = config_fields(s["student_config"], s["eval_examples"], s["seed"], s["threads"])
+    fields = dict(config_fields(s["student_config"], s["eval_examples"], s["seed"], s["threads"]),
+                  **dict(parse_override(text) for text in s["student_override"]))
     if s["quick"]:
         fields.update(max_steps=s["student_steps"], stem_warmup_images=s["student_warmup"])
     teacher = evaluate_saved(teacher_dir, fields)
@@ -311,6 +315,7 @@ def main() -> None:
     parser.add_argument("--student-steps", type=int, help="the students' steps (default 1200, --quick 2)")
     parser.add_argument("--temperature", type=float, default=2.0, help="the token KL's temperature")
     parser.add_argument("--top-k", type=int, default=16, help="the token KL over the teacher's top k tokens (0: all)")
+    parser.add_argument("--token-kl", type=float, default=1.0, help="the token KL's weight (0: none)")
     parser.add_argument("--feature", type=float, default=1.0, help="the CWD's weight on the encoder states (0: none)")
     parser.add_argument("--correct-only", action="store_true",
                         help="the token KL only where the teacher ranks the target first")
@@ -328,6 +333,9 @@ def main() -> None:
                         help="the student is this shipped config's run (e.g. pretrain_demo_tiny; needs --teacher)")
     parser.add_argument("--student-alone", type=Path, metavar="DIR",
                         help="with --student-config: a finished run of it, the student without the teacher")
+    parser.add_argument("--student-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --student-config: a field of the student's runs replaced, as the trainer's "
+                        "overrides (e.g. 'model_overrides={image_size: 64, dropout: 0.0, decoder_layers: 2}')")
     parser.add_argument("--threads", type=int, default=1, help="with --student-config: the runs' threads")
     parser.add_argument("--stem-labels", type=float, default=0.0,
                         help="with --stem-from-teacher: weight of the cell labels' loss beside the features (0: none)")
@@ -339,14 +347,22 @@ def main() -> None:
                      "add --skip-extend")
     if args.student_alone and not args.student_config:
         parser.error("--student-alone needs --student-config (the config that run was trained with)")
+    if args.student_override and not args.student_config:
+        parser.error("--student-override needs --student-config (the config whose fields it replaces)")
+    for text in args.student_override:  # a malformed override fails here, not after the teacher's evaluation
+        try:
+            parse_override(text)
+        except ConfigError as error:
+            parser.error(f"--student-override: {error}")
     torch.set_num_threads(args.threads)
     if args.retime:
         return retime(args.out)
     s = dict(settings(args.quick), quick=args.quick, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-             correct_only=args.correct_only, feature=args.feature, stem_from_teacher=args.stem_from_teacher,
+             correct_only=args.correct_only, token_kl=args.token_kl, feature=args.feature,
+             stem_from_teacher=args.stem_from_teacher,
              stem_labels=args.stem_labels, tasks=FIVE_TASKS if args.five_tasks else TASKS,
              student_stem=args.student_stem, eval_every=args.eval_every,
-             student_config=args.student_config, threads=args.threads,
+             student_config=args.student_config, student_override=args.student_override, threads=args.threads,
              student_alone=str(args.student_alone) if args.student_alone else None)
     s["student_steps"] = args.student_steps or s["student_steps"]
     if args.student_config:

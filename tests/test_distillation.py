@@ -560,3 +560,32 @@ def test_distill_extend_student_config_scores_a_finished_run_beside_the_taught_o
                                 str(tmp_path / "teacher"), "--student-config", "pretrain_demo_tiny"], cwd=repo, env=env,
                                capture_output=True, text=True, timeout=120)
     assert no_extend.returncode == 2 and "add --skip-extend" in no_extend.stderr
+
+
+@pytest.mark.benchmark
+def test_distill_extend_student_override_changes_both_runs_and_token_kl_zero_leaves_the_cwd(tmp_path):
+    """--student-override replaces a field of the alone and the taught run alike (a 2-layer decoder here) and
+    --token-kl 0 distils through the CWD alone; a malformed override is refused before any training."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    torch.manual_seed(0)
+    ofa_ufo.create_model("ofa_ufo_tiny", image_size=64, dropout=0.0).save_pretrained(tmp_path / "teacher")
+    ofa_ufo.create_processor("ofa_ufo_tiny", image_size=64).save_pretrained(tmp_path / "teacher")
+    out, smaller = tmp_path / "out", "model_overrides={image_size: 64, dropout: 0.0, decoder_layers: 2}"
+    common = [sys.executable, "benchmarks/distill_extend.py", "--skip-extend", "--out", str(out), "--teacher",
+              str(tmp_path / "teacher"), "--student-config", "pretrain_demo_tiny"]
+    result = subprocess.run([*common, "--quick", "--student-override", smaller, "--token-kl", "0"], cwd=repo,
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for run in ("student_alone", "student_distilled"):
+        fields = yaml.safe_load((out / run / "train_config.yaml").read_text())
+        assert fields["model_overrides"]["decoder_layers"] == 2, run
+        assert json.loads((out / run / "config.json").read_text())["decoder_layers"] == 2, run
+    taught = yaml.safe_load((out / "student_distilled" / "train_config.yaml").read_text())
+    assert taught["distill"]["token_kl"] == 0.0 and taught["distill"]["feature"] == 1.0
+    distill = json.loads((out / "results.json").read_text())["distill"]
+    assert list(distill["student_distilled"]["loss_parts"]) == ["student_ce", "feature", "embedding"]  # no token KL
+    refused = subprocess.run([*common, "--student-override", "decoder_layers"], cwd=repo, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert "--student-override: override 'decoder_layers' is not of the form" in refused.stderr
