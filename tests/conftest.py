@@ -12,7 +12,8 @@ import ofa_ufo
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest-xdist (run_scripts/test.sh): N workers share the cores; each one's torch, and the processes its tests
     # start, get an equal share instead of all of them, which oversubscribes the cores and slows every worker
-    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _share = max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     os.environ["OMP_NUM_THREADS"] = str(_share)
     torch.set_num_threads(_share)
 
