@@ -56,7 +56,7 @@ from ofa_ufo.hf.processing import OFAUFOProcessor
 from ofa_ufo.training import train
 from ofa_ufo.training.config import ConfigError, config_from_dict, parse_override, resolve_config_path
 from ofa_ufo.training.mixture import build_batch, eval_examples
-from ofa_ufo.training.report import evaluate_model
+from ofa_ufo.training.report import evaluate_model, headline
 from ofa_ufo.training.stem_warmup import distill_stem, warm_up_stem
 
 STUDENT = dict(image_size=64, dropout=0.0, d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
@@ -287,8 +287,9 @@ def print_distill(results: dict[str, Any]) -> None:
 
 
 def _share(entry: dict[str, Any], teacher: dict[str, Any], task: str) -> str:
-    """The entry's first (headline) metric of `task` as a percentage of the teacher's."""
-    mine, theirs = (next(iter(e["metrics"].get(task, {}).values()), None) for e in (entry, teacher))
+    """The entry's headline metric of `task` (the trainer's table's: CIDEr, mAP@0.5, ...) as a percentage of
+    the teacher's."""
+    mine, theirs = ((headline(task, e["metrics"].get(task, {})) or (None, None))[1] for e in (entry, teacher))
     return "-" if mine is None or not theirs else f"{100 * mine / theirs:.0f} %"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -589,3 +590,17 @@ def test_distill_extend_student_override_changes_both_runs_and_token_kl_zero_lea
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
     assert "--student-override: override 'decoder_layers' is not of the form" in refused.stderr
+
+
+def test_distill_extend_shares_are_of_each_tasks_headline_metric():
+    """The benchmark's "keeps N % of the teacher" lines read the metric the trainer's table judges a task by
+    (caption: CIDEr, detection: mAP@0.5), not the first one its evaluation lists (BLEU-4, mAP)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "distill_extend.py"
+    spec = importlib.util.spec_from_file_location("distill_extend", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    teacher = {"metrics": {"caption": {"bleu4": 0.40, "cider": 4.0}, "detection": {"map": 0.2, "map50": 0.5}}}
+    student = {"metrics": {"caption": {"bleu4": 0.30, "cider": 3.6}, "detection": {"map": 0.3, "map50": 0.4}}}
+    assert module._share(student, teacher, "caption") == "90 %"  # 3.6 / 4.0, not 0.30 / 0.40
+    assert module._share(student, teacher, "detection") == "80 %"  # 0.4 / 0.5, not 0.3 / 0.2
+    assert module._share({"metrics": {}}, teacher, "caption") == "-"
