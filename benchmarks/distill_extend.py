@@ -27,7 +27,7 @@
    once as shipped and once with the teacher; `--student-alone DIR` takes a finished run of that config (the
    tiny default the base run trained first) as the first instead of training it again; `--student-override
    KEY=VALUE` replaces a field of both runs (e.g. a smaller decoder). `--token-kl W`: the token KL's weight
-   (0: the CWD alone).
+   (0: the CWD alone). `--table`: print a finished run's tables from its results.json.
 3. Task extension: the teacher's shared path (`extract_subnet(model, "shared")`) fine-tuned on captioning,
    a task the supernet never trained, on 10 % of the demo scenes; against the whole supernet fine-tuned on
    100 % (the same steps).
@@ -330,6 +330,8 @@ def main() -> None:
     parser.add_argument("--retime", action="store_true",
                         help="only time the teacher and the student of the run in --out again (e.g. alone, after a "
                         "run that shared the machine), rewrite its results.json and print its table")
+    parser.add_argument("--table", action="store_true",
+                        help="only print the tables of the finished run in --out (its results.json), as measured")
     parser.add_argument("--student-config", metavar="NAME",
                         help="the student is this shipped config's run (e.g. pretrain_demo_tiny; needs --teacher)")
     parser.add_argument("--student-alone", type=Path, metavar="DIR",
@@ -358,6 +360,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.retime:
         return retime(args.out)
+    if args.table:
+        return print_tables(json.loads((args.out / "results.json").read_text()))
     s = dict(settings(args.quick), quick=args.quick, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
              correct_only=args.correct_only, token_kl=args.token_kl, feature=args.feature,
              stem_from_teacher=args.stem_from_teacher,
@@ -375,6 +379,11 @@ def main() -> None:
         results["extend"] = extend_part(args.out, s, teacher_dir)
     results["seconds"] = round(time.perf_counter() - start, 1)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    print_tables(results)
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    """The distillation table (and the task extension's, when the run has one) of a run's results."""
     print_distill(results)
     if "extend" in results:
         print_extend(results)

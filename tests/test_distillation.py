@@ -592,15 +592,26 @@ def test_distill_extend_student_override_changes_both_runs_and_token_kl_zero_lea
     assert "--student-override: override 'decoder_layers' is not of the form" in refused.stderr
 
 
-def test_distill_extend_shares_are_of_each_tasks_headline_metric():
-    """The benchmark's "keeps N % of the teacher" lines read the metric the trainer's table judges a task by
-    (caption: CIDEr, detection: mAP@0.5), not the first one its evaluation lists (BLEU-4, mAP)."""
+def test_distill_extend_table_of_a_finished_run_shares_each_tasks_headline_metric(tmp_path, monkeypatch, capsys):
+    """`--table` prints a finished run's tables from its results.json (no training, no timing); its "keeps N %
+    of the teacher" lines read the metric the trainer's table judges a task by (caption: CIDEr, detection:
+    mAP@0.5), not the first one its evaluation lists (BLEU-4, mAP)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "distill_extend.py"
     spec = importlib.util.spec_from_file_location("distill_extend", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    teacher = {"metrics": {"caption": {"bleu4": 0.40, "cider": 4.0}, "detection": {"map": 0.2, "map50": 0.5}}}
-    student = {"metrics": {"caption": {"bleu4": 0.30, "cider": 3.6}, "detection": {"map": 0.3, "map50": 0.4}}}
-    assert module._share(student, teacher, "caption") == "90 %"  # 3.6 / 4.0, not 0.30 / 0.40
-    assert module._share(student, teacher, "detection") == "80 %"  # 0.4 / 0.5, not 0.3 / 0.2
-    assert module._share({"metrics": {}}, teacher, "caption") == "-"
+    metrics = {"teacher": ({"bleu4": 0.40, "cider": 4.0}, {"map": 0.2, "map50": 0.5}),
+               "student_alone": ({"bleu4": 0.30, "cider": 3.6}, {"map": 0.3, "map50": 0.4}),
+               "student_distilled": ({"bleu4": 0.20, "cider": 4.4}, {"map": 0.1, "map50": 0.55})}
+    distill = {name: {"metrics": {"caption": caption, "detection": detection}}
+               for name, (caption, detection) in metrics.items()}
+    ms = {"teacher_request": 100.0, "student_request": 25.0, "teacher_forward": 80.0, "student_forward": 20.0}
+    results = {"device": "CPU: test", "settings": {"tasks": {"caption": 1.0, "detection": 1.0}},
+               "distill": dict(distill, latency_ms=ms, latency_ratio={"request": 0.25, "forward": 0.25})}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    monkeypatch.setattr(sys, "argv", ["distill_extend.py", "--out", str(tmp_path), "--table"])
+    module.main()
+    out = capsys.readouterr().out
+    assert "| student + teacher | bleu4 0.200, cider 4.400 | map 0.100, map50 0.550 | 25.0 | 20.0 |" in out
+    assert "caption: the student keeps 90 % of the teacher's headline metric alone, 110 % taught" in out
+    assert "detection: the student keeps 80 % of the teacher's headline metric alone, 110 % taught" in out
