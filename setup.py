@@ -40,9 +40,11 @@ setup(
     ],
     entry_points={"console_scripts": ["ofa-ufo = ofa_ufo.cli.main:run"]},
     extras_require={
-        # pytest-xdist: run_scripts/test.sh runs the suite on every core; gradio + selenium: the web demo's tests (the browser test also needs Debian's chromium + chromium-driver)
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100", "scikit-image>=0.22", "gradio>=6.0,<7", "selenium>=4.20",
-                 "onnx>=1.16", "onnxruntime>=1.17", "onnxslim>=0.1.90", "scikit-learn>=1.3", "webdataset>=0.2"],
+        # pytest-xdist: run_scripts/test.sh runs the suite on every core; gradio + selenium: the web demo's tests
+        # (the browser test also needs Debian's chromium + chromium-driver)
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100", "scikit-image>=0.22", "gradio>=6.0,<7",
+                 "selenium>=4.20", "onnx>=1.16", "onnxruntime>=1.17", "onnxslim>=0.1.90", "scikit-learn>=1.3",
+                 "webdataset>=0.2"],
         # WebDataset tar shards streamed by the trainer (ofa_ufo.data.streaming; JSONL/TSV/datasets need nothing more)
         "streaming": ["webdataset>=0.2"],
         "demo": ["scikit-image>=0.22"],
