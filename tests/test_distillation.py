@@ -527,7 +527,8 @@ def test_run_with_distill_stem_warms_the_stem_up_on_the_teachers_features(tmp_pa
 
 @pytest.mark.benchmark
 def test_distill_extend_student_config_scores_a_finished_run_beside_the_taught_one(tmp_path):
-    """benchmarks/distill_extend.py --student-config pretrain_demo_tiny --student-alone DIR --feature 0: the alone
+    """benchmarks/distill_extend.py --student-config pretrain_demo_tiny --student-alone DIR --feature 0
+    (--feature-layers image, recorded in the run's config): the alone
     row is the finished run in DIR (scored, not trained again), the taught row a run of the config with the
     teacher (token KL, no CWD) and its loss parts, the five tasks of that config in the table; --student-alone
     without --student-config is refused."""
@@ -540,7 +541,8 @@ def test_distill_extend_student_config_scores_a_finished_run_beside_the_taught_o
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "benchmarks/distill_extend.py", "--quick", "--skip-extend", "--out",
                              str(out), "--teacher", str(tmp_path / "teacher"), "--student-config", "pretrain_demo_tiny",
-                             "--student-alone", str(tmp_path / "alone"), "--feature", "0"], cwd=repo, env=env,
+                             "--student-alone", str(tmp_path / "alone"), "--feature", "0", "--feature-layers", "image"],
+                            cwd=repo, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| model | caption | vqa | grounding | detection | classification | request" in result.stdout
@@ -554,6 +556,7 @@ def test_distill_extend_student_config_scores_a_finished_run_beside_the_taught_o
     assert taught["distill"]["teacher"] == str(tmp_path / "teacher") and taught["max_steps"] == 2
     assert taught["model"] == "ofa_ufo_tiny" and taught["box_mask_weight"] == 4.0  # the shipped recipe
     assert taught["precision"] == "auto" and taught["distill"]["feature"] == 0.0
+    assert taught["distill"]["feature_layers"] == ["image"]  # --feature-layers reaches the run's config
     refused = subprocess.run([sys.executable, "benchmarks/distill_extend.py", "--out", str(out), "--student-alone",
                               str(tmp_path / "alone")], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--student-alone needs --student-config" in refused.stderr
