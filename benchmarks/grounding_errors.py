@@ -5,6 +5,7 @@
         --output /tmp/alone.json
     .venv/bin/python benchmarks/grounding_errors.py --spec benchmarks/specs/demo_grounding_1000.yaml \
         /tmp/alone.json /tmp/taught.json
+    .venv/bin/python benchmarks/grounding_errors.py --spec benchmarks/specs/demo_grounding_1000.yaml --models DIR...
 
 acc@0.5 says how often a box hits its referent; this says what the other boxes hit. Every prediction is
 matched to the scene object its box overlaps most (IoU >= 0.5, else "no object"), and that object is the
@@ -12,6 +13,11 @@ referent ("right"), its twin (same colour and shape: the position word was misse
 referent's shape or colour only (one attribute missed), or an unrelated object (neither: the prompt was
 not read). A model that ignores the prompt falls back to a fixed habit; `leftmost` counts the wrong-object
 picks that are the scene's leftmost object, the first box of a demo detection target.
+
+`--models`: whether a model's encoder reads the phrase into the image tokens. On the scenes with two or more
+objects, the same image is encoded with the phrases of its first and of its second object, and the change of
+the encoder's output at the image positions is printed relative to its size (mean over scenes). Near 0: the
+image tokens are the same whatever is asked, and which object gets boxed is left to the decoder.
 """
 
 from __future__ import annotations
@@ -25,9 +31,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoProcessor
+
+from ofa_ufo.data.demo_examples import referring_expression
 from ofa_ufo.data.demo_scenes import DemoScenes, SceneObject
 from ofa_ufo.data.sources import DemoScenesOptions, open_examples
 from ofa_ufo.data.specs import TaskSpec, load_spec
+from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
+from ofa_ufo.tasks import get_task
 
 KINDS = ("right", "twin", "same shape", "same colour", "unrelated", "no object")
 
@@ -94,12 +106,48 @@ def breakdown(spec: TaskSpec, predictions: Sequence[dict[str, Any]]) -> dict[str
     return dict(counts)
 
 
+@torch.no_grad()
+def prompt_dependence(model_dir: str, spec: TaskSpec, scenes: int = 60) -> tuple[float, int]:
+    """(mean over the first `scenes` scenes with 2+ objects of |states(phrase 1) - states(phrase 0)| /
+    |states(phrase 0)| at the encoder's image positions, how many scenes that was)."""
+    model = OFAUFOForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    task, generated = get_task("grounding"), demo_scenes(spec)
+    route = torch.full((2,), model.config.vision_config.route_id("grounding"), dtype=torch.long)  # (2,)
+    changes = []
+    for index in range(min(scenes, len(generated))):
+        scene = generated[index]
+        if len(scene.objects) < 2:
+            continue
+        prompts = [task.prompt(referring_expression(scene, k), spec.prompt_style) for k in range(2)]
+        inputs = processor(images=[scene.image, scene.image], text=prompts)
+        states = model.model.encoder(**inputs, task_ids=route).last_hidden_state  # (2, n + T, D)
+        image = states[:, : states.shape[1] - inputs["input_ids"].shape[1]]  # (2, n, D): image tokens lead
+        changes.append(float((image[1] - image[0]).norm() / image[0].norm()))
+    if not changes:
+        raise SystemExit(f"spec {spec.name!r}: none of its first {scenes} scenes has two objects")
+    return sum(changes) / len(changes), len(changes)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help="the demo grounding spec the predictions were made on")
-    parser.add_argument("predictions", nargs="+", type=Path, help="JSON written by ofa_ufo.evaluate --output")
+    parser.add_argument("predictions", nargs="*", type=Path, help="JSON written by ofa_ufo.evaluate --output")
+    parser.add_argument("--models", nargs="+", default=[], metavar="DIR",
+                        help="print how much each model's image tokens change with the phrase")
+    parser.add_argument("--scenes", type=int, default=60, help="with --models: the scenes looked at")
     args = parser.parse_args(argv)
+    if not args.predictions and not args.models:
+        parser.error("give predictions JSON files, --models, or both")
     spec = load_spec(args.spec)
+    if args.models:
+        print("| model | image tokens' change between two phrases (relative) | scenes |")
+        print("|---|---|---|")
+        for model_dir in args.models:
+            change, count = prompt_dependence(model_dir, spec, args.scenes)
+            print(f"| {model_dir} | {change:.4f} | {count} |")
+    if not args.predictions:
+        return 0
     print(f"| predictions | scored | {' | '.join(KINDS)} | wrong-object picks that are the leftmost object |")
     print(f"|---|---|{'---|' * len(KINDS)}---|")
     for path in args.predictions:

@@ -1,5 +1,6 @@
 """benchmarks/grounding_errors.py: each predicted box is filed under the scene object it hits, on hand-made
-objects and on generated demo scenes with boxes placed by hand; bad specs and ids are named."""
+objects and on generated demo scenes with boxes placed by hand; bad specs and ids are named; the image
+tokens' dependence on the phrase is 0 for a model whose image tokens cannot attend to it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import ofa_ufo
 from ofa_ufo.data.demo_scenes import DemoScenes, SceneObject
 from ofa_ufo.data.specs import load_spec
 
@@ -90,3 +93,28 @@ def test_bad_input_is_named(errors, tmp_path):
     spec_path.write_text("name: g\ntask: grounding\nmetric: acc@0.5\ndata: {source: demo_scenes, val_scenes: 4}\n")
     with pytest.raises(SystemExit, match="prediction id 'val-9' is not an example of spec 'g'"):
         errors.breakdown(load_spec(str(spec_path)), [{"id": "val-9", "boxes": []}])
+
+
+def test_prompt_dependence_is_zero_when_image_tokens_cannot_see_the_phrase(errors, tmp_path):
+    """A random tiny model mixes the phrase into its image tokens; with every encoder attention's values
+    zeroed, each image token sees only itself, so the two phrases leave its states exactly equal."""
+    torch.manual_seed(0)
+    kwargs = dict(image_size=64, dropout=0.0, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64)
+    model = ofa_ufo.create_model("ofa_ufo_tiny", **kwargs)
+    ofa_ufo.create_processor("ofa_ufo_tiny", image_size=64).save_pretrained(tmp_path / "random")
+    model.save_pretrained(tmp_path / "random")
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text("name: tiny_grounding\ntask: grounding\nmetric: acc@0.5\nprompt_style: ofa\n"
+                         "data: {source: demo_scenes, val_scenes: 20, size: 64, seed: 1}\n")
+    spec = load_spec(str(spec_path))
+    change, scenes = errors.prompt_dependence(str(tmp_path / "random"), spec, scenes=20)
+    expected_scenes = sum(len(s.objects) >= 2 for s in DemoScenes("val", 20, size=64, seed=1))
+    assert scenes == expected_scenes > 0 and change > 0.01
+    with torch.no_grad():
+        for layer in model.model.encoder.layers:
+            layer.self_attn.v_proj.weight.zero_()
+            layer.self_attn.v_proj.bias.zero_()
+    model.save_pretrained(tmp_path / "blind")
+    ofa_ufo.create_processor("ofa_ufo_tiny", image_size=64).save_pretrained(tmp_path / "blind")
+    assert errors.prompt_dependence(str(tmp_path / "blind"), spec, scenes=20) == (0.0, expected_scenes)
