@@ -14,7 +14,7 @@
    generated scenes as the teacher's was and frozen; trained the same steps on the same data without and with
    the teacher (token KL over the teacher's 16 likeliest tokens at T = 2, `--top-k 0 --temperature 1` for the
    whole vocabulary, + CWD on the encoder states, `--feature 0` without it, `--feature-layers image` on the image tokens
-   entering the encoder instead; the table's footer has each loss
+   entering the encoder instead, `--feature-tasks T...` on those tasks' rows only; the table's footer has each loss
    part's mean over the first and the last tenth of the taught run). Latency, teacher (its extracted task
    subnet, what would ship) and student timed side by side in interleaved rounds on this CPU: one request
    (batch 1, greedy, 8 new tokens, the end token banned; before session 15 forced with `min_new_tokens`,
@@ -214,11 +214,11 @@ def distill_part(out: Path, s: dict[str, Any], teacher_dir: Path | None) -> tupl
 
 
 def distill_fields(s: dict[str, Any], teacher_dir: Path) -> dict[str, Any]:
-    """The run's `distill` field: token KL + CWD on the encoder states (or `--feature-layers`), the benchmark's
-    weights and settings."""
+    """The run's `distill` field: token KL + CWD on the encoder states (or `--feature-layers`; on the rows of
+    `--feature-tasks`), the benchmark's weights and settings."""
     return {"teacher": str(teacher_dir), "token_kl": s["token_kl"], "temperature": s["temperature"],
             "top_k": s["top_k"], "correct_only": s["correct_only"], "feature": s["feature"],
-            "feature_layers": s.get("feature_layers", ["encoder"])}
+            "feature_layers": s.get("feature_layers", ["encoder"]), "feature_tasks": s.get("feature_tasks")}
 
 
 def config_students(out: Path, s: dict[str, Any], teacher_dir: Path) -> dict[str, Any]:
@@ -322,6 +322,8 @@ def main() -> None:
     parser.add_argument("--feature", type=float, default=1.0, help="the CWD's weight on the encoder states (0: none)")
     parser.add_argument("--feature-layers", nargs="+", choices=("encoder", "image"), default=["encoder"],
                         help="the states the CWD compares: the encoder's output, the image tokens entering it")
+    parser.add_argument("--feature-tasks", nargs="+", metavar="TASK",
+                        help="the CWD on these tasks' rows only (default: every task's)")
     parser.add_argument("--correct-only", action="store_true",
                         help="the token KL only where the teacher ranks the target first")
     parser.add_argument("--five-tasks", action="store_true",
@@ -368,7 +370,8 @@ def main() -> None:
         return print_tables(json.loads((args.out / "results.json").read_text()))
     s = dict(settings(args.quick), quick=args.quick, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
              correct_only=args.correct_only, token_kl=args.token_kl, feature=args.feature,
-             feature_layers=args.feature_layers, stem_from_teacher=args.stem_from_teacher,
+             feature_layers=args.feature_layers, feature_tasks=args.feature_tasks,
+             stem_from_teacher=args.stem_from_teacher,
              stem_labels=args.stem_labels, tasks=FIVE_TASKS if args.five_tasks else TASKS,
              student_stem=args.student_stem, eval_every=args.eval_every,
              student_config=args.student_config, student_override=args.student_override, threads=args.threads,

@@ -147,6 +147,34 @@ def test_projection_maps_student_width_to_teacher_width(processor):
     assert isinstance(same.projections["encoder"], torch.nn.Identity)
 
 
+def test_feature_tasks_limit_the_cwd_to_their_rows(processor):
+    """`feature_tasks: [vqa]` on a caption + VQA batch gives the CWD of a batch of the VQA row alone (the
+    normalisation sees only that row); a task with no row in the batch gives 0; one the run does not train
+    is refused with the run's tasks."""
+    teacher, student = tiny_model(0, d_model=48), tiny_model(1)
+    batch, _ = _batch(processor)
+    examples = [{"task": "caption"}, {"task": "vqa"}]
+    tasks = ["caption", "vqa"]
+    settings = {"teacher": "t", "token_kl": 0.0, "feature": 1.0, "feature_layers": ["encoder", "image"]}
+    torch.manual_seed(0)
+    limited = Distiller(parse_distill({**settings, "feature_tasks": ["vqa"]}), teacher, student, tasks, 10)
+    torch.manual_seed(0)
+    whole = Distiller(parse_distill(settings), teacher, student, tasks, 10)  # the same projections
+    assert torch.equal(limited.projections["encoder"].weight, whole.projections["encoder"].weight)
+    _, only_vqa = limited.losses(model_pass(student, batch, None), batch, examples, step=0)
+    row = {k: v[1:] for k, v in batch.items()}  # the VQA row as a batch of its own
+    _, alone = whole.losses(model_pass(student, row, None), row, examples[1:], step=0)
+    _, both = whole.losses(model_pass(student, batch, None), batch, examples, step=0)
+    assert only_vqa.item() == pytest.approx(alone.item(), rel=1e-5) and alone.item() > 0
+    assert abs(both.item() - alone.item()) > 1e-3  # the caption row counts when every task is covered
+    none = Distiller(parse_distill({**settings, "feature_tasks": ["caption"]}), teacher, student, tasks, 10)
+    _, zero = none.losses(model_pass(student, row, None), row, examples[1:], step=0)
+    assert zero.item() == 0.0
+    with pytest.raises(ConfigError, match=r"'feature_tasks' names \['grounding'\], which the run does not train; "
+                                          r"its tasks: \['caption', 'vqa'\]"):
+        Distiller(parse_distill({**settings, "feature_tasks": ["grounding"]}), teacher, student, tasks, 10)
+
+
 def test_three_steps_with_a_frozen_teacher(tmp_path, processor):
     teacher = tiny_model(5, d_model=48)
     teacher.save_pretrained(tmp_path / "teacher")
@@ -528,7 +556,7 @@ def test_run_with_distill_stem_warms_the_stem_up_on_the_teachers_features(tmp_pa
 @pytest.mark.benchmark
 def test_distill_extend_student_config_scores_a_finished_run_beside_the_taught_one(tmp_path):
     """benchmarks/distill_extend.py --student-config pretrain_demo_tiny --student-alone DIR --feature 0
-    (--feature-layers image, recorded in the run's config): the alone
+    (--feature-layers image --feature-tasks caption vqa, recorded in the run's config): the alone
     row is the finished run in DIR (scored, not trained again), the taught row a run of the config with the
     teacher (token KL, no CWD) and its loss parts, the five tasks of that config in the table; --student-alone
     without --student-config is refused."""
@@ -541,7 +569,8 @@ def test_distill_extend_student_config_scores_a_finished_run_beside_the_taught_o
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "benchmarks/distill_extend.py", "--quick", "--skip-extend", "--out",
                              str(out), "--teacher", str(tmp_path / "teacher"), "--student-config", "pretrain_demo_tiny",
-                             "--student-alone", str(tmp_path / "alone"), "--feature", "0", "--feature-layers", "image"],
+                             "--student-alone", str(tmp_path / "alone"), "--feature", "0", "--feature-layers", "image",
+                             "--feature-tasks", "caption", "vqa"],
                             cwd=repo, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -557,6 +586,7 @@ def test_distill_extend_student_config_scores_a_finished_run_beside_the_taught_o
     assert taught["model"] == "ofa_ufo_tiny" and taught["box_mask_weight"] == 4.0  # the shipped recipe
     assert taught["precision"] == "auto" and taught["distill"]["feature"] == 0.0
     assert taught["distill"]["feature_layers"] == ["image"]  # --feature-layers reaches the run's config
+    assert taught["distill"]["feature_tasks"] == ["caption", "vqa"]
     refused = subprocess.run([sys.executable, "benchmarks/distill_extend.py", "--out", str(out), "--student-alone",
                               str(tmp_path / "alone")], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--student-alone needs --student-config" in refused.stderr

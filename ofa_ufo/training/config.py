@@ -111,7 +111,7 @@ class TrainConfig:
     # mean token loss of the generative tasks
     dense_loss_weight: float = 1.0
     # distillation from a frozen teacher (docs/distillation.md): {teacher: DIR, token_kl, temperature, top_k,
-    # correct_only, feature, feature_layers, feature_temperature, embedding, teacher_dtype, stem}
+    # correct_only, feature, feature_layers, feature_tasks, feature_temperature, embedding, teacher_dtype, stem}
     # (ofa_ufo.training.distillation); {}: off
     distill: dict[str, Any] = field(default_factory=dict)
     scst_beams: int = 5
@@ -314,6 +314,10 @@ class DistillSettings:
     correct_only: bool = False  # the token KL only at target tokens the teacher ranks first
     feature: float = 0.0  # starting weight of the feature (CWD) loss, decayed to 0.1x over the run (0: off)
     feature_layers: list[str] = field(default_factory=lambda: ["encoder"])
+    # the tasks whose rows the CWD of the encoder / image states covers (None: every task's): the CWD on
+    # grounding's rows taught a demo student to encode the image the same whatever phrase it was asked for
+    # (docs/distillation.md)
+    feature_tasks: list[str] | None = None
     feature_temperature: float = 1.0  # CWD's tau (DAMO-YOLO: 1)
     embedding: float = 1.0  # weight of the embedding loss on rows without target tokens (0: off)
     teacher_dtype: str = "fp32"  # fp32 | bf16 (the teacher's weights and forward)

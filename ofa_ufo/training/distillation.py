@@ -9,7 +9,8 @@ same batch, and three weighted losses join the student's own:
   vocabulary or over the teacher's top k tokens (`top_k`, see `token_kl`), at every target token or only
   where the teacher ranks the target first (`correct_only`);
 - channel-wise distillation (CWD, DAMO-YOLO) of encoder states ("encoder": the encoder's output,
-  "image": the image tokens entering it) and of the dense detector's neck ("neck": each level's map, on
+  "image": the image tokens entering it; on the rows of `feature_tasks`, default all) and of the dense
+  detector's neck ("neck": each level's map, on
   the rows trained through the dense head, DAMO-YOLO's own use): a learned linear map (a 1x1 conv on the
   neck) where the widths differ, a non-affine normalisation of every channel, then per channel a softmax
   over the positions and KL(teacher || student) x tau^2 / (rows x channels), summed over the neck's
@@ -176,7 +177,7 @@ class Distiller:
     """The teacher, the projections, and the distillation losses of one training pass."""
 
     def __init__(self, settings: DistillSettings, teacher, student, tasks: list[str], total_steps: int) -> None:
-        check_pair(teacher, student, tasks, settings.teacher)
+        check_pair(teacher, student, tasks, settings.teacher, settings.feature_tasks)
         self.settings, self.teacher, self.total_steps = settings, teacher, total_steps
         teacher_dim, student_dim = teacher.config.d_model, student.config.d_model
         layers = [name for name in settings.feature_layers if name != "neck"] if settings.feature else []
@@ -264,7 +265,9 @@ class Distiller:
         mean = zero
         if settings.feature and self.token_layers:
             weight = settings.feature * feature_weight(step, self.total_steps)
-            feature = weight * sum(self._feature_loss(name, student, teacher) for name in self.token_layers)
+            covered = [settings.feature_tasks is None or e["task"] in settings.feature_tasks for e in examples]
+            rows = torch.tensor(covered, device=student.encoder.device)  # (B,)
+            feature = weight * sum(self._feature_loss(name, student, teacher, rows) for name in self.token_layers)
             self._record("feature", feature)
             mean = mean + feature
         rows = (batch["labels"] == -100).all(1)  # (B,): rows trained through their embedding only
@@ -308,23 +311,27 @@ class Distiller:
         s, t = normalize_channels(s, mask), normalize_channels(t, mask)
         return channel_wise_kl(s, t, mask, self.settings.feature_temperature)
 
-    def _feature_loss(self, name: str, student: PassOutputs, teacher: PassOutputs) -> torch.Tensor:
-        """CWD of one feature layer, both sides normalised per channel over the valid positions."""
+    def _feature_loss(self, name: str, student: PassOutputs, teacher: PassOutputs, rows: torch.Tensor) -> torch.Tensor:
+        """CWD of one feature layer over the batch rows `rows` (B,) bool, both sides normalised per channel over
+        those rows' valid positions; 0 without such rows."""
         s, t = getattr(student, name), getattr(teacher, name)
-        if s is None or t is None:
+        if s is None or t is None or not rows.any():
             return student.encoder.new_zeros((), dtype=torch.float32)
         if s.shape[1] != t.shape[1]:
             raise ValueError(f"feature layer {name!r}: the student has {s.shape[1]} positions, the teacher "
                              f"{t.shape[1]}: distil with the teacher's image_size")
-        mask = student.mask[:, : s.shape[1]]  # (B, L): the image tokens lead the encoder's positions
+        s, t = s[rows], t[rows]  # (R, L, C)
+        mask = student.mask[rows, : s.shape[1]]  # (R, L): the image tokens lead the encoder's positions
         s = normalize_channels(self.projections[name](s).float(), mask)
         t = normalize_channels(t.float(), mask)
         return channel_wise_kl(s, t, mask, self.settings.feature_temperature)
 
 
-def check_pair(teacher, student, tasks: list[str], teacher_path: str = "teacher") -> None:
-    """ConfigError when teacher and student disagree on the vocabulary or the teacher lacks one of the
-    run's tasks; a warning when the student is not smaller than its teacher."""
+def check_pair(teacher, student, tasks: list[str], teacher_path: str = "teacher",
+               feature_tasks: list[str] | None = None) -> None:
+    """ConfigError when teacher and student disagree on the vocabulary, the teacher lacks one of the run's
+    tasks or `feature_tasks` names one the run does not train; a warning when the student is not smaller
+    than its teacher."""
     t_vocab = {k: getattr(teacher.config, k) for k in _VOCAB_FIELDS}
     s_vocab = {k: getattr(student.config, k) for k in _VOCAB_FIELDS}
     if t_vocab != s_vocab:
@@ -335,6 +342,10 @@ def check_pair(teacher, student, tasks: list[str], teacher_path: str = "teacher"
     if missing:
         raise ConfigError(f"distill teacher {teacher_path} has tasks {t_tasks}, the student trains {tasks}: "
                           f"the teacher has no {missing}")
+    untrained = [task for task in feature_tasks or [] if task not in tasks]
+    if untrained:
+        raise ConfigError(f"distill 'feature_tasks' names {untrained}, which the run does not train; its tasks: "
+                          f"{tasks}")
     t_params, s_params = (sum(p.numel() for p in m.parameters()) for m in (teacher, student))
     if s_params >= t_params:
         warnings.warn(f"the student ({s_params / 1e6:.1f}M parameters) is not smaller than its teacher "
