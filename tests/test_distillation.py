@@ -108,6 +108,10 @@ def test_settings_errors_name_the_problem():
     with pytest.raises(ConfigError, match="'top_k' must be >= 0, got -1"):
         parse_distill({"teacher": "x", "top_k": -1})
     assert parse_distill({"teacher": "x", "top_k": 16}).top_k == 16
+    assert parse_distill({"teacher": "x", "feature_tasks": None}).feature_tasks is None  # YAML null: every task
+    assert parse_distill({"teacher": "x", "feature_tasks": ["vqa"]}).feature_tasks == ["vqa"]
+    with pytest.raises(ConfigError, match="field 'feature_tasks' expects list"):
+        parse_distill({"teacher": "x", "feature_tasks": "vqa"})
     assert parse_distill({}) is None
 
 

@@ -195,6 +195,8 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     if annotation is Any:
         return value
     if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(annotation):
+            return None  # an optional field left unset (YAML null)
         return _coerce(name, value, next(a for a in typing.get_args(annotation) if a is not type(None)))
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
