@@ -39,18 +39,10 @@ from ofa_ufo.data.demo_scenes import DemoScenes, SceneObject
 from ofa_ufo.data.sources import DemoScenesOptions, open_examples
 from ofa_ufo.data.specs import TaskSpec, load_spec
 from ofa_ufo.hf.modeling import OFAUFOForConditionalGeneration
+from ofa_ufo.metrics.grounding import box_iou
 from ofa_ufo.tasks import get_task
 
 KINDS = ("right", "twin", "same shape", "same colour", "unrelated", "no object")
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two (x0, y0, x1, y1) boxes."""
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def classify(box: Sequence[float] | None, referent: SceneObject, objects: Sequence[SceneObject]) -> tuple[str, bool]:

@@ -36,12 +36,6 @@ GREEN_SQUARE = SceneObject("square", "green", (50.0, 100.0, 60.0, 110.0))
 OBJECTS = [RED_CIRCLE, RED_CIRCLE_2, BLUE_CIRCLE, RED_STAR, GREEN_SQUARE]
 
 
-def test_box_iou_by_hand(errors):
-    assert errors.box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
-    assert errors.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
-    assert errors.box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
-
-
 @pytest.mark.parametrize("box, referent, kind, leftmost", [
     ((0, 0, 10, 10), RED_CIRCLE, "right", True),
     ((1, 1, 10, 10), RED_CIRCLE_2, "twin", True),  # IoU 0.81 with the leftmost red circle
