@@ -13,9 +13,10 @@
    goes mostly to the decoder steps, so the student keeps one decoder layer), the stem warmed up alone on
    generated scenes as the teacher's was and frozen; trained the same steps on the same data without and with
    the teacher (token KL over the teacher's 16 likeliest tokens at T = 2, `--top-k 0 --temperature 1` for the
-   whole vocabulary, + CWD on the encoder states, `--feature 0` without it, `--feature-layers image` on the image tokens
-   entering the encoder instead, `--feature-tasks T...` on those tasks' rows only; the table's footer has each loss
-   part's mean over the first and the last tenth of the taught run). Latency, teacher (its extracted task
+   whole vocabulary, + CWD on the encoder states, `--feature 0` without it, `--feature-layers image` on the
+   image tokens entering the encoder instead, `encoder_image` on the encoder's output at the image positions
+   only, `--feature-tasks T...` on those tasks' rows only; the table's footer has each loss part's mean over
+   the first and the last tenth of the taught run). Latency, teacher (its extracted task
    subnet, what would ship) and student timed side by side in interleaved rounds on this CPU: one request
    (batch 1, greedy, 8 new tokens, the end token banned; before session 15 forced with `min_new_tokens`,
    whose vocabulary-wide processors added the same work to both and raised the ratio) and a forward of a
@@ -320,8 +321,10 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=16, help="the token KL over the teacher's top k tokens (0: all)")
     parser.add_argument("--token-kl", type=float, default=1.0, help="the token KL's weight (0: none)")
     parser.add_argument("--feature", type=float, default=1.0, help="the CWD's weight on the encoder states (0: none)")
-    parser.add_argument("--feature-layers", nargs="+", choices=("encoder", "image"), default=["encoder"],
-                        help="the states the CWD compares: the encoder's output, the image tokens entering it")
+    parser.add_argument("--feature-layers", nargs="+", choices=("encoder", "encoder_image", "image"),
+                        default=["encoder"],
+                        help="the states the CWD compares: the encoder's output (every position, or the image "
+                             "positions only), the image tokens entering it")
     parser.add_argument("--feature-tasks", nargs="+", metavar="TASK",
                         help="the CWD on these tasks' rows only (default: every task's)")
     parser.add_argument("--correct-only", action="store_true",

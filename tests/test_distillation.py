@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
@@ -98,7 +99,7 @@ def test_feature_weight_decays_from_one_to_a_tenth():
 
 
 def test_settings_errors_name_the_problem():
-    valid = r"valid layers: \['encoder', 'image', 'neck'\]"
+    valid = r"valid layers: \['encoder', 'encoder_image', 'image', 'neck'\]"
     with pytest.raises(ConfigError, match=r"unknown layer\(s\) \['decoder'\]; " + valid):
         parse_distill({"teacher": "x", "feature_layers": ["decoder"]})
     with pytest.raises(ConfigError, match="unknown key"):
@@ -149,6 +150,32 @@ def test_projection_maps_student_width_to_teacher_width(processor):
     with pytest.warns(UserWarning, match="not smaller"):
         same = Distiller(settings, teacher, tiny_model(2, d_model=48), ["caption"], total_steps=10)
     assert isinstance(same.projections["encoder"], torch.nn.Identity)
+
+
+def test_encoder_image_cwd_reads_only_the_image_positions(processor):
+    """`encoder_image` compares the encoder's output at the image positions only: changing the student's states
+    at the prompt's positions leaves it as it was (and moves the whole-sequence `encoder` CWD), changing one
+    image position moves it."""
+    teacher, student = tiny_model(0, d_model=48), tiny_model(1)
+    settings = parse_distill({"teacher": "t", "feature": 1.0, "feature_layers": ["encoder", "encoder_image"]})
+    distiller = Distiller(settings, teacher, student, ["caption"], total_steps=10)
+    batch, _ = _batch(processor)
+    with torch.no_grad():
+        s, t = model_pass(student, batch, None), model_pass(teacher, batch, None)
+    images = (TINY["image_size"] // 16) ** 2  # one image token per 16 x 16 pixels, ahead of the prompt's tokens
+    assert s.encoder_image.shape[1] == images and s.encoder.shape[1] == images + batch["input_ids"].shape[1]
+    assert torch.equal(s.encoder_image, s.encoder[:, :images])
+    rows = torch.ones(2, dtype=torch.bool)
+    base = {name: distiller._feature_loss(name, s, t, rows).item() for name in ("encoder", "encoder_image")}
+    prompt = s.encoder.clone()
+    prompt[:, images:] += torch.randn_like(prompt[:, images:])
+    moved = dataclasses.replace(s, encoder=prompt)  # the image positions' states as they were
+    assert distiller._feature_loss("encoder_image", moved, t, rows).item() == base["encoder_image"] > 0
+    assert abs(distiller._feature_loss("encoder", moved, t, rows).item() - base["encoder"]) > 1e-4
+    image = s.encoder_image.clone()
+    image[:, 0] += 3.0
+    shifted = dataclasses.replace(s, encoder_image=image)
+    assert abs(distiller._feature_loss("encoder_image", shifted, t, rows).item() - base["encoder_image"]) > 1e-4
 
 
 def test_feature_tasks_limit_the_cwd_to_their_rows(processor):

@@ -300,8 +300,9 @@ def checked_dataclass(cls: type, raw: dict[str, Any], source: str, check: Callab
     return config
 
 
-# the encoder's output states; the image tokens entering it; the dense detector's neck outputs (dense rows)
-DISTILL_FEATURE_LAYERS = ("encoder", "image", "neck")
+# the encoder's output states; those at the image positions only; the image tokens entering the encoder; the
+# dense detector's neck outputs (dense rows)
+DISTILL_FEATURE_LAYERS = ("encoder", "encoder_image", "image", "neck")
 DISTILL_TEACHER_DTYPES = ("fp32", "bf16")
 
 

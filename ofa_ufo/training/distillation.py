@@ -8,13 +8,14 @@ same batch, and three weighted losses join the student's own:
   tokens like the token loss (the trainer divides both by the step's token count), over the whole
   vocabulary or over the teacher's top k tokens (`top_k`, see `token_kl`), at every target token or only
   where the teacher ranks the target first (`correct_only`);
-- channel-wise distillation (CWD, DAMO-YOLO) of encoder states ("encoder": the encoder's output,
-  "image": the image tokens entering it; on the rows of `feature_tasks`, default all) and of the dense
-  detector's neck ("neck": each level's map, on
-  the rows trained through the dense head, DAMO-YOLO's own use): a learned linear map (a 1x1 conv on the
-  neck) where the widths differ, a non-affine normalisation of every channel, then per channel a softmax
-  over the positions and KL(teacher || student) x tau^2 / (rows x channels), summed over the neck's
-  levels; its weight decays as w(t) = 1 - 0.9 (1 - cos(pi t / T)) / 2;
+- channel-wise distillation (CWD, DAMO-YOLO) of encoder states ("encoder": the encoder's output at every
+  position, "encoder_image": its output at the image positions only, DAMO-YOLO's spatial softmax without
+  the prompt's tokens, "image": the image tokens entering it; on the rows of `feature_tasks`, default all)
+  and of the dense detector's neck ("neck": each level's map, on the rows trained through the dense head,
+  DAMO-YOLO's own use): a learned linear map (a 1x1 conv on the neck) where the widths differ, a non-affine
+  normalisation of every channel, then per channel a softmax over the positions and KL(teacher || student)
+  x tau^2 / (rows x channels), summed over the neck's levels; its weight decays as
+  w(t) = 1 - 0.9 (1 - cos(pi t / T)) / 2;
 - embedding distillation for the rows without target tokens (ReID, face, product): 1 - cosine between
   the (projected) student and the teacher embedding, a mean over those rows.
 
@@ -115,6 +116,7 @@ class PassOutputs:
 
     logits: torch.Tensor  # (N, V) at the N target tokens
     encoder: torch.Tensor  # (B, S, D) encoder output
+    encoder_image: torch.Tensor | None  # (B, n, D) encoder output at the image positions
     image: torch.Tensor | None  # (B, n, D) image tokens entering the encoder layers
     mask: torch.Tensor  # (B, S) valid (non-padding) encoder positions
     features: torch.Tensor | None  # (B, D) embedding read-out
@@ -136,8 +138,9 @@ def model_pass(model, batch: dict[str, torch.Tensor], task_ids: torch.Tensor | N
         image_valid = image_valid & batch["image_mask"].bool()[:, None]
     mask = torch.cat([image_valid, batch["attention_mask"].bool()], 1)  # (B, S)
     image = out.encoder_hidden_states[0][:, :images] if images else None  # (B, n, D)
+    encoder_image = out.encoder_last_hidden_state[:, :images] if images else None  # (B, n, D)
     features = embedding_readout(config, out.decoder_last_hidden_state, out.image_embedding)
-    return PassOutputs(out.logits, out.encoder_last_hidden_state, image, mask, features)
+    return PassOutputs(out.logits, out.encoder_last_hidden_state, encoder_image, image, mask, features)
 
 
 def load_teacher(path: str, dtype: str, device: torch.device | str) -> OFAUFOForConditionalGeneration:
