@@ -658,8 +658,8 @@ def test_distill_extend_student_override_changes_both_runs_and_token_kl_zero_lea
 
 def test_distill_extend_table_of_a_finished_run_shares_each_tasks_headline_metric(tmp_path, monkeypatch, capsys):
     """`--table` prints a finished run's tables from its results.json (no training, no timing); its "keeps N %
-    of the teacher" lines read the metric the trainer's table judges a task by (caption: CIDEr, detection:
-    mAP@0.5), not the first one its evaluation lists (BLEU-4, mAP)."""
+    of the teacher" lines (rounded down to a tenth) read the metric the trainer's table judges a task by
+    (caption: CIDEr, detection: mAP@0.5), not the first one its evaluation lists (BLEU-4, mAP)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "distill_extend.py"
     spec = importlib.util.spec_from_file_location("distill_extend", path)
     module = importlib.util.module_from_spec(spec)
@@ -677,5 +677,8 @@ def test_distill_extend_table_of_a_finished_run_shares_each_tasks_headline_metri
     module.main()
     out = capsys.readouterr().out
     assert "| student + teacher | bleu4 0.200, cider 4.400 | map 0.100, map50 0.550 | 25.0 | 20.0 |" in out
-    assert "caption: the student keeps 90 % of the teacher's headline metric alone, 110 % taught" in out
-    assert "detection: the student keeps 80 % of the teacher's headline metric alone, 110 % taught" in out
+    assert "caption: the student keeps 90.0 % of the teacher's headline metric alone, 110.0 % taught" in out
+    assert "detection: the student keeps 80.0 % of the teacher's headline metric alone, 110.0 % taught" in out
+    just_under = module._share({"metrics": {"grounding": {"acc@0.5": 197 / 300}}},
+                               {"metrics": {"grounding": {"acc@0.5": 0.730}}}, "grounding")
+    assert just_under == "89.9 %"  # 89.95 %: rounded down, not up to a 90 % goal
