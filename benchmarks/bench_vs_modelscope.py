@@ -3,6 +3,12 @@
 Run with the oracle environment (bash run_scripts/install_oracles.sh):
 
     .venv-oracle/bin/python benchmarks/bench_vs_modelscope.py
+    .venv-oracle/bin/python benchmarks/bench_vs_modelscope.py --sizes base --skip-train --bf16   # issue 34's row
+
+`--bf16` also times our model with bf16 weights (what `from_pretrained(..., precision="bf16")` loads)
+against ModelScope in fp32, and counts on how many of `--agreement-fixtures` parity fixtures (the test's
+photos, the caption prompt, beam 5) its tokens are identical to our fp32 model's. The first line printed
+is the CPU and whether it is fast at bf16 (`ofa_ufo.core.hardware`).
 
 Both implementations get the same (seeded, perturbed) weights and the same inputs: the ModelScope
 `OFAModel` and our converted copy come from the parity test's `pair` fixture
@@ -20,6 +26,7 @@ the RSS at that moment. If the kernel refuses the reset, a 1 ms RSS-sampling thr
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -43,9 +50,10 @@ logging.disable(logging.WARNING)  # fairseq's import-time INFO/WARNING chatter
 import torch  # noqa: E402
 
 import ofa_ufo  # noqa: E402
+from ofa_ufo.core.hardware import precision_support  # noqa: E402
 from ofa_ufo.core.timing import device_name, run_times, time_call  # noqa: E402
 import test_parity_modelscope as parity  # noqa: E402  (reuses the parity test's builders and decoders)
-from ofa_ufo.hf.modeling import shift_tokens_right  # noqa: E402
+from ofa_ufo.hf.modeling import shift_tokens_right, with_precision  # noqa: E402
 
 PROMPT = " what does the image describe?"
 NEW_TOKENS = 16
@@ -95,8 +103,23 @@ def profile(fn, label: str, rows: int = 12) -> str:
 # generation
 
 
+def bf16_agreement(ours, ours_bf16, name: str, count: int) -> tuple[int, int]:
+    """(fixtures whose beam-5 tokens from bf16 weights equal our fp32 model's, fixtures): one image each."""
+    tokenizer = ofa_ufo.build_tokenizer()
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    pixels = parity._images(parity.IMAGE_SIZE[name], count)
+    image_mask = torch.ones(1, dtype=torch.bool)
+    same = 0
+    for k in range(count):
+        image = pixels[k:k + 1]
+        fp32 = parity._our_generate(ours, ids, torch.ones_like(ids), image, image_mask, 5)
+        bf16 = parity._our_generate(ours_bf16, ids, torch.ones_like(ids), image.to(torch.bfloat16), image_mask, 5)
+        same += fp32 == bf16
+    return same, count
+
+
 @torch.no_grad()
-def bench_generation(name: str, repeats: int, profile_on_miss: bool) -> dict:
+def bench_generation(name: str, repeats: int, profile_on_miss: bool, bf16_fixtures: int = 0) -> dict:
     parity.MAX_LEN = NEW_TOKENS - 1  # read by _fairseq_generate (max_len_b) and _our_generate (max_new_tokens)
     torch.manual_seed(0)
     reference, ours = build_pair(name)
@@ -128,6 +151,14 @@ def bench_generation(name: str, repeats: int, profile_on_miss: bool) -> dict:
         f"SequenceGenerator construction {setup * 1e3:.1f} ms (inside ModelScope's latency)")
     if not result["identical"]:
         log(f"  modelscope {ms_out[0]}\n  ofa_ufo    {our_out[0]}")
+    if bf16_fixtures:
+        ours_bf16 = with_precision(copy.deepcopy(ours), "bf16")  # what from_pretrained(precision="bf16") gives
+        pixels_bf16 = pixels.to(torch.bfloat16)
+        result["bf16"], bf16_times, _ = timed(
+            lambda: parity._our_generate(ours_bf16, ids, mask, pixels_bf16, image_mask, 5), repeats)
+        log(f"{name}: ofa_ufo bf16 beam-5 median {result['bf16']:.3f} s  runs {[round(t, 3) for t in bf16_times]}")
+        result["bf16_same"], result["bf16_fixtures"] = bf16_agreement(ours, ours_bf16, name, bf16_fixtures)
+        log(f"{name}: bf16 beam-5 tokens identical to our fp32 on {result['bf16_same']} / {bf16_fixtures} fixtures")
     if profile_on_miss and ms_median / our_median < 4.0:
         result["profile"] = profile(run_ours, f"ofa_ufo generate, {name}")
         result["profile_ms"] = profile(run_ms, f"ModelScope SequenceGenerator, {name}")
@@ -293,6 +324,10 @@ def main() -> None:
     parser.add_argument("--skip-gen", action="store_true", help="training step only")
     parser.add_argument("--train-worker", choices=["ms", "ours", "both"], help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true",
+                        help="also our model with bf16 weights against ModelScope fp32 (issue 34's caption row)")
+    parser.add_argument("--agreement-fixtures", type=int, default=10,
+                        help="with --bf16: parity fixtures on which bf16 and fp32 beam-5 tokens are compared")
     args = parser.parse_args()
     if args.train_worker == "both":
         alternating_worker(args.train_repeats, args.train_warmup)
@@ -301,8 +336,10 @@ def main() -> None:
         train_worker(args.train_worker, args.train_repeats, args.train_warmup, args.profile)
         return
 
-    log(f"torch {torch.__version__}; {device_name()}")
-    gens = [] if args.skip_gen else [bench_generation(n, args.gen_repeats, not args.no_profile) for n in args.sizes]
+    log(f"torch {torch.__version__}; {device_name()}; {precision_support('cpu').summary}")
+    fixtures = args.agreement_fixtures if args.bf16 else 0
+    gens = [] if args.skip_gen else [bench_generation(n, args.gen_repeats, not args.no_profile, fixtures)
+                                     for n in args.sizes]
     train = {}
     if not args.skip_train:
         for impl in ("ms", "ours"):
@@ -338,6 +375,12 @@ def main() -> None:
         rows.append((f"  tokens/s ({g['tokens']} new tokens incl. EOS)", f"{g['ms_tokens'] / g['ms']:.1f}",
                      f"{g['tokens'] / g['ours']:.1f}", "", ""))
         rows.append(("  identical output tokens", "", "", "yes" if g["identical"] else "NO", ""))
+        if "bf16" in g:
+            rows.append((f"  ofa_ufo bf16 weights, {label} (s)", f"{g['ms']:.3f}", f"{g['bf16']:.3f}",
+                         f"{g['ms'] / g['bf16']:.2f}x faster", ">= 12x" if g["name"] == "base" else ""))
+            same = f"{g['bf16_same']} / {g['bf16_fixtures']}"
+            rows.append(("  bf16 tokens identical to our fp32 (fixtures)", "", same,
+                         f"{g['bf16_same'] / g['bf16_fixtures']:.0%}", ">= 95 %"))
     if train:
         ms, us = train["ms"], train["ours"]
         rows.append(("train step base 384 px, batch 2 (s)", f"{ms['median']:.3f}", f"{us['median']:.3f}",

@@ -34,6 +34,7 @@ from PIL import Image
 import ofa_ufo
 from ofa_ufo.core.hardware import cpu_flags, cpuinfo_path, precision_support
 from ofa_ufo.core.timing import cpu_name, interleaved_times, median_time
+from ofa_ufo.hf.modeling import with_precision
 
 REPO = Path(__file__).resolve().parents[1]
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -75,10 +76,11 @@ def build(preset: str, image_size: int, quick: bool, model_dir: str | None = Non
 
 
 def as_bf16(model):
-    """A bf16-weight copy (what `from_pretrained(..., precision="bf16")` loads)."""
+    """A bf16-weight copy (what `from_pretrained(..., precision="bf16")` loads: on a CPU, Linear weights
+    packed for oneDNN)."""
     twin = type(model)(model.config).eval()
     twin.load_state_dict(model.state_dict())
-    return twin.to(torch.bfloat16)
+    return with_precision(twin, "bf16")
 
 
 def inputs_for(processor, count: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -355,3 +355,24 @@ def test_routed_supernet_without_task_ids_says_to_pass_them(routed_supernet, pro
     """No silent default route: a grounding prompt routed as a caption would answer plausibly but wrongly."""
     with pytest.raises(ValueError, match=r"task-routed supernet: pass task_ids \(vision_config.route_id"):
         routed_supernet.generate(**_processor_inputs(processor, images, "images"), max_new_tokens=3)
+
+
+def test_inference_reuses_position_biases_until_the_weights_or_layout_change(processor, images):
+    """Without gradients the encoder keeps its per-layer position biases for the next forward with the same
+    layout; an in-place weight update, another prompt length or a forward with gradients must not read them."""
+    encoder = tiny_model().get_encoder()
+    short = processor(images=images[:1], text=["what is it?"], return_tensors="pt")
+    longer = processor(images=images[:1], text=["what is the colour of the object on the left?"], return_tensors="pt")
+    with torch.no_grad():
+        first = encoder(**short).last_hidden_state
+        biases = encoder._bias_cache[1]
+        assert encoder(**short).last_hidden_state.equal(first)
+        assert encoder._bias_cache[1] is biases  # reused, not rebuilt
+        encoder(**longer)
+        assert encoder._bias_cache[1] is not biases  # another layout: rebuilt
+        table = encoder.image_rel_pos_table_list[0].weight
+        table.add_(torch.randn_like(table))  # an optimizer step or load_state_dict: an in-place update
+        moved = encoder(**short).last_hidden_state
+    fresh = encoder(**short).last_hidden_state  # with gradients: built from the weights, never cached
+    assert not moved.equal(first)
+    torch.testing.assert_close(moved, fresh.detach(), rtol=0, atol=1e-6)

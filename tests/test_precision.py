@@ -26,6 +26,8 @@ import ofa_ufo
 from ofa_ufo.core.hardware import CPUINFO_ENV, precision_support, resolve_precision
 from ofa_ufo.deploy.quantize import OFAUFOInt8ForConditionalGeneration, int8_linear_names, quantize_rows
 from ofa_ufo.export import main as export_main
+from ofa_ufo.hf.modeling import with_precision
+from ofa_ufo.layers.packed_linear import PackedLinear, can_pack
 from ofa_ufo.training import Trainer
 from ofa_ufo.training.config import config_from_dict
 
@@ -172,6 +174,45 @@ def test_from_pretrained_and_pipeline_take_a_precision(tiny_checkpoint, monkeypa
     assert pipeline("ofa-ufo", model=str(tiny_checkpoint), precision="bf16").model.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="either precision= or dtype="):
         AutoModelForSeq2SeqLM.from_pretrained(tiny_checkpoint, precision="auto", dtype=torch.float32)
+
+
+needs_onednn = pytest.mark.skipif(not can_pack(), reason="this PyTorch build has no oneDNN packed linear kernels")
+
+
+@needs_onednn
+def test_packed_bf16_linears_give_the_same_outputs_and_follow_weight_changes(processor):
+    """`from_pretrained(precision="bf16")` on a CPU packs the Linear weights for oneDNN: logits and beam
+    tokens equal the unpacked bf16 model's, the state dict is unchanged, and an in-place weight update (a
+    load_state_dict) is seen by the next forward instead of a stale packed copy."""
+    plain = tiny_model(seed=4).to(torch.bfloat16)
+    packed = with_precision(tiny_model(seed=4), "bf16")
+    assert packed.dtype == torch.bfloat16
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) > 10
+    assert packed.state_dict().keys() == plain.state_dict().keys()
+    inputs = processor(images=images(2), text=[" what does the image describe?"] * 2, return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    labels = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 1]])
+    with torch.no_grad():
+        assert torch.equal(packed(**inputs, labels=labels).logits, plain(**inputs, labels=labels).logits)
+        assert torch.equal(packed.generate(**inputs, num_beams=5, max_new_tokens=6),
+                           plain.generate(**inputs, num_beams=5, max_new_tokens=6))
+        before = packed(**inputs, labels=labels).logits
+        other = tiny_model(seed=5).to(torch.bfloat16)
+        packed.load_state_dict(other.state_dict())
+        after = packed(**inputs, labels=labels).logits
+        assert not torch.equal(after, before)
+        assert torch.equal(after, other(**inputs, labels=labels).logits)
+    packed.train()
+    loss = packed(**inputs, labels=labels).loss  # with gradients: the plain Linear path, gradients flow
+    loss.backward()
+    fc1 = packed.model.decoder.layers[0].fc1
+    assert isinstance(fc1, PackedLinear) and fc1.weight.grad is not None and fc1.weight.grad.abs().sum() > 0
+
+
+def test_fp32_models_are_not_packed(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv(CPUINFO_ENV, str(AVX2))
+    model = ofa_ufo.OFAUFOForConditionalGeneration.from_pretrained(tiny_checkpoint, precision="auto")
+    assert model.dtype == torch.float32 and not any(isinstance(m, PackedLinear) for m in model.modules())
 
 
 # ---- int8 ------------------------------------------------------------------------------------

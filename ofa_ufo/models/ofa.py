@@ -16,6 +16,7 @@ from transformers.utils import ModelOutput
 
 from ofa_ufo.layers.drop_path import linear_rates
 from ofa_ufo.layers.normformer import DecoderLayer, EncoderLayer
+from ofa_ufo.layers.packed_linear import tracing
 from ofa_ufo.layers.position import (
     absolute_bias,
     code_position_ids,
@@ -219,10 +220,44 @@ class OFAEncoder(_Stack):
         self, x: torch.Tensor, pad: torch.Tensor, positions: torch.Tensor, image_ids: torch.Tensor | None,
         keep_all: bool,
     ) -> tuple[torch.Tensor, ...]:
+        biases = self._position_biases(x, positions, image_ids)
+        pad_bias = additive_mask(pad[:, None, None, :], biases[0].dtype) if pad.any() else 0.0  # (B, 1, 1, S)
+        states = [x]
+        for layer, bias in zip(self.layers, biases):
+            x = layer(x, (bias, pad_bias) if torch.is_tensor(pad_bias) else bias)
+            if keep_all:
+                states.append(x)
+        return tuple(states) if keep_all else (x,)
+
+    def _position_biases(self, x: torch.Tensor, positions: torch.Tensor, image_ids: torch.Tensor | None
+                         ) -> list[torch.Tensor]:
+        """Each layer's (1, H, S, S) position bias (absolute + relative). They depend on the weights and the
+        layout (text length, image grid) only, not on the pixels or tokens: without gradients they are kept
+        for the next forward with the same layout and unchanged weights (at Base, 384 px, the six gathers of
+        584 x 584 positions are about a tenth of a one-image caption), one layout at a time."""
+        if torch.is_grad_enabled() or tracing():  # an exported graph computes them from its inputs
+            return self._build_position_biases(x, positions, image_ids)
+        sources = self._bias_parameters()
+        key = (x.shape[1], None if image_ids is None else tuple(image_ids.tolist()), positions.dtype, x.device,
+               tuple((id(p), p._version) for p in sources))
+        cached = self.__dict__.get("_bias_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self._build_position_biases(x, positions, image_ids))
+            self.__dict__["_bias_cache"] = cached  # not a module attribute: never saved, moved or cast
+        return cached[1]
+
+    def _bias_parameters(self) -> list[torch.Tensor]:
+        """The parameters a position bias is computed from (an in-place update bumps their `_version`)."""
+        modules = [self.pos_q_linear, self.pos_k_linear, self.embed_positions, self.pos_ln,
+                   self.embed_image_positions, self.image_pos_ln, self.token_rel_pos_table_list,
+                   self.image_rel_pos_table_list]
+        return [p for module in modules for p in module.parameters()]
+
+    def _build_position_biases(self, x: torch.Tensor, positions: torch.Tensor, image_ids: torch.Tensor | None
+                               ) -> list[torch.Tensor]:
         abs_bias = absolute_bias(
             self.pos_q_linear, self.pos_k_linear, positions, positions, self.num_heads, self.pos_scaling
         )  # (1, H, S, S)
-        pad_bias = additive_mask(pad[:, None, None, :], abs_bias.dtype) if pad.any() else 0.0  # (B, 1, 1, S)
         n_image = 0 if image_ids is None else image_ids.numel()
         text_index = text_relative_buckets(self.config.token_bucket_size, self.config.max_position_embeddings)
         text_len = x.shape[1] - n_image
@@ -236,15 +271,12 @@ class OFAEncoder(_Stack):
             image_index = image_relative_buckets(self.config.image_bucket_size).to(x.device)
             index[:n_image, :n_image] = image_index[image_ids[:, None], image_ids[None, :]] + text_entries  # (N, N)
         zero_row = abs_bias.new_zeros(1, self.num_heads)
-        states = [x]
-        for idx, layer in enumerate(self.layers):
+        biases = []
+        for idx in range(len(self.layers)):
             table = torch.cat([self.token_rel_pos_table_list[idx].weight, self.image_rel_pos_table_list[idx].weight,
                                zero_row])  # (text + image entries + 1, H)
-            bias = abs_bias + relative_bias(table, index)  # (1, H, S, S); padding stays a separate (B, 1, 1, S) term
-            x = layer(x, (bias, pad_bias) if torch.is_tensor(pad_bias) else bias)
-            if keep_all:
-                states.append(x)
-        return tuple(states) if keep_all else (x,)
+            biases.append(abs_bias + relative_bias(table, index))  # (1, H, S, S); padding stays a (B, 1, 1, S) term
+        return biases
 
 
 class OFADecoder(_Stack):

@@ -1,0 +1,62 @@
+"""bf16 Linear layers whose weights are kept in oneDNN's packed layout for inference on a CPU.
+
+A bf16 `F.linear` on a CPU with AMX re-lays its weight into oneDNN's blocked format on every call. At
+batch 1 decoding that is most of the call (the weight is read, written and read again): a 768 x 3072
+layer at 5 rows took about 190 us against about 100 us with the weight packed once (Xeon with AMX,
+2 threads). `pack_linears(model)` turns each `nn.Linear` into a `PackedLinear`, which packs its weight
+on the first forward without gradients and reuses it until the weight changes (an optimizer step,
+`load_state_dict` or `.to()`), the same outputs bit for bit. With gradients, in fp32, or where oneDNN
+cannot pack, it is a plain `nn.Linear`. Parameters and state dicts are unchanged; the packed copy
+costs as much memory again as the bf16 weights of the layers that ran.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PackedLinear", "can_pack", "pack_linears", "tracing"]
+
+
+def can_pack() -> bool:
+    """Whether this PyTorch build has oneDNN's packed linear kernels."""
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise"))
+
+
+def tracing() -> bool:
+    """Whether this forward is being traced or compiled (ONNX export, torch.jit, torch.compile): a graph
+    gets the plain computation, never a cache or a oneDNN-only kernel."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+
+
+class PackedLinear(nn.Linear):
+    """`nn.Linear` that computes bf16 inference on a CPU from a packed copy of its weight (see module doc)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if (torch.is_grad_enabled() or weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16
+                or weight.device.type != "cpu" or tracing()):
+            return F.linear(x, weight, self.bias)
+        packed = self.__dict__.get("_packed")
+        # the source tensor held here keeps its memory alive, so no other weight can reuse its address
+        if packed is None or packed[0].data_ptr() != weight.data_ptr() or packed[1] != weight._version:
+            source = weight.detach()
+            packed = (source, weight._version, torch.ops.mkldnn._reorder_linear_weight(source))
+            self.__dict__["_packed"] = packed  # not a module attribute: never saved, moved or cast
+        return torch.ops.mkldnn._linear_pointwise(x, packed[2], self.bias, "none", [], "")
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Make every plain `nn.Linear` of `model` a `PackedLinear` (in place); returns how many. Does nothing
+    where oneDNN's packed kernels are missing. Quantised or other Linear subclasses are left alone."""
+    if not can_pack():
+        return 0
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = PackedLinear
+            count += 1
+    return count
