@@ -113,6 +113,41 @@ def test_resnet_blocks_start_as_the_identity():
     assert others and all(bool((m.weight == 1).all()) for m in others)
 
 
+def _stem_with_running_statistics(seed: int = 0):
+    """The tiny stem in eval mode with BatchNorm statistics and affine weights far from their init."""
+    stem = tiny_model(seed=seed).model.encoder.embed_images
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in (m for m in stem.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            for tensor, low, high in ((bn.weight, 0.5, 1.5), (bn.bias, -0.5, 0.5), (bn.running_mean, -0.5, 0.5),
+                                      (bn.running_var, 0.5, 2.0)):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+    return stem.eval()
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_inference_stem_folds_batchnorm_into_its_convolutions(dtype, tolerance, monkeypatch):
+    """Without gradients in eval mode each conv and its BatchNorm run as one conv (ReLU and residual add fused):
+    the same features as conv -> BN -> ReLU (run here with gradients), and BatchNorm statistics that a train-mode
+    forward updated in place (no version bump) are seen by the next forward."""
+    from ofa_ufo.models import resnet
+
+    stem = _stem_with_running_statistics().to(dtype)
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected = stem(pixels).detach()  # gradients on: the module-by-module path
+    calls, original = [], resnet.folded_conv
+    monkeypatch.setattr(resnet, "folded_conv", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        folded = stem(pixels)
+        assert len(calls) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in stem.modules())  # every conv folded
+        scale = expected.float().abs().max()
+        assert (folded.float() - expected.float()).abs().max() <= tolerance * scale
+        stem.train()(pixels * 3)  # BatchNorm updates its running statistics in place, no version bump
+        changed = stem.eval()(pixels)
+    assert (changed.float() - stem(pixels).detach().float()).abs().max() <= tolerance * scale
+    assert (changed.float() - folded.float()).abs().max() > tolerance * scale
+
+
 @pytest.mark.parametrize("resnet_type, blocks", [("resnet14", (1, 1, 1)), ("resnet26", (2, 2, 2))])
 def test_small_student_stems(resnet_type, blocks):
     """The students' stems keep OFA's stages 1-3 (output stride 16, 1024 channels) with fewer blocks."""
@@ -370,9 +405,13 @@ def test_inference_reuses_position_biases_until_the_weights_or_layout_change(pro
         assert encoder._bias_cache[1] is biases  # reused, not rebuilt
         encoder(**longer)
         assert encoder._bias_cache[1] is not biases  # another layout: rebuilt
-        table = encoder.image_rel_pos_table_list[0].weight
-        table.add_(torch.randn_like(table))  # an optimizer step or load_state_dict: an in-place update
+        encoder(**short)
+    # a fused AdamW step updates the tables in place without bumping their version counters
+    table = encoder.image_rel_pos_table_list[0].weight
+    table.grad = torch.randn_like(table)
+    torch.optim.AdamW([table], lr=0.5, fused=True).step()
+    with torch.no_grad():
         moved = encoder(**short).last_hidden_state
     fresh = encoder(**short).last_hidden_state  # with gradients: built from the weights, never cached
     assert not moved.equal(first)
-    torch.testing.assert_close(moved, fresh.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(moved, fresh.detach(), rtol=0, atol=1e-5)  # the stem folds its BatchNorm here

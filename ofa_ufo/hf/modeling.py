@@ -107,7 +107,8 @@ def _registered_subclass(directory: Path | None, cls: type) -> type | None:
 def with_precision(model: PreTrainedModel, precision: str, conflicting: list[str] | None = None) -> PreTrainedModel:
     """`model` cast to what `precision` (auto | fp32 | bf16) resolves to on its device; the choice is kept as
     `model.precision_choice`. Only floating-point PyTorch models can be cast (an int8 or ONNX one cannot).
-    bf16 on a CPU also packs the Linear weights for oneDNN (`pack_linears`: same outputs, faster decoding)."""
+    bf16 on a CPU also packs the Linear weights for oneDNN (`pack_linears`: outputs equal up to bf16 rounding,
+    faster decoding)."""
     if conflicting:
         raise ValueError(f"give either precision= or {conflicting[0]}=, not both")
     device = next((param.device for param in model.parameters()), torch.device("cpu"))  # an ONNX model has none

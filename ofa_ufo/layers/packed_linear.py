@@ -4,10 +4,14 @@ A bf16 `F.linear` on a CPU with AMX re-lays its weight into oneDNN's blocked for
 batch 1 decoding that is most of the call (the weight is read, written and read again): a 768 x 3072
 layer at 5 rows took about 190 us against about 100 us with the weight packed once (Xeon with AMX,
 2 threads). `pack_linears(model)` turns each `nn.Linear` into a `PackedLinear`, which packs its weight
-on the first forward without gradients and reuses it until the weight changes (an optimizer step,
-`load_state_dict` or `.to()`), the same outputs bit for bit. With gradients, in fp32, or where oneDNN
-cannot pack, it is a plain `nn.Linear`. Parameters and state dicts are unchanged; the packed copy
-costs as much memory again as the bf16 weights of the layers that ran.
+on the first forward without gradients and reuses it until the weight changes (an in-place update that
+bumps its version counter, such as `load_state_dict`; a new tensor, as `.to()` makes; or any forward with
+gradients, which a training step takes before its optimizer updates the weights in place). Outputs equal
+the unpacked layer's up to the rounding of the bf16 result (oneDNN may sum in another order). A weight written behind autograd's back (`param.data.copy_(...)`) with no forward
+with gradients in between is not seen, so `pack_linears` is for models that serve (`from_pretrained(...,
+precision="bf16")` and the pipeline call it). With gradients, in fp32, or where oneDNN cannot pack, it is a plain
+`nn.Linear`. Parameters and state dicts are unchanged; the packed copy costs as much memory again as the
+bf16 weights of the layers that ran.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ class PackedLinear(nn.Linear):
         weight = self.weight
         if (torch.is_grad_enabled() or weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16
                 or weight.device.type != "cpu" or tracing()):
+            # a forward with gradients precedes an optimizer step, and fused optimizers update the weight
+            # without bumping its version counter: drop the packed copy
+            self.__dict__.pop("_packed", None)
             return F.linear(x, weight, self.bias)
         packed = self.__dict__.get("_packed")
         # the source tensor held here keeps its memory alive, so no other weight can reuse its address
