@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_train.py [--image-size 256] [--batch-size 8] [--steps 5] [--data-workers 0]
     .venv/bin/python benchmarks/bench_train.py --precision fp32 bf16   # the same steps in both, side by side
+    .venv/bin/python benchmarks/bench_train.py --config pretrain_demo_base --precision fp32 bf16   # a config's step
 
 Each model runs in its own subprocess (so peak RSS is its own): the real `Trainer.train_step`
 (mixture batch of caption/VQA/grounding/detection/classification, forward, backward, clipping,
@@ -31,19 +32,34 @@ import time
 TASKS = {"caption": 1.0, "vqa": 1.0, "grounding": 1.0, "detection": 1.0, "classification": 1.0}
 
 
+def config_for(model: str, image_size: int, batch_size: int, steps: int, warmup: int, data_workers: int,
+               precision: str, tmp: str, config_name: str | None):
+    """The 5-task mixture at `image_size` / `batch_size` for `model`, or the named config as it trains (its model,
+    size, batch, tasks, frozen parts and losses) from random weights: no stem warm-up, no growth."""
+    from ofa_ufo.training import TrainConfig
+    from ofa_ufo.training.config import load_config
+
+    if config_name:
+        return load_config(config_name, [f"precision={precision}", f"output_dir={tmp}", "eval_examples=0",
+                                         f"max_steps={warmup + 2 * steps + 1}", f"data_workers={data_workers}",
+                                         "stem_warmup_images=0", "grow_from=''", "grow_overrides=[]"])
+    return TrainConfig(model=model, model_overrides={"image_size": image_size, "dropout": 0.1},
+                       tasks=TASKS, batch_size=batch_size, max_steps=warmup + 2 * steps + 1, lr=1e-4,
+                       eval_examples=0, output_dir=tmp, data_workers=data_workers, precision=precision)
+
+
 def measure(model: str, image_size: int, batch_size: int, steps: int, warmup: int,
-            data_workers: int, precision: str, stem_images: int = 0) -> dict[str, float]:
+            data_workers: int, precision: str, stem_images: int = 0, config_name: str | None = None
+            ) -> dict[str, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from ofa_ufo.core.timing import device_name
-    from ofa_ufo.training import TrainConfig, Trainer
+    from ofa_ufo.training import Trainer
     from ofa_ufo.training.stem_warmup import warm_up_stem
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = TrainConfig(model=model, model_overrides={"image_size": image_size, "dropout": 0.1},
-                             tasks=TASKS, batch_size=batch_size, max_steps=warmup + 2 * steps + 1, lr=1e-4,
-                             eval_examples=0, output_dir=tmp, data_workers=data_workers, precision=precision)
+        config = config_for(model, image_size, batch_size, steps, warmup, data_workers, precision, tmp, config_name)
         trainer = Trainer(config, resume="never")
         stem = {}
         if stem_images:
@@ -86,7 +102,8 @@ def measure(model: str, image_size: int, batch_size: int, steps: int, warmup: in
         params = sum(p.numel() for p in trainer.unwrapped.parameters())
     peak = (torch.cuda.max_memory_allocated() / 2**20 if gpu
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"params_m": params / 1e6, "step_s": seconds, "samples_s": batch_size / seconds,
+    return {"params_m": params / 1e6, "step_s": seconds, "samples_s": config.batch_size / seconds,
+            "image_size": trainer.unwrapped.config.image_size, "batch_size": config.batch_size,
             "model_step_s": model_seconds, "gflop_step": flops / 1e9, "gflops_s": flops / seconds / 1e9,
             "model_gflops_s": flops / model_seconds / 1e9, "peak_mib": peak,
             "device": device_name("cuda" if gpu else "cpu"), "gpu": gpu, "precision": trainer.precision.precision,
@@ -106,26 +123,30 @@ def main() -> None:
                         help="the trainer's precision; several: each model timed in each")
     parser.add_argument("--stem-warmup", type=int, default=0, metavar="IMAGES",
                         help="also time the stem warm-up on this many generated scenes")
+    parser.add_argument("--config", help="time this training config's own step (model, size, batch, tasks, frozen "
+                        "parts) instead of --models at --image-size / --batch-size, e.g. pretrain_demo_base")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.image_size, args.batch_size, args.steps, args.warmup,
-                                 args.data_workers, args.precision[0], args.stem_warmup)))
+                                 args.data_workers, args.precision[0], args.stem_warmup, args.config)))
         return
     rows = []
-    for model in args.models:
+    for model in [args.config] if args.config else args.models:
         for precision in args.precision:
             command = [sys.executable, __file__, "--child", model, "--image-size", str(args.image_size),
                        "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup",
                        str(args.warmup), "--data-workers", str(args.data_workers), "--precision", precision,
-                       "--stem-warmup", str(args.stem_warmup)]
+                       "--stem-warmup", str(args.stem_warmup)] + (["--config", args.config] if args.config else [])
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.exit(f"{model} ({precision}): the measuring process failed (exit {done.returncode}):\n"
                          f"{done.stderr[-4000:]}")
             rows.append((model, json.loads(done.stdout.strip().splitlines()[-1])))
-    print(f"train step, {args.image_size} px, batch {args.batch_size} (5-task mixture), {args.steps} timed steps, "
+    first = rows[0][1]
+    mixture = f"config {args.config}" if args.config else "5-task mixture"
+    print(f"train step, {first['image_size']} px, batch {first['batch_size']} ({mixture}), {args.steps} timed steps, "
           f"{args.data_workers} data workers")
     print("| model | precision | params (M) | device | step (s) | model step (s) | samples/s | GFLOP/step | GFLOP/s "
           "| peak memory (MiB) | MFU step / model step |")
