@@ -49,8 +49,8 @@ def config_for(model: str, image_size: int, batch_size: int, steps: int, warmup:
 
 
 def measure(model: str, image_size: int, batch_size: int, steps: int, warmup: int,
-            data_workers: int, precision: str, stem_images: int = 0, config_name: str | None = None
-            ) -> dict[str, float]:
+            data_workers: int, precision: str, stem_images: int = 0, config_name: str | None = None,
+            profile: bool = False) -> dict[str, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -100,6 +100,13 @@ def measure(model: str, image_size: int, batch_size: int, steps: int, warmup: in
             torch.cuda.synchronize()
         model_seconds = (time.perf_counter() - start) / steps
         params = sum(p.numel() for p in trainer.unwrapped.parameters())
+        top_ops = ""
+        if profile:
+            trainer._micro_batches = iter([trainer.batches.for_step(trainer.step)]).__next__
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+                trainer.train_step()
+            events = sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)
+            top_ops = ", ".join(f"{e.key} {e.self_cpu_time_total / 1e3:.0f} ({e.count})" for e in events[:8])
     peak = (torch.cuda.max_memory_allocated() / 2**20 if gpu
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"params_m": params / 1e6, "step_s": seconds, "samples_s": config.batch_size / seconds,
@@ -107,7 +114,7 @@ def measure(model: str, image_size: int, batch_size: int, steps: int, warmup: in
             "model_step_s": model_seconds, "gflop_step": flops / 1e9, "gflops_s": flops / seconds / 1e9,
             "model_gflops_s": flops / model_seconds / 1e9, "peak_mib": peak,
             "device": device_name("cuda" if gpu else "cpu"), "gpu": gpu, "precision": trainer.precision.precision,
-            "stem_warmup": stem}
+            "stem_warmup": stem, "top_ops": top_ops}
 
 
 def main() -> None:
@@ -125,12 +132,15 @@ def main() -> None:
                         help="also time the stem warm-up on this many generated scenes")
     parser.add_argument("--config", help="time this training config's own step (model, size, batch, tasks, frozen "
                         "parts) instead of --models at --image-size / --batch-size, e.g. pretrain_demo_base")
+    parser.add_argument("--profile", action="store_true",
+                        help="also the ops taking most self CPU time in one model step (torch.profiler)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.image_size, args.batch_size, args.steps, args.warmup,
-                                 args.data_workers, args.precision[0], args.stem_warmup, args.config)))
+                                 args.data_workers, args.precision[0], args.stem_warmup, args.config,
+                                 args.profile)))
         return
     rows = []
     for model in [args.config] if args.config else args.models:
@@ -139,6 +149,7 @@ def main() -> None:
                        "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup",
                        str(args.warmup), "--data-workers", str(args.data_workers), "--precision", precision,
                        "--stem-warmup", str(args.stem_warmup)] + (["--config", args.config] if args.config else [])
+            command += ["--profile"] if args.profile else []
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.exit(f"{model} ({precision}): the measuring process failed (exit {done.returncode}):\n"
@@ -159,6 +170,8 @@ def main() -> None:
         print(f"| {model} | {r['precision']} | {r['params_m']:.1f} | {r['device']} | {r['step_s']:.3f} | "
               f"{r['model_step_s']:.3f} | {r['samples_s']:.2f} | {r['gflop_step']:.1f} | {r['gflops_s']:.1f} | "
               f"{r['peak_mib']:.0f} | {mfu} |")
+    for model, r in rows if args.profile else []:
+        print(f"{model} ({r['precision']}), one model step, top ops (self ms, calls): {r['top_ops']}")
     if args.stem_warmup:
         print(f"\nstem warm-up, {args.stem_warmup} generated scenes at {args.image_size} px "
               "(batch 32, 4 x 4 sub-cells)")

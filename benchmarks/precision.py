@@ -178,7 +178,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--profile", action="store_true",
-                        help="with int8: where one greedy decode's time goes (torch.profiler), fp32 and int8")
+                        help="where the time goes (torch.profiler): the bf16 encoder and caption, and with int8 "
+                        "one greedy decode in fp32 and int8")
     parser.add_argument("--onnx", action="store_true",
                         help="with int8: also the greedy decode on ONNX Runtime fp32 and int8 graphs")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
@@ -216,10 +217,18 @@ def main() -> None:
         fp32_s, bf16_s = encoder_times(model, bf16, processor, args.batch, args.repeats)
         lines.append(row(f"encoder forward, {args.image_size} px, batch {args.batch} (bf16)", fp32_s, bf16_s, "s"))
         print(lines[-1], flush=True)
+        if args.profile and bf16 is not None:
+            encoder_inputs = inputs_for(processor, args.batch, torch.bfloat16)
+            with torch.inference_mode():
+                print(profile_line(f"bf16 encoder, batch {args.batch}",
+                                   lambda: bf16.get_encoder()(**encoder_inputs), 8), flush=True)
     if "train" in args.parts:
         lines += train_rows(args, run_bf16)
     if "caption" in args.parts:
         lines += caption_rows(args, model, bf16, processor)
+        if args.profile and bf16 is not None:
+            print(profile_line("bf16 beam-5 caption", lambda: caption(bf16, processor, None, torch.bfloat16, 5,
+                                                                      args.new_tokens, True), 8), flush=True)
     if "int8" in args.parts:
         lines += int8_rows(args, model, processor)
     print("\n".join(lines))
@@ -276,17 +285,22 @@ def decode_speed(model, processor, tokens: int, repeats: int) -> float:
     return tokens / median_time(decode_call(model, processor, tokens), repeats)
 
 
+def profile_line(label: str, call, top: int = 6) -> str:
+    """The ops taking most self CPU time in one call of `call` (after one unprofiled call)."""
+    call()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        call()
+    events = sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) / 1e3
+    return f"{label}: {total:.0f} ms of op time; top ops (self ms, calls): " + ", ".join(
+        f"{e.key} {e.self_cpu_time_total / 1e3:.0f} ({e.count})" for e in events[:top])
+
+
 def print_profile(models: dict, processor, tokens: int, top: int = 6) -> None:
     """Per model, the ops taking most self CPU time in one greedy decode (after one unprofiled call)."""
     for name, model in models.items():
-        call = decode_call(model, processor, tokens)
-        call()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-            call()
-        events = sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)
-        total = sum(e.self_cpu_time_total for e in events) / 1e3
-        print(f"{name}: {total:.0f} ms of op time for {tokens} tokens; top ops (self ms, calls): " + ", ".join(
-            f"{e.key} {e.self_cpu_time_total / 1e3:.0f} ({e.count})" for e in events[:top]), flush=True)
+        print(profile_line(f"{name}, greedy decode of {tokens} tokens", decode_call(model, processor, tokens), top),
+              flush=True)
 
 
 def int8_rows(args: argparse.Namespace, model, processor) -> list[str]:
