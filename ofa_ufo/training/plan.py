@@ -38,7 +38,8 @@ from ofa_ufo.training.task_heads import build_auxiliary_heads, build_heads, mode
 from ofa_ufo.training.trainer import Trainer
 
 GIB = 1024 ** 3
-# fp32 bytes per parameter: the weights (also under bf16 autocast, which casts per op and keeps no second copy)
+# fp32 bytes per parameter: the weights (also under bf16 autocast, whose bf16 copy of each trained weight
+# lives from its first use in the forward until backward has used it: 2 bytes more per trainable parameter)
 WEIGHT_BYTES = 4
 GRAD_BYTES = 4  # fp32 gradient per trainable parameter
 ADAMW_BYTES = 8  # AdamW's two fp32 moments per trainable parameter
@@ -295,7 +296,7 @@ def _memory_lines(plan: Plan) -> list[str]:
     static = static_bytes(plan.parameters, plan.optimizer_parameters, plan.cluster.world, plan.fsdp)
     how = f"sharded over {plan.cluster.world} processes (FSDP)" if plan.fsdp else "replicated (DDP)"
     lines = [f"  weights fp32 {_gib(static['weights'])}, gradients {_gib(static['gradients'])}, AdamW moments "
-             f"{_gib(static['adamw'])}  ({how}; bf16 autocast keeps no second copy)"]
+             f"{_gib(static['adamw'])}  ({how}; bf16 autocast adds a 2-byte copy of each trained weight)"]
     measured = plan.measure
     if measured is None:
         return lines + ["  activations: not measured"]
