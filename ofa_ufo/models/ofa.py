@@ -234,7 +234,7 @@ class OFAEncoder(_Stack):
         """Each layer's (1, H, S, S) position bias (absolute + relative). They depend on the weights and the
         layout (text length, image grid) only, not on the pixels or tokens: without gradients they are kept
         for the next forward with the same layout and unchanged weights (at Base, 384 px, the six gathers of
-        584 x 584 positions are about a tenth of a one-image caption), one layout at a time."""
+        584 x 584 positions and their sums were about a sixth of a one-image caption), one layout at a time."""
         if torch.is_grad_enabled() or tracing():  # an exported graph computes them from its inputs
             return self._build_position_biases(x, positions, image_ids)
         sources = self._bias_parameters()
@@ -251,7 +251,7 @@ class OFAEncoder(_Stack):
         return cached[1]
 
     def _bias_parameters(self) -> list[torch.Tensor]:
-        """The parameters a position bias is computed from (an in-place update bumps their `_version`)."""
+        """The parameters a position bias is computed from (what `_position_biases` compares its copy with)."""
         modules = [self.pos_q_linear, self.pos_k_linear, self.embed_positions, self.pos_ln,
                    self.embed_image_positions, self.image_pos_ln, self.token_rel_pos_table_list,
                    self.image_rel_pos_table_list]
