@@ -146,6 +146,13 @@ def test_inference_stem_folds_batchnorm_into_its_convolutions(dtype, tolerance, 
         changed = stem.eval()(pixels)
     assert (changed.float() - stem(pixels).detach().float()).abs().max() <= tolerance * scale
     assert (changed.float() - folded.float()).abs().max() > tolerance * scale
+    bn = stem.layer1[0].bn1
+    bn.train()  # one BatchNorm on batch statistics (momentum 0 keeps its running ones): it must not be folded
+    bn.momentum = 0.0
+    with torch.no_grad():
+        batch_stats = stem(pixels)
+    assert (batch_stats.float() - stem(pixels).detach().float()).abs().max() <= tolerance * scale
+    assert (batch_stats.float() - changed.float()).abs().max() > tolerance * scale
 
 
 @pytest.mark.parametrize("resnet_type, blocks", [("resnet14", (1, 1, 1)), ("resnet26", (2, 2, 2))])

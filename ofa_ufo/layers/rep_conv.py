@@ -24,10 +24,12 @@ class ConvBNAct(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-def _fold_bn(kernel: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel and bias of the conv that equals `bn(conv(x))` in eval mode (W x gamma/std, beta - mean x gamma/std)."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (out,)
-    return kernel * scale[:, None, None, None], bn.bias - bn.running_mean * scale
+def fold_bn(kernel: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel and bias of the conv that equals `bn(conv(x))` in eval mode (W x gamma/std, beta - mean x gamma/std),
+    computed in fp32 and returned in the kernel's dtype (a bf16 model folds without bf16 rounding in between)."""
+    scale = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)  # (out,)
+    folded = kernel.float() * scale[:, None, None, None]
+    return folded.to(kernel.dtype), (bn.bias.float() - bn.running_mean.float() * scale).to(kernel.dtype)
 
 
 class RepConv(nn.Module):
@@ -56,14 +58,14 @@ class RepConv(nn.Module):
 
     def _fused_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (out, in, 3, 3) kernel and (out,) bias of the sum of all branches."""
-        kernel, bias = _fold_bn(self.dense.conv.weight, self.dense.bn)
-        kernel_1x1, bias_1x1 = _fold_bn(F.pad(self.pointwise.conv.weight, [1, 1, 1, 1]), self.pointwise.bn)
+        kernel, bias = fold_bn(self.dense.conv.weight, self.dense.bn)
+        kernel_1x1, bias_1x1 = fold_bn(F.pad(self.pointwise.conv.weight, [1, 1, 1, 1]), self.pointwise.bn)
         kernel, bias = kernel + kernel_1x1, bias + bias_1x1
         if self.identity is not None:
             delta = torch.zeros_like(kernel)
             channels = torch.arange(self.in_channels, device=kernel.device)
             delta[channels, channels, 1, 1] = 1.0  # the identity as a centred 3x3 kernel
-            kernel_id, bias_id = _fold_bn(delta, self.identity)
+            kernel_id, bias_id = fold_bn(delta, self.identity)
             kernel, bias = kernel + kernel_id, bias + bias_id
         return kernel, bias
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from ofa_ufo.layers.drop_path import DropPath
 from ofa_ufo.layers.packed_linear import tracing
+from ofa_ufo.layers.rep_conv import fold_bn
 
 OUT_CHANNELS = 1024
 STAGE_CHANNELS = (256, 512, 1024)  # stages 1-3, strides 4, 8, 16
@@ -68,12 +69,15 @@ def _can_fuse(x: torch.Tensor) -> bool:
 def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, relu: bool = False,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
     """relu?(bn(conv(x)) [+ residual]) with bn in eval mode, computed as one conv whose weight and bias fold
-    the BatchNorm in, the same result up to rounding. The fold is redone at every call (a read of the conv
-    weight): a cached one could go stale, as BatchNorm's running statistics and fused optimizers update
-    tensors in place without bumping their version counters."""
-    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)  # (C_out,)
-    weight = (conv.weight.float() * scale[:, None, None, None]).to(conv.weight.dtype)
-    bias = (bn.bias.float() - bn.running_mean.float() * scale).to(conv.weight.dtype)
+    the BatchNorm in (`fold_bn`, as RepConv's re-parameterisation), the same result up to rounding. The fold
+    is redone at every call (a read of the conv weight): a cached one could go stale, as BatchNorm's running
+    statistics and fused optimizers update tensors in place without bumping their version counters. A
+    BatchNorm left in train mode (batch statistics) runs as a module."""
+    if bn.training:
+        out = bn(conv(x))
+        out = out if residual is None else out + residual
+        return out.relu_() if relu else out
+    weight, bias = fold_bn(conv.weight, bn)
     if _can_fuse(x):
         args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         if residual is not None:
