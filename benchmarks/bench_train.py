@@ -65,7 +65,7 @@ def measure(model: str, image_size: int, batch_size: int, steps: int, warmup: in
         if stem_images:
             stem = warm_up_stem(trainer.unwrapped, trainer.processor, stem_images, subcells=4,
                                 show_progress=False, dtype=trainer.precision.dtype)
-        trainer.model.train()
+        trainer._train_mode()  # as the training loop sets it: a frozen stem's BatchNorm on running statistics
         gpu = torch.cuda.is_available()
 
         def step() -> None:

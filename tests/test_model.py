@@ -155,6 +155,52 @@ def test_inference_stem_folds_batchnorm_into_its_convolutions(dtype, tolerance, 
     assert (batch_stats.float() - changed.float()).abs().max() > tolerance * scale
 
 
+def test_inference_stem_keeps_its_folds_until_the_weights_change(monkeypatch):
+    """The folded weights are computed once and reused by the next forwards without gradients; what changes the
+    weights or statistics in place without a version bump (a training step with fused AdamW, a BatchNorm on batch
+    statistics) is followed by a fold of the new values, and load_state_dict (a version bump) is seen."""
+    from ofa_ufo.models import resnet
+
+    stem = _stem_with_running_statistics()
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    convs = sum(isinstance(m, torch.nn.BatchNorm2d) for m in stem.modules())
+    folds, original = [], resnet.fold_bn
+    monkeypatch.setattr(resnet, "fold_bn", lambda *a, **k: folds.append(1) or original(*a, **k))
+
+    def matches_modules(folded: torch.Tensor) -> bool:
+        expected = stem(pixels).detach()  # gradients on: module by module, nothing folded
+        return bool((folded - expected).abs().max() <= 1e-5 * expected.abs().max())
+
+    with torch.no_grad():
+        first = stem(pixels)
+        assert len(folds) == convs
+        assert torch.equal(stem(pixels), first) and len(folds) == convs  # reused, not recomputed
+    optimizer = torch.optim.AdamW(stem.parameters(), lr=1e-2, fused=True)
+    stem.train()
+    stem(pixels).square().mean().backward()  # batch statistics and gradients: running stats move in place
+    optimizer.step()  # fused AdamW: weights move in place without a version bump
+    stem.eval()
+    with torch.no_grad():
+        stepped = stem(pixels)
+    assert matches_modules(stepped) and (stepped - first).abs().max() > 1e-3 * first.abs().max()
+    with torch.no_grad():
+        stem(pixels)  # the folds are kept again (the check above ran with gradients)
+    bn = stem.layer2[0].bn2
+    bn.train()  # one BatchNorm on batch statistics, without gradients: only its running statistics change
+    bn.momentum = 0.5
+    with torch.no_grad():
+        stem(pixels * 3)
+    bn.eval()
+    with torch.no_grad():
+        recalibrated = stem(pixels)
+    assert matches_modules(recalibrated) and (recalibrated - stepped).abs().max() > 1e-3 * stepped.abs().max()
+    other = _stem_with_running_statistics(seed=3)
+    stem.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        loaded, expected = stem(pixels), other(pixels)
+    assert (loaded - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 @pytest.mark.parametrize("resnet_type, blocks", [("resnet14", (1, 1, 1)), ("resnet26", (2, 2, 2))])
 def test_small_student_stems(resnet_type, blocks):
     """The students' stems keep OFA's stages 1-3 (output stride 16, 1024 channels) with fewer blocks."""

@@ -27,7 +27,7 @@ from ofa_ufo.core.hardware import CPUINFO_ENV, precision_support, resolve_precis
 from ofa_ufo.deploy.quantize import OFAUFOInt8ForConditionalGeneration, int8_linear_names, quantize_rows
 from ofa_ufo.export import main as export_main
 from ofa_ufo.hf.modeling import with_precision
-from ofa_ufo.layers.packed_linear import PackedLinear, can_pack
+from ofa_ufo.layers.packed_linear import PackedLinear, can_pack, pack_linears
 from ofa_ufo.training import Trainer
 from ofa_ufo.training.config import config_from_dict
 
@@ -225,6 +225,25 @@ def test_packed_bf16_linears_give_the_same_outputs_and_follow_weight_changes(pro
     twin.load_state_dict(packed.state_dict())
     stepped = logits(packed)
     assert _close(stepped, logits(twin), scale) and not _close(stepped, after, scale)
+
+
+@needs_onednn
+def test_packed_linear_packs_for_decoding_rows_only():
+    """A few rows (decoding) run from the packed weight; a long input (an encoder's image tokens) takes the plain
+    kernel and leaves no packed copy behind. Both give the layer's output up to bf16 rounding."""
+    layer = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    assert pack_linears(layer) == 1 and isinstance(layer, PackedLinear)
+    generator = torch.Generator().manual_seed(0)
+    long_input = torch.randn(2, 300, 64, generator=generator).to(torch.bfloat16)  # 600 rows
+    few_rows = torch.randn(5, 1, 64, generator=generator).to(torch.bfloat16)
+    with torch.no_grad():
+        long_output = layer(long_input)
+        assert "_packed" not in layer.__dict__
+        few_output = layer(few_rows)
+        assert "_packed" in layer.__dict__
+    for x, y in ((long_input, long_output), (few_rows, few_output)):
+        expected = x.float() @ layer.weight.float().T + layer.bias.float()
+        assert _close(y, expected, expected.abs().max())
 
 
 def test_fp32_models_are_not_packed(tiny_checkpoint, monkeypatch):

@@ -4,15 +4,16 @@ A bf16 `F.linear` on a CPU with AMX re-lays its weight into oneDNN's blocked for
 batch 1 decoding that is most of the call (the weight is read, written and read again): a 768 x 3072
 layer at 5 rows took about 190 us against about 100 us with the weight packed once (Xeon with AMX,
 2 threads). `pack_linears(model)` turns each `nn.Linear` into a `PackedLinear`, which packs its weight
-on the first forward without gradients and reuses it until the weight changes (an in-place update that
-bumps its version counter, such as `load_state_dict`; a new tensor, as `.to()` makes; or any forward with
-gradients, which a training step takes before its optimizer updates the weights in place). Outputs equal
+on the first forward without gradients over at most 256 rows (decoding; longer inputs take the plain
+kernel) and reuses it until the weight changes (an in-place update that bumps its version counter, such as
+`load_state_dict`; a new tensor, as `.to()` makes; or any forward with gradients, which a training step
+takes before its optimizer updates the weights in place). Outputs equal
 the unpacked layer's up to the rounding of the bf16 result (oneDNN may sum in another order). A weight
 written behind autograd's back (`param.data.copy_(...)`) with no forward with gradients in between is not
 seen, so `pack_linears` is for models that serve (`from_pretrained(..., precision="bf16")` and the pipeline
 call it). With gradients, in fp32, or where oneDNN cannot pack, it is a plain `nn.Linear`. Parameters and
 state dicts are unchanged; the packed copy costs as much memory again as the bf16 weights of the layers
-that ran.
+that decoded.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["PackedLinear", "can_pack", "pack_linears", "tracing"]
+
+# Calls with more rows than this run the plain kernel: the per-call re-layout is then a small share of the
+# work, and oneDNN's packed kernel was slower at some shapes (Xeon with AMX, 2 threads, 584 rows: 768 -> 768
+# 0.68 against 0.46 ms, 3072 -> 768 2.7 against 1.6 ms), so the encoder at one image ran faster without it.
+_PACKED_MAX_ROWS = 256
 
 
 def can_pack() -> bool:
@@ -47,6 +53,8 @@ class PackedLinear(nn.Linear):
             # a forward with gradients precedes an optimizer step, and fused optimizers update the weight
             # without bumping its version counter: drop the packed copy
             self.__dict__.pop("_packed", None)
+            return F.linear(x, weight, self.bias)
+        if x.numel() > _PACKED_MAX_ROWS * x.shape[-1]:
             return F.linear(x, weight, self.bias)
         packed = self.__dict__.get("_packed")
         # the source tensor held here keeps its memory alive, so no other weight can reuse its address
