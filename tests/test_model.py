@@ -8,6 +8,7 @@ from transformers import AutoModelForSeq2SeqLM
 
 import ofa_ufo
 from ofa_ufo.generation import TokenRangeLogitsProcessor, Trie, TrieLogitsProcessor
+from ofa_ufo.layers.inference_cache import cache_of
 
 from conftest import tiny_model
 
@@ -175,6 +176,10 @@ def test_inference_stem_keeps_its_folds_until_the_weights_change(monkeypatch):
         first = stem(pixels)
         assert len(folds) == convs
         assert torch.equal(stem(pixels), first) and len(folds) == convs  # reused, not recomputed
+        larger = torch.randn(3, 3, 96, 80, generator=torch.Generator().manual_seed(2))
+        other_shape = stem(larger)  # the kept (on a CPU, blocked) weights serve another batch and image size
+    expected = stem(larger).detach()
+    assert len(folds) == convs and (other_shape - expected).abs().max() <= 1e-5 * expected.abs().max()
     optimizer = torch.optim.AdamW(stem.parameters(), lr=1e-2, fused=True)
     stem.train()
     stem(pixels).square().mean().backward()  # batch statistics and gradients: running stats move in place
@@ -453,11 +458,11 @@ def test_inference_reuses_position_biases_until_the_weights_or_layout_change(pro
     longer = processor(images=images[:1], text=["what is the colour of the object on the left?"], return_tensors="pt")
     with torch.no_grad():
         first = encoder(**short).last_hidden_state
-        biases = encoder._bias_cache[1]
+        biases = cache_of(encoder)["position_biases"][1]
         assert encoder(**short).last_hidden_state.equal(first)
-        assert encoder._bias_cache[1] is biases  # reused, not rebuilt
+        assert cache_of(encoder)["position_biases"][1] is biases  # reused, not rebuilt
         encoder(**longer)
-        assert encoder._bias_cache[1] is not biases  # another layout: rebuilt
+        assert cache_of(encoder)["position_biases"][1] is not biases  # another layout: rebuilt
         encoder(**short)
     # a fused AdamW step updates the tables in place without bumping their version counters
     table = encoder.image_rel_pos_table_list[0].weight

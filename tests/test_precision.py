@@ -27,6 +27,7 @@ from ofa_ufo.core.hardware import CPUINFO_ENV, precision_support, resolve_precis
 from ofa_ufo.deploy.quantize import OFAUFOInt8ForConditionalGeneration, int8_linear_names, quantize_rows
 from ofa_ufo.export import main as export_main
 from ofa_ufo.hf.modeling import with_precision
+from ofa_ufo.layers.inference_cache import cache_of
 from ofa_ufo.layers.packed_linear import PackedLinear, can_pack, pack_linears
 from ofa_ufo.training import Trainer
 from ofa_ufo.training.config import config_from_dict
@@ -238,12 +239,36 @@ def test_packed_linear_packs_for_decoding_rows_only():
     few_rows = torch.randn(5, 1, 64, generator=generator).to(torch.bfloat16)
     with torch.no_grad():
         long_output = layer(long_input)
-        assert "_packed" not in layer.__dict__
+        assert "packed" not in cache_of(layer)
         few_output = layer(few_rows)
-        assert "_packed" in layer.__dict__
+        assert "packed" in cache_of(layer)
     for x, y in ((long_input, long_output), (few_rows, few_output)):
         expected = x.float() @ layer.weight.float().T + layer.bias.float()
         assert _close(y, expected, expected.abs().max())
+
+
+@needs_onednn
+def test_a_served_bf16_model_copies_and_pickles(processor):
+    """After inference a bf16 model holds oneDNN-packed weights, folded stem weights and position biases, none
+    of which can be deep-copied or pickled (packed tensors have no storage): they live beside the module, so
+    `copy.deepcopy` (an EMA copy, a distillation teacher) and `torch.save(model)` work, and the copy computes
+    the same logits."""
+    import copy
+    import io
+
+    model = with_precision(tiny_model(seed=4), "bf16")
+    inputs = processor(images=images(2), text=[" what does the image describe?"] * 2, return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        model.generate(**inputs, num_beams=2, max_new_tokens=3)
+        logits = model(**inputs, decoder_input_ids=torch.tensor([[0, 5]] * 2)).logits
+    fc1 = model.model.decoder.layers[0].fc1
+    assert "packed" in cache_of(fc1) and cache_of(fc1)["packed"][2].is_mkldnn
+    twin = copy.deepcopy(model)
+    assert not cache_of(twin.model.decoder.layers[0].fc1)  # the copy starts without caches
+    torch.save(model, io.BytesIO())
+    with torch.no_grad():
+        assert twin(**inputs, decoder_input_ids=torch.tensor([[0, 5]] * 2)).logits.equal(logits)
 
 
 def test_fp32_models_are_not_packed(tiny_checkpoint, monkeypatch):

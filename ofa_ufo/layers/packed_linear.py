@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ofa_ufo.layers.inference_cache import cache_of
+
 __all__ = ["PackedLinear", "can_pack", "pack_linears", "tracing"]
 
 # Calls with more rows than this run the plain kernel: the per-call re-layout is then a small share of the
@@ -52,16 +54,16 @@ class PackedLinear(nn.Linear):
                 or weight.device.type != "cpu" or tracing()):
             # a forward with gradients precedes an optimizer step, and fused optimizers update the weight
             # without bumping its version counter: drop the packed copy
-            self.__dict__.pop("_packed", None)
+            cache_of(self).pop("packed", None)
             return F.linear(x, weight, self.bias)
         if x.numel() > _PACKED_MAX_ROWS * x.shape[-1]:
             return F.linear(x, weight, self.bias)
-        packed = self.__dict__.get("_packed")
+        packed = cache_of(self).get("packed")
         # the source tensor held here keeps its memory alive, so no other weight can reuse its address
         if packed is None or packed[0].data_ptr() != weight.data_ptr() or packed[1] != weight._version:
             source = weight.detach()
             packed = (source, weight._version, torch.ops.mkldnn._reorder_linear_weight(source))
-            self.__dict__["_packed"] = packed  # not a module attribute: never saved, moved or cast
+            cache_of(self)["packed"] = packed  # beside the module: never saved, moved, cast or copied with it
         return torch.ops.mkldnn._linear_pointwise(x, packed[2], self.bias, "none", [], "")
 
 

@@ -15,6 +15,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from ofa_ufo.layers.drop_path import linear_rates
+from ofa_ufo.layers.inference_cache import cache_of
 from ofa_ufo.layers.normformer import DecoderLayer, EncoderLayer
 from ofa_ufo.layers.packed_linear import tracing
 from ofa_ufo.layers.position import (
@@ -239,7 +240,7 @@ class OFAEncoder(_Stack):
             return self._build_position_biases(x, positions, image_ids)
         sources = self._bias_parameters()
         key = (x.shape[1], None if image_ids is None else tuple(image_ids.tolist()), positions.dtype, x.device)
-        cached = self.__dict__.get("_bias_cache")
+        cached = cache_of(self).get("position_biases")
         # compared by value with a copy of the weights (about 1 % of the parameters): fused optimizers update
         # in place without bumping version counters, so only the values tell that the weights moved
         if (cached is None or cached[0] != key or len(cached[2]) != len(sources)
@@ -247,7 +248,7 @@ class OFAEncoder(_Stack):
                            for a, b in zip(cached[2], sources))):
             cached = (key, self._build_position_biases(x, positions, image_ids),
                       [p.detach().clone() for p in sources])
-            self.__dict__["_bias_cache"] = cached  # not a module attribute: never saved, moved or cast
+            cache_of(self)["position_biases"] = cached  # beside the module: never saved, moved, cast or copied
         return cached[1]
 
     def _bias_parameters(self) -> list[torch.Tensor]:
