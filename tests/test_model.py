@@ -206,6 +206,37 @@ def test_inference_stem_keeps_its_folds_until_the_weights_change(monkeypatch):
     assert (loaded - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+def test_frozen_stem_keeps_no_graph_in_training(monkeypatch):
+    """A frozen stem (weights without gradients, BatchNorm on running statistics, as `freeze` leaves it) in a
+    training forward under bf16 autocast runs its folded inference path in bf16, folding once for all steps: the
+    same features as autocast's conv -> BN -> ReLU, nothing recorded for backward. Unfrozen, or with a BatchNorm
+    on batch statistics, it runs module by module."""
+    from ofa_ufo.models import resnet
+
+    stem = _stem_with_running_statistics().train()
+    for bn in (m for m in stem.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.eval()
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    folds, original = [], resnet.fold_bn
+    monkeypatch.setattr(resnet, "fold_bn", lambda *a, **k: folds.append(1) or original(*a, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = stem(pixels)  # weights still train: autocast's module-by-module path
+        assert expected.requires_grad and expected.dtype == torch.bfloat16 and not folds
+        stem.requires_grad_(False)
+        frozen = stem(pixels)
+        convs = sum(isinstance(m, torch.nn.BatchNorm2d) for m in stem.modules())
+        assert len(folds) == convs  # every conv folded
+        assert torch.equal(stem(pixels), frozen) and len(folds) == convs  # the next step reuses the folds
+    assert frozen.dtype == torch.bfloat16 and not frozen.requires_grad and frozen.grad_fn is None
+    scale = expected.float().abs().max()
+    assert (frozen.float() - expected.detach().float()).abs().max() <= 3e-2 * scale
+    folds.clear()
+    stem.layer1[0].bn1.train()  # batch statistics: the forward updates state, so it must run as modules
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stem(pixels)
+    assert not folds
+
+
 @pytest.mark.parametrize("resnet_type, blocks", [("resnet14", (1, 1, 1)), ("resnet26", (2, 2, 2))])
 def test_small_student_stems(resnet_type, blocks):
     """The students' stems keep OFA's stages 1-3 (output stride 16, 1024 channels) with fewer blocks."""

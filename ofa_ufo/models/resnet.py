@@ -55,12 +55,17 @@ class Bottleneck(nn.Module):
 
 
 def folding(module: nn.Module) -> bool:
-    """Whether `module` runs the inference path: eval mode (BatchNorm on running statistics), no gradients,
-    not traced, no autocast (whose casts the fused ops would skip). There each conv and its BatchNorm are one
-    conv, with the ReLU (and a residual add) fused in where oneDNN can: at Base, 384 px, batch 8, BatchNorm,
-    ReLU and the residual adds were about a third of the bf16 encoder's time, as long as its convolutions."""
-    return (not module.training and not torch.is_grad_enabled() and not tracing()
-            and not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda"))
+    """Whether `module` runs the inference path: no gradients, not traced, no autocast (whose casts the fused
+    ops would skip), no drop path that would drop. There each conv and its BatchNorm are one conv (a BatchNorm
+    on batch statistics stays a module, `folded_conv`), with the ReLU (and a residual add) fused in where
+    oneDNN can: at Base, 384 px, batch 8, BatchNorm, ReLU and the residual adds were about a third of the
+    bf16 encoder's time, as long as its convolutions."""
+    return (not torch.is_grad_enabled() and not tracing() and not torch.is_autocast_enabled("cpu")
+            and not torch.is_autocast_enabled("cuda") and not _drops(module))
+
+
+def _drops(module: nn.Module) -> bool:
+    return any(m.training and m.rate > 0 for m in module.modules() if isinstance(m, DropPath))
 
 
 def _can_fuse(x: torch.Tensor) -> bool:
@@ -86,7 +91,7 @@ def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, relu: bool
         out = out if residual is None else out + residual
         return out.relu_() if relu else out
     fuse = _can_fuse(x)
-    weight, bias = _fold(conv, bn, x if fuse else None)
+    weight, bias = _fold(conv, bn, x, fuse)
     if fuse:
         args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         if residual is not None:
@@ -99,19 +104,18 @@ def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, relu: bool
     return out.relu_() if relu else out
 
 
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, fused_input: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fold_bn(conv.weight, bn)`, kept on the conv (see `folded_conv`); with `fused_input` (a CPU input for
-    oneDNN's fused conv) the weight is kept in oneDNN's blocked layout for that input's shape, which serves
-    other batch sizes too."""
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, fuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fold_bn(conv.weight, bn)` in the input's dtype (a frozen fp32 stem in a bf16 step computes in bf16, as
+    autocast would), kept on the conv (see `folded_conv`); for oneDNN's fused conv (`fuse`) in its blocked
+    layout for the input's shape, which serves other batch and image sizes too."""
     sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    key = (tuple((t.data_ptr(), t._version) for t in sources), fused_input is not None)
+    key = (tuple((t.data_ptr(), t._version) for t in sources), x.dtype, fuse)
     cached = cache_of(conv).get("folded")
     if cached is None or cached[0] != key:
-        weight, bias = fold_bn(conv.weight, bn)
-        if fused_input is not None:
+        weight, bias = (t.to(x.dtype) for t in fold_bn(conv.weight, bn))
+        if fuse:
             weight = torch.ops.mkldnn._reorder_convolution_weight(
-                weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-                list(fused_input.shape))
+                weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape))
         # the sources are held so that their memory is not reused by other tensors at the same address
         cached = (key, tuple(t.detach() for t in sources), weight, bias)
         cache_of(conv)["folded"] = cached  # beside the module: never saved, moved, cast or copied with it
@@ -125,6 +129,11 @@ def forget_folds(module: nn.Module) -> None:
             cache_of(child).pop("folded", None)
         elif isinstance(child, nn.Sequential) and not any(isinstance(m, Bottleneck) for m in child):
             forget_folds(child)  # a downsample branch
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes convolutions in on `device_type`, or None where it is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 class ResNetStem(nn.Module):
@@ -153,6 +162,13 @@ class ResNetStem(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The stride-16 grid, or with `return_stages` the outputs of stages 1-3 (strides 4, 8, 16;
         `STAGE_CHANNELS` channels) for multi-scale heads such as the dense detector."""
+        if torch.is_grad_enabled() and self._frozen(pixel_values):
+            # Nothing here trains (the demo defaults freeze the stem after its warm-up), so no graph is kept and
+            # the stem runs its inference path, with folds kept from step to step, in the dtype autocast would
+            # have given its convolutions.
+            dtype = _autocast_dtype(pixel_values.device.type) or pixel_values.dtype
+            with torch.no_grad(), torch.autocast(pixel_values.device.type, enabled=False):
+                return self(pixel_values.to(dtype), return_stages)
         # NHWC activations take oneDNN's (and cuDNN's) faster convolution kernels: ~20% on CPU.
         pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         if folding(self):
@@ -164,3 +180,11 @@ class ResNetStem(nn.Module):
         stride8 = self.layer2(stride4)
         stride16 = self.layer3(stride8)
         return (stride4, stride8, stride16) if return_stages else stride16
+
+    def _frozen(self, pixel_values: torch.Tensor) -> bool:
+        """No gradient can reach this stem's weights or input, and its forward changes no state: every
+        BatchNorm on running statistics, no drop path that drops."""
+        return (not pixel_values.requires_grad and not tracing()
+                and not any(p.requires_grad for p in self.parameters())
+                and not any(m.training for m in self.modules() if isinstance(m, nn.BatchNorm2d))
+                and not _drops(self))
