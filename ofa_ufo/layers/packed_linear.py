@@ -7,13 +7,13 @@ layer at 5 rows took about 190 us against about 100 us with the weight packed on
 on the first forward without gradients over at most 256 rows (decoding; longer inputs take the plain
 kernel) and reuses it until the weight changes (an in-place update that bumps its version counter, such as
 `load_state_dict`; a new tensor, as `.to()` makes; or any forward with gradients, which a training step
-takes before its optimizer updates the weights in place). Outputs equal
-the unpacked layer's up to the rounding of the bf16 result (oneDNN may sum in another order). A weight
-written behind autograd's back (`param.data.copy_(...)`) with no forward with gradients in between is not
-seen, so `pack_linears` is for models that serve (`from_pretrained(..., precision="bf16")` and the pipeline
-call it). With gradients, in fp32, or where oneDNN cannot pack, it is a plain `nn.Linear`. Parameters and
-state dicts are unchanged; the packed copy costs as much memory again as the bf16 weights of the layers
-that decoded.
+takes before its optimizer updates the weights in place). Outputs equal the unpacked layer's up to the
+rounding of the bf16 result (oneDNN may sum in another order). A weight written behind autograd's back
+(`param.data.copy_(...)`) with no forward with gradients in between is not seen, so `pack_linears` is for
+models that serve (`from_pretrained(..., precision="bf16")` and the pipeline call it). With gradients, in
+fp32, or where oneDNN cannot pack, it is a plain `nn.Linear`. Parameters and state dicts are unchanged; the
+packed copy (kept beside the module, `ofa_ufo.layers.inference_cache`) costs as much memory again as the
+bf16 weights of the layers that decoded.
 """
 
 from __future__ import annotations
