@@ -9,11 +9,13 @@ copied or pickled with it, and it goes when the module goes.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["cache_of"]
+__all__ = ["cache_of", "kept"]
 
 _CACHES: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
 
@@ -24,3 +26,17 @@ def cache_of(module: nn.Module) -> dict[str, Any]:
     if cache is None:
         cache = _CACHES[module] = {}
     return cache
+
+
+def kept(module: nn.Module, name: str, sources: Sequence[torch.Tensor], build: Callable[[], Any],
+         extra: Hashable = None) -> Any:
+    """`build()`, kept in `module`'s cache under `name` while `sources` are the same tensors at the same versions
+    (and `extra` is equal). Fused optimizers and BatchNorm's running statistics update tensors in place without
+    a version bump, so callers also drop the entry (`cache_of(module).pop(name)`) at every forward that could
+    precede such an update. The sources are held, so that no other tensor can reuse their addresses."""
+    key = (tuple((t.data_ptr(), t._version) for t in sources), extra)
+    cache = cache_of(module)
+    entry = cache.get(name)
+    if entry is None or entry[0] != key:
+        entry = cache[name] = (key, tuple(t.detach() for t in sources), build())
+    return entry[2]

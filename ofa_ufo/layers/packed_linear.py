@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ofa_ufo.layers.inference_cache import cache_of
+from ofa_ufo.layers.inference_cache import cache_of, kept
 
 __all__ = ["PackedLinear", "can_pack", "pack_linears", "tracing"]
 
@@ -58,13 +58,8 @@ class PackedLinear(nn.Linear):
             return F.linear(x, weight, self.bias)
         if x.numel() > _PACKED_MAX_ROWS * x.shape[-1]:
             return F.linear(x, weight, self.bias)
-        packed = cache_of(self).get("packed")
-        # the source tensor held here keeps its memory alive, so no other weight can reuse its address
-        if packed is None or packed[0].data_ptr() != weight.data_ptr() or packed[1] != weight._version:
-            source = weight.detach()
-            packed = (source, weight._version, torch.ops.mkldnn._reorder_linear_weight(source))
-            cache_of(self)["packed"] = packed  # beside the module: never saved, moved, cast or copied with it
-        return torch.ops.mkldnn._linear_pointwise(x, packed[2], self.bias, "none", [], "")
+        packed = kept(self, "packed", (weight,), lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
 
 def pack_linears(model: nn.Module) -> int:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ofa_ufo.layers.drop_path import DropPath
-from ofa_ufo.layers.inference_cache import cache_of
+from ofa_ufo.layers.inference_cache import cache_of, kept
 from ofa_ufo.layers.packed_linear import tracing
 from ofa_ufo.layers.rep_conv import fold_bn
 
@@ -108,18 +108,15 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, fuse: bool) -> t
     """`fold_bn(conv.weight, bn)` in the input's dtype (a frozen fp32 stem in a bf16 step computes in bf16, as
     autocast would), kept on the conv (see `folded_conv`); for oneDNN's fused conv (`fuse`) in its blocked
     layout for the input's shape, which serves other batch and image sizes too."""
-    sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    key = (tuple((t.data_ptr(), t._version) for t in sources), x.dtype, fuse)
-    cached = cache_of(conv).get("folded")
-    if cached is None or cached[0] != key:
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
         weight, bias = (t.to(x.dtype) for t in fold_bn(conv.weight, bn))
         if fuse:
             weight = torch.ops.mkldnn._reorder_convolution_weight(
                 weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape))
-        # the sources are held so that their memory is not reused by other tensors at the same address
-        cached = (key, tuple(t.detach() for t in sources), weight, bias)
-        cache_of(conv)["folded"] = cached  # beside the module: never saved, moved, cast or copied with it
-    return cached[2], cached[3]
+        return weight, bias
+
+    return kept(conv, "folded", (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var), build,
+                (x.dtype, fuse))
 
 
 def forget_folds(module: nn.Module) -> None:
