@@ -158,3 +158,13 @@ def test_malformed_merges(tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\nĠ a\nthree pieces here\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"merges\.txt:3"):
         build_tokenizer(vocab_file, str(tmp_path / "merges.txt"))
+
+
+def test_layout_follows_appended_tokens():
+    """The cached bin / code layout is read again once tokens are appended: bins added past <bin_999> count."""
+    tok = build_tokenizer()
+    assert (tok.num_bins, tok.num_codes) == (1000, 8192)  # fills the cache
+    tok.add_tokens(["<bin_1000>", "<bin_1001>"])
+    assert tok.num_bins == 1002 and tok.convert_tokens_to_ids("<bin_1001>") == tok.bin_offset + 1001
+    tok.add_tokens(["zebra-stripes"])  # not a bin: the layout is read again and stays
+    assert (tok.num_bins, tok.num_codes, tok.code_offset) == (1002, 8192, 8000)

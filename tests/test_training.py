@@ -714,6 +714,24 @@ def test_stem_warmup_trains_only_the_stem_and_is_reported(tmp_path):
         assert report["object_cell_accuracy"] <= report[part]
 
 
+def test_stem_warmup_trains_a_frozen_stem_and_leaves_it_frozen(processor):
+    """`warm_up_stem` trains the stem it is given even when its weights are frozen (a benchmark warms up the stem
+    of a trainer that froze it), and hands it back frozen, without gradients."""
+    from conftest import tiny_model
+
+    from ofa_ufo.training.stem_warmup import warm_up_stem
+
+    model = tiny_model()
+    stem = model.get_encoder().embed_images
+    before = {name: param.detach().clone() for name, param in stem.named_parameters()}
+    stem.requires_grad_(False)
+    with torch_threads():  # 64 scenes, 2 steps: in the first, zero-initialised residual branches get no gradient
+        warm_up_stem(model, processor, 64, show_progress=False)
+    moved = [name for name, param in stem.named_parameters() if not torch.equal(param, before[name])]
+    assert len(moved) == len(before), sorted(set(before) - set(moved))  # every weight of the stem moved
+    assert not any(param.requires_grad or param.grad is not None for param in stem.parameters())
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_stem_warmup_runs_in_the_runs_precision(tmp_path, precision):
     """Under a bf16 run the warm-up's forward is bf16 autocast (the stem's output is bf16) while its weights,

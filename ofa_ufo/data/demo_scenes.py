@@ -133,8 +133,16 @@ def _background(rng: np.random.Generator, size: int) -> tuple[str, Image.Image]:
     ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32) * rng.uniform(0, MAX_GRADIENT)
     ramp = ramp[:, None, None] if rng.random() < 0.5 else ramp[None, :, None]  # (H|1, W|1, 1)
     noise = rng.integers(-MAX_NOISE, MAX_NOISE + 1, size=(size, size, 1), dtype=np.int16)
-    pixels = np.asarray(BACKGROUNDS[name], np.float32) + ramp + noise  # (H, W, 3)
-    return name, Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
+    # colour + ramp + noise, one channel plane at a time: the same float32 sums as on (H, W, 3), without
+    # numpy's slow broadcast over a last axis of 3 (about 3x faster; scenes are generated at every step)
+    shaded = np.asarray(BACKGROUNDS[name], np.float32) + ramp  # (H|1, W|1, 3)
+    grain = noise[..., 0].astype(np.float32)  # (H, W)
+    planes = []
+    for channel in range(3):
+        plane = shaded[..., channel] + grain  # (H, W)
+        np.clip(plane, 0, 255, out=plane)
+        planes.append(Image.fromarray(plane.astype(np.uint8)))  # mode L
+    return name, Image.merge("RGB", planes)
 
 
 def _random_object(rng: np.random.Generator, size: int, object_size: tuple[float, float]) -> SceneObject:

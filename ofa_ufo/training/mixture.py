@@ -9,6 +9,7 @@ distributed run builds the same global batch and keeps its own slice.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import zlib
@@ -165,9 +166,13 @@ class StreamSource:
         self._reset(*self._anchor)
 
 
+@functools.lru_cache(maxsize=64)
 def _permutation(seed: int, task: str, epoch: int, size: int) -> np.ndarray:
+    """The order of a task's examples in `epoch`; kept (read-only), as every draw of the epoch reads it."""
     key = np.random.SeedSequence((seed, zlib.crc32(task.encode()), epoch))
-    return np.random.default_rng(key).permutation(size)
+    order = np.random.default_rng(key).permutation(size)
+    order.flags.writeable = False
+    return order
 
 
 def _spec_source(task: str, spec_name: str, seed: int, rank: int = 0, world: int = 1) -> ListSource | StreamSource:

@@ -247,11 +247,27 @@ def _grid(stem: nn.Module, processor, device: torch.device | str,
 def _fit(stem: nn.Module, head: nn.Module, batch, loss_fn, images: int, dtype: torch.dtype, desc: str,
          show_progress: bool) -> float:
     """Train stem + head on `images` examples in batches of 32 (`batch(indices)` -> (pixels, targets)), AdamW
-    1e-3, 5% warm-up then cosine, the forward under bf16 autocast when `dtype` is bfloat16. Returns the last
-    loss; the stem's gradients are cleared afterwards."""
+    1e-3 (fused: one kernel for all tensors instead of ~6 per tensor), 5% warm-up then cosine, the forward under
+    bf16 autocast when `dtype` is bfloat16. A stem whose weights were frozen (`requires_grad` off) is trained all
+    the same and left frozen. Returns the last loss; the stem's gradients are cleared afterwards."""
+    frozen = [param for param in stem.parameters() if not param.requires_grad]
+    for param in frozen:
+        param.requires_grad_(True)
+    try:
+        return _fit_steps(stem, head, batch, loss_fn, images, dtype, desc, show_progress)
+    finally:
+        for param in stem.parameters():
+            param.grad = None
+        for param in frozen:
+            param.requires_grad_(False)
+
+
+def _fit_steps(stem: nn.Module, head: nn.Module, batch, loss_fn, images: int, dtype: torch.dtype, desc: str,
+               show_progress: bool) -> float:
     steps = math.ceil(images / BATCH_SIZE)
     device_type = next(stem.parameters()).device.type
-    optimizer = torch.optim.AdamW(list(stem.parameters()) + list(head.parameters()), lr=LR, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(list(stem.parameters()) + list(head.parameters()), lr=LR, weight_decay=WEIGHT_DECAY,
+                                  fused=device_type in ("cpu", "cuda"))
     warmup = max(1, round(0.05 * steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -268,8 +284,6 @@ def _fit(stem: nn.Module, head: nn.Module, batch, loss_fn, images: int, dtype: t
         optimizer.step()
         scheduler.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    for param in stem.parameters():
-        param.grad = None
     return loss.item()
 
 
