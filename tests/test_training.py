@@ -714,6 +714,34 @@ def test_stem_warmup_trains_only_the_stem_and_is_reported(tmp_path):
         assert report["object_cell_accuracy"] <= report[part]
 
 
+def test_clipping_inside_the_fused_step_matches_torch_clipping(tmp_path, monkeypatch):
+    """With clipping active at every step, handing the clip factor to fused AdamW's step (`grad_scale`) trains
+    the same weights as torch's `clip_grads_with_norm_` before a plain step, and the factor does not outlive
+    its step."""
+    from ofa_ufo.training import optimization
+
+    clipped = dict(EXACT, clip_norm=0.05)  # far below this model's gradient norm: every step clips
+    multiplied = []
+    real_clip = torch.nn.utils.clip_grads_with_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_",
+                        lambda *args, **kwargs: multiplied.append(1) or real_clip(*args, **kwargs))
+    with torch_threads():
+        fused = Trainer(make_config(tmp_path / "fused", **clipped), resume="never")
+        fused.fit()
+        assert not multiplied  # the factor went into the fused step
+        assert not hasattr(fused.optimizer.optimizer, "grad_scale")
+        monkeypatch.setattr(optimization, "_fused_adam", lambda optimizer, params: None)
+        plain = Trainer(make_config(tmp_path / "plain", **clipped), resume="never")
+        plain.fit()
+        assert len(multiplied) == 3  # torch's clipping at each of the 3 steps
+        untrained = dict(Trainer(make_config(tmp_path / "untrained", **clipped), resume="never").unwrapped
+                         .named_parameters())
+    weights = dict(plain.unwrapped.named_parameters())
+    assert any(not torch.equal(param, untrained[name]) for name, param in weights.items())
+    for name, param in fused.unwrapped.named_parameters():
+        assert torch.allclose(param, weights[name], rtol=1e-5, atol=1e-6), name
+
+
 def test_stem_warmup_trains_a_frozen_stem_and_leaves_it_frozen(processor):
     """`warm_up_stem` trains the stem it is given even when its weights are frozen (a benchmark warms up the stem
     of a trainer that froze it), and hands it back frozen, without gradients."""

@@ -45,7 +45,7 @@ from ofa_ufo.training.model_setup import (
     set_train_mode, task_experts_step,
 )
 from ofa_ufo.training.optimization import (
-    base_lr, build_ema, build_optimizer, check_saved_groups, clip_gradients,
+    base_lr, build_ema, build_optimizer, check_saved_groups, clip_gradients, optimizer_step,
 )
 from ofa_ufo.training.outputs import export_model, write_report
 from ofa_ufo.training.report import encoder_image_signal, evaluate_model
@@ -323,8 +323,9 @@ class Trainer:
             raise TrainingError(f"loss is {loss} at step {self.step}; stopped without updating. Last good "
                                 f"checkpoint: {last[-1] if last else 'none written yet'} (lower lr or check the data)")
         if self.config.clip_norm:
-            clip_gradients(self.accelerator, self.model, self._head_parameters(), self.config.clip_norm)
-        self.optimizer.step()
+            clip_gradients(self.accelerator, self.model, self._head_parameters(), self.config.clip_norm,
+                           self.optimizer)
+        optimizer_step(self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
