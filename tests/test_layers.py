@@ -103,3 +103,27 @@ def test_cached_index_tables_built_in_inference_mode_still_train():
         text_relative_buckets(8, 32)
         image_relative_buckets(4)
     assert not text_relative_buckets(8, 32).is_inference() and not image_relative_buckets(4).is_inference()
+
+
+@pytest.mark.parametrize("length, checkpointed", [(8, False), (1200, True)])
+def test_ffn_activation_recomputed_only_when_large(monkeypatch, length, checkpointed):
+    """The FFN's activation + norm is recomputed in backward only for activations above 4 MiB (a Base step at
+    384 px); a small one (the demo's 64 px steps) keeps it, as recomputing costs more than it saves there.
+    The gradients are the same either way."""
+    from ofa_ufo.layers import normformer
+
+    calls = []
+    real = normformer.checkpoint
+    monkeypatch.setattr(normformer, "checkpoint", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    torch.manual_seed(0)
+    layer = normformer.EncoderLayer(32, 4, 1024)  # (1, length, 1024) fp32: 32 KiB or 4.7 MiB
+    x = torch.randn(1, length, 32, requires_grad=True)
+    layer(x, None).sum().backward()
+    assert bool(calls) == checkpointed
+    grads = [x.grad.clone(), *(p.grad.clone() for p in layer.parameters())]
+    x.grad = None
+    layer.zero_grad()
+    monkeypatch.setattr(normformer, "_CHECKPOINT_BYTES", 0 if not checkpointed else 2**40)  # the other way
+    layer(x, None).sum().backward()
+    for before, after in zip(grads, [x.grad, *(p.grad for p in layer.parameters())]):
+        assert torch.allclose(before, after, atol=1e-6)

@@ -15,6 +15,12 @@ from ofa_ufo.layers.attention import OFAAttention
 from ofa_ufo.layers.drop_path import DropPath
 
 
+# FFN activations (B, L, ffn_dim) above this size are recomputed in backward (Base at 384 px: ~80 MB saved per
+# step); below it, as in the demo's 64 px steps, the recompute and its bookkeeping cost more time than the few MB
+# are worth (the tiny demo's model step ~7 % faster, benchmarks/LOG.md).
+_CHECKPOINT_BYTES = 4 * 2**20
+
+
 class EncoderLayer(nn.Module):
     """x + attn_ln(SelfAttn(LN(x))) then y + fc2(ffn_ln(act(fc1(LN(y))))), each branch with dropout and drop path."""
 
@@ -55,7 +61,7 @@ class EncoderLayer(nn.Module):
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(self.final_layer_norm(x))  # (B, L, ffn_dim)
-        if torch.is_grad_enabled() and h.requires_grad:
+        if torch.is_grad_enabled() and h.requires_grad and h.numel() * h.element_size() > _CHECKPOINT_BYTES:
             # Recomputed in backward: keeps one (B, L, ffn_dim) activation per layer instead of three
             # (about 80 MB of a Base training step at 384 px) for an element-wise pass.
             h = checkpoint(self._act_norm, h, use_reentrant=False)
