@@ -134,7 +134,7 @@ def _background(rng: np.random.Generator, size: int) -> tuple[str, Image.Image]:
     ramp = ramp[:, None, None] if rng.random() < 0.5 else ramp[None, :, None]  # (H|1, W|1, 1)
     noise = rng.integers(-MAX_NOISE, MAX_NOISE + 1, size=(size, size, 1), dtype=np.int16)
     # colour + ramp + noise, one channel plane at a time: the same float32 sums as on (H, W, 3), without
-    # numpy's slow broadcast over a last axis of 3 (about 3x faster; scenes are generated at every step)
+    # numpy's slow broadcast over a last axis of 3 (scenes are generated at every training step)
     shaded = np.asarray(BACKGROUNDS[name], np.float32) + ramp  # (H|1, W|1, 3)
     grain = noise[..., 0].astype(np.float32)  # (H, W)
     planes = []

@@ -72,8 +72,8 @@ class OFAUFOTokenizer(BartTokenizer):
 
     def _layout(self, prefix: str) -> tuple[int, int]:
         # Cached per vocabulary size: tokens are only ever appended, never removed, so the cache holds while
-        # no token has the id just past it (one lookup; len(self) walks every added token, ~0.15 ms, and the
-        # data pipeline asks for the bins once per example).
+        # no token has the id just past it (one lookup; len(self) walks every added token, and the data
+        # pipeline asks for the bins once per example).
         cache = self._layout_cache
         if cache is None or self.backend_tokenizer.id_to_token(cache[0]) is not None:
             self._layout_cache = cache = (len(self), {p: self._run(p) for p in ("code", "bin")})
